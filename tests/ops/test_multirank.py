@@ -1,0 +1,49 @@
+"""The functional op over real gloo process groups of 2 and 4 spawned ranks."""
+
+import pytest
+import torch
+
+from support.dist import run_ranks
+from support.op_workers import functional_op_rank, rank_inputs
+from vllm_rocm_fused.ops.reference import norm_quant_reference
+
+CASES = [
+    (5, 256, "row", False, 1.0),
+    (17, 384, "col", True, 0.0),
+    (0, 128, "row", True, 1.0),
+    (64, 2048, "col", False, 1.0),
+]
+
+
+def _dequant(q, scale):
+    t, h = q.shape
+    return (q.float().view(t, scale.shape[1], h // scale.shape[1]) * scale.unsqueeze(-1)).view(t, h)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_every_rank_gets_the_reference_of_the_summed_input(world_size):
+    results = run_ranks(functional_op_rank, world_size, CASES)
+    for i, (t, h, layout, emit, offset) in enumerate(CASES):
+        ins = [rank_inputs(r, t, h, seed=i) for r in range(world_size)]
+        total = torch.stack([x.float() for x, _, _ in ins]).sum(0)
+        _, residual, weight = ins[0]
+        ref = norm_quant_reference(total, residual, weight, 1e-6, out_dtype=torch.bfloat16,
+                                   weight_offset=offset, emit_bf16=emit, scale_layout=layout)
+        first = results[0][i]
+        for rank in range(1, world_size):
+            for a, b in zip(first, results[rank][i]):
+                if a is None:
+                    assert b is None
+                else:  # every rank holds the same bits
+                    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype.itemsize == 1 \
+                        else torch.equal(a, b)
+        q, scale, res, normed = first
+        assert scale.stride() == ref.scale.stride()
+        # the float32 sum order of gloo and of torch.stack().sum() may differ in the last bit
+        torch.testing.assert_close(res, ref.residual, rtol=2 ** -7, atol=1e-6)
+        if emit:
+            torch.testing.assert_close(normed, ref.normed, rtol=2 ** -7, atol=1e-6)
+        else:
+            assert normed is None
+        torch.testing.assert_close(scale, ref.scale, rtol=0.01, atol=0)
+        torch.testing.assert_close(_dequant(q, scale), _dequant(ref.q, ref.scale), rtol=0.07, atol=1e-3)

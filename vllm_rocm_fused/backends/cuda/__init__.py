@@ -1,0 +1,1 @@
+"""NVIDIA backend (Triton over torch symmetric memory). Importable with torch + Triton alone."""

@@ -1,0 +1,1 @@
+"""ROCm backend on aiter. Importable without aiter (aiter is probed lazily)."""

@@ -1,0 +1,1 @@
+"""The ``vllm-rocm-fused`` command line."""

@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (torch + Triton only; no vLLM)."""

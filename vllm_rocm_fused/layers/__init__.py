@@ -1,0 +1,1 @@
+"""vLLM glue layers (these modules import vLLM)."""

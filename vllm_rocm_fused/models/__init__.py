@@ -1,0 +1,1 @@
+"""Qwen3.5 layer overrides (vLLM glue)."""

@@ -1,0 +1,252 @@
+"""Backend registry, selection and fallback for the fused op.
+
+A backend computes the op (all-reduce included) on some hardware. Selection is
+host-side and cheap: each backend answers "why not?" as a short reason string
+(None = eligible), ``auto`` takes the highest-priority eligible one, and the
+portable ``native`` backend is always last. A backend that raises is marked
+broken for the process, logged once, and the call is redone on the next one
+down, so a failing fast kernel never fails a request.
+
+Fast backends live in their own modules (``vllm_rocm_fused.backends.*``) and
+are imported on first use; an import failure becomes their unavailability
+reason. Path counters (fused-1 / fused-2 / generic) count calls as they pass
+through Python: eager calls and compiled-graph calls alike, but not CUDA-graph
+replays (those re-run what the capture recorded).
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import logging
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..log import get_logger, log_once
+from .comm import Communicator
+
+logger = get_logger("backends")
+
+PATH_FUSED_1 = "fused-1"  # one kernel: AR + add + RMSNorm + quant
+PATH_FUSED_2 = "fused-2"  # two kernels: fused AR + add + RMSNorm, then group quant
+PATH_GENERIC = "generic"  # portable torch ops
+PATHS = (PATH_FUSED_1, PATH_FUSED_2, PATH_GENERIC)
+
+# Modules that register fast backends when imported, in no particular order
+# (priority decides). Missing or failing modules are reported, never raised.
+FAST_BACKEND_MODULES: tuple[str, ...] = (
+    "vllm_rocm_fused.backends.cuda",
+    "vllm_rocm_fused.backends.rocm",
+)
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """Host-side facts about one call, enough to decide eligibility."""
+
+    num_tokens: int
+    hidden: int
+    dtype: torch.dtype
+    device: torch.device
+    world_size: int
+    group_size: int
+    weight_offset: float
+    emit_bf16: bool
+    scale_layout: str
+    quant_dtype: torch.dtype
+    has_residual: bool
+    quantize: bool = True
+    capturing: bool = False
+
+    @property
+    def input_bytes(self) -> int:
+        return self.num_tokens * self.hidden * torch.empty((), dtype=self.dtype).element_size()
+
+
+class Backend(ABC):
+    """One implementation of the fused op."""
+
+    #: registry key, what ``backend=`` and doctor call it
+    name: str = ""
+    #: higher wins under ``auto``
+    priority: int = 0
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run in this process at all (None = it can)."""
+        return None
+
+    @abstractmethod
+    def ineligible_reason(self, spec: CallSpec, comm: Communicator | None) -> str | None:
+        """Why this call cannot use this backend (None = it can). Host-side only."""
+
+    @abstractmethod
+    def run(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+        comm: Communicator | None,
+        spec: CallSpec,
+    ) -> tuple[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None], str]:
+        """Returns ((q, scale, residual, normed), path) with path one of PATHS."""
+
+    def describe(self, spec: CallSpec, comm: Communicator | None) -> str:
+        """Which path this backend would take for ``spec`` (for doctor), when eligible."""
+        return PATH_FUSED_1
+
+
+_backends: dict[str, Backend] = {}
+_broken: dict[str, str] = {}
+_import_errors: dict[str, str] = {}
+_loaded = False
+_lock = threading.Lock()
+_path_counts: collections.Counter[str] = collections.Counter()
+_backend_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add (or replace) a backend under ``backend.name``."""
+    if not backend.name:
+        raise ValueError("backend.name must be a non-empty string")
+    with _lock:
+        _backends[backend.name] = backend
+        _broken.pop(backend.name, None)
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    with _lock:
+        _backends.pop(name, None)
+        _broken.pop(name, None)
+
+
+def _load_fast_backends() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in FAST_BACKEND_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is not None and module.startswith(e.name):
+                _import_errors[module] = "not part of this build"
+            else:
+                _import_errors[module] = f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 - any failure means "unavailable"
+            _import_errors[module] = f"{type(e).__name__}: {e}"
+
+
+def backends() -> list[Backend]:
+    """Registered backends, highest priority first (native last)."""
+    _load_fast_backends()
+    from . import native  # noqa: F401 - registers the portable backend
+
+    return sorted(_backends.values(), key=lambda b: -b.priority)
+
+
+def get_backend(name: str) -> Backend:
+    for backend in backends():
+        if backend.name == name:
+            return backend
+    known = ", ".join(["auto"] + [b.name for b in backends()])
+    raise ValueError(f"backend must be one of {known}; got {name!r}")
+
+
+def known_backend_names() -> list[str]:
+    return ["auto"] + [b.name for b in backends()]
+
+
+def import_errors() -> dict[str, str]:
+    _load_fast_backends()
+    return dict(_import_errors)
+
+
+def broken_backends() -> dict[str, str]:
+    return dict(_broken)
+
+
+def reason_not_usable(backend: Backend, spec: CallSpec, comm: Communicator | None) -> str | None:
+    """Why ``backend`` would not run ``spec`` now: unavailable, broken or ineligible."""
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        return f"unavailable: {reason}"
+    if backend.name in _broken:
+        return f"disabled after an error: {_broken[backend.name]}"
+    reason = backend.ineligible_reason(spec, comm)
+    if reason is not None:
+        return f"ineligible: {reason}"
+    return None
+
+
+def explain(spec: CallSpec, comm: Communicator | None) -> list[tuple[str, str | None]]:
+    """(backend name, reason it would not be used or None) for every backend, best first."""
+    return [(b.name, reason_not_usable(b, spec, comm)) for b in backends()]
+
+
+def select(requested: str, spec: CallSpec, comm: Communicator | None) -> Backend:
+    """The backend that runs ``spec``: the requested one if usable, else (or for
+    "auto") the best usable one; native is always usable."""
+    candidates = backends()
+    if requested != "auto":
+        wanted = get_backend(requested)
+        if reason_not_usable(wanted, spec, comm) is None:
+            return wanted
+        candidates = [b for b in candidates if b.name == "native"]
+    for backend in candidates:
+        if reason_not_usable(backend, spec, comm) is None:
+            return backend
+    return get_backend("native")
+
+
+def run(
+    requested: str,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    comm: Communicator | None,
+    spec: CallSpec,
+):
+    """Select, run, count; on an exception from a fast backend, mark it broken and
+    redo the call on native."""
+    backend = select(requested, spec, comm)
+    try:
+        outputs, path = backend.run(x, residual, weight, eps, comm, spec)
+    except Exception as e:
+        if backend.name == "native":
+            raise
+        mark_broken(backend.name, e)
+        backend = get_backend("native")
+        outputs, path = backend.run(x, residual, weight, eps, comm, spec)
+    _path_counts[path] += 1
+    _backend_counts[(backend.name, path)] += 1
+    return outputs
+
+
+def mark_broken(name: str, error: BaseException) -> None:
+    with _lock:
+        _broken[name] = f"{type(error).__name__}: {error}"
+    log_once(
+        logger, logging.WARNING, f"broken:{name}",
+        "vllm-rocm-fused: backend %r raised %s: %s; it is disabled for this process, "
+        "the portable path takes over", name, type(error).__name__, error,
+    )
+
+
+def path_counters() -> dict[str, int]:
+    """Calls per path since start (or the last reset): fused-1, fused-2, generic."""
+    return {p: _path_counts.get(p, 0) for p in PATHS}
+
+
+def backend_counters() -> dict[str, int]:
+    return {f"{b}/{p}": n for (b, p), n in sorted(_backend_counts.items())}
+
+
+def reset_counters() -> None:
+    _path_counts.clear()
+    _backend_counts.clear()

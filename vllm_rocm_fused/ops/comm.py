@@ -1,0 +1,100 @@
+"""Communicators: who the fused op sums over.
+
+The torch.library op cannot take a ProcessGroup (torch.compile traces strings,
+not groups), so callers register a ``Communicator`` under a name and pass the
+name. Two kinds exist:
+
+* ``ProcessGroupCommunicator`` wraps a torch.distributed group (the functional
+  op's ``group=`` argument). Its portable all-reduce sums in float32.
+* Glue code (the vLLM CustomOp) registers its own subclass that reduces through
+  vLLM's TP group and carries handles the fast backends need (``extras``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class Communicator:
+    """A group of ranks the fused op all-reduces over."""
+
+    name: str
+    world_size: int
+    rank: int
+
+    def __init__(self, name: str, world_size: int, rank: int) -> None:
+        self.name = name
+        self.world_size = world_size
+        self.rank = rank
+        # Backend-specific handles (symmetric-memory workspaces, aiter custom
+        # all-reduce objects, ...), filled lazily by the backends themselves.
+        self.extras: dict[str, Any] = {}
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        return None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Out-of-place sum of ``x`` over the group (the portable path's reduce)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, world_size={self.world_size}, rank={self.rank})"
+
+
+class ProcessGroupCommunicator(Communicator):
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        super().__init__(
+            name=f"pg:{group.group_name}",
+            world_size=dist.get_world_size(group),
+            rank=dist.get_rank(group),
+        )
+        self._group = group
+
+    @property
+    def process_group(self) -> dist.ProcessGroup:
+        return self._group
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32, copy=True)
+        dist.all_reduce(h, op=dist.ReduceOp.SUM, group=self._group)
+        return h
+
+
+_registry: dict[str, Communicator] = {}
+_lock = threading.Lock()
+
+
+def register_communicator(comm: Communicator) -> str:
+    with _lock:
+        _registry[comm.name] = comm
+    return comm.name
+
+
+def get_communicator(name: str) -> Communicator:
+    try:
+        return _registry[name]
+    except KeyError:
+        raise KeyError(f"no communicator registered under {name!r}") from None
+
+
+def communicator_for_group(group: dist.ProcessGroup | None) -> Communicator | None:
+    """The registered communicator of ``group`` (created on first use); None for
+    no group or a group of one rank (nothing to reduce)."""
+    if group is None:
+        return None
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    if dist.get_world_size(group) == 1:
+        return None
+    name = f"pg:{group.group_name}"
+    with _lock:
+        comm = _registry.get(name)
+        if comm is None or getattr(comm, "_group", None) is not group:
+            comm = ProcessGroupCommunicator(group)
+            _registry[name] = comm
+    return comm
