@@ -17,4 +17,17 @@ def register() -> None:
     _register()
 
 
-__all__ = ["__version__", "register"]
+def register_portable_fp8() -> None:
+    """Second vLLM plugin entry point: the portable block-FP8 linear kernel for
+    platforms where vLLM has none. Not affected by VLLM_ROCM_FUSED_DISABLE (the
+    unfused baseline needs it too); VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8=1 turns it off."""
+    from . import envs
+
+    if envs.portable_fp8_disabled():
+        return
+    from .layers.block_fp8_linear import register as _register
+
+    _register()
+
+
+__all__ = ["__version__", "register", "register_portable_fp8"]

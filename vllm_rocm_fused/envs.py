@@ -24,6 +24,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("VLLM_ROCM_FUSED_DISABLE_AR_QUANT", "0",
            "1: keep the all-reduce + add + RMSNorm fusion, drop the FP8 quant handoff "
            "(consumer GEMMs quantize their own input)."),
+    EnvVar("VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8", "0",
+           "1: do not register the portable block-FP8 linear kernel (CPU without AMX)."),
     EnvVar("VLLM_ROCM_FUSED_BACKEND", "auto",
            "Force a backend for the fused op: auto, native, or a registered fast backend "
            "(cuda, rocm). An ineligible forced backend still falls back to native."),
@@ -52,6 +54,10 @@ def plugin_disabled() -> bool:
 
 def ar_quant_disabled() -> bool:
     return _flag("VLLM_ROCM_FUSED_DISABLE_AR_QUANT")
+
+
+def portable_fp8_disabled() -> bool:
+    return _flag("VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8")
 
 
 def forced_backend() -> str:

@@ -1,0 +1,119 @@
+"""Portable block-FP8 linear kernel: FP8 checkpoints (128x128 weight blocks, dynamic
+1x128 activations) on platforms where vLLM has no block-FP8 kernel (x86 CPUs
+without AMX).
+
+Numerics follow the GPU kernels: the activation is quantized per 1x128 group to
+FP8 with a float32 scale (the same ``group_quant`` the fused op uses, so an
+activation quantized by the fused norm and one quantized here are bit-identical),
+then ``out = sum_k (A_q * As) (W_q * Ws)^T`` accumulated in float32 and rounded
+to the output dtype once. It also accepts an already-quantized activation through
+vLLM's ``QuantizedActivation`` contract (key ``kFp8Dynamic128Sym``, row-major
+``[M, K/128]`` float32 scales), skipping its own quant.
+
+Registered by its own ``vllm.general_plugins`` entry point, appended after vLLM's
+CPU kernels: on a CPU with AMX vLLM's kernels still win.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+from vllm.model_executor.kernels.linear.scaled_mm.BlockScaledMMLinearKernel import (
+    Fp8BlockScaledMMLinearKernel,
+)
+from vllm.model_executor.layers.fusion.quant_activation import (
+    QuantizedActivation,
+    as_quantized_activation,
+)
+from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8Dynamic128Sym
+from vllm.platforms import current_platform
+
+from ..log import get_logger, log_once
+from ..ops.reference import group_quant
+
+logger = get_logger("block_fp8_linear")
+
+BLOCK = 128
+
+
+class PortableFp8BlockScaledMMKernel(Fp8BlockScaledMMLinearKernel):
+    """W8A8 block-FP8 GEMM in plain torch (float32 accumulation)."""
+
+    @classmethod
+    def is_supported(cls, compute_capability: int | None = None) -> tuple[bool, str | None]:
+        if not current_platform.is_cpu():
+            return False, "the portable kernel is registered for the CPU platform only"
+        return True, None
+
+    @classmethod
+    def can_implement(cls, config) -> tuple[bool, str | None]:
+        act = config.activation_quant_key.scale
+        if act.static:
+            return False, "needs dynamic activation scales"
+        if tuple(act.group_shape) != (1, BLOCK):
+            return False, f"needs 1x{BLOCK} activation groups, got {tuple(act.group_shape)}"
+        weight_groups = tuple(config.weight_quant_key.scale.group_shape)
+        if weight_groups != (BLOCK, BLOCK):
+            return False, f"needs {BLOCK}x{BLOCK} weight blocks, got {weight_groups}"
+        return True, None
+
+    def input_quant_key(self):
+        return kFp8Dynamic128Sym
+
+    def apply_weights(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor | QuantizedActivation,
+        bias: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        params = self._get_layer_params(layer)
+        weight, weight_scale = params.weight, params.block_scale
+        qa = as_quantized_activation(x, self.input_quant_key())
+        if qa is not None:
+            k = qa.data.shape[-1]
+            q_input = qa.data.reshape(-1, k)
+            input_scale = qa.scale.reshape(-1, k // BLOCK)
+            orig_shape, out_dtype = qa.orig_shape, qa.orig_dtype
+        else:
+            k = x.shape[-1]
+            q_input, input_scale = group_quant(x.reshape(-1, k), BLOCK, weight.dtype)
+            orig_shape, out_dtype = x.shape, x.dtype
+        if self.config.out_dtype is not None:
+            out_dtype = self.config.out_dtype
+        output = self.apply_block_scaled_mm(A=q_input, B=weight, As=input_scale, Bs=weight_scale)
+        if bias is not None:
+            output = output + bias.to(torch.float32)
+        return output.to(out_dtype).view(*orig_shape[:-1], weight.shape[0])
+
+    def apply_block_scaled_mm(self, A, B, As, Bs) -> torch.Tensor:
+        """A [M, K] fp8, As [M, K/128] fp32, B [N, K] fp8, Bs [ceil(N/128), K/128] fp32
+        -> [M, N] float32."""
+        n, k = B.shape
+        a = A.to(torch.float32) * As.to(torch.float32).repeat_interleave(BLOCK, dim=1)[:, :k]
+        ws = Bs.to(torch.float32).repeat_interleave(BLOCK, dim=0)[:n].repeat_interleave(BLOCK, dim=1)[:, :k]
+        w = B.to(torch.float32) * ws
+        return a @ w.t()
+
+
+_lock = threading.Lock()
+_registered = False
+
+
+def register() -> None:
+    """Append the kernel to vLLM's CPU block-FP8 candidates (idempotent)."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        _registered = True
+        from vllm.model_executor.kernels import linear as linear_kernels
+        from vllm.platforms import PlatformEnum
+
+        candidates = linear_kernels._POSSIBLE_FP8_BLOCK_KERNELS.setdefault(PlatformEnum.CPU, [])
+        if PortableFp8BlockScaledMMKernel not in candidates:
+            candidates.append(PortableFp8BlockScaledMMKernel)
+        log_once(logger, logging.DEBUG, "portable-fp8",
+                 "vllm-rocm-fused: portable block-FP8 linear kernel registered for CPU")
