@@ -28,10 +28,16 @@ def register() -> None:
                      "vllm-rocm-fused: VLLM_ROCM_FUSED_DISABLE=1, the plugin registers nothing")
             return
         # Importing the CustomOp module registers it with vLLM.
-        from .layers import fused_norm  # noqa: F401
+        from vllm import ModelRegistry
 
+        from .layers import fused_norm  # noqa: F401
+        from .models import ARCHITECTURES
+
+        for arch, cls_name in ARCHITECTURES.items():
+            ModelRegistry.register_model(arch, f"vllm_rocm_fused.models.qwen3_5:{cls_name}")
         log_once(logger, logging.INFO, "registered",
-                 "vllm-rocm-fused: registered the fused all-reduce + RMSNorm + FP8 quant op")
+                 "vllm-rocm-fused: registered the fused all-reduce + RMSNorm + FP8 quant op and "
+                 "Qwen3.5 overrides for %s", ", ".join(ARCHITECTURES))
 
 
 def is_registered() -> bool:

@@ -27,7 +27,7 @@ from vllm.platforms import current_platform
 
 from .. import envs
 from ..log import get_logger, log_once
-from ..ops.backends import known_backend_names
+from ..ops.backends import known_backend_names, notify_weight_updated
 from ..ops.fused import SCALE_LAYOUTS, call_fused_op
 from ..ops.reference import FusedNormQuantOutput
 from .comm import tp_communicator_name
@@ -70,6 +70,9 @@ class FusedAllReduceRMSNormQuant(CustomOp):
             raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of group_size ({group_size})")
         init = torch.zeros if weight_offset == 1.0 else torch.ones
         self.weight = nn.Parameter(init(hidden_size), requires_grad=False)
+        # vLLM's loaders call param.weight_loader(param, loaded): backends that
+        # keep a copy derived from the weight (ROCm's 1 + w) refresh it there.
+        self.weight.weight_loader = self._load_weight
         self.hidden_size = hidden_size
         self.variance_epsilon = eps
         self.weight_offset = float(weight_offset)
@@ -85,6 +88,12 @@ class FusedAllReduceRMSNormQuant(CustomOp):
     def enabled(cls) -> bool:
         return f"-{cls.name}" not in get_cached_compilation_config().custom_ops
 
+    def _load_weight(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        if param.shape != loaded_weight.shape:
+            raise ValueError(f"norm weight must have shape {tuple(param.shape)}, got {tuple(loaded_weight.shape)}")
+        param.data.copy_(loaded_weight)
+        notify_weight_updated(param.data)
+
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, eps={self.variance_epsilon}, "
@@ -92,7 +101,7 @@ class FusedAllReduceRMSNormQuant(CustomOp):
             f"quantize={self.quantize}, emit_bf16={self.emit_bf16}, scale_layout={self.scale_layout}"
         )
 
-    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, backend: str) -> FusedNormQuantOutput:
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, backend: str, tag: str) -> FusedNormQuantOutput:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         res2 = residual.reshape(-1, shape[-1]) if residual is not None else None
@@ -100,7 +109,7 @@ class FusedAllReduceRMSNormQuant(CustomOp):
             x2, res2, self.weight.data, self.variance_epsilon, self.comm_name,
             group_size=self.group_size, weight_offset=self.weight_offset,
             emit_bf16=self.emit_bf16, scale_layout=self.scale_layout,
-            quant_dtype=self.quant_dtype, quantize=self.quantize, backend=backend,
+            quant_dtype=self.quant_dtype, quantize=self.quantize, backend=backend, tag=tag,
         )
         if len(shape) == 2:
             return out
@@ -109,11 +118,13 @@ class FusedAllReduceRMSNormQuant(CustomOp):
             out.normed.view(shape) if out.normed is not None else None,
         )
 
-    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> FusedNormQuantOutput:
-        return self._run(x, residual, "native")
+    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                       tag: str = "") -> FusedNormQuantOutput:
+        return self._run(x, residual, "native", tag)
 
-    def forward_cuda(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> FusedNormQuantOutput:
-        return self._run(x, residual, self.backend)
+    def forward_cuda(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                     tag: str = "") -> FusedNormQuantOutput:
+        return self._run(x, residual, self.backend, tag)
 
 
 def _resolve_forced_backend() -> str:

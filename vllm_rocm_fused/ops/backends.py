@@ -98,6 +98,10 @@ class Backend(ABC):
         """Which path this backend would take for ``spec`` (for doctor), when eligible."""
         return PATH_FUSED_1
 
+    def weight_updated(self, weight: torch.Tensor) -> None:
+        """``weight`` (a norm weight) was just (re)loaded in place: refresh any copy
+        derived from it (e.g. a precomputed ``1 + w``). Default: nothing kept."""
+
 
 _backends: dict[str, Backend] = {}
 _broken: dict[str, str] = {}
@@ -170,6 +174,12 @@ def broken_backends() -> dict[str, str]:
     return dict(_broken)
 
 
+def notify_weight_updated(weight: torch.Tensor) -> None:
+    """Tell every loaded backend that ``weight`` changed in place (weight loaders call this)."""
+    for backend in list(_backends.values()):
+        backend.weight_updated(weight)
+
+
 def reason_not_usable(backend: Backend, spec: CallSpec, comm: Communicator | None) -> str | None:
     """Why ``backend`` would not run ``spec`` now: unavailable, broken or ineligible."""
     reason = backend.unavailable_reason()
@@ -211,9 +221,11 @@ def run(
     eps: float,
     comm: Communicator | None,
     spec: CallSpec,
+    tag: str = "",
 ):
     """Select, run, count; on an exception from a fast backend, mark it broken and
-    redo the call on native."""
+    redo the call on native. With a ``tag`` (a model site), the first call of each
+    (site, backend, path) is logged once."""
     backend = select(requested, spec, comm)
     try:
         outputs, path = backend.run(x, residual, weight, eps, comm, spec)
@@ -225,6 +237,10 @@ def run(
         outputs, path = backend.run(x, residual, weight, eps, comm, spec)
     _path_counts[path] += 1
     _backend_counts[(backend.name, path)] += 1
+    if tag:
+        log_once(logger, logging.INFO, f"path:{tag}:{backend.name}:{path}",
+                 "vllm-rocm-fused: site %s ran %s via backend %s (first such call: %d tokens)",
+                 tag, path, backend.name, spec.num_tokens)
     return outputs
 
 

@@ -71,9 +71,11 @@ def _fused_op(
     quant_dtype: torch.dtype,
     quantize: bool,
     backend: str,
+    tag: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Arguments are trusted (the Python wrappers validate). Optional outputs come
-    back as empty tensors: q/scale when not quantize, normed when not needed."""
+    back as empty tensors: q/scale when not quantize, normed when not needed.
+    ``tag`` names the call site in the once-per-path log line (glue code sets it)."""
     comm = get_communicator(comm_name) if comm_name is not None else None
     spec = make_spec(
         x, residual,
@@ -85,7 +87,7 @@ def _fused_op(
         quant_dtype=quant_dtype,
         quantize=quantize,
     )
-    q, scale, new_residual, normed = _backends.run(backend, x, residual, weight, eps, comm, spec)
+    q, scale, new_residual, normed = _backends.run(backend, x, residual, weight, eps, comm, spec, tag=tag)
     empty = x.new_empty(0)
     return (
         q if q is not None else empty.to(quant_dtype),
@@ -97,7 +99,7 @@ def _fused_op(
 
 @_fused_op.register_fake
 def _fused_op_fake(x, residual, weight, eps, comm_name, group_size, weight_offset,
-                   emit_bf16, scale_col_major, quant_dtype, quantize, backend):
+                   emit_bf16, scale_col_major, quant_dtype, quantize, backend, tag=""):
     tokens, hidden = x.shape
     if quantize:
         q = x.new_empty((tokens, hidden), dtype=quant_dtype)
@@ -128,11 +130,12 @@ def call_fused_op(
     quant_dtype: torch.dtype,
     quantize: bool,
     backend: str,
+    tag: str = "",
 ) -> FusedNormQuantOutput:
     """The torch op with already-validated arguments (glue code calls this)."""
     q, scale, new_residual, normed = torch.ops.vllm_rocm_fused.fused_allreduce_rmsnorm_quant(
         x, residual, weight, float(eps), comm_name, group_size, float(weight_offset),
-        emit_bf16, scale_layout == "col", quant_dtype, quantize, backend,
+        emit_bf16, scale_layout == "col", quant_dtype, quantize, backend, tag,
     )
     if not quantize:
         return FusedNormQuantOutput(None, None, new_residual, normed)
@@ -190,7 +193,11 @@ def validate(
         quant_dtype = default_fp8_dtype(x.device)
     elif not isinstance(quant_dtype, torch.dtype) or quant_dtype not in FP8_DTYPES:
         raise TypeError(f"quant_dtype must be an FP8 dtype {FP8_DTYPES} or None, got {quant_dtype!r}")
-    if not isinstance(backend, str) or backend not in _backends.known_backend_names():
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be a backend name string, got {backend!r}")
+    # Under torch.compile the registry (which imports backend modules) is not
+    # traced; an unknown name then fails when the op runs (same message).
+    if not torch.compiler.is_compiling() and backend not in _backends.known_backend_names():
         raise ValueError(f"backend must be one of {_backends.known_backend_names()}, got {backend!r}")
     return quant_dtype
 
