@@ -89,6 +89,20 @@ def evaluate(world_size: int, hidden: int, tokens: list[int], dtype: torch.dtype
     return rows
 
 
+def backend_details() -> dict[str, dict[str, str]]:
+    """What each backend says about itself beyond per-call reasons (e.g. which
+    aiter API generation the ROCm backend detected), for backends that say anything."""
+    out = {}
+    for backend in backends.backends():
+        details = getattr(backend, "details", None)
+        if callable(details):
+            try:
+                out[backend.name] = dict(details())
+            except Exception as e:  # noqa: BLE001 - doctor reports, never fails
+                out[backend.name] = {"details": f"{type(e).__name__}: {e}"}
+    return out
+
+
 def collect(args: argparse.Namespace) -> dict:
     world_size = args.world_size
     if world_size is None:
@@ -100,6 +114,7 @@ def collect(args: argparse.Namespace) -> dict:
         "plugin_entry_point": plugin_entry_point(),
         "env": envs.snapshot(),
         "backend_modules": backends.import_errors(),
+        "backend_details": backend_details(),
         "query": {"world_size": world_size, "hidden": args.hidden, "tokens": args.tokens, "dtype": args.dtype},
         "sites": evaluate(world_size, args.hidden, args.tokens, dtype),
     }
@@ -117,6 +132,9 @@ def render(report: dict) -> str:
     lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in report["env"].items()))
     for module, err in report["backend_modules"].items():
         lines.append(f"backend module {module}: {err}")
+    for name, details in report.get("backend_details", {}).items():
+        for key, value in details.items():
+            lines.append(f"backend {name}: {key}: {value}")
     q = report["query"]
     lines.append("")
     lines.append(f"fused op, TP={q['world_size']}, hidden {q['hidden']}, {q['dtype']}:")

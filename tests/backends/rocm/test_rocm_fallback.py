@@ -1,0 +1,222 @@
+"""A step that raises is disabled for the process, logged once, and the same call
+goes one step down with correct outputs; a step that declines is just skipped.
+Also: API generations arranged differently from the ones the code was written
+against still reach the right step."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import pytest
+import torch
+
+from support import fake_aiter
+from support.fake_aiter import base as fake_base
+from support.rocm_harness import (  # noqa: F401 - rocm, plugin_log are fixtures
+    AR_RMS, HIP_QUANT, PER_GROUP, Case, last_path, plugin_log, rocm, run_op,
+)
+from vllm_rocm_fused.ops import backends
+from vllm_rocm_fused.ops.reference import norm_quant_reference
+
+
+def warnings_about(log, text: str) -> list[str]:
+    return [r.getMessage() for r in log.records if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+def check_exact(out, case: Case, *, emit_bf16=False, scale_layout="row"):
+    """Outputs of a path that honours (1 + w) in float32 (fused-2 with gemma_norm, generic)."""
+    ref = norm_quant_reference(case.h, case.residual, case.weight, 1e-6, out_dtype=case.x.dtype,
+                               weight_offset=1.0, emit_bf16=emit_bf16, scale_layout=scale_layout)
+    torch.testing.assert_close(out.residual, ref.residual, rtol=0, atol=0)
+    assert torch.equal(out.q.view(torch.uint8), ref.q.view(torch.uint8))
+    torch.testing.assert_close(out.scale, ref.scale, rtol=0, atol=0)
+    if emit_bf16:
+        torch.testing.assert_close(out.normed, ref.normed, rtol=0, atol=0)
+
+
+def test_step1_exception_falls_to_step2_once(rocm, plugin_log):
+    fake = rocm.use("v0_1_17", "gfx950")
+    fake.fail(PER_GROUP, RuntimeError("hipErrorLaunchFailure in the per-group kernel"))
+    case = Case()
+    comm = rocm.vllm_comm(case)
+    for _ in range(3):
+        out = run_op(comm, case, emit_bf16=True)
+        check_exact(out, case, emit_bf16=True)
+    assert backends.path_counters()["fused-2"] == 3
+    assert len(fake.calls(PER_GROUP)) == 1  # never retried
+    assert len(fake.calls(AR_RMS)) == 3
+    msgs = warnings_about(plugin_log, "hipErrorLaunchFailure")
+    assert len(msgs) == 1 and "fused-1" in msgs[0] and "fused-2 takes over" in msgs[0]
+    assert "per-group" in rocm.backend.details()["disabled steps"]
+    assert "disabled after an error" in rocm.backend.describe(
+        backends.CallSpec(4, 256, torch.bfloat16, torch.device("cpu"), 2, 128, 1.0, False, "row",
+                          torch.float8_e4m3fn, True), comm)
+
+
+def test_step2_exception_falls_to_generic_once(rocm, plugin_log):
+    fake = rocm.use("v0_1_17", "gfx942")
+    fake.fail(HIP_QUANT, RuntimeError("quant kernel missing"))
+    case = Case()
+    comm = rocm.vllm_comm(case)
+    out1 = run_op(comm, case, arch="gfx942")
+    out2 = run_op(comm, case, arch="gfx942")
+    for out in (out1, out2):
+        ref = norm_quant_reference(case.h, case.residual, case.weight, 1e-6, out_dtype=case.x.dtype,
+                                   weight_offset=1.0, quant_dtype=torch.float8_e4m3fnuz)
+        assert torch.equal(out.q.view(torch.uint8), ref.q.view(torch.uint8))
+        torch.testing.assert_close(out.residual, ref.residual, rtol=0, atol=0)
+    # the first call ran step 2 to its quant, raised there, and was redone generically
+    assert backends.backend_counters() == {"rocm/generic": 1, "native/generic": 1}
+    assert len(warnings_about(plugin_log, "quant kernel missing")) == 1
+
+
+def test_every_step_raising_ends_generic(rocm, plugin_log):
+    fake = rocm.use("v0_1_17", "gfx950")
+    fake.fail(PER_GROUP, ValueError("step 1 broke"))
+    fake.fail(AR_RMS, RuntimeError("step 2 broke"))
+    case = Case()
+    comm = rocm.vllm_comm(case)
+    check_exact(run_op(comm, case, scale_layout="col"), case, scale_layout="col")
+    check_exact(run_op(comm, case, scale_layout="col"), case, scale_layout="col")
+    assert len(warnings_about(plugin_log, "step 1 broke")) == 1
+    assert len(warnings_about(plugin_log, "step 2 broke")) == 1
+    assert backends.path_counters()["generic"] == 2
+    assert backends.broken_backends() == {}  # the backend itself stays usable (e.g. for norm-only sites)
+
+
+def test_wrong_fp8_type_from_aiter_disables_the_step(rocm, plugin_log, monkeypatch):
+    """A kernel writing another FP8 type would change numerics silently: the
+    host-side output check refuses it and the call goes to step 2, whose quant
+    is told the type."""
+    rocm.use("v0_1_17", "gfx950")
+    assert rocm.backend.unavailable_reason() is None  # probed: aiter.dtypes.fp8 is e4m3fn
+    monkeypatch.setattr(fake_base.STATE, "fp8", torch.float8_e4m3fnuz)  # ...but the kernel writes fnuz
+    case = Case()
+    comm = rocm.vllm_comm(case)
+    out = run_op(comm, case)
+    assert out.q.dtype == torch.float8_e4m3fn
+    assert last_path() == "fused-2"
+    (msg,) = warnings_about(plugin_log, "unexpected result")
+    assert "float8_e4m3fnuz" in msg
+
+
+def test_aiter_fp8_type_not_the_arch_type_is_ineligible(rocm):
+    """aiter built for another arch (its dtypes.fp8 disagrees with the GPU's)."""
+    rocm.use("v0_1_17", "gfx942")
+    rocm.backend.set_environment(fake_aiter.FakeRocmEnv("gfx950"))
+    case = Case()
+    comm = rocm.vllm_comm(case)
+    spec = backends.CallSpec(4, 256, torch.bfloat16, torch.device("cpu"), 2, 128, 1.0, False, "row",
+                             torch.float8_e4m3fn, True)
+    reason = rocm.backend.ineligible_reason(spec, comm)
+    assert "aiter's FP8 type is float8_e4m3fnuz, gfx950's is float8_e4m3fn" in reason
+
+
+def test_declined_input_goes_down_without_disabling(rocm, plugin_log):
+    """The graph-aware methods return None for inputs aiter will not take."""
+    rocm.use("v0_1_17", "gfx950")
+    case = Case()
+    CA = rocm.ca_class()
+    graph_aware_only = type("CustomAllreduce", (fake_base.CustomAllreduceBase,), {
+        "custom_fused_ar_rms_per_group_quant": CA.custom_fused_ar_rms_per_group_quant,
+        "custom_fused_ar_rms": CA.custom_fused_ar_rms,
+    })
+    ca = graph_aware_only(case.group(), torch.device("cpu"))
+    ca.should_custom_ar = lambda inp, prefill_support=False: False
+    comm = rocm.vllm_comm(case, ca=ca)
+    check_exact(run_op(comm, case), case)
+    check_exact(run_op(comm, case), case)
+    assert backends.backend_counters() == {"rocm/generic": 2}
+    assert rocm.backend.broken_steps() == {}
+    assert not warnings_about(plugin_log, "")
+
+
+# --- API generations arranged differently -----------------------------------
+
+
+def test_graph_aware_methods_only_in_ca_comm_slot(rocm):
+    """An aiter object exposing only the custom_* methods, held directly in
+    device_communicator.ca_comm (no vLLM wrapper)."""
+    fake = rocm.use("v0_1_17", "gfx950")
+    case = Case()
+    CA = rocm.ca_class()
+    cls = type("CustomAllreduce", (fake_base.CustomAllreduceBase,), {
+        "custom_fused_ar_rms_per_group_quant": CA.custom_fused_ar_rms_per_group_quant,
+        "custom_fused_ar_rms": CA.custom_fused_ar_rms,
+    })
+    comm = rocm.vllm_comm(case, ca=cls(case.group(), torch.device("cpu")), slot="ca_comm", wrap=False)
+    out = run_op(comm, case, emit_bf16=True, scale_layout="col")
+    assert last_path() == "fused-1"
+    (call,) = fake.calls("CustomAllreduce.custom_fused_ar_rms_per_group_quant")
+    assert call.args["transpose_scale"] is True and call.args["emit_bf16"] is True
+    assert out.scale.stride() == (1, case.x.shape[0])
+
+
+def test_kwargs_only_signature(rocm):
+    """A per-group method taking **kwargs: every option is passed."""
+    fake = rocm.use("v0_1_14", "gfx950")
+    case = Case()
+    CA = rocm.ca_class()
+
+    def fused_ar_rms_per_group_quant(self, inp, res_inp, **kw):
+        return self._per_group(PER_GROUP, inp, res_inp, kw["w"], kw["eps"], group_size=kw["group_size"],
+                               registered=kw["registered"], use_1stage=kw["use_1stage"],
+                               emit_bf16=kw.get("emit_bf16", False), transpose_scale=kw.get("transpose_scale", False))
+
+    cls = type("CustomAllreduce", (CA,), {"fused_ar_rms_per_group_quant": fused_ar_rms_per_group_quant})
+    comm = rocm.vllm_comm(case, ca=cls(case.group(), torch.device("cpu")))
+    out = run_op(comm, case, scale_layout="col")
+    assert last_path() == "fused-1"
+    assert fake.calls(PER_GROUP)[0].args["transpose_scale"] is True
+    assert out.scale.stride() == (1, case.x.shape[0])
+
+
+@pytest.mark.parametrize("gen,entry", [
+    ("v0_1_14", "communication_op.per_group_fn"),
+    ("v0_1_17", "communication_op.quant"),
+    ("v0_1_18", "communication_op.quant"),
+])
+def test_module_functions_over_aiters_own_tp_group(rocm, gen, entry):
+    """No vLLM object; aiter's own TP group spans the same ranks: the
+    communication_op generation of that aiter is used."""
+    fake = rocm.use(gen, "gfx950")
+    case = Case()
+    comm = rocm.vllm_comm(case)
+    comm.coordinator.device_communicator.aiter_ar_comm = None
+    fake.set_tp_group([0, 1], rocm.ca_class()(case.group(), torch.device("cpu")))
+    out = run_op(comm, case, emit_bf16=True, scale_layout="col")
+    assert last_path() == "fused-1"
+    (call,) = fake.calls(entry)
+    assert call.args["emit_bf16"] is True
+    if entry == "communication_op.quant":
+        # v0.1.18's CustomAllreduce lacks transpose_scale: asking would raise there
+        assert call.args["transpose_scale"] is (gen == "v0_1_17")
+    assert torch.equal(call.args["weight"], (case.weight.float() + 1).to(torch.bfloat16))
+    assert out.scale.stride() == (1, case.x.shape[0])
+    ref = norm_quant_reference(case.h, case.residual, (case.weight.float() + 1).to(torch.bfloat16), 1e-6,
+                               out_dtype=torch.bfloat16, emit_bf16=True)
+    torch.testing.assert_close(out.normed, ref.normed, rtol=0, atol=0)
+
+
+def test_aiters_tp_group_over_other_ranks_is_not_used(rocm):
+    fake = rocm.use("v0_1_17", "gfx950")
+    case = Case()
+    comm = rocm.vllm_comm(case)
+    comm.coordinator.device_communicator.aiter_ar_comm = None
+    fake.set_tp_group([2, 3], rocm.ca_class()(case.group(), torch.device("cpu")))
+    run_op(comm, case)
+    assert last_path() == "generic"
+    assert not fake.calls("communication_op.quant")
+
+
+def test_fake_generations_are_distinct_modules(rocm):
+    """Guard for the double itself: each generation installs its own aiter."""
+    seen = set()
+    for gen in ("v0_1_13", "v0_1_14", "v0_1_17", "v0_1_18"):
+        rocm.use(gen)
+        aiter = importlib.import_module("aiter")
+        seen.add(aiter.__version__)
+        installed = importlib.import_module("aiter.dist.device_communicators.custom_all_reduce").CustomAllreduce
+        assert installed is importlib.import_module(f"support.fake_aiter.{gen}").CustomAllreduce
+    assert seen == {"0.1.13", "0.1.14", "0.1.17", "0.1.18"}

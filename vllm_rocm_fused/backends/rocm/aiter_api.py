@@ -1,0 +1,423 @@
+"""The aiter boundary: import aiter lazily, find out which API generation it is
+(by capability -- ``hasattr`` and signatures -- never by version string), and
+call it with exactly the arguments that generation takes.
+
+Facts this module relies on (ROCm/aiter, file and tag where each appeared):
+
+* ``aiter/dist/device_communicators/custom_all_reduce.py``, class
+  ``CustomAllreduce(group, device, max_size=..., enable_register_for_capturing=True)``.
+  ``group`` must not be an NCCL group (the constructor asserts it); it sets
+  ``disabled`` instead of raising for one rank, several nodes or an unsupported
+  world size.
+
+  - every version we support: ``fused_ar_rms(inp, res_inp, *, w, eps,
+    registered=False, use_1stage=False, ...) -> (out, res_out)`` and the
+    graph-aware ``custom_fused_ar_rms(input, residual_inp, weight, eps,
+    use_1stage, ...)``, which returns None when it declines the input.
+  - v0.1.14 (PR #2823): ``fused_ar_rms_per_group_quant(inp, res_inp, *, w, eps,
+    group_size=128, registered=False, use_1stage=False, emit_bf16=False)
+    -> (fp8, res_out, scale[, bf16])`` and the graph-aware
+    ``custom_fused_ar_rms_per_group_quant(input, residual_inp, weight, eps,
+    group_size=128, use_1stage=False, emit_bf16=False)``.
+  - v0.1.17: ``transpose_scale=False`` on both per-group methods (scale stored
+    column-major, a ``(M, groups)`` view with stride ``(1, M)``); ``gemma_norm=False``
+    on ``fused_ar_rms`` / ``custom_fused_ar_rms`` (the kernel adds 1.0 to ``w``
+    in float32).
+  - v0.1.18 and v0.1.19: the per-group methods lost ``transpose_scale`` again
+    (it is back in v0.1.19.post2), while ``communication_op`` kept passing it.
+
+* ``aiter/dist/communication_op.py`` (reduces over aiter's *own* TP group,
+  ``aiter.dist.parallel_state.get_tp_group()``, which vLLM does not set up):
+
+  - v0.1.14 - v0.1.16: ``tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group(
+    input_, residual_inp_, weight_, eps, group_size=128, prefill_support=False,
+    emit_bf16=False)``; before v0.1.16 ``tensor_model_parallel_fused_allreduce_rmsnorm_quant``
+    is per-token only (no ``quant_type``), v0.1.16 gave it ``quant_type``.
+  - v0.1.17 on (the ``_per_group`` function is gone): ``tensor_model_parallel_fused_allreduce_rmsnorm_quant(input_,
+    residual_inp_, weight_, eps, prefill_support=False, quant_type="per_token",
+    group_size=128, emit_bf16=False, transpose_scale=False, gemma_norm=False)``;
+    ``quant_type="per_group"`` selects the per-group kernel (``gemma_norm`` is
+    not forwarded on that path).
+  - ``tensor_model_parallel_fused_allreduce_rmsnorm(input_, residual_inp_,
+    weight_, eps, prefill_support=False, ...)``, ``gemma_norm`` from v0.1.17.
+
+* ``aiter/ops/quant.py``: ``get_hip_quant(QuantType.per_1x128)`` is
+  ``per_group_quant_hip(x, scale=None, quant_dtype=dtypes.i8, group_size=128,
+  transpose_scale=False, ...) -> (q, scale [M, K/128] float32)``. Its default
+  dtype is int8, so the FP8 type is always passed; its ``transpose_scale``
+  shuffles bytes inside a row-major-shaped buffer, so it is never used here.
+* ``aiter/utility/dtypes.py``: ``fp8`` is e4m3fnuz on gfx942, e4m3fn on gfx950:
+  the type aiter's fused kernels write.
+* ``csrc/include/custom_all_reduce.cuh`` (``dispatchFusedAllReduceRMSNormQuantPerGroup``):
+  world size 2, 4 or 8 (others throw); one-stage when asked and
+  ``hidden / pack <= 1024`` (hidden <= 8192 in bf16), else two-stage up to
+  512 KiB, else split kernels; scale = amax / FP8_MAX (1.0 for an all-zero
+  group); no Gemma mode on the per-group path; ``w`` is read as the input dtype.
+* ``aiter/dist/device_communicators/communicator_cuda.py`` (aiter's own caller):
+  one-stage when the input is at most 128 KiB; fused only below 64 MiB.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ... import platform_info
+
+MODULE_CA = "aiter.dist.device_communicators.custom_all_reduce"
+MODULE_COMM_OP = "aiter.dist.communication_op"
+MODULE_PARALLEL_STATE = "aiter.dist.parallel_state"
+
+# Method and function names, per capability, best first.
+CA_PER_GROUP = ("fused_ar_rms_per_group_quant", "custom_fused_ar_rms_per_group_quant")
+CA_AR_RMS = ("fused_ar_rms", "custom_fused_ar_rms")
+FN_QUANT = "tensor_model_parallel_fused_allreduce_rmsnorm_quant"  # quant_type= form, v0.1.17+
+FN_PER_GROUP = "tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group"  # v0.1.14-v0.1.16
+FN_AR_RMS = "tensor_model_parallel_fused_allreduce_rmsnorm"
+
+ONE_STAGE_MAX_BYTES = 128 * 1024  # aiter's default one-stage cut (communicator_cuda.py)
+TWO_STAGE_MAX_BYTES = 512 * 1024  # the kernel's two-stage limit (custom_all_reduce.cuh)
+FUSED_MAX_BYTES = 64 * 1024 * 1024  # exclusive; aiter's fused-path limit without prefill_support
+FUSED_MAX_HIDDEN = 8192  # hidden / pack <= 1024 with 16-byte packs of 2-byte elements
+WORLD_SIZES = (2, 4, 8)
+ARCH_FP8 = {"gfx942": torch.float8_e4m3fnuz, "gfx950": torch.float8_e4m3fn}
+
+
+class RocmEnvironment:
+    """Everything the backend learns about the machine and aiter, in one object
+    that tests replace (a fake ROCm box running on CPU tensors)."""
+
+    def hip_version(self) -> str | None:
+        return torch.version.hip
+
+    def gpu_available(self) -> bool:
+        return torch.cuda.is_available()
+
+    def device_ok(self, device: torch.device) -> bool:
+        """Whether tensors on ``device`` can reach aiter's kernels."""
+        return device.type == "cuda"
+
+    def gpu_arch(self, device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return None
+        return platform_info.gpu_arch(device.index or 0)
+
+    def import_module(self, name: str):
+        return importlib.import_module(name)
+
+    def dist_version(self) -> str | None:
+        for dist in ("amd-aiter", "aiter-rocm"):
+            try:
+                return md.version(dist)
+            except md.PackageNotFoundError:
+                continue
+        return None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One aiter callable and the keyword arguments it accepts."""
+
+    owner: str  # "CustomAllreduce", "communication_op", ...
+    name: str
+    params: frozenset[str] | None  # None: the signature could not be read
+    var_kw: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.owner}.{self.name}"
+
+    @property
+    def graph_aware(self) -> bool:
+        """The ``custom_*`` methods pick ``registered`` themselves and may return None."""
+        return self.name.startswith("custom_")
+
+    def accepts(self, keyword: str) -> bool:
+        """True only when the signature shows ``keyword`` (or **kwargs): optional
+        features are never passed on a guess."""
+        return self.var_kw or (self.params is not None and keyword in self.params)
+
+
+def entry_of(owner: str, holder: Any, name: str) -> Entry | None:
+    fn = getattr(holder, name, None)
+    if not callable(fn):
+        return None
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return Entry(owner, name, None)
+    params = frozenset(
+        p.name for p in sig.parameters.values()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    )
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    return Entry(owner, name, params, var_kw)
+
+
+def _first_entry(owner: str, holder: Any, names: tuple[str, ...]) -> Entry | None:
+    for name in names:
+        entry = entry_of(owner, holder, name)
+        if entry is not None:
+            return entry
+    return None
+
+
+@dataclass(frozen=True)
+class ObjectApi:
+    """What a custom all-reduce object (or its class) offers."""
+
+    per_group: Entry | None
+    ar_rms: Entry | None
+
+    @classmethod
+    def of(cls, holder: Any, owner: str = "CustomAllreduce") -> ObjectApi:
+        if holder is None:
+            return cls(None, None)
+        return cls(_first_entry(owner, holder, CA_PER_GROUP), _first_entry(owner, holder, CA_AR_RMS))
+
+    @property
+    def empty(self) -> bool:
+        return self.per_group is None and self.ar_rms is None
+
+    @property
+    def transpose_scale(self) -> bool:
+        return self.per_group is not None and self.per_group.accepts("transpose_scale")
+
+    @property
+    def emit_bf16(self) -> bool:
+        return self.per_group is not None and self.per_group.accepts("emit_bf16")
+
+    @property
+    def gemma_norm(self) -> bool:
+        return self.ar_rms is not None and self.ar_rms.accepts("gemma_norm")
+
+
+@dataclass(frozen=True)
+class ModuleApi:
+    """What ``aiter.dist.communication_op`` offers (over aiter's own TP group)."""
+
+    per_group: Entry | None
+    per_group_form: str | None  # "quant_type" (v0.1.17+) or "per_group_fn" (v0.1.14-v0.1.16)
+    ar_rms: Entry | None
+    # transpose_scale reaches the kernel only if the function takes it *and*
+    # CustomAllreduce's per-group method does (v0.1.18/19 passed it to a method
+    # that no longer took it).
+    transpose_ok: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return self.per_group is None and self.ar_rms is None
+
+    @property
+    def transpose_scale(self) -> bool:
+        return self.transpose_ok
+
+    @property
+    def emit_bf16(self) -> bool:
+        return self.per_group is not None and self.per_group.accepts("emit_bf16")
+
+    @property
+    def gemma_norm(self) -> bool:
+        return self.ar_rms is not None and self.ar_rms.accepts("gemma_norm")
+
+
+@dataclass(frozen=True)
+class AiterProbe:
+    """The result of importing aiter once in this process."""
+
+    error: str | None = None  # why ``import aiter`` failed
+    version: str | None = None
+    ca_class: type | None = None
+    class_api: ObjectApi = field(default_factory=lambda: ObjectApi(None, None))
+    module_api: ModuleApi = field(default_factory=lambda: ModuleApi(None, None, None))
+    parallel_state: Any = None
+    group_quant: Callable | None = None
+    group_quant_error: str | None = None
+    fp8: torch.dtype | None = None
+    notes: tuple[str, ...] = ()  # submodules that failed to import, for doctor
+
+    @property
+    def has_per_group(self) -> bool:
+        return self.class_api.per_group is not None or self.module_api.per_group is not None
+
+    @property
+    def has_ar_rms(self) -> bool:
+        return self.class_api.ar_rms is not None or self.module_api.ar_rms is not None
+
+    def generation(self) -> str:
+        """One line naming what was detected (doctor prints it)."""
+        if self.error is not None:
+            return f"import failed: {self.error}"
+        parts = []
+        api = self.class_api
+        if api.per_group is not None:
+            opts = [o for o, ok in (("emit_bf16", api.emit_bf16), ("transpose_scale", api.transpose_scale)) if ok]
+            parts.append(f"per-group: {api.per_group.label}({', '.join(opts) or 'no options'})")
+        mod = self.module_api
+        if mod.per_group is not None:
+            form = "quant_type='per_group'" if mod.per_group_form == "quant_type" else "per-group function"
+            parts.append(f"per-group: {mod.per_group.label} ({form})")
+        if not self.has_per_group:
+            parts.append("no per-group fused API (aiter >= 0.1.14 has one)")
+        if api.ar_rms is not None:
+            parts.append(f"AR+RMSNorm: {api.ar_rms.label}" + (" (gemma_norm)" if api.gemma_norm else ""))
+        elif mod.ar_rms is not None:
+            parts.append(f"AR+RMSNorm: {mod.ar_rms.label}" + (" (gemma_norm)" if mod.gemma_norm else ""))
+        else:
+            parts.append("no fused AR+RMSNorm API")
+        parts.append("group quant: get_hip_quant(per_1x128)" if self.group_quant is not None
+                     else f"no group quant ({self.group_quant_error})")
+        if self.fp8 is not None:
+            parts.append(f"fp8 {str(self.fp8).replace('torch.', '')}")
+        return "; ".join(parts)
+
+
+def _import(env: RocmEnvironment, name: str, notes: list[str]):
+    try:
+        return env.import_module(name)
+    except Exception as e:  # noqa: BLE001 - a missing piece is a capability, not an error
+        notes.append(f"{name}: {type(e).__name__}: {e}")
+        return None
+
+
+def probe_aiter(env: RocmEnvironment) -> AiterProbe:
+    """Import aiter and detect its API. Any exception from ``import aiter`` (PyPI's
+    unrelated ``aiter`` and aiter builds on non-ROCm boxes raise RuntimeError, not
+    ImportError) means "unavailable", with the reason kept."""
+    try:
+        aiter = env.import_module("aiter")
+    except BaseException as e:  # noqa: BLE001 - includes SystemExit from broken builds
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return AiterProbe(error=f"{type(e).__name__}: {e}")
+    notes: list[str] = []
+    version = getattr(aiter, "__version__", None)
+    if not isinstance(version, str):
+        version = env.dist_version()
+
+    ca_module = _import(env, MODULE_CA, notes)
+    ca_class = getattr(ca_module, "CustomAllreduce", None) if ca_module is not None else None
+    class_api = ObjectApi.of(ca_class)
+
+    comm_op = _import(env, MODULE_COMM_OP, notes)
+    per_group, form = None, None
+    if comm_op is not None:
+        quant_fn = entry_of("communication_op", comm_op, FN_QUANT)
+        if quant_fn is not None and quant_fn.accepts("quant_type"):
+            per_group, form = quant_fn, "quant_type"
+        else:
+            per_group = entry_of("communication_op", comm_op, FN_PER_GROUP)
+            form = "per_group_fn" if per_group is not None else None
+    ar_rms_fn = entry_of("communication_op", comm_op, FN_AR_RMS) if comm_op is not None else None
+    module_api = ModuleApi(
+        per_group, form, ar_rms_fn,
+        transpose_ok=per_group is not None and per_group.accepts("transpose_scale") and class_api.transpose_scale,
+    )
+    parallel_state = _import(env, MODULE_PARALLEL_STATE, notes) if not module_api.empty else None
+
+    group_quant, gq_error = None, None
+    get_hip_quant = getattr(aiter, "get_hip_quant", None)
+    per_1x128 = getattr(getattr(aiter, "QuantType", None), "per_1x128", None)
+    if get_hip_quant is None or per_1x128 is None:
+        gq_error = "aiter has no get_hip_quant / QuantType.per_1x128"
+    else:
+        try:
+            group_quant = get_hip_quant(per_1x128)
+        except Exception as e:  # noqa: BLE001
+            gq_error = f"get_hip_quant(per_1x128) raised {type(e).__name__}: {e}"
+
+    fp8 = getattr(getattr(aiter, "dtypes", None), "fp8", None)
+    return AiterProbe(
+        version=version, ca_class=ca_class, class_api=class_api, module_api=module_api,
+        parallel_state=parallel_state, group_quant=group_quant, group_quant_error=gq_error,
+        fp8=fp8 if isinstance(fp8, torch.dtype) else None, notes=tuple(notes),
+    )
+
+
+def use_one_stage(nbytes: int) -> bool:
+    """aiter's recommendation: the one-stage kernel for messages up to 128 KiB."""
+    return nbytes <= ONE_STAGE_MAX_BYTES
+
+
+def kernel_variant(nbytes: int) -> str:
+    """Which of aiter's fused kernels a message of ``nbytes`` lands in."""
+    if use_one_stage(nbytes):
+        return "one-stage"
+    if nbytes <= TWO_STAGE_MAX_BYTES:
+        return "two-stage"
+    return "split"
+
+
+def per_group_size_reason(group_size: int, element_size: int) -> str | None:
+    """aiter's checks on group_size (``_validate_per_group_size``): whole 16-byte
+    packs, a power-of-two number of them, at most one wavefront (64) per group."""
+    pack = 16 // element_size
+    if group_size % pack != 0:
+        return f"group_size {group_size} is not a multiple of aiter's pack ({pack} elements)"
+    lanes = group_size // pack
+    if lanes & (lanes - 1) or lanes > 64:
+        return f"group_size {group_size} needs a power-of-two number (<= 64) of {pack}-element packs"
+    return None
+
+
+# --- calls -----------------------------------------------------------------
+# Each returns what the aiter entry returned, or None when a graph-aware entry
+# declined the input. Tensor results are checked by the caller.
+
+
+def _kwargs(entry: Entry, wanted: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``wanted`` minus keywords the entry does not take; ``required`` ones are
+    passed regardless (aiter raising on them is a real failure)."""
+    return {k: v for k, v in wanted.items() if k in required or entry.accepts(k)}
+
+
+def call_object_per_group(entry: Entry, ca: Any, x, residual, weight, eps, *, group_size, use_1stage,
+                          registered, emit_bf16, transpose_scale):
+    fn = getattr(ca, entry.name)
+    opts: dict[str, Any] = {"group_size": group_size, "use_1stage": use_1stage}
+    if emit_bf16:
+        opts["emit_bf16"] = True
+    if transpose_scale:
+        opts["transpose_scale"] = True
+    if entry.graph_aware:
+        return fn(x, residual, weight, eps, **_kwargs(entry, opts, ("group_size",)))
+    opts["registered"] = registered
+    return fn(x, residual, w=weight, eps=eps, **_kwargs(entry, opts, ("group_size",)))
+
+
+def call_object_ar_rms(entry: Entry, ca: Any, x, residual, weight, eps, *, use_1stage, registered, gemma_norm):
+    fn = getattr(ca, entry.name)
+    opts: dict[str, Any] = {"use_1stage": use_1stage}
+    if gemma_norm:
+        opts["gemma_norm"] = True
+    if entry.graph_aware:
+        return fn(x, residual, weight, eps, **_kwargs(entry, opts, ("use_1stage",)))
+    opts["registered"] = registered
+    return fn(x, residual, w=weight, eps=eps, **_kwargs(entry, opts))
+
+
+def call_module_per_group(api: ModuleApi, comm_op: Any, x, residual, weight, eps, *, group_size,
+                          emit_bf16, transpose_scale):
+    fn = getattr(comm_op, api.per_group.name)
+    opts: dict[str, Any] = {"group_size": group_size, "prefill_support": False}
+    if emit_bf16:
+        opts["emit_bf16"] = True
+    if transpose_scale:
+        opts["transpose_scale"] = True
+    if api.per_group_form == "quant_type":
+        opts["quant_type"] = "per_group"
+        return fn(x, residual, weight, eps, **_kwargs(api.per_group, opts, ("quant_type", "group_size")))
+    return fn(x, residual, weight, eps, **_kwargs(api.per_group, opts, ("group_size",)))
+
+
+def call_module_ar_rms(api: ModuleApi, comm_op: Any, x, residual, weight, eps, *, gemma_norm):
+    fn = getattr(comm_op, api.ar_rms.name)
+    opts: dict[str, Any] = {"prefill_support": False}
+    if gemma_norm:
+        opts["gemma_norm"] = True
+    return fn(x, residual, weight, eps, **_kwargs(api.ar_rms, opts))

@@ -1,0 +1,423 @@
+"""The ROCm backend: aiter's fused kernels, degrading one step at a time.
+
+Steps, best first (``quantize=True`` sites):
+
+1. ``fused-1``: one kernel, aiter's per-group all-reduce + add + RMSNorm + FP8
+   quant (``emit_bf16`` for GDN sites, ``transpose_scale`` when the consumer
+   reads column-major scales and aiter can write them; otherwise one small
+   copy of the ``[T, H/128]`` scales). gfx950 only.
+2. ``fused-2``: aiter's fused all-reduce + add + RMSNorm, then aiter's
+   per-1x128 quant with the FP8 type passed explicitly.
+3. ``generic``: the portable path (the native backend's code).
+
+``quantize=False`` sites (bf16 consumers: MoE router, final norm) take aiter's
+fused all-reduce + add + RMSNorm alone (``fused-1``: one kernel does the whole
+op), with its Gemma flag where it has one, else the portable path.
+
+Eligibility is host-side and rank-symmetric (shapes, dtype, world size, arch,
+aiter's capabilities, the route, graph-capture state). A step that raises is
+disabled for the process (logged once, with the exception) and the same call
+goes on to the next step. A graph-aware aiter method that declines an input
+(returns None) sends that call one step down without disabling anything.
+
+Numerics: q, scale, residual and normed follow ops/reference.py, with three
+documented deviations of aiter's kernels, all inside the spec's tolerances
+except the first: Gemma weights reach the per-group kernel as ``1 + w`` rounded
+to the input dtype (logged once; see norm_weight.py); an all-zero group gets
+scale 1.0 instead of the floor (q is 0 either way); the kernel quantizes the
+float32 normed value rather than its bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ...log import get_logger, log_once
+from ...ops.backends import PATH_FUSED_1, PATH_FUSED_2, PATH_GENERIC, Backend, CallSpec, get_backend
+from ...ops.comm import Communicator
+from ...ops.reference import as_col_major
+from . import aiter_api, route as routes
+from .aiter_api import AiterProbe, RocmEnvironment
+from .norm_weight import KernelWeights
+
+logger = get_logger("rocm")
+
+
+@dataclass(frozen=True)
+class Step:
+    key: str  # broken-state and log key
+    path: str  # what the path counters call it
+    title: str
+
+
+STEP_PER_GROUP = Step("per-group", PATH_FUSED_1, "aiter all-reduce + RMSNorm + group quant, one kernel")
+STEP_AR_RMS_QUANT = Step("ar-rmsnorm+quant", PATH_FUSED_2, "aiter all-reduce + RMSNorm, then aiter group quant")
+STEP_AR_RMS = Step("ar-rmsnorm", PATH_FUSED_1, "aiter all-reduce + RMSNorm, one kernel")
+QUANT_STEPS = (STEP_PER_GROUP, STEP_AR_RMS_QUANT)
+NORM_STEPS = (STEP_AR_RMS,)
+
+
+@dataclass
+class Plan:
+    """The eligible steps for one call, best first, and why each other one is not."""
+
+    route: routes.Route | None
+    steps: list[Step] = field(default_factory=list)
+    why_not: dict[str, str] = field(default_factory=dict)  # step key (or "all") -> reason
+
+    def summary(self) -> str:
+        return "; ".join(f"{k}: {r}" if k != "all" else r for k, r in self.why_not.items())
+
+
+def _nbytes(spec: CallSpec) -> int:
+    return spec.num_tokens * spec.hidden * spec.dtype.itemsize
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class RocmBackend(Backend):
+    name = "rocm"
+    priority = 100
+
+    def __init__(self, env: RocmEnvironment | None = None) -> None:
+        self.env = env or RocmEnvironment()
+        self.weights = KernelWeights()
+        self._probe: AiterProbe | None = None
+        self._unavailable: tuple[str | None] | None = None  # cached: the machine does not change
+        self._broken: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # --- state -------------------------------------------------------------
+
+    def set_environment(self, env: RocmEnvironment) -> None:
+        """Swap the machine/aiter probe (tests) and forget everything learned."""
+        self.env = env
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._probe = None
+            self._unavailable = None
+            self._broken.clear()
+        self.weights.clear()
+
+    def probe(self) -> AiterProbe:
+        if self._probe is None:
+            with self._lock:
+                if self._probe is None:
+                    self._probe = aiter_api.probe_aiter(self.env)
+        return self._probe
+
+    def broken_steps(self) -> dict[str, str]:
+        return dict(self._broken)
+
+    def _mark_broken(self, step: Step, error: BaseException, fallback: str) -> None:
+        with self._lock:
+            self._broken[step.key] = f"{type(error).__name__}: {error}"
+        log_once(
+            logger, logging.WARNING, f"rocm-broken:{step.key}",
+            "vllm-rocm-fused: rocm step %s (%s) raised %s: %s; it is disabled for this process, "
+            "%s takes over", step.path, step.title, type(error).__name__, error, fallback,
+        )
+
+    def weight_updated(self, weight: torch.Tensor) -> None:
+        self.weights.refresh(weight)
+
+    # --- Backend API -------------------------------------------------------
+
+    def unavailable_reason(self) -> str | None:
+        if self._unavailable is None:
+            self._unavailable = (self._unavailable_reason(),)
+        return self._unavailable[0]
+
+    def _unavailable_reason(self) -> str | None:
+        hip = self.env.hip_version()
+        if hip is None:
+            return (f"torch {torch.__version__} is not a ROCm build (torch.version.hip is None); "
+                    "this backend runs in a ROCm vLLM image with aiter")
+        if not self.env.gpu_available():
+            return f"no AMD GPU visible to torch (ROCm {hip})"
+        probe = self.probe()
+        if probe.error is not None:
+            return f"aiter import failed: {probe.error}"
+        if not probe.has_per_group and not probe.has_ar_rms:
+            return (f"aiter {probe.version or '(unknown version)'} has no fused all-reduce + RMSNorm API "
+                    "(CustomAllreduce.fused_ar_rms; the per-group kernel needs aiter >= 0.1.14)")
+        return None
+
+    def ineligible_reason(self, spec: CallSpec, comm: Communicator | None) -> str | None:
+        plan = self.plan(spec, comm)
+        return None if plan.steps else plan.summary()
+
+    def describe(self, spec: CallSpec, comm: Communicator | None) -> str:
+        """E.g. "fused-2 one-stage via CustomAllreduce.fused_ar_rms + get_hip_quant(per_1x128);
+        not fused-1: <why>" -- the step, aiter's kernel variant, the entry, and why
+        each higher step is not taken."""
+        plan = self.plan(spec, comm)
+        if not plan.steps:
+            return f"{PATH_GENERIC}: {plan.summary()}"
+        step, api = plan.steps[0], plan.route.api
+        text = f"{step.path} {aiter_api.kernel_variant(_nbytes(spec))}"
+        entry = self._entry_for(step, plan.route)
+        if entry is not None:
+            text += f" via {entry.label}"
+        if step is STEP_AR_RMS_QUANT:
+            text += " + get_hip_quant(per_1x128)"
+        notes = []
+        if step is STEP_PER_GROUP and spec.scale_layout == "col" and not api.transpose_scale:
+            notes.append("scales transposed by a copy (no transpose_scale in this aiter)")
+        if spec.weight_offset != 0.0:
+            gemma_flag = step is not STEP_PER_GROUP and api.gemma_norm and spec.weight_offset == 1.0
+            notes.append("gemma_norm" if gemma_flag else f"(1 + w) rounded to {_short(spec.dtype)}")
+        if notes:
+            text += f" ({', '.join(notes)})"
+        steps = self._steps_for(spec)
+        for s in steps[: steps.index(step)]:
+            text += f"; not {s.path}: {plan.why_not.get(s.key, '?')}"
+        return text
+
+    def details(self) -> dict[str, str]:
+        """What doctor prints about this backend beyond per-call reasons."""
+        if self.env.hip_version() is None:
+            return {"aiter": "not probed (torch is not a ROCm build)"}
+        probe = self.probe()
+        if probe.error is not None:
+            return {"aiter": f"import failed: {probe.error}"}
+        out = {"aiter": f"{probe.version or '(unknown version)'}: {probe.generation()}"}
+        if probe.notes:
+            out["aiter submodules missing"] = "; ".join(probe.notes)
+        if self._broken:
+            out["disabled steps"] = "; ".join(f"{k}: {v}" for k, v in self._broken.items())
+        return out
+
+    # --- planning ----------------------------------------------------------
+
+    @staticmethod
+    def _steps_for(spec: CallSpec) -> tuple[Step, ...]:
+        return QUANT_STEPS if spec.quantize else NORM_STEPS
+
+    def plan(self, spec: CallSpec, comm: Communicator | None, *, build: bool = False) -> Plan:
+        """Which steps may run ``spec`` (cheap, host-side). ``build``: allowed to
+        build a CustomAllreduce for a plain process group (run, not capturing)."""
+        reason = self._call_reason(spec, comm)
+        if reason is not None:
+            return Plan(None, why_not={"all": reason})
+        probe = self.probe()
+        route = routes.resolve(comm, probe, self.env)
+        if isinstance(route, routes.Route) and route.pending:
+            if spec.capturing:
+                return Plan(None, why_not={"all": "aiter's CustomAllreduce for this process group is built "
+                                                  "on the first call outside graph capture"})
+            if build:
+                route = routes.build_own(comm, probe, spec.device)
+        if isinstance(route, str):
+            return Plan(None, why_not={"all": route})
+        reason = self._route_reason(spec, route)
+        if reason is not None:
+            return Plan(route, why_not={"all": reason})
+        plan = Plan(route)
+        arch = self.env.gpu_arch(spec.device)
+        for step in self._steps_for(spec):
+            why = self._step_reason(step, spec, route, arch, probe)
+            if why is None and step.key in self._broken:
+                why = f"disabled after an error: {self._broken[step.key]}"
+            if why is None:
+                plan.steps.append(step)
+            else:
+                plan.why_not[step.key] = why
+        return plan
+
+    def _call_reason(self, spec: CallSpec, comm: Communicator | None) -> str | None:
+        if comm is None or spec.world_size <= 1:
+            return "no all-reduce (one rank): aiter's fused kernels are all-reduce kernels"
+        if not self.env.device_ok(spec.device):
+            return f"tensors on {spec.device}, not a ROCm GPU"
+        if spec.world_size not in aiter_api.WORLD_SIZES:
+            return f"world size {spec.world_size}: aiter's fused kernels take 2, 4 or 8 ranks"
+        if spec.dtype not in (torch.bfloat16, torch.float16):
+            return f"dtype {_short(spec.dtype)}: aiter's fused kernels take bfloat16/float16"
+        if spec.num_tokens == 0:
+            return "no tokens"
+        if not spec.has_residual:
+            return "no residual: aiter's fused kernels add one"
+        if spec.hidden > aiter_api.FUSED_MAX_HIDDEN:
+            return f"hidden {spec.hidden} > {aiter_api.FUSED_MAX_HIDDEN}, aiter's fused-kernel limit"
+        if (spec.hidden * spec.dtype.itemsize) % 16:
+            return f"hidden {spec.hidden} is not a whole number of 16-byte packs"
+        nbytes = _nbytes(spec)
+        if nbytes >= aiter_api.FUSED_MAX_BYTES:
+            return f"input {nbytes >> 20} MiB >= 64 MiB, aiter's fused-path limit"
+        arch = self.env.gpu_arch(spec.device)
+        arch_fp8 = aiter_api.ARCH_FP8.get(arch or "")
+        if arch_fp8 is None:
+            return f"GPU arch {arch}: this backend uses aiter's fused kernels on gfx942 and gfx950 only"
+        if spec.quantize:
+            probe = self.probe()
+            if probe.fp8 is not None and probe.fp8 != arch_fp8:
+                return f"aiter's FP8 type is {_short(probe.fp8)}, {arch}'s is {_short(arch_fp8)}"
+            if spec.quant_dtype != arch_fp8:
+                return (f"quant dtype {_short(spec.quant_dtype)} is not {arch}'s FP8 ({_short(arch_fp8)}), "
+                        "the only type aiter's kernels write")
+        return None
+
+    @staticmethod
+    def _route_reason(spec: CallSpec, route: routes.Route) -> str | None:
+        max_bytes = route.max_bytes
+        if max_bytes is not None and _nbytes(spec) > max_bytes:
+            return f"input {_nbytes(spec)} bytes > the custom all-reduce's {max_bytes}-byte buffer"
+        if spec.world_size > 2 and not route.fully_connected:
+            return "aiter's custom all-reduce is not fully connected on this node"
+        return None
+
+    def _step_reason(self, step: Step, spec: CallSpec, route: routes.Route, arch: str | None,
+                     probe: AiterProbe) -> str | None:
+        api = route.api
+        version = probe.version or "(unknown version)"
+        if step is STEP_PER_GROUP:
+            if api.per_group is None:
+                return f"aiter {version} has no per-group fused API for this route (added in aiter 0.1.14)"
+            if arch != "gfx950":
+                return f"the one-kernel per-group dispatch is used on gfx950 (MI355) only; this GPU is {arch}"
+            reason = aiter_api.per_group_size_reason(spec.group_size, spec.dtype.itemsize)
+            if reason is not None:
+                return reason
+            if spec.emit_bf16 and not api.emit_bf16:
+                return f"{api.per_group.label} cannot also emit the bf16 activation (no emit_bf16)"
+            return None
+        if api.ar_rms is None:
+            return f"aiter {version} has no fused all-reduce + RMSNorm API for this route"
+        if step is STEP_AR_RMS_QUANT:
+            if probe.group_quant is None:
+                return probe.group_quant_error or "aiter has no group quant"
+            if spec.group_size != 128:
+                return f"group_size {spec.group_size}: aiter's per_1x128 quant takes 128"
+        return None
+
+    @staticmethod
+    def _entry_for(step: Step, route: routes.Route | None):
+        if route is None:
+            return None
+        return route.api.per_group if step is STEP_PER_GROUP else route.api.ar_rms
+
+    # --- running -----------------------------------------------------------
+
+    def run(self, x, residual, weight, eps, comm, spec):
+        plan = self.plan(spec, comm, build=True)
+        x = x.contiguous()
+        residual = residual.contiguous() if residual is not None else None
+        for i, step in enumerate(plan.steps):
+            fallback = plan.steps[i + 1].path if i + 1 < len(plan.steps) else PATH_GENERIC
+            try:
+                out = self._run_step(step, plan.route, x, residual, weight, eps, spec)
+            except Exception as e:  # noqa: BLE001 - the next step takes the call
+                self._mark_broken(step, e, fallback)
+                continue
+            if out is None:
+                log_once(logger, logging.INFO, f"rocm-declined:{step.key}",
+                         "vllm-rocm-fused: aiter declined %s for a %s input; that call used %s",
+                         step.path, tuple(x.shape), fallback)
+                continue
+            log_once(logger, logging.INFO, f"rocm-path:{step.key}:{plan.route.source}",
+                     "vllm-rocm-fused: rocm backend runs %s (%s) via %s, aiter %s",
+                     step.path, step.title, plan.route.source, self.probe().version)
+            return out, step.path
+        outputs, _ = get_backend("native").run(x, residual, weight, eps, comm, spec)
+        return outputs, PATH_GENERIC
+
+    @staticmethod
+    def _registered(ca, spec: CallSpec) -> bool:
+        """Registered (zero-copy) inputs only while vLLM's graph capture holds the
+        object's capture() context, which registers them at its end; everywhere
+        else aiter copies the input into its own IPC buffer."""
+        return (spec.capturing and bool(getattr(ca, "_IS_CAPTURING", False))
+                and bool(getattr(ca, "enable_register_for_capturing", True)))
+
+    def _kernel_weight(self, weight: torch.Tensor, offset: float, dtype: torch.dtype) -> torch.Tensor:
+        if offset != 0.0:
+            log_once(logger, logging.INFO, "rocm-gemma-weight",
+                     "vllm-rocm-fused: aiter's per-group kernel has no Gemma mode, so norms with "
+                     "weight_offset=%s get (w + %s) rounded to %s once per layer (the reference keeps "
+                     "it in float32: at most one extra rounding of the normed value)", offset, offset, dtype)
+        return self.weights.get(weight, offset, dtype)
+
+    def _run_step(self, step, route, x, residual, weight, eps, spec):
+        nbytes = _nbytes(spec)
+        one_stage = aiter_api.use_one_stage(nbytes)
+        api = route.api
+        if step is STEP_PER_GROUP:
+            w = self._kernel_weight(weight, spec.weight_offset, x.dtype)
+            transpose = spec.scale_layout == "col" and api.transpose_scale
+            if route.kind == "module":
+                res = aiter_api.call_module_per_group(
+                    api, route.comm_op, x, residual, w, eps, group_size=spec.group_size,
+                    emit_bf16=spec.emit_bf16, transpose_scale=transpose)
+            else:
+                res = aiter_api.call_object_per_group(
+                    api.per_group, route.ca, x, residual, w, eps, group_size=spec.group_size,
+                    use_1stage=one_stage, registered=self._registered(route.ca, spec),
+                    emit_bf16=spec.emit_bf16, transpose_scale=transpose)
+            if res is None:
+                return None
+            _expect(len(res) == (4 if spec.emit_bf16 else 3), f"{len(res)} outputs from the per-group kernel")
+            q, res_out, scale = res[0], res[1], res[2]
+            normed = res[3] if spec.emit_bf16 else None
+            q, scale = _check_quant(q, scale, spec)
+            _check_like_x(res_out, spec, "residual")
+            if normed is not None:
+                _check_like_x(normed, spec, "bf16 output")
+            return q, scale, res_out, normed
+
+        gemma = spec.weight_offset == 1.0 and api.gemma_norm
+        if gemma:
+            w = self.weights.get(weight, 0.0, x.dtype)
+        else:
+            w = self.weights.get(weight, spec.weight_offset, x.dtype)
+        if route.kind == "module":
+            res = aiter_api.call_module_ar_rms(api, route.comm_op, x, residual, w, eps, gemma_norm=gemma)
+        else:
+            res = aiter_api.call_object_ar_rms(api.ar_rms, route.ca, x, residual, w, eps, use_1stage=one_stage,
+                                               registered=self._registered(route.ca, spec), gemma_norm=gemma)
+        if res is None:
+            return None
+        normed, res_out = res[0], res[1]
+        _check_like_x(normed, spec, "normed output")
+        _check_like_x(res_out, spec, "residual")
+        if step is STEP_AR_RMS:
+            return None, None, res_out, normed
+        q, scale = self.probe().group_quant(normed, quant_dtype=spec.quant_dtype)
+        q, scale = _check_quant(q, scale, spec)
+        return q, scale, res_out, normed if spec.emit_bf16 else None
+
+
+def _expect(ok: bool, what: str) -> None:
+    if not ok:
+        raise RuntimeError(f"aiter returned an unexpected result: {what}")
+
+
+def _check_like_x(t, spec: CallSpec, what: str) -> None:
+    _expect(isinstance(t, torch.Tensor) and tuple(t.shape) == (spec.num_tokens, spec.hidden)
+            and t.dtype == spec.dtype, f"{what} {getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}")
+
+
+def _check_quant(q, scale, spec: CallSpec):
+    """Host-side metadata checks (no sync): a wrong FP8 type or scale shape would
+    silently change numerics downstream, so it disables the step instead.
+    Returns (q, scale) with scale in the requested layout."""
+    tokens, groups = spec.num_tokens, spec.hidden // spec.group_size
+    _expect(isinstance(q, torch.Tensor) and q.dtype == spec.quant_dtype and tuple(q.shape) == (tokens, spec.hidden),
+            f"q {getattr(q, 'dtype', q)} {getattr(q, 'shape', '')}, wanted {spec.quant_dtype}")
+    _expect(isinstance(scale, torch.Tensor) and scale.dtype == torch.float32
+            and tuple(scale.shape) == (tokens, groups),
+            f"scale {getattr(scale, 'dtype', scale)} {getattr(scale, 'shape', '')}, wanted float32 {(tokens, groups)}")
+    if spec.scale_layout == "col":
+        if scale.stride() != (1, tokens):
+            scale = as_col_major(scale)
+    elif not scale.is_contiguous():
+        scale = scale.contiguous()
+    return q, scale
