@@ -22,8 +22,8 @@ def doctor_text(world_size=2, tokens=(1, 64, 8192)) -> str:
 def site_block(text: str, title: str) -> str:
     lines = text.splitlines()
     start = next(i for i, l in enumerate(lines) if l.startswith(f"  {title}:"))
-    nested = [i for i in range(start + 1, len(lines)) if lines[i].startswith("  ") and not lines[i].startswith("      ")]
-    end = nested[0] if nested else len(lines)
+    ends = [i for i in range(start + 1, len(lines)) if not lines[i].startswith("      ")]
+    end = ends[0] if ends else len(lines)
     return "\n".join(lines[start:end])
 
 

@@ -220,3 +220,60 @@ def test_fake_generations_are_distinct_modules(rocm):
         installed = importlib.import_module("aiter.dist.device_communicators.custom_all_reduce").CustomAllreduce
         assert installed is importlib.import_module(f"support.fake_aiter.{gen}").CustomAllreduce
     assert seen == {"0.1.13", "0.1.14", "0.1.17", "0.1.18"}
+
+
+def test_plain_modules_enum_quant_type_and_kwargs_only(rocm):
+    """aiter put straight into sys.modules (no finder), QuantType a Python Enum, a
+    CustomAllreduce with only a graph-aware per-group method taking **kwargs, no
+    fused AR+RMSNorm and no communication_op: per-group sites still get fused-1,
+    bf16 sites the portable path, and doctor names what is missing."""
+    import enum
+    import sys
+    import types
+
+    class QuantType(enum.Enum):
+        per_Token = 2
+        per_1x128 = 4
+
+    seen = []
+
+    class CustomAllreduce:
+        def __init__(self, group, device):
+            self.group, self.disabled = group, False
+
+        def custom_fused_ar_rms_per_group_quant(self, input, residual_inp, weight, eps, **kw):
+            seen.append(sorted(kw))
+            out = norm_quant_reference(self.group.all_reduce(input), residual_inp, weight, eps,
+                                       out_dtype=input.dtype, group_size=kw["group_size"], emit_bf16=True,
+                                       scale_layout="col" if kw.get("transpose_scale") else "row")
+            result = (out.q, out.residual, out.scale, out.normed)  # aiter's order
+            return result if kw.get("emit_bf16") else result[:3]
+
+    def package(name, **attrs):
+        mod = types.ModuleType(name)
+        mod.__path__ = []
+        mod.__dict__.update(attrs)
+        sys.modules[name] = mod
+
+    package("aiter", QuantType=QuantType, get_hip_quant=lambda qt: None)
+    package("aiter.dist")
+    package("aiter.dist.device_communicators")
+    package("aiter.dist.device_communicators.custom_all_reduce", CustomAllreduce=CustomAllreduce)
+    rocm.backend.set_environment(fake_aiter.FakeRocmEnv("gfx950"))
+    assert rocm.backend.unavailable_reason() is None
+    details = rocm.backend.details()
+    assert "custom_fused_ar_rms_per_group_quant(emit_bf16, transpose_scale)" in details["aiter"]
+    assert "no fused AR+RMSNorm API" in details["aiter"]
+
+    case = Case()
+    comm = rocm.vllm_comm(case, ca=CustomAllreduce(case.group(), "cpu"))
+    out = run_op(comm, case, emit_bf16=True, scale_layout="col")
+    assert last_path() == "fused-1"
+    assert seen == [["emit_bf16", "group_size", "transpose_scale", "use_1stage"]]
+    ref = norm_quant_reference(case.h, case.residual, (case.weight.float() + 1).to(torch.bfloat16), 1e-6,
+                               out_dtype=torch.bfloat16, emit_bf16=True, scale_layout="col")
+    assert torch.equal(out.q.view(torch.uint8), ref.q.view(torch.uint8))
+    assert out.scale.stride() == ref.scale.stride()
+    backends.reset_counters()
+    run_op(comm, case, quantize=False)
+    assert last_path() == "generic"

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vllm_rocm_fused.ops.reference import add_residual, group_quant, rms_norm
+from vllm_rocm_fused.ops.reference import group_quant, norm_quant_reference
 
 ARCH_FP8 = {"gfx942": torch.float8_e4m3fnuz, "gfx950": torch.float8_e4m3fn}
 
@@ -171,8 +171,9 @@ class CustomAllreduceBase:
         STATE.record(name, inp=inp, res_inp=res_inp, w=w, eps=eps, registered=registered,
                      use_1stage=use_1stage, gemma_norm=gemma_norm)
         self._launch_checks(inp, w, registered)
-        r = add_residual(reduce_sum(self.group, inp), res_inp, inp.dtype)
-        return rms_norm(r, w, eps, 1.0 if gemma_norm else 0.0), r
+        out = norm_quant_reference(reduce_sum(self.group, inp), res_inp, w, eps, out_dtype=inp.dtype,
+                                   weight_offset=1.0 if gemma_norm else 0.0, quantize=False)
+        return out.normed, out.residual
 
     def _per_group(self, name, inp, res_inp, w, eps, *, group_size, registered, use_1stage, emit_bf16,
                    transpose_scale=False):
@@ -182,15 +183,14 @@ class CustomAllreduceBase:
         self._launch_checks(inp, w, registered)
         if inp.shape[-1] // (16 // inp.element_size()) > 1024:
             raise RuntimeError("per-group quant fused kernel: unsupported n")
-        r = add_residual(reduce_sum(self.group, inp), res_inp, inp.dtype)
-        normed = rms_norm(r, w, eps, 0.0)
-        q, scale = group_quant(normed, group_size, STATE.fp8)
-        scale = zero_group_scale_is_one(scale, normed, group_size)
+        out = norm_quant_reference(reduce_sum(self.group, inp), res_inp, w, eps, out_dtype=inp.dtype,
+                                   group_size=group_size, emit_bf16=True, quant_dtype=STATE.fp8)
+        scale = zero_group_scale_is_one(out.scale, out.normed, group_size)
         if transpose_scale:
             scale = col_major(scale)
         if emit_bf16:
-            return q, r, scale, normed
-        return q, r, scale
+            return out.q, out.residual, scale, out.normed
+        return out.q, out.residual, scale
 
     def _graph_aware(self, inp, run, dummy):
         """The ``custom_*`` pattern: None when declined; zeros while warming up

@@ -70,6 +70,7 @@ import torch
 from ... import platform_info
 
 MODULE_CA = "aiter.dist.device_communicators.custom_all_reduce"
+MODULE_CA_OLD = "aiter.dist.custom_all_reduce"  # up to v0.1.6
 MODULE_COMM_OP = "aiter.dist.communication_op"
 MODULE_PARALLEL_STATE = "aiter.dist.parallel_state"
 
@@ -301,6 +302,10 @@ def probe_aiter(env: RocmEnvironment) -> AiterProbe:
         version = env.dist_version()
 
     ca_module = _import(env, MODULE_CA, notes)
+    if ca_module is None:
+        ca_module = _import(env, MODULE_CA_OLD, [])
+        if ca_module is not None:
+            notes.pop()
     ca_class = getattr(ca_module, "CustomAllreduce", None) if ca_module is not None else None
     class_api = ObjectApi.of(ca_class)
 

@@ -147,8 +147,9 @@ class RocmBackend(Backend):
         if probe.error is not None:
             return f"aiter import failed: {probe.error}"
         if not probe.has_per_group and not probe.has_ar_rms:
+            missing = f" (failed imports: {'; '.join(probe.notes)})" if probe.notes else ""
             return (f"aiter {probe.version or '(unknown version)'} has no fused all-reduce + RMSNorm API "
-                    "(CustomAllreduce.fused_ar_rms; the per-group kernel needs aiter >= 0.1.14)")
+                    f"(CustomAllreduce.fused_ar_rms; the per-group kernel needs aiter >= 0.1.14){missing}")
         return None
 
     def ineligible_reason(self, spec: CallSpec, comm: Communicator | None) -> str | None:

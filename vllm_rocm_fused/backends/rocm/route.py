@@ -68,9 +68,13 @@ class Route:
 
 
 def _unwrap(candidate: Any) -> Any:
-    """vLLM's AiterCustomAllreduce wrapper -> aiter's object (``aiter_ca``)."""
-    inner = getattr(candidate, "aiter_ca", None)
-    return inner if inner is not None else candidate
+    """vLLM's AiterCustomAllreduce wrapper -> aiter's object (``aiter_ca``, which
+    returns its ``_impl``); anything else is taken as aiter's object itself."""
+    for attr in ("aiter_ca", "_impl"):
+        inner = getattr(candidate, attr, None)
+        if inner is not None and not ObjectApi.of(inner).empty:
+            return inner
+    return candidate
 
 
 def _comm_ranks(comm: Communicator) -> list[int] | None:
