@@ -175,7 +175,8 @@ class RocmBackend(Backend):
             notes.append("scales transposed by a copy (no transpose_scale in this aiter)")
         if spec.weight_offset != 0.0:
             gemma_flag = step is not STEP_PER_GROUP and api.gemma_norm and spec.weight_offset == 1.0
-            notes.append("gemma_norm" if gemma_flag else f"(1 + w) rounded to {_short(spec.dtype)}")
+            folded = "(1 + w)" if spec.weight_offset == 1.0 else f"(w + {spec.weight_offset:g})"
+            notes.append("gemma_norm" if gemma_flag else f"{folded} rounded to {_short(spec.dtype)}")
         if notes:
             text += f" ({', '.join(notes)})"
         steps = self._steps_for(spec)
@@ -192,7 +193,7 @@ class RocmBackend(Backend):
             return {"aiter": f"import failed: {probe.error}"}
         out = {"aiter": f"{probe.version or '(unknown version)'}: {probe.generation()}"}
         if probe.notes:
-            out["aiter submodules missing"] = "; ".join(probe.notes)
+            out["aiter imports that failed"] = "; ".join(probe.notes)
         if self._broken:
             out["disabled steps"] = "; ".join(f"{k}: {v}" for k, v in self._broken.items())
         return out
@@ -342,9 +343,10 @@ class RocmBackend(Backend):
     def _kernel_weight(self, weight: torch.Tensor, offset: float, dtype: torch.dtype) -> torch.Tensor:
         if offset != 0.0:
             log_once(logger, logging.INFO, "rocm-gemma-weight",
-                     "vllm-rocm-fused: aiter's per-group kernel has no Gemma mode, so norms with "
-                     "weight_offset=%s get (w + %s) rounded to %s once per layer (the reference keeps "
-                     "it in float32: at most one extra rounding of the normed value)", offset, offset, dtype)
+                     "vllm-rocm-fused: aiter's kernels read the norm weight in %s and the per-group one has "
+                     "no Gemma mode, so norms with weight_offset=%g get (w + %g) rounded to %s, once per "
+                     "layer weight (the reference keeps it in float32: at most one extra rounding of the "
+                     "normed value)", _short(dtype), offset, offset, _short(dtype))
         return self.weights.get(weight, offset, dtype)
 
     def _run_step(self, step, route, x, residual, weight, eps, spec):
