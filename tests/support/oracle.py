@@ -9,13 +9,14 @@ AMAX_FLOOR = 1e-10  # the spec's "tiny"
 
 
 def oracle(h, residual, weight, eps, *, out_dtype, group_size, weight_offset, fp8_dtype):
-    """Returns float64 tensors: r (rounded to out_dtype, as the spec returns it),
-    y (unrounded normalized value computed from rounded r), scale (from y)."""
+    """Returns float64 tensors: r (the sum rounded to out_dtype, as the spec returns
+    it), y (the unrounded normalized value, computed from the unrounded sum), and
+    scale (from y rounded to out_dtype, which is what the spec quantizes)."""
     h64 = h.double()
-    r64 = h64 + residual.double() if residual is not None else h64
-    r = r64.to(out_dtype).double()
-    ms = (r * r).mean(dim=-1, keepdim=True)
-    y = r / torch.sqrt(ms + eps) * (weight.double() + weight_offset)
+    s64 = h64 + residual.double() if residual is not None else h64
+    r = s64.to(out_dtype).double()
+    ms = (s64 * s64).mean(dim=-1, keepdim=True)
+    y = s64 / torch.sqrt(ms + eps) * (weight.double() + weight_offset)
     t, hdim = y.shape
     # the quant reads the rounded normed value
     yr = y.to(out_dtype).double().view(t, hdim // group_size, group_size)

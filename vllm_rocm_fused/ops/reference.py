@@ -3,22 +3,24 @@
 Every backend is tested against this file. Given the all-reduced input ``h``
 (the sum of every rank's ``x``), per token row:
 
-    r      = round_to_x_dtype(float32(h) + float32(residual))    (residual optional)
-    y      = float32(r) * rsqrt(mean(float32(r)^2) + eps) * (float32(weight) + weight_offset)
+    s      = float32(h) + float32(residual)          (float32, unrounded; residual optional)
+    r      = round_to_x_dtype(s)                     (returned as the new residual)
+    y      = s * rsqrt(mean(s^2) + eps) * (float32(weight) + weight_offset)
     normed = round_to_x_dtype(y)
     for each run of ``group_size`` consecutive hidden elements g:
         scale_g = max(amax(|float32(normed_g)|), AMAX_FLOOR) / fp8_max      (float32)
         q_g     = saturating_cast_fp8(float32(normed_g) / scale_g)
 
-``r`` is returned as the new residual; the norm reads the *rounded* ``r`` so
-that the output is a function of the residual the next layer sees. ``q`` is
-quantized from the rounded ``normed``, so ``q * scale`` approximates exactly
-the activation an unfused model would hand to its GEMM.
+The norm reads the float32 sum ``s`` before it is rounded into the residual,
+exactly as vLLM's own (Gemma)RMSNorm does with ``residual``: the portable path
+and an unfused vLLM model then agree bit for bit given the same reduced ``h``.
+``q`` is quantized from the rounded ``normed``, so ``q * scale`` approximates
+exactly the activation an unfused model would hand to its GEMM.
 
 NaN/Inf (what plain IEEE arithmetic of the formula gives, and what every
-backend must reproduce): a NaN in a row makes mean(r^2) NaN, so that row's
+backend must reproduce): a NaN in a row makes mean(s^2) NaN, so that row's
 ``normed``, every group scale and every ``q`` of the row are NaN. An Inf (and
-no NaN) in a row makes mean(r^2) Inf and rsqrt 0: the Inf elements become NaN
+no NaN) in a row makes mean(s^2) Inf and rsqrt 0: the Inf elements become NaN
 (Inf * 0), the others 0; groups holding such an element get a NaN scale and NaN
 ``q``, the row's other groups the floor scale and ``q`` = 0. The residual
 keeps the NaN/Inf as summed. Other rows are unaffected.
@@ -55,21 +57,26 @@ class FusedNormQuantOutput(NamedTuple):
     normed: torch.Tensor | None
 
 
-def add_residual(h: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """r = round(float32(h) + float32(residual)); a new tensor, never an alias of h."""
-    r32 = h.to(torch.float32)
+def add_residual(h: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, r): s = float32(h) + float32(residual) unrounded, r = round(s) in out_dtype
+    (a new tensor, never an alias of h)."""
+    s = h.to(torch.float32)
     if residual is not None:
-        r32 = r32 + residual.to(torch.float32)
-    r = r32.to(out_dtype)
-    return r.clone() if r.data_ptr() == h.data_ptr() else r
+        s = s + residual.to(torch.float32)
+    r = s.to(out_dtype)
+    if r.data_ptr() == h.data_ptr():
+        r = r.clone()
+    return s, r
 
 
-def rms_norm(r: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:
-    """normed = round(float32(r) * rsqrt(mean(r^2) + eps) * (w + offset)), in r.dtype."""
-    rf = r.to(torch.float32)
-    inv_rms = torch.rsqrt(rf.pow(2).mean(dim=-1, keepdim=True) + eps)
+def rms_norm(s: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """normed = round(s * rsqrt(mean(s^2) + eps) * (w + offset)) for float32 ``s``."""
+    s = s.to(torch.float32)
+    inv_rms = torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps)
     w = weight.to(torch.float32) + weight_offset
-    return (rf * inv_rms * w).to(r.dtype)
+    return (s * inv_rms * w).to(out_dtype)
 
 
 def group_quant(
@@ -115,8 +122,8 @@ def norm_quant_reference(
 ) -> FusedNormQuantOutput:
     """Everything after the all-reduce. ``h`` is the already-summed input (any float
     dtype; a float32 sum avoids a rounding), ``out_dtype`` the model dtype (x.dtype)."""
-    r = add_residual(h, residual, out_dtype)
-    normed = rms_norm(r, weight, eps, weight_offset)
+    s, r = add_residual(h, residual, out_dtype)
+    normed = rms_norm(s, weight, eps, weight_offset, out_dtype)
     if not quantize:
         return FusedNormQuantOutput(None, None, r, normed)
     q, scale = group_quant(normed, group_size, quant_dtype, scale_layout)

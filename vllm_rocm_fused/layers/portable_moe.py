@@ -1,0 +1,165 @@
+"""Portable block-FP8 MoE experts for CPUs where vLLM has no FP8 MoE kernel
+(x86 without AMX), so FP8 MoE checkpoints (Qwen3.5-MoE FP8) load and run.
+
+Numerics follow vLLM's GPU Triton MoE for block FP8 (W8A8): per expert, the
+token activations are quantized per 1x128 group (the same ``group_quant`` as the
+fused op), multiplied by the 128x128-block dequantized ``w13`` with float32
+accumulation, rounded to bf16, SiLU-and-mul, quantized per 1x128 group again,
+multiplied by ``w2``, weighted by the router and summed over the top-k experts
+in float32. Plain torch; a loop over the experts that received tokens.
+
+vLLM 0.32 has no registration API for out-of-tree MoE kernels (its FP8 oracle
+returns backend NONE on such CPUs and then fails). ``register`` wraps the
+oracle's selection as seen by ``Fp8MoEMethod``: only when it would return NONE
+on the CPU platform does it answer with these experts, in the TRITON slot (whose
+weight layout is the checkpoint's own and whose quant config is the standard
+block W8A8 one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+import torch.nn.functional as F
+from vllm.model_executor.layers.fused_moe import modular_kernel as mk
+from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import TopKWeightAndReduceNoOP
+from vllm.model_executor.layers.quantization.utils.quant_utils import (
+    kFp8Dynamic128Sym,
+    kFp8Static128BlockSym,
+)
+from vllm.platforms import current_platform
+
+from ..log import get_logger, log_once
+from ..ops.reference import group_quant
+
+logger = get_logger("portable_moe")
+
+BLOCK = 128
+
+
+def _dequant_blocks(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[N, K] fp8 with [ceil(N/128), ceil(K/128)] scales -> float32 [N, K]."""
+    n, k = w.shape
+    s = scale.to(torch.float32).repeat_interleave(BLOCK, 0)[:n].repeat_interleave(BLOCK, 1)[:, :k]
+    return w.to(torch.float32) * s
+
+
+def _w8a8_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16, quantized per 1x128 group; w [N, K] fp8 block-scaled -> float32 [M, N]."""
+    q, s = group_quant(x, BLOCK, w.dtype)
+    xd = q.to(torch.float32) * s.repeat_interleave(BLOCK, dim=1)
+    return xd @ _dequant_blocks(w, w_scale).t()
+
+
+class PortableExpertsFp8(mk.FusedMoEExpertsModular):
+    """Block-FP8 W8A8 MoE experts in plain torch (CPU)."""
+
+    @property
+    def expects_unquantized_inputs(self) -> bool:
+        return True  # quantized per expert inside apply, like the GPU kernels do per token
+
+    @staticmethod
+    def activation_format() -> mk.FusedMoEActivationFormat:
+        return mk.FusedMoEActivationFormat.Standard
+
+    @staticmethod
+    def _supports_current_device() -> bool:
+        return current_platform.is_cpu()
+
+    @staticmethod
+    def _supports_no_act_and_mul() -> bool:
+        return False
+
+    @staticmethod
+    def _supports_activation(activation) -> bool:
+        from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+        return activation == MoEActivation.SILU
+
+    @staticmethod
+    def _supports_parallel_config(moe_parallel_config) -> bool:
+        return not moe_parallel_config.use_all2all_kernels
+
+    @staticmethod
+    def _supports_quant_scheme(weight_key, activation_key) -> bool:
+        return (weight_key, activation_key) == (kFp8Static128BlockSym, kFp8Dynamic128Sym)
+
+    @staticmethod
+    def _supports_routing_method(routing_method, weight_key, activation_key) -> bool:
+        return True
+
+    @staticmethod
+    def _supports_router_logits_dtype(router_logits_dtype, routing_method) -> bool:
+        return True
+
+    def supports_expert_map(self) -> bool:
+        return True
+
+    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
+                         expert_tokens_meta, activation):
+        return (0,), (0,), (M, K)
+
+    def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
+        return TopKWeightAndReduceNoOP()
+
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+              global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
+              expert_tokens_meta, apply_router_weight_on_input) -> None:
+        if apply_router_weight_on_input:
+            raise NotImplementedError("PortableExpertsFp8 does not support apply_router_weight_on_input=True")
+        w1_scale, w2_scale = self.quant_config.w1_scale, self.quant_config.w2_scale
+        ids = topk_ids.to(torch.long)
+        if expert_map is not None:
+            ids = expert_map[ids].to(torch.long)  # -1: expert not on this rank
+        acc = torch.zeros(hidden_states.shape[0], w2.shape[1], dtype=torch.float32,
+                          device=hidden_states.device)
+        for e in torch.unique(ids).tolist():
+            if e < 0:
+                continue
+            token_idx, slot = torch.nonzero(ids == e, as_tuple=True)
+            x = hidden_states[token_idx]
+            h = _w8a8_matmul(x, w1[e], w1_scale[e]).to(hidden_states.dtype)
+            gate, up = h.float().chunk(2, dim=-1)
+            act = (F.silu(gate) * up).to(hidden_states.dtype)
+            y = _w8a8_matmul(act, w2[e], w2_scale[e])
+            acc.index_add_(0, token_idx, y * topk_weights[token_idx, slot].to(torch.float32).unsqueeze(-1))
+        output.copy_(acc.to(output.dtype))
+
+
+_lock = threading.Lock()
+_registered = False
+
+
+def register() -> None:
+    """Answer the FP8 MoE oracle's NONE on CPU with ``PortableExpertsFp8`` (idempotent)."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        _registered = True
+        try:
+            from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend
+            from vllm.model_executor.layers.quantization import fp8 as fp8_method
+        except Exception as e:  # a vLLM without this layout: nothing to enable
+            log_once(logger, logging.WARNING, "portable-moe-import",
+                     "vllm-rocm-fused: portable FP8 MoE not registered (%s: %s)", type(e).__name__, e)
+            return
+        original = fp8_method.select_fp8_moe_backend
+
+        def select_fp8_moe_backend(config, weight_key, activation_key, *args, **kwargs):
+            backend, experts_cls = original(config, weight_key, activation_key, *args, **kwargs)
+            if backend != Fp8MoeBackend.NONE or not current_platform.is_cpu():
+                return backend, experts_cls
+            ok, reason = PortableExpertsFp8.is_supported_config(
+                PortableExpertsFp8, config, weight_key, activation_key,
+                mk.FusedMoEActivationFormat.Standard)
+            if not ok:
+                return backend, experts_cls
+            log_once(logger, logging.INFO, "portable-moe",
+                     "vllm-rocm-fused: no FP8 MoE kernel on this CPU; using the portable block-FP8 experts")
+            return Fp8MoeBackend.TRITON, PortableExpertsFp8
+
+        select_fp8_moe_backend.__wrapped__ = original
+        fp8_method.select_fp8_moe_backend = select_fp8_moe_backend
