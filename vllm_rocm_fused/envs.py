@@ -34,6 +34,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "larger calls use the split path."),
     EnvVar("VLLM_ROCM_FUSED_CACHE_DIR", "~/.cache/vllm-rocm-fused",
            "Where `vllm-rocm-fused demo` keeps the tiny models it builds."),
+    EnvVar("VLLM_ROCM_FUSED_GSM8K_DIR", "",
+           "Folder with GSM8K's train.jsonl and test.jsonl: `vllm-rocm-fused eval gsm8k` reads "
+           "them offline when --data-dir is not given (empty: lm-eval's stock task, from the Hub)."),
 )
 
 _BY_NAME = {v.name: v for v in ENV_VARS}
@@ -77,6 +80,11 @@ def max_tokens() -> int:
 
 def cache_dir() -> str:
     return os.path.expanduser(_raw("VLLM_ROCM_FUSED_CACHE_DIR"))
+
+
+def gsm8k_dir() -> str | None:
+    value = _raw("VLLM_ROCM_FUSED_GSM8K_DIR").strip()
+    return os.path.expanduser(value) if value else None
 
 
 def snapshot() -> dict[str, str]:
