@@ -1,0 +1,450 @@
+"""Benchmark: all-reduce + residual add + RMSNorm + 1x128 FP8 quant on NVIDIA GPUs.
+
+One command on a multi-GPU machine (torch + Triton only; spawns one process per GPU):
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+        PYTHONPATH=. python benchmarks/bench_fused_ar_rms_quant.py
+
+Every time is a CUDA-graph replay: a graph holds the op on ROTATIONS input sets (distinct
+buffers, so large shapes do not run out of L2), replayed WARMUP times, then REPLAYS times
+between CUDA events; per-op time = replay time / ROTATIONS; each rank takes the median
+and the spread over the replays, and the report takes the slowest rank. Every variant of
+every shape is also run once on fresh random inputs and checked against the reference.
+
+Variants (W = the machine's GPU count; inputs bf16, scales row-major fp32):
+  ar_nccl          NCCL all-reduce alone (in place)
+  ar_torch_symm    torch symm_mem one_shot_all_reduce alone (input already in symmetric memory)
+  ar_oneshot       this project's bare one-shot all-reduce (same kernel skeleton as fused-1,
+                   input copied in): the floor fused-1 is compared with
+  split3_*         the unfused chain: an all-reduce (each of the three above), the fused
+                   add + RMSNorm kernel, the group-quant kernel; split3 = the fastest of them
+  split2           fused one-shot all-reduce + add + RMSNorm kernel, then group quant
+  fused1           one kernel: one-shot all-reduce + add + RMSNorm + quant (fp8 only)
+  fused1_bf16      the same, also writing the bf16 normed activation
+  fused1_twoshot   one kernel, two-shot algorithm
+  nccl_fused       NCCL (reduce-scatter + all-gather), then one add + RMSNorm + quant kernel
+  dispatched       the public op, backend "auto": what the size dispatch picks
+
+Writes benchmarks/results/<gpu>_tp<W>.json (machine, versions, every median and spread,
+the correctness checks) and <gpu>_tp<W>.png (time vs tokens), and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ[_k] = _v  # NVLink multicast stays off, whatever the caller's environment says
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HIDDEN = (2048, 4096, 5120)
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+VARIANTS = ("ar_nccl", "ar_torch_symm", "ar_oneshot", "split3_nccl", "split3_torch_symm", "split3_oneshot",
+            "split2", "fused1", "fused1_bf16", "fused1_twoshot", "nccl_fused", "dispatched")
+ROTATIONS = 4
+WARMUP = 5
+EPS = 1e-6
+FP8 = torch.float8_e4m3fn
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def time_graph(fns, replays: int) -> list[float]:
+    """Per-op microseconds of each replay of a graph of fns (one per rotation)."""
+    for f in fns:  # eager warm-up: compiles, creates handles
+        f()
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    torch.cuda.synchronize()
+    dist.barrier()
+    for _ in range(WARMUP):
+        graph.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    for s, e in zip(starts, ends):
+        s.record()
+        graph.replay()
+        e.record()
+    torch.cuda.synchronize()
+    us = [s.elapsed_time(e) * 1000.0 / len(fns) for s, e in zip(starts, ends)]
+    del graph
+    return us
+
+
+def make_inputs(world, t, h, seed, device):
+    """Every rank's x (so each rank can form the exact sum), residual, weight."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    xs = [torch.randn(t, h, device=device, generator=g).to(torch.bfloat16) for _ in range(world)]
+    res = (torch.randn(t, h, device=device, generator=g) * 2).to(torch.bfloat16)
+    w = (torch.randn(h, device=device, generator=g) * 0.3).to(torch.bfloat16)
+    return xs, res, w
+
+
+def check_outputs(out, xs, res, w, *, bf16_sum: bool, ar_only=False) -> dict:
+    """Max errors against ops.reference on the exact (or, for NCCL sums, bf16-rounded) sum."""
+    from vllm_rocm_fused.ops.reference import norm_quant_reference
+
+    h = xs[0].float()
+    for x in xs[1:]:
+        h = h + x.float()
+    if bf16_sum:
+        h = h.to(torch.bfloat16)
+    if ar_only:
+        err = ((out.float() - h.float()).abs() / h.float().abs().clamp(min=1e-3)).max().item()
+        return {"ok": bool(err <= 2 ** -7 + 1e-6), "rel_err_sum": err}
+    q, scale, residual, normed = out
+    ref = norm_quant_reference(h, res, w, EPS, out_dtype=torch.bfloat16, weight_offset=1.0, emit_bf16=True)
+    t, hid = q.shape
+    deq = (q.float().view(t, -1, 128) * scale.unsqueeze(-1)).view(t, hid)
+    rdeq = (ref.q.float().view(t, -1, 128) * ref.scale.unsqueeze(-1)).view(t, hid)
+    ulp = 2 ** -7
+    r_err = ((residual.float() - ref.residual.float()).abs() / ref.residual.float().abs().clamp(min=1e-2)).max().item()
+    s_err = ((scale - ref.scale).abs() / ref.scale).max().item()
+    # dequantized q: within one fp8 step (1/8 relative) of the reference's, at the group's scale
+    q_err = ((deq - rdeq).abs() / (rdeq.abs() / 8 + scale.repeat_interleave(128, 1) * 2 ** -9)).max().item()
+    ok = r_err <= 2 * ulp and s_err <= 0.01 and q_err <= 1.0 + 1e-6
+    info = {"rel_err_residual": r_err, "rel_err_scale": s_err, "q_err_in_fp8_steps": q_err}
+    if normed is not None:
+        n_err = ((normed.float() - ref.normed.float()).abs() / ref.normed.float().abs().clamp(min=1e-2)).max().item()
+        info["rel_err_normed"] = n_err
+        ok = ok and n_err <= 2 * ulp
+    all_written = all(x is None or not x.float().isnan().any() for x in out)
+    info["ok"] = bool(ok and all_written)
+    return info
+
+
+def rank_main(rank, world, port, args, out_path):
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=dev)
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from vllm_rocm_fused.backends.cuda import backend as cb
+    from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, SPLIT, TWO_SHOT, Plan
+    from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
+    from vllm_rocm_fused.kernels.group_quant import group_quant
+    from vllm_rocm_fused.kernels.oneshot_ar_norm_quant import oneshot_all_reduce
+    from vllm_rocm_fused.ops import fused_allreduce_rmsnorm_quant
+    from vllm_rocm_fused.ops.comm import communicator_for_group
+    from vllm_rocm_fused.ops.fused import make_spec
+
+    group = dist.group.WORLD
+    comm = communicator_for_group(group)
+    max_elems = max(args.tokens) * max(args.hidden)
+    # A workspace big enough to force every algorithm at every size (the dispatch decides
+    # for "dispatched" exactly as it would with the production-sized workspace).
+    xs0, r0, _ = make_inputs(world, 1, max(args.hidden), 0, dev)
+    spec0 = make_spec(xs0[rank], r0, world_size=world, group_size=128, weight_offset=1.0, emit_bf16=False,
+                      scale_layout="row", quant_dtype=FP8, quantize=True)
+    ws = cb.ensure_workspace(comm, spec0, stage_bytes=max_elems * 2, with_twoshot=True)
+    assert ws is not None, cb._state(comm).failed
+    peers = ws.peers(torch.bfloat16)
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+    # torch's one-shot needs its input in symmetric memory: one buffer per rotation
+    symm_in = []
+    for _ in range(ROTATIONS):
+        b = symm_mem.empty(max_elems, dtype=torch.bfloat16, device=dev)
+        symm_mem.rendezvous(b, group)
+        symm_in.append(b)
+    backend = cb.CudaBackend()
+    records = []
+
+    def spec_for(x, res, emit=False):
+        return make_spec(x, res, world_size=world, group_size=128, weight_offset=1.0, emit_bf16=emit,
+                         scale_layout="row", quant_dtype=FP8, quantize=True)
+
+    def run_plan(plan, emit=False):
+        return lambda x, res, w: cb.execute(plan, x, res, w, EPS, comm, spec_for(x, res, emit), ws)
+
+    def torch_symm_ar(x, k):
+        buf = symm_in[k][: x.numel()].view_as(x)
+        return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name)
+
+    def nccl_ar(x, scratch):
+        dist.all_reduce(scratch, group=group)
+        return scratch
+
+    def norm_then_quant(h, res, w):
+        _, _, r, n = add_rmsnorm_quant(h, res, w, EPS, out_dtype=torch.bfloat16, weight_offset=1.0, quantize=False)
+        q, s = group_quant(n)
+        return q, s, r, None
+
+    for hidden in args.hidden:
+        for t in args.tokens:
+            seed = hidden * 100003 + t
+            sets = [make_inputs(world, t, hidden, seed + 7 * k, dev) for k in range(ROTATIONS)]
+            xs = [s[0][rank] for s in sets]
+            ress = [s[1] for s in sets]
+            w = sets[0][2]
+            scratch = [x.clone() for x in xs]
+            for k in range(ROTATIONS):
+                symm_in[k][: t * hidden].view(t, hidden).copy_(xs[k])
+            variants = {
+                "ar_nccl": (lambda k: nccl_ar(xs[k], scratch[k]), None),
+                "ar_torch_symm": (lambda k: torch_symm_ar(xs[k], k), None),
+                "ar_oneshot": (lambda k: oneshot_all_reduce(xs[k], peers), None),
+                "split3_nccl": (lambda k: norm_then_quant(nccl_ar(xs[k], scratch[k]), ress[k], w), True),
+                "split3_torch_symm": (lambda k: norm_then_quant(torch_symm_ar(xs[k], k), ress[k], w), True),
+                "split3_oneshot": (lambda k: norm_then_quant(oneshot_all_reduce(xs[k], peers), ress[k], w), True),
+                "split2": (lambda k: run_plan(Plan(ONE_SHOT, "fused-2", False))(xs[k], ress[k], w), False),
+                "fused1": (lambda k: run_plan(Plan(ONE_SHOT, "fused-1", True))(xs[k], ress[k], w), False),
+                "fused1_bf16": (lambda k: run_plan(Plan(ONE_SHOT, "fused-1", True), emit=True)(xs[k], ress[k], w),
+                                False),
+                "fused1_twoshot": (lambda k: run_plan(Plan(TWO_SHOT, "fused-1", True))(xs[k], ress[k], w), False),
+                "nccl_fused": (lambda k: run_plan(Plan(SPLIT, "fused-2", True))(xs[k], ress[k], w), True),
+                "dispatched": (lambda k: tuple(fused_allreduce_rmsnorm_quant(xs[k], ress[k], w, EPS, group=group,
+                                                                             weight_offset=1.0)), None),
+            }
+            plan = backend.plan(spec_for(xs[0], ress[0]), comm)
+            for name in args.variants:
+                fn, bf16_sum = variants[name]
+                rec = {"hidden": hidden, "tokens": t, "variant": name}
+                try:
+                    us = time_graph([lambda k=k: fn(k) for k in range(ROTATIONS)], args.replays)
+                    rec.update(median_us=statistics.median(us), min_us=min(us), max_us=max(us),
+                               p10_us=statistics.quantiles(us, n=10)[0], p90_us=statistics.quantiles(us, n=10)[-1],
+                               replays=len(us))
+                    # correctness on fresh inputs (nccl_ar mutates its scratch: reset it first)
+                    fx, fres, fw = make_inputs(world, t, hidden, seed + 999, dev)
+                    xs_saved, ress_saved = xs[0], ress[0]
+                    xs[0], ress[0] = fx[rank], fres
+                    scratch[0].copy_(fx[rank])
+                    symm_in[0][: t * hidden].view(t, hidden).copy_(fx[rank])
+                    w_saved = w
+                    if name.startswith("ar_"):
+                        out = fn(0)
+                        rec.update(check_outputs(out, fx, fres, fw, bf16_sum=True, ar_only=True))
+                    else:
+                        w = fw
+                        out = fn(0)
+                        if bf16_sum is None:
+                            bf16_sum = plan.algo == SPLIT
+                        rec.update(check_outputs(out, fx, fres, fw, bf16_sum=bf16_sum))
+                    torch.cuda.synchronize()
+                    xs[0], ress[0], w = xs_saved, ress_saved, w_saved
+                    scratch[0].copy_(xs[0])
+                    symm_in[0][: t * hidden].view(t, hidden).copy_(xs[0])
+                except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                    rec["error"] = f"{type(e).__name__}: {e}"
+                    if rank == 0:
+                        traceback.print_exc()
+                if name == "dispatched":
+                    rec["dispatch"] = plan.describe()
+                records.append(rec)
+            if rank == 0:
+                done = {r["variant"]: r.get("median_us") for r in records if r["hidden"] == hidden and r["tokens"] == t}
+                print(f"H={hidden} T={t}: " + ", ".join(f"{k} {v:.1f}" for k, v in done.items() if v is not None),
+                      flush=True)
+            del sets, xs, ress, scratch
+    torch.cuda.synchronize()
+    errors = ws.barrier_errors()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"records": records, "barrier_errors": errors})
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(gathered, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def machine_info(world) -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    info = {
+        "gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count(), "world_size": world,
+        "sm_count": props.multi_processor_count, "capability": f"{props.major}.{props.minor}",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())), "python": platform.python_version(),
+        "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                               "NVSHMEM_DISABLE_NVLS")},
+    }
+    try:
+        import subprocess
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip()
+    except Exception:  # noqa: BLE001
+        info["driver"] = None
+    return info
+
+
+def merge(per_rank: list[dict]) -> list[dict]:
+    """The slowest rank's numbers per (hidden, tokens, variant); ok only if every rank's check passed."""
+    out = []
+    for i, rec in enumerate(per_rank[0]["records"]):
+        recs = [r["records"][i] for r in per_rank]
+        merged = dict(rec)
+        if all("median_us" in r for r in recs):
+            slow = max(recs, key=lambda r: r["median_us"])
+            for k in ("median_us", "min_us", "max_us", "p10_us", "p90_us"):
+                merged[k] = slow[k]
+            merged["median_us_per_rank"] = [r["median_us"] for r in recs]
+            merged["ok"] = all(r.get("ok", False) for r in recs)
+        else:
+            merged["error"] = next((r["error"] for r in recs if "error" in r), "missing")
+        out.append(merged)
+    return out
+
+
+def summarize(results: list[dict], hidden: int) -> dict:
+    """Per token count at ``hidden``: split3 (fastest unfused chain) and the ratios the targets use."""
+    by = {}
+    for r in results:
+        if r["hidden"] == hidden and "median_us" in r:
+            by.setdefault(r["tokens"], {})[r["variant"]] = r["median_us"]
+    rows = {}
+    for t, v in sorted(by.items()):
+        split3 = {k: v[k] for k in ("split3_nccl", "split3_torch_symm", "split3_oneshot") if k in v}
+        row = dict(v)
+        if split3:
+            best = min(split3, key=split3.get)
+            row["split3"] = split3[best]
+            row["split3_from"] = best
+        if "fused1" in v and "split3" in row:
+            row["fused1_over_split3"] = v["fused1"] / row["split3"]
+            row["saving_us"] = row["split3"] - v["fused1"]
+        if "fused1" in v and "ar_oneshot" in v:
+            row["fused1_over_floor"] = v["fused1"] / v["ar_oneshot"]
+        if "fused1" in v and "fused1_bf16" in v:
+            row["bf16_over_fused1"] = v["fused1_bf16"] / v["fused1"]
+        if "dispatched" in v and "split3" in row:
+            row["dispatched_over_split3"] = v["dispatched"] / row["split3"]
+        rows[t] = row
+    return rows
+
+
+def plot(results, hiddens, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(hiddens), figsize=(6 * len(hiddens), 4.8), squeeze=False)
+    styles = {"split3": "k-o", "split2": "c-^", "fused1": "r-s", "fused1_bf16": "m--s", "dispatched": "g-D",
+              "ar_oneshot": "b:", "ar_torch_symm": "y:", "ar_nccl": "k:", "fused1_twoshot": "r:", "nccl_fused": "g:"}
+    for ax, h in zip(axes[0], hiddens):
+        rows = summarize(results, h)
+        ts = sorted(rows)
+        for name, style in styles.items():
+            pts = [(t, rows[t][name]) for t in ts if name in rows[t]]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, markersize=4)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("us per op (graph replay, median)")
+        ax.set_title(f"hidden {h}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(results, hidden) -> str:
+    rows = summarize(results, hidden)
+    cols = ["ar_oneshot", "ar_torch_symm", "ar_nccl", "split3", "split2", "fused1", "fused1_bf16", "fused1_twoshot",
+            "nccl_fused", "dispatched"]
+    lines = ["| tokens | " + " | ".join(cols) + " | split3 from | fused1/split3 | fused1/floor | saving us | disp/split3 |",
+             "|" + "---|" * (len(cols) + 6)]
+    for t, r in rows.items():
+        cells = [f"{r[c]:.1f}" if c in r else "-" for c in cols]
+        extra = [r.get("split3_from", "-").replace("split3_", ""),
+                 f"{r['fused1_over_split3']:.2f}" if "fused1_over_split3" in r else "-",
+                 f"{r['fused1_over_floor']:.2f}" if "fused1_over_floor" in r else "-",
+                 f"{r['saving_us']:.1f}" if "saving_us" in r else "-",
+                 f"{r['dispatched_over_split3']:.2f}" if "dispatched_over_split3" in r else "-"]
+        lines.append(f"| {t} | " + " | ".join(cells + extra) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
+    p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--replays", type=int, default=100)
+    p.add_argument("--world-size", type=int, default=None, help="default: every visible GPU")
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", default=None, help="results file stem (default <gpu>_tp<W>)")
+    args = p.parse_args(argv)
+    if args.replays < 100:
+        print("note: fewer than 100 replays per median", file=sys.stderr)
+    world = args.world_size or torch.cuda.device_count()
+    if world < 2:
+        print("needs at least 2 GPUs", file=sys.stderr)
+        return 2
+    gpu = torch.cuda.get_device_name(0).split()[-1].lower()
+    stem = args.name or f"{gpu}_tp{world}"
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / f".{stem}.ranks.json"
+    t0 = time.time()
+    mp.start_processes(rank_main, args=(world, free_port(), args, str(raw)), nprocs=world, start_method="spawn")
+    per_rank = json.loads(raw.read_text())
+    raw.unlink()
+    results = merge(per_rank)
+    from vllm_rocm_fused.backends.cuda import dispatch
+
+    report = {
+        "command": "PYTHONPATH=. python benchmarks/bench_fused_ar_rms_quant.py " + " ".join(sys.argv[1:]),
+        "machine": machine_info(world),
+        "settings": {"rotations": ROTATIONS, "warmup_replays": WARMUP, "replays": args.replays, "eps": EPS,
+                     "dtype": "bfloat16", "group_size": 128, "scale_layout": "row", "weight_offset": 1.0,
+                     "wall_s": round(time.time() - t0, 1)},
+        "dispatch_thresholds": {"oneshot_max_bytes": dispatch.ONESHOT_MAX_BYTES[world],
+                                "twoshot_max_bytes": dispatch.TWOSHOT_MAX_BYTES[world]},
+        "barrier_errors": [r["barrier_errors"] for r in per_rank],
+        "results": results,
+        "summary": {str(h): summarize(results, h) for h in args.hidden},
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    try:
+        plot(results, args.hidden, out_dir / f"{stem}.png", f"{report['machine']['gpu']} x{world}, TP={world}, bf16")
+    except Exception as e:  # noqa: BLE001
+        print(f"plot failed: {e}", file=sys.stderr)
+    bad = [r for r in results if not r.get("ok", False)]
+    for h in args.hidden:
+        print(f"\nTP={world}, hidden {h}, us per op (median of {args.replays} graph replays, slowest rank):")
+        print(table(results, h))
+    print(f"\nchecks: {len(results) - len(bad)} ok, {len(bad)} failed or errored; barrier errors "
+          f"{report['barrier_errors']}")
+    for r in bad[:20]:
+        print("  FAILED", {k: r.get(k) for k in ("hidden", "tokens", "variant", "error", "q_err_in_fp8_steps",
+                                                 "rel_err_residual", "rel_err_scale", "rel_err_sum")})
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

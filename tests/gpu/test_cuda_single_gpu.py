@@ -1,0 +1,182 @@
+"""The CUDA backend on one GPU (TP=1 and the kernels it shares with TP>1), against the
+float64 oracle and the portable reference, on fresh random inputs."""
+
+import pytest
+import torch
+
+from support.gpu import cuda_only, gpu  # noqa: F401 - cuda_only is a fixture
+from support.oracle import assert_matches_oracle
+from vllm_rocm_fused.backends.cuda.backend import execute
+from vllm_rocm_fused.backends.cuda.dispatch import LOCAL, Plan
+from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
+from vllm_rocm_fused.kernels.group_quant import group_quant
+from vllm_rocm_fused.kernels.launch import empty_outputs
+from vllm_rocm_fused.ops import backends, fused_allreduce_rmsnorm_quant
+from vllm_rocm_fused.ops.fused import make_spec
+from vllm_rocm_fused.ops.reference import FusedNormQuantOutput, group_quant as ref_group_quant
+from vllm_rocm_fused.ops.reference import norm_quant_reference
+
+pytestmark = gpu
+
+FP8 = torch.float8_e4m3fn
+DEV = "cuda"
+EPS = 1e-6
+
+
+def inputs(t, h, *, dtype=torch.bfloat16, w_dtype=torch.bfloat16, seed=None):
+    g = torch.Generator(device=DEV)
+    g.manual_seed(seed if seed is not None else torch.randint(0, 2**31, ()).item())
+    x = torch.randn(t, h, device=DEV, generator=g).to(dtype)
+    res = (torch.randn(t, h, device=DEV, generator=g) * 2).to(dtype)
+    w = (torch.randn(h, device=DEV, generator=g) * 0.3).to(w_dtype)
+    return x, res, w
+
+
+def poisoned(t, h, dtype, **kw):
+    outs = empty_outputs(t, h, dtype, torch.device(DEV), **kw)
+    for tensor in outs:
+        if tensor is not None:
+            if tensor.dtype == FP8:
+                tensor.view(torch.uint8).fill_(0xFF)
+            else:
+                tensor.fill_(float("nan"))
+    return outs
+
+
+def all_written(outs):
+    return all(t is None or not t.float().isnan().any() for t in outs)
+
+
+CASES = [
+    # tokens, hidden, layout, emit, residual, weight_offset, x dtype, weight dtype
+    (1, 4096, "row", False, True, 1.0, torch.bfloat16, torch.bfloat16),
+    (3, 2048, "col", True, True, 0.0, torch.bfloat16, torch.float32),
+    (17, 5120, "row", True, False, 1.0, torch.bfloat16, torch.bfloat16),
+    (64, 4096, "col", False, True, 1.0, torch.float16, torch.float16),
+    (257, 2048, "row", False, True, 1.0, torch.bfloat16, torch.float32),
+    (1000, 5120, "col", True, True, 1.0, torch.bfloat16, torch.bfloat16),
+    (5, 384, "row", True, True, 0.0, torch.bfloat16, torch.bfloat16),
+    (2, 128, "col", False, True, 1.0, torch.float16, torch.float32),
+    (4096, 4096, "row", False, True, 1.0, torch.bfloat16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("t, h, layout, emit, has_res, offset, dtype, w_dtype", CASES)
+def test_op_matches_oracle(cuda_only, t, h, layout, emit, has_res, offset, dtype, w_dtype):
+    for _ in range(2):  # fresh inputs each time
+        x, res, w = inputs(t, h, dtype=dtype, w_dtype=w_dtype)
+        res = res if has_res else None
+        out = fused_allreduce_rmsnorm_quant(x, res, w, EPS, weight_offset=offset, emit_bf16=emit,
+                                            scale_layout=layout, backend="cuda")
+        assert_matches_oracle(out, x, res, w, EPS, out_dtype=dtype, group_size=128, weight_offset=offset,
+                              fp8_dtype=FP8, emit_bf16=emit, scale_layout=layout)
+    assert backends.backend_counters() == {"cuda/fused-1": 2}
+
+
+@pytest.mark.parametrize("t, h", [(1, 4096), (33, 5120), (300, 2048)])
+@pytest.mark.parametrize("layout", ["row", "col"])
+def test_every_output_element_is_written(t, h, layout):
+    x, res, w = inputs(t, h)
+    for quantize, emit in [(True, True), (True, False), (False, True)]:
+        outs = poisoned(t, h, torch.bfloat16, group_size=128, quantize=quantize, emit_normed=emit,
+                        scale_layout=layout, quant_dtype=FP8)
+        add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, quantize=quantize, emit_normed=emit,
+                          scale_layout=layout, outputs=outs)
+        assert all_written(outs)
+        assert_matches_oracle(FusedNormQuantOutput(*outs), x, res, w, EPS, out_dtype=torch.bfloat16,
+                              group_size=128, weight_offset=1.0, fp8_dtype=FP8, emit_bf16=emit,
+                              scale_layout=layout)
+
+
+def test_norm_only_and_two_kernel_paths(cuda_only):
+    x, res, w = inputs(9, 4096)
+    out = fused_allreduce_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, quantize=False, backend="cuda")
+    assert out.q is None and out.scale is None
+    assert_matches_oracle(out, x, res, w, EPS, out_dtype=torch.bfloat16, group_size=128, weight_offset=1.0,
+                          fp8_dtype=FP8, emit_bf16=False)
+    for emit in (False, True):
+        spec = make_spec(x, res, world_size=1, group_size=128, weight_offset=1.0, emit_bf16=emit,
+                         scale_layout="col", quant_dtype=FP8, quantize=True)
+        q, s, r, n = execute(Plan(LOCAL, "fused-2", False), x, res, w, EPS, None, spec, None)
+        assert_matches_oracle(FusedNormQuantOutput(q, s, r, n), x, res, w, EPS, out_dtype=torch.bfloat16,
+                              group_size=128, weight_offset=1.0, fp8_dtype=FP8, emit_bf16=emit, scale_layout="col")
+
+
+@pytest.mark.parametrize("t, h, gs", [(7, 4096, 128), (5, 288, 96), (3, 4032, 96), (2, 256, 16)])
+@pytest.mark.parametrize("layout", ["row", "col"])
+def test_group_quant_kernel_matches_reference(t, h, gs, layout):
+    x = (torch.randn(t, h, device=DEV) * 3).to(torch.bfloat16)
+    q, s = group_quant(x, group_size=gs, scale_layout=layout)
+    rq, rs = ref_group_quant(x, gs, FP8, layout)
+    assert s.stride() == rs.stride()
+    torch.testing.assert_close(s, rs, rtol=0, atol=0)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+
+
+def test_zero_tokens(cuda_only):
+    x, res, w = inputs(0, 4096)
+    for layout in ("row", "col"):
+        out = fused_allreduce_rmsnorm_quant(x, res, w, EPS, emit_bf16=True, scale_layout=layout, backend="cuda")
+        assert out.q.shape == (0, 4096) and out.scale.shape == (0, 32) and out.residual.shape == (0, 4096)
+        assert out.normed.shape == (0, 4096)
+
+
+def test_saturating_and_all_zero_groups(cuda_only):
+    t, h = 3, 4096
+    x, res, w = inputs(t, h)
+    x[0, :128] = 0
+    res[0, :128] = 0  # row 0, group 0: all zero
+    x[0, 128:256] = 3e4  # row 0, group 1: huge, saturates the norm's range of the row
+    x[1] = 0
+    res[1] = 0  # row 1: all zero
+    w = torch.ones_like(w)
+    out = fused_allreduce_rmsnorm_quant(x, res, w, EPS, backend="cuda")
+    ref = norm_quant_reference(x, res, w, EPS, out_dtype=torch.bfloat16)
+    floor = torch.tensor(1e-10, dtype=torch.float32) / 448.0
+    assert out.scale[0, 0].item() == floor.item() and (out.q[0, :128].float() == 0).all()
+    assert out.q[0, 128:256].float().abs().max().item() == 448.0
+    assert (out.scale[1] == floor.item()).all() and (out.q[1].float() == 0).all()
+    torch.testing.assert_close(out.scale, ref.scale, rtol=2 ** -8, atol=0)
+    assert_matches_oracle(out, x, res, w, EPS, out_dtype=torch.bfloat16, group_size=128, weight_offset=0.0,
+                          fp8_dtype=FP8, emit_bf16=False)
+
+
+def test_nan_and_inf_propagate_as_specified(cuda_only):
+    """ops/reference.py's rule: a NaN makes its whole row NaN (normed, scales, q); an Inf
+    makes its element NaN and the rest of the row 0 (its groups NaN-scaled, the row's other
+    groups floor-scaled); the residual keeps the NaN/Inf; other rows are unaffected."""
+    t, h = 4, 4096
+    x, res, w = inputs(t, h)
+    x[1, 5] = float("nan")
+    x[2, 300] = float("inf")
+    out = fused_allreduce_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, emit_bf16=True, backend="cuda")
+    ref = norm_quant_reference(x, res, w, EPS, out_dtype=torch.bfloat16, weight_offset=1.0, emit_bf16=True)
+    for got, want in [(out.normed, ref.normed), (out.scale, ref.scale), (out.q.float(), ref.q.float()),
+                      (out.residual, ref.residual)]:
+        assert torch.equal(got.float().isnan(), want.float().isnan())
+        assert torch.equal(got.float().isinf(), want.float().isinf())
+    assert out.normed[1].float().isnan().all() and out.scale[1].isnan().all() and out.q[1].float().isnan().all()
+    assert out.normed[2, 300].isnan() and (out.normed[2, :256].float().nan_to_num(0) == 0).all()
+    assert out.scale[2, 2].isnan() and out.scale[2, 0].item() == (torch.tensor(1e-10) / 448.0).item()
+    assert out.residual[1, 5].isnan() and out.residual[2, 300].isinf()
+    good = [0, 3]
+    assert_matches_oracle(FusedNormQuantOutput(out.q[good], out.scale[good], out.residual[good], out.normed[good]),
+                          x[good], res[good], w, EPS, out_dtype=torch.bfloat16, group_size=128,
+                          weight_offset=1.0, fp8_dtype=FP8, emit_bf16=True)
+
+
+def test_graph_capture_and_replay_with_changing_inputs(cuda_only):
+    t, h = 48, 4096
+    x, res, w = inputs(t, h)
+    fused_allreduce_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, backend="cuda")  # warm-up (compile)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_allreduce_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, scale_layout="col", backend="cuda")
+    for _ in range(3):
+        nx, nres, _ = inputs(t, h)
+        x.copy_(nx)
+        res.copy_(nres)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches_oracle(out, x, res, w, EPS, out_dtype=torch.bfloat16, group_size=128, weight_offset=1.0,
+                              fp8_dtype=FP8, emit_bf16=False, scale_layout="col")

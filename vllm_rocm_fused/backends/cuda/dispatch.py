@@ -1,0 +1,150 @@
+"""Which algorithm and path the CUDA backend takes for a call: a pure function of
+host-side facts (the CallSpec and the workspace's state), identical on every rank.
+
+Algorithms:
+  local     no group (TP=1): one fused add + RMSNorm + group-quant kernel;
+  one-shot  every rank reads all peers' inputs (symmetric memory) in one fused kernel;
+  two-shot  reduce-scatter, norm + quant of the owned rows, all-gather, in one kernel;
+  split     the communicator's all-reduce (NCCL), then one fused add + RMSNorm + quant
+            kernel: the bandwidth-optimal choice for large inputs.
+Paths (ops.backends): fused-1 = one kernel does everything; fused-2 = two steps (fused
+all-reduce + add + RMSNorm kernel then the group-quant kernel, or the split algorithm);
+generic = the split algorithm with separate norm and quant kernels (only when the
+row does not fit the fused tile).
+
+The size thresholds come from graph-replayed measurements on an H200 pair
+(benchmarks/results/h200_tp2.json, BENCHMARKS.md); world sizes 4 and 8 are not measured
+yet and use estimates marked as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...kernels.launch import MAX_TILE, norm_tile, row_tile
+
+LOCAL, ONE_SHOT, TWO_SHOT, SPLIT = "local", "one-shot", "two-shot", "split"
+
+WORLD_SIZES = (2, 3, 4, 5, 6, 7, 8)
+
+# Largest input (T * H * element bytes) that goes through the one-shot kernel; larger
+# inputs use two-shot up to TWOSHOT_MAX_BYTES, then the split algorithm.
+# TP=2: measured on the H200 pair (see the results file).
+# TP=4/8: estimates (one-shot reads (W-1)x the input over NVLink; two-shot ~5 bytes per
+# element whatever W), pending measurements on 4/8-GPU machines.
+ONESHOT_MAX_BYTES: dict[int, int] = {2: 8 << 20, 3: 4 << 20, 4: 2 << 20, 5: 1 << 20, 6: 1 << 20,
+                                     7: 512 << 10, 8: 512 << 10}
+TWOSHOT_MAX_BYTES: dict[int, int] = {2: 0, 3: 0, 4: 16 << 20, 5: 16 << 20, 6: 16 << 20,
+                                     7: 16 << 20, 8: 16 << 20}
+MEASURED_WORLD_SIZES = (2,)
+
+
+def symm_max_bytes(world_size: int) -> int:
+    """The most input bytes any symmetric-memory algorithm takes at this world size."""
+    return max(ONESHOT_MAX_BYTES.get(world_size, 0), TWOSHOT_MAX_BYTES.get(world_size, 0))
+
+
+@dataclass(frozen=True)
+class SymmState:
+    """What the planner knows about a communicator's symmetric workspace.
+
+    usable: None when the workspace exists (or will be created by this eager call, or
+    is hypothetical), else the reason it cannot be used now.
+    stage_elems / out_elems: its capacities in elements of the call's dtype
+    (out_elems 0 = no two-shot region)."""
+
+    unusable: str | None
+    stage_elems: int
+    out_elems: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    algo: str
+    path: str
+    fused_quant: bool  # the quant runs inside the same kernel as the norm
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        what = {
+            LOCAL: "add + RMSNorm" + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
+            ONE_SHOT: "one-shot symmetric-memory all-reduce + add + RMSNorm"
+                      + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
+            TWO_SHOT: "two-shot symmetric-memory all-reduce + add + RMSNorm"
+                      + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
+            SPLIT: "NCCL all-reduce, then add + RMSNorm"
+                   + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
+        }[self.algo]
+        text = f"{self.path}: {what}"
+        if self.notes:
+            text += " (" + "; ".join(self.notes) + ")"
+        return text
+
+
+def quant_tile_reason(hidden: int, group_size: int) -> str | None:
+    tile = row_tile(hidden, group_size)
+    if tile.elements > MAX_TILE:
+        return (f"a row of {hidden} in groups of {group_size} pads to {tile.elements} elements, "
+                f"more than the {MAX_TILE}-element register tile")
+    return None
+
+
+def norm_tile_reason(hidden: int) -> str | None:
+    if hidden % 16:
+        return f"hidden {hidden} is not a multiple of 16"
+    if norm_tile(hidden).elements > MAX_TILE:
+        return f"hidden {hidden} exceeds the {MAX_TILE}-element register tile"
+    return None
+
+
+def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, group_size: int,
+         quantize: bool, symm: SymmState | None) -> Plan:
+    """The plan for one call. ``symm`` is None when there is no group (world_size 1).
+    Assumes the backend is eligible (norm_tile_reason(hidden) is None)."""
+    notes: list[str] = []
+    fused_quant = quantize and quant_tile_reason(hidden, group_size) is None
+    if quantize and not fused_quant:
+        notes.append(f"fused-1 needs the quant in the norm's tile: {quant_tile_reason(hidden, group_size)}")
+    if world_size == 1 or symm is None:
+        return Plan(LOCAL, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes))
+
+    nbytes = num_tokens * hidden * elem_bytes
+    one_max = ONESHOT_MAX_BYTES.get(world_size, 0)
+    two_max = TWOSHOT_MAX_BYTES.get(world_size, 0)
+    group = group_size if fused_quant else norm_tile(hidden).group
+    algo = None
+    if nbytes <= one_max:
+        why = symm.unusable or _stage_reason(num_tokens, hidden, symm)
+        if why is None:
+            algo = ONE_SHOT
+        else:
+            notes.append(f"one-shot: {why}")
+    elif nbytes <= two_max:
+        why = symm.unusable or _stage_reason(num_tokens, hidden, symm) or _out_reason(
+            num_tokens, hidden, group, world_size, symm)
+        if why is None:
+            algo = TWO_SHOT
+        else:
+            notes.append(f"two-shot: {why}")
+    else:
+        limit = max(one_max, two_max)
+        notes.append(f"{nbytes} input bytes > {limit}: NCCL wins at this size"
+                     + ("" if world_size in MEASURED_WORLD_SIZES else " (estimate, TP not measured)"))
+    if algo is None:
+        path = "fused-2" if fused_quant or not quantize else "generic"
+        return Plan(SPLIT, path, fused_quant, tuple(notes))
+    return Plan(algo, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes))
+
+
+def _stage_reason(tokens: int, hidden: int, symm: SymmState) -> str | None:
+    if tokens * hidden > symm.stage_elems:
+        return (f"{tokens} x {hidden} elements exceed the symmetric staging buffer "
+                f"({symm.stage_elems}; VLLM_ROCM_FUSED_MAX_TOKENS sizes it)")
+    return None
+
+
+def _out_reason(tokens: int, hidden: int, group: int, world_size: int, symm: SymmState) -> str | None:
+    chunk = -(-tokens // world_size)
+    if chunk * hidden > symm.out_elems or chunk * (hidden // group) > symm.out_elems // 16:
+        return f"a {chunk}-row chunk exceeds the two-shot output region ({symm.out_elems} elements)"
+    return None

@@ -1,0 +1,170 @@
+"""One-shot all-reduce + residual add + RMSNorm + per-group FP8 quant, one kernel.
+
+Algorithm (W ranks, symmetric memory, peer pointers over NVLink P2P; no multicast):
+  1. each program copies its token rows of this rank's x into this rank's staging
+     buffer (the half picked by the call parity, see symm_sync.py);
+  2. block barrier with the same program of every peer (release/acquire, sys scope);
+  3. per row: sum the W ranks' staged rows in float32 in rank order (so every rank gets
+     the same bits), add the residual, RMSNorm, quantize per group, write q, scale,
+     the new residual (and normed) locally;
+  4. the last program to finish advances the call counter (parity for the next call).
+With ``norm=False`` step 3 writes round(sum) instead: the bare one-shot all-reduce, the
+floor the benchmark compares against, built from the same skeleton.
+
+Memory traffic per rank: reads x (local) and (W - 1) peers' rows over NVLink (the
+one-shot cost: W - 1 times the input bytes), plus residual, weight; writes the staging
+copy, residual, q, scale (and normed). Nothing else goes through HBM twice.
+
+Limits: 2 <= W <= 8; hidden / group_size groups padded to a register tile of <= 16384
+elements (launch.MAX_TILE); T * H <= the workspace's staging capacity; the grid is at
+most the workspace's max_grid (<= the SM count, so all programs are co-resident and the
+per-program barriers cannot deadlock) and programs loop over rows.
+
+Graph safety: no host sync, no allocation in the kernel; barrier flags and the call
+parity live in device memory and need no reset, so captured replays and eager calls
+interleave freely on one stream.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import MAX_TILE, SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides
+from .row_math import add_rmsnorm, row_tile as tile_offsets, store_row_outputs
+from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
+
+# PHASE: 0 = the whole kernel (GPU). 1 = copy-in only, 2 = reduce only (no barrier):
+# with ranks emulated on one device, the Triton interpreter runs phase 1 on every rank,
+# then phase 2, which is what the barrier orders on real GPUs.
+
+
+@triton.jit
+def _oneshot_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, normed_ptr, q_ptr, scale_ptr,
+    stage, flags, ctl_ptr,
+    n_rows, hidden, n_groups, stage_cap, eps, weight_offset, scale_st, scale_sg,
+    W: tl.constexpr, RANK: tl.constexpr, NG_P2: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+    NORM: tl.constexpr, HAS_RES: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr,
+    FP8_MAX: tl.constexpr, PHASE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs, mask = tile_offsets(n_groups, NG_P2, GS, GROUP)
+    calls, parity = call_parity(ctl_ptr)
+    half = parity.to(tl.int64) * stage_cap
+
+    if PHASE != 2:
+        for row in range(pid, n_rows, nprog):
+            base = tl.cast(row, tl.int64) * hidden
+            xv = tl.load(x_ptr + base + offs, mask=mask)
+            tl.store(stage[RANK] + half + base + offs, xv, mask=mask)
+    if PHASE == 0:
+        block_barrier(flags, ctl_ptr, pid, next_epoch(ctl_ptr, pid), W, RANK)
+    if PHASE != 1:
+        if NORM:
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        for row in range(pid, n_rows, nprog):
+            base = tl.cast(row, tl.int64) * hidden
+            acc = tl.zeros((NG_P2, GS), dtype=tl.float32)
+            for p in tl.static_range(W):
+                acc += tl.load(stage[p] + half + base + offs, mask=mask, other=0.0).to(tl.float32)
+            if NORM:
+                if HAS_RES:
+                    res = tl.load(res_ptr + base + offs, mask=mask, other=0.0)
+                else:
+                    res = acc
+                r, normed = add_rmsnorm(acc, res, w, eps, hidden, weight_offset,
+                                        out_ptr.dtype.element_ty, HAS_RES)
+                store_row_outputs(row, offs, mask, n_groups, r, normed, out_ptr, normed_ptr, q_ptr,
+                                  scale_ptr, scale_st, scale_sg, hidden, NG_P2, QUANT, EMIT, FP8_MAX)
+            else:
+                tl.store(out_ptr + base + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        finish_call(ctl_ptr, calls)
+
+
+def fits(tokens: int, hidden: int, group: int, peers_stage_cap: int) -> str | None:
+    """Why a call of this shape cannot run here (None = it can); host-side."""
+    if row_tile(hidden, group).elements > MAX_TILE:
+        return f"a row of {hidden} in groups of {group} exceeds the {MAX_TILE}-element register tile"
+    if tokens * hidden > peers_stage_cap:
+        return f"{tokens} x {hidden} elements exceed the staging capacity ({peers_stage_cap})"
+    return None
+
+
+def _grid(tokens: int, peers: SymmPeers) -> int:
+    return max(1, min(tokens, peers.max_grid))
+
+
+def oneshot_ar_norm_quant(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    peers: SymmPeers,
+    *,
+    weight_offset: float = 0.0,
+    group_size: int = 128,
+    quantize: bool = True,
+    emit_normed: bool = False,
+    scale_layout: str = "row",
+    quant_dtype: torch.dtype = torch.float8_e4m3fn,
+    phase: int = 0,
+    outputs=None,
+):
+    """All-reduce of x over ``peers`` + add + RMSNorm (+ group quant), one kernel.
+
+    Args:
+        x: [T, H] contiguous bf16/fp16, this rank's partial sum (every rank: same T, H).
+        residual: [T, H] contiguous like x, or None. weight: [H], x.dtype or float32.
+        peers: the symmetric workspace views (stage in x.dtype).
+        phase/outputs: interpreter emulation only (0 = the real kernel).
+    Returns:
+        (q, scale, residual, normed) as ops.reference defines them (None where not asked).
+    """
+    tokens, hidden = x.shape
+    if outputs is None:
+        outputs = empty_outputs(tokens, hidden, x.dtype, x.device, group_size=group_size,
+                                quantize=quantize, emit_normed=emit_normed,
+                                scale_layout=scale_layout, quant_dtype=quant_dtype)
+    q, scale, res_out, normed = outputs
+    if tokens == 0:
+        return outputs
+    tile = row_tile(hidden, group_size) if quantize else norm_tile(hidden)
+    reason = fits(tokens, hidden, tile.group, peers.stage_cap)
+    if reason is not None:
+        raise ValueError(reason)
+    st, sg = scale_strides(scale) if quantize else (0, 0)
+    _oneshot_kernel[(_grid(tokens, peers),)](
+        x, residual, weight, res_out, normed, q, scale,
+        peers.stage, peers.flags, peers.ctl,
+        tokens, hidden, tile.n_groups, peers.stage_cap, float(eps), float(weight_offset), st, sg,
+        W=peers.world_size, RANK=peers.rank, NG_P2=tile.ng_p2, GS=tile.gs, GROUP=tile.group,
+        NORM=True, HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
+        FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0, PHASE=phase,
+        num_warps=tile.num_warps,
+    )
+    return outputs
+
+
+def oneshot_all_reduce(x: torch.Tensor, peers: SymmPeers, *, phase: int = 0, out=None) -> torch.Tensor:
+    """The bare one-shot all-reduce (float32 sum, rounded to x.dtype) with the fused
+    kernel's skeleton: the benchmark's floor and an unfused-chain candidate."""
+    tokens, hidden = x.shape
+    out = torch.empty_like(x) if out is None else out
+    if tokens == 0:
+        return out
+    tile = norm_tile(hidden)
+    reason = fits(tokens, hidden, tile.group, peers.stage_cap)
+    if reason is not None:
+        raise ValueError(reason)
+    _oneshot_kernel[(_grid(tokens, peers),)](
+        x, None, None, out, None, None, None,
+        peers.stage, peers.flags, peers.ctl,
+        tokens, hidden, tile.n_groups, peers.stage_cap, 0.0, 0.0, 0, 0,
+        W=peers.world_size, RANK=peers.rank, NG_P2=tile.ng_p2, GS=tile.gs, GROUP=tile.group,
+        NORM=False, HAS_RES=False, QUANT=False, EMIT=False, FP8_MAX=1.0, PHASE=phase,
+        num_warps=tile.num_warps,
+    )
+    return out

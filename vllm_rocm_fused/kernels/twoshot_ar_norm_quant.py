@@ -1,0 +1,176 @@
+"""Two-shot all-reduce + residual add + RMSNorm + per-group FP8 quant, one kernel.
+
+Algorithm (W ranks, symmetric memory, P2P peer pointers; no multicast). Rows are split
+into W chunks of C = ceil(T / W); rank r owns chunk r. Program b handles chunk offsets
+j = b, b + grid, ...:
+  1. copy rows (q * C + j) of this rank's x, for every chunk q, into its staging half;
+  2. barrier with program b of every peer;
+  3. reduce-scatter: for the owned row r * C + j, sum the W staged rows (float32, rank
+     order), add residual, RMSNorm, quantize; write q, scale, residual (and normed)
+     locally and into this rank's symmetric output region, slot j;
+  4. barrier again;
+  5. all-gather: copy each peer's slot j (q, scale, residual, normed) into the local
+     outputs at that peer's row p * C + j;
+  6. the last program advances the call parity (symm_sync.py: double buffering).
+
+Memory traffic per rank over NVLink: (W - 1) / W of the input (2 bytes/element) in step
+3, plus (W - 1) / W of the outputs (q 1 + residual 2 [+ normed 2] bytes/element + scales)
+in step 5: ~5 bytes/element against the one-shot's 2 (W - 1). It wins only at W >= 4
+for large T; at W = 2 the one-shot moves fewer bytes with one barrier less.
+
+Limits: as the one-shot kernel, plus C * H <= the workspace's output capacity.
+Graph safety: as the one-shot kernel (device-side flags and parity; no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import MAX_TILE, SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides
+from .row_math import CTL_EPOCHS, add_rmsnorm, group_quant, row_tile as tile_offsets
+from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
+
+# PHASE: 0 = the whole kernel (GPU); emulation on one device (Triton interpreter):
+# 1 = copy-in, 2 = reduce + publish, 3 = gather (+ parity), each run on every rank in turn.
+
+
+@triton.jit
+def _twoshot_kernel(
+    x_ptr, res_ptr, w_ptr, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
+    stage, flags, ctl_ptr, o_q, o_res, o_normed, o_scale,
+    n_rows, chunk, hidden, n_groups, stage_cap, out_cap, scale_cap, eps, weight_offset,
+    scale_st, scale_sg,
+    W: tl.constexpr, RANK: tl.constexpr, NG_P2: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+    HAS_RES: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr,
+    PHASE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs, mask = tile_offsets(n_groups, NG_P2, GS, GROUP)
+    g = tl.arange(0, NG_P2)
+    gmask = g < n_groups
+    calls, parity = call_parity(ctl_ptr)
+    half = parity.to(tl.int64) * stage_cap
+    ohalf = parity.to(tl.int64) * out_cap
+    shalf = parity.to(tl.int64) * scale_cap
+
+    if PHASE == 0 or PHASE == 1:
+        for j in range(pid, chunk, nprog):
+            for c in tl.static_range(W):
+                row = c * chunk + j
+                base = tl.cast(row, tl.int64) * hidden
+                m = mask & (row < n_rows)
+                tl.store(stage[RANK] + half + base + offs, tl.load(x_ptr + base + offs, mask=m), mask=m)
+    if PHASE == 0:
+        epoch = next_epoch(ctl_ptr, pid)
+        block_barrier(flags, ctl_ptr, pid, epoch, W, RANK)
+    if PHASE == 0 or PHASE == 2:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        for j in range(pid, chunk, nprog):
+            row = RANK * chunk + j
+            base = tl.cast(row, tl.int64) * hidden
+            m = mask & (row < n_rows)
+            acc = tl.zeros((NG_P2, GS), dtype=tl.float32)
+            for p in tl.static_range(W):
+                acc += tl.load(stage[p] + half + base + offs, mask=m, other=0.0).to(tl.float32)
+            if HAS_RES:
+                res = tl.load(res_ptr + base + offs, mask=m, other=0.0)
+            else:
+                res = acc
+            r, normed = add_rmsnorm(acc, res, w, eps, hidden, weight_offset, res_out_ptr.dtype.element_ty,
+                                    HAS_RES)
+            slot = tl.cast(j, tl.int64) * hidden
+            tl.store(res_out_ptr + base + offs, r, mask=m)
+            tl.store(o_res[RANK] + ohalf + slot + offs, r, mask=m)
+            if EMIT:
+                tl.store(normed_ptr + base + offs, normed, mask=m)
+                tl.store(o_normed[RANK] + ohalf + slot + offs, normed, mask=m)
+            if QUANT:
+                q, scale = group_quant(normed, FP8_MAX)
+                q8 = q.to(q_ptr.dtype.element_ty)
+                tl.store(q_ptr + base + offs, q8, mask=m)
+                tl.store(o_q[RANK] + ohalf + slot + offs, q8, mask=m)
+                sm = gmask & (row < n_rows)
+                tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g * scale_sg, scale, mask=sm)
+                tl.store(o_scale[RANK] + shalf + tl.cast(j, tl.int64) * n_groups + g, scale, mask=sm)
+    if PHASE == 0:
+        block_barrier(flags, ctl_ptr, pid, epoch + 1, W, RANK)
+        tl.store(ctl_ptr + CTL_EPOCHS + pid, epoch + 1)  # two barriers this call
+    if PHASE == 0 or PHASE == 3:
+        for j in range(pid, chunk, nprog):
+            slot = tl.cast(j, tl.int64) * hidden
+            for p in tl.static_range(W):
+                if p != RANK:
+                    row = p * chunk + j
+                    base = tl.cast(row, tl.int64) * hidden
+                    m = mask & (row < n_rows)
+                    tl.store(res_out_ptr + base + offs, tl.load(o_res[p] + ohalf + slot + offs, mask=m), mask=m)
+                    if EMIT:
+                        tl.store(normed_ptr + base + offs,
+                                 tl.load(o_normed[p] + ohalf + slot + offs, mask=m), mask=m)
+                    if QUANT:
+                        tl.store(q_ptr + base + offs, tl.load(o_q[p] + ohalf + slot + offs, mask=m), mask=m)
+                        sm = gmask & (row < n_rows)
+                        sc = tl.load(o_scale[p] + shalf + tl.cast(j, tl.int64) * n_groups + g, mask=sm)
+                        tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g * scale_sg, sc, mask=sm)
+        finish_call(ctl_ptr, calls)
+
+
+def fits(tokens: int, hidden: int, group: int, world_size: int, stage_cap: int, out_cap: int) -> str | None:
+    """Why a call of this shape cannot run here (None = it can); host-side."""
+    if row_tile(hidden, group).elements > MAX_TILE:
+        return f"a row of {hidden} in groups of {group} exceeds the {MAX_TILE}-element register tile"
+    if tokens * hidden > stage_cap:
+        return f"{tokens} x {hidden} elements exceed the staging capacity ({stage_cap})"
+    chunk = -(-tokens // world_size)
+    if chunk * hidden > out_cap or chunk * (hidden // group) > out_cap // 16:
+        return f"a chunk of {chunk} x {hidden} elements exceeds the two-shot output capacity ({out_cap})"
+    return None
+
+
+def twoshot_ar_norm_quant(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    peers: SymmPeers,
+    *,
+    weight_offset: float = 0.0,
+    group_size: int = 128,
+    quantize: bool = True,
+    emit_normed: bool = False,
+    scale_layout: str = "row",
+    quant_dtype: torch.dtype = torch.float8_e4m3fn,
+    phase: int = 0,
+    outputs=None,
+):
+    """Same contract as oneshot_ar_norm_quant (the peers need the output region)."""
+    tokens, hidden = x.shape
+    if peers.out_res is None:
+        raise ValueError("this workspace has no two-shot output region")
+    if outputs is None:
+        outputs = empty_outputs(tokens, hidden, x.dtype, x.device, group_size=group_size,
+                                quantize=quantize, emit_normed=emit_normed,
+                                scale_layout=scale_layout, quant_dtype=quant_dtype)
+    q, scale, res_out, normed = outputs
+    if tokens == 0:
+        return outputs
+    tile = row_tile(hidden, group_size) if quantize else norm_tile(hidden)
+    reason = fits(tokens, hidden, tile.group, peers.world_size, peers.stage_cap, peers.out_cap)
+    if reason is not None:
+        raise ValueError(reason)
+    chunk = -(-tokens // peers.world_size)
+    st, sg = scale_strides(scale) if quantize else (0, 0)
+    _twoshot_kernel[(max(1, min(chunk, peers.max_grid)),)](
+        x, residual, weight, res_out, normed, q, scale,
+        peers.stage, peers.flags, peers.ctl, peers.out_q, peers.out_res, peers.out_normed, peers.out_scale,
+        tokens, chunk, hidden, tile.n_groups, peers.stage_cap, peers.out_cap, peers.scale_cap,
+        float(eps), float(weight_offset), st, sg,
+        W=peers.world_size, RANK=peers.rank, NG_P2=tile.ng_p2, GS=tile.gs, GROUP=tile.group,
+        HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
+        FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0, PHASE=phase,
+        num_warps=tile.num_warps,
+    )
+    return outputs
