@@ -2,7 +2,7 @@
 
 Algorithm: one program per token row; the row (already summed input ``h``, any float
 dtype), the residual and the weight are loaded as [NG_P2, GS] tiles (row_math), then
-r = round(h + residual), normed = round(r * rsqrt(mean(r^2) + eps) * (w + offset)),
+s = h + residual (float32), r = round(s), normed = round(s * rsqrt(mean(s^2) + eps) * (w + offset)),
 and per group scale = max(amax, 1e-10) / fp8_max, q = clamp(normed / scale).
 
 Memory traffic per row: reads h, residual (H elements each) and the weight (cache
@@ -74,7 +74,7 @@ def add_rmsnorm_quant(
     quant_dtype: torch.dtype = torch.float8_e4m3fn,
     outputs=None,
 ):
-    """r = round(h + residual); normed = RMSNorm(r); (q, scale) = group quant(normed).
+    """s = h + residual (float32); r = round(s); normed = round(RMSNorm(s)); (q, scale) = group quant(normed).
 
     Args:
         h: [T, H] contiguous, any float dtype (the already summed input).

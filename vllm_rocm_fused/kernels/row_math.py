@@ -52,14 +52,14 @@ def row_tile(n_groups, NG_P2: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexp
 @triton.jit
 def add_rmsnorm(acc, res, w, eps, hidden, weight_offset, OUT_DTYPE: tl.constexpr, HAS_RES: tl.constexpr):
     """acc: float32 tile of the summed input; res, w: tiles of residual and weight
-    (masked lanes 0). Returns (r, normed) in OUT_DTYPE, as the reference rounds them."""
+    (masked lanes 0). Returns (r, normed) in OUT_DTYPE: the norm reads the unrounded
+    float32 sum s = acc + res, r is s rounded (the reference's order of roundings)."""
     if HAS_RES:
         acc = acc + res.to(tl.float32)
     r = acc.to(OUT_DTYPE)
-    rf = r.to(tl.float32)
-    ss = tl.sum(tl.sum(rf * rf, axis=1), axis=0)
+    ss = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
     inv_rms = tl.math.rsqrt(tl.math.div_rn(ss, hidden.to(tl.float32)) + eps)
-    normed = (rf * inv_rms * (w.to(tl.float32) + weight_offset)).to(OUT_DTYPE)
+    normed = (acc * inv_rms * (w.to(tl.float32) + weight_offset)).to(OUT_DTYPE)
     return r, normed
 
 
