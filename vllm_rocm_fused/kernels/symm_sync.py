@@ -35,9 +35,9 @@ import triton.language as tl
 from .row_math import CTL_CALLS, CTL_EPOCHS, CTL_ERRORS, CTL_TICKET
 
 # Polls before a barrier wait gives up (each poll is a sys-scope acquire load, roughly
-# 0.3-1 us): tens of seconds, long enough for a peer that is still JIT-compiling.
+# 0.3-1 us): 10-30 s, longer than a peer JIT-compiling the same kernel takes.
 # The literal sits in _wait_reach's PTX; keep the two in step.
-MAX_SPIN = 1 << 26
+MAX_SPIN = 1 << 25
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _wait_reach(ptr, epoch):
             setp.ge.s32 %p_ok, %d, 0;
             @%p_ok bra wait_done;
             add.s32 %n, %n, 1;
-            setp.lt.s32 %p_ok, %n, 67108864;
+            setp.lt.s32 %p_ok, %n, 33554432;
             @%p_ok bra wait_loop;
         wait_done:
             mov.b32 $0, %d;
