@@ -118,7 +118,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["```text", *(fused_plugin["lines"] or ["(no vllm-rocm-fused lines in the log)"]), "```", ""]
     base_plugin = r["servers"]["baseline"]["plugin"]
     shown = "disabled, as its log shows" if base_plugin["disabled"] else "NOT shown disabled in its log"
-    lines += [f"Baseline server: plugin {shown} (`{r['servers']['baseline']['env']}`).", ""]
+    env = " ".join(f"{k}={v}" for k, v in r["servers"]["baseline"]["env"].items())
+    lines += [f"Baseline server (`{env}`): plugin {shown}.", ""]
     if r.get("parity"):
         lines += _parity_md(r["parity"])
     lines += ["## Servers", "", "| server | startup (s) | lm-eval (s) | context length | log |",

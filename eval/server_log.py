@@ -60,6 +60,25 @@ def plugin_lines(text: str) -> list[str]:
     return list(seen)
 
 
+# An exception line, bare (a traceback's last line) or as the message of a vLLM log
+# line ("... ERROR 11-29 23:25:25 [file.py:953] RuntimeError: ...").
+_EXCEPTION = re.compile(r"(?:^|\]\s)([A-Za-z_][\w.]*(?:Error|Exception)\b:\s.*)$")
+
+
+def first_error(log_path: str | Path) -> str | None:
+    """The first exception line in a server log: usually the root cause of a failed
+    start (vLLM's last lines tend to be the engine's "see root cause above")."""
+    try:
+        text = Path(log_path).read_text(errors="replace")
+    except OSError:
+        return None
+    for raw in text.splitlines():
+        m = _EXCEPTION.search(_ANSI.sub("", raw).rstrip())
+        if m:
+            return m.group(1)
+    return None
+
+
 def read_plugin_report(log_path: str | Path) -> PluginReport:
     try:
         text = Path(log_path).read_text(errors="replace")

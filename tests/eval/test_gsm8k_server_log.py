@@ -47,3 +47,20 @@ def test_not_fused_model_is_not_active(tmp_path):
         "INFO vllm-rocm-fused: Qwen3_5ForCausalLM: not fused: tensor-parallel size 1 has no all-reduce\n")
     r = read_plugin_report(tmp_path / "server.log")
     assert not r.fused_active and len(r.not_fused) == 1
+
+
+def test_first_error_is_the_root_cause(tmp_path):
+    from vllm_rocm_fused.eval.server_log import first_error
+
+    log = tmp_path / "server.log"
+    log.write_text(
+        "(APIServer pid=1) WARNING 11-29 23:24:39 [system_utils.py:255] Found ulimit of 20000; this can cause "
+        "`OSError: [Errno 24] Too many open files`\n"
+        "(Worker_TP0 pid=3) ERROR 11-29 23:25:25 [multiproc_executor.py:953]     raise RuntimeError(\n"
+        "(Worker_TP0 pid=3) ERROR 11-29 23:25:25 [multiproc_executor.py:953] RuntimeError: Cannot find any "
+        "model weights with `/m`\n"
+        "RuntimeError: Engine core initialization failed. See root cause above.\n")
+    assert first_error(log) == "RuntimeError: Cannot find any model weights with `/m`"
+    log.write_text("INFO all good\n")
+    assert first_error(log) is None
+    assert first_error(tmp_path / "missing.log") is None

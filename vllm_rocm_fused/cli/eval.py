@@ -84,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARGS", help="extra vllm serve arguments, after --")
 
 
+def _absolute(path: str | None) -> str | None:
+    # The report's command must repeat the run from any folder.
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
 def _say(msg: str) -> None:
     print(f"[eval {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -91,11 +96,12 @@ def _say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from vllm_rocm_fused.eval.gate import check_thresholds
     from vllm_rocm_fused.eval.gsm8k import EvalError, Gsm8kRun, format_command, run_gsm8k
+    from vllm_rocm_fused.eval.server_log import first_error
 
     out = Path(args.out) if args.out else Path(f"gsm8k-eval-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     cfg = Gsm8kRun(
         model=args.model, out_dir=out.resolve(), tp=args.tp, tokenizer=args.tokenizer, limit=args.limit,
-        num_fewshot=args.num_fewshot, data_dir=args.data_dir or envs.gsm8k_dir(), gate=args.gate,
+        num_fewshot=args.num_fewshot, data_dir=_absolute(args.data_dir or envs.gsm8k_dir()), gate=args.gate,
         max_drop=args.max_drop, gate_filter=args.gate_filter, concurrency=args.concurrency,
         max_gen_toks=args.max_gen_toks, parity_questions=args.parity_questions,
         parity_tokens=args.parity_tokens, startup_timeout_s=args.startup_timeout,
@@ -110,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # a server that failed to start, lm-eval, ...: say what and where
         _say(f"error: {type(e).__name__}: {e}")
         logger.debug("traceback", exc_info=True)
+        log_path = getattr(e, "log_path", None)  # serving.ServerError
+        cause = first_error(log_path) if log_path else None
+        if cause:
+            _say(f"first error in {log_path}: {cause}")
         _say(f"the servers' logs are under {cfg.out_dir}")
         return 2
     return status
