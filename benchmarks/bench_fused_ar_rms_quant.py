@@ -11,16 +11,18 @@ between CUDA events; per-op time = replay time / ROTATIONS; each rank takes the 
 and the spread over the replays, and the report takes the slowest rank. Every variant of
 every shape is also run once on fresh random inputs and checked against the reference.
 
-Variants (W = the machine's GPU count; inputs bf16, scales row-major fp32):
+Variants (W = the machine's GPU count; inputs bf16, scales row-major fp32; "_ll" = the
+low-latency one-shot kernel, flag in every data word; without it = the pull one-shot):
   ar_nccl          NCCL all-reduce alone (in place)
   ar_torch_symm    torch symm_mem one_shot_all_reduce alone (input already in symmetric memory)
-  ar_oneshot       this project's bare one-shot all-reduce (same kernel skeleton as fused-1,
-                   input copied in): the floor fused-1 is compared with
-  split3_*         the unfused chain: an all-reduce (each of the three above), the fused
-                   add + RMSNorm kernel, the group-quant kernel; split3 = the fastest of them
-  split2           fused one-shot all-reduce + add + RMSNorm kernel, then group quant
-  fused1           one kernel: one-shot all-reduce + add + RMSNorm + quant (fp8 only)
-  fused1_bf16      the same, also writing the bf16 normed activation
+  ar_oneshot[_ll]  this project's bare one-shot all-reduce (the fused kernels' skeleton, input
+                   copied in); floor = the fastest bare one-shot (these and torch's)
+  split3_*         the unfused chain: an all-reduce (each of the four above), the fused
+                   add + RMSNorm kernel, the group-quant kernel; split3 = the fastest of them,
+                   split3_lib = the fastest on library all-reduces (NCCL, torch symm_mem)
+  split2[_ll]      fused one-shot all-reduce + add + RMSNorm kernel, then group quant
+  fused1[_ll]      one kernel: one-shot all-reduce + add + RMSNorm + quant (fp8 only)
+  fused1[_ll]_bf16 the same, also writing the bf16 normed activation
   fused1_twoshot   one kernel, two-shot algorithm
   nccl_fused       NCCL (reduce-scatter + all-gather), then one add + RMSNorm + quant kernel
   dispatched       the public op, backend "auto": what the size dispatch picks
@@ -54,8 +56,20 @@ sys.path.insert(0, str(ROOT))
 
 HIDDEN = (2048, 4096, 5120)
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-VARIANTS = ("ar_nccl", "ar_torch_symm", "ar_oneshot", "split3_nccl", "split3_torch_symm", "split3_oneshot",
-            "split2", "fused1", "fused1_bf16", "fused1_twoshot", "nccl_fused", "dispatched")
+VARIANTS = ("ar_nccl", "ar_torch_symm", "ar_oneshot", "ar_oneshot_ll",
+            "split3_nccl", "split3_torch_symm", "split3_oneshot", "split3_oneshot_ll",
+            "split2", "split2_ll", "fused1", "fused1_ll", "fused1_bf16", "fused1_ll_bf16", "fused1_twoshot",
+            "nccl_fused", "dispatched")
+LL_VARIANTS = ("ar_oneshot_ll", "split3_oneshot_ll", "split2_ll", "fused1_ll", "fused1_ll_bf16")
+# The summary's composite rows: the fastest member at each size.
+COMPOSITES = {
+    "split3": ("split3_nccl", "split3_torch_symm", "split3_oneshot", "split3_oneshot_ll"),
+    "split3_lib": ("split3_nccl", "split3_torch_symm"),  # the unfused chain on library all-reduces only
+    "floor": ("ar_oneshot", "ar_oneshot_ll", "ar_torch_symm"),  # bare one-shot all-reduce, same bytes
+    "split2_best": ("split2", "split2_ll"),
+    "fused1_best": ("fused1", "fused1_ll", "fused1_twoshot"),
+    "fused1_bf16_best": ("fused1_bf16", "fused1_ll_bf16"),
+}
 ROTATIONS = 4
 WARMUP = 5
 EPS = 1e-6
@@ -139,7 +153,7 @@ def check_outputs(out, xs, res, w, *, bf16_sum: bool, ar_only=False) -> dict:
     return info
 
 
-def rank_main(rank, world, port, args, out_path):
+def rank_main(rank, world, port, args, out_path, report):
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -147,10 +161,11 @@ def rank_main(rank, world, port, args, out_path):
     import torch.distributed._symmetric_memory as symm_mem
 
     from vllm_rocm_fused.backends.cuda import backend as cb
-    from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, SPLIT, TWO_SHOT, Plan
+    from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, Plan
     from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
     from vllm_rocm_fused.kernels.group_quant import group_quant
     from vllm_rocm_fused.kernels.oneshot_ar_norm_quant import oneshot_all_reduce
+    from vllm_rocm_fused.kernels.oneshot_ll_ar_norm_quant import oneshot_ll_all_reduce
     from vllm_rocm_fused.ops import fused_allreduce_rmsnorm_quant
     from vllm_rocm_fused.ops.comm import communicator_for_group
     from vllm_rocm_fused.ops.fused import make_spec
@@ -163,7 +178,8 @@ def rank_main(rank, world, port, args, out_path):
     xs0, r0, _ = make_inputs(world, 1, max(args.hidden), 0, dev)
     spec0 = make_spec(xs0[rank], r0, world_size=world, group_size=128, weight_offset=1.0, emit_bf16=False,
                       scale_layout="row", quant_dtype=FP8, quantize=True)
-    ws = cb.ensure_workspace(comm, spec0, stage_bytes=max_elems * 2, with_twoshot=True)
+    ll_max_elems = min(max_elems, args.ll_max_tokens * max(args.hidden))
+    ws = cb.ensure_workspace(comm, spec0, stage_bytes=max_elems * 2, with_twoshot=True, ll_bytes=ll_max_elems * 2)
     assert ws is not None, cb._state(comm).failed
     peers = ws.peers(torch.bfloat16)
     if hasattr(symm_mem, "enable_symm_mem_for_group"):
@@ -217,6 +233,13 @@ def rank_main(rank, world, port, args, out_path):
                 "split3_nccl": (lambda k: norm_then_quant(nccl_ar(xs[k], scratch[k]), ress[k], w), True),
                 "split3_torch_symm": (lambda k: norm_then_quant(torch_symm_ar(xs[k], k), ress[k], w), True),
                 "split3_oneshot": (lambda k: norm_then_quant(oneshot_all_reduce(xs[k], peers), ress[k], w), True),
+                "ar_oneshot_ll": (lambda k: oneshot_ll_all_reduce(xs[k], peers), None),
+                "split3_oneshot_ll": (lambda k: norm_then_quant(oneshot_ll_all_reduce(xs[k], peers), ress[k], w),
+                                      True),
+                "split2_ll": (lambda k: run_plan(Plan(ONE_SHOT_LL, "fused-2", False))(xs[k], ress[k], w), False),
+                "fused1_ll": (lambda k: run_plan(Plan(ONE_SHOT_LL, "fused-1", True))(xs[k], ress[k], w), False),
+                "fused1_ll_bf16": (lambda k: run_plan(Plan(ONE_SHOT_LL, "fused-1", True), emit=True)(xs[k], ress[k], w),
+                                   False),
                 "split2": (lambda k: run_plan(Plan(ONE_SHOT, "fused-2", False))(xs[k], ress[k], w), False),
                 "fused1": (lambda k: run_plan(Plan(ONE_SHOT, "fused-1", True))(xs[k], ress[k], w), False),
                 "fused1_bf16": (lambda k: run_plan(Plan(ONE_SHOT, "fused-1", True), emit=True)(xs[k], ress[k], w),
@@ -227,9 +250,14 @@ def rank_main(rank, world, port, args, out_path):
                                                                              weight_offset=1.0)), None),
             }
             plan = backend.plan(spec_for(xs[0], ress[0]), comm)
+            shape_records = []
             for name in args.variants:
                 fn, bf16_sum = variants[name]
                 rec = {"hidden": hidden, "tokens": t, "variant": name}
+                if name in LL_VARIANTS and t * hidden > ll_max_elems:
+                    rec["skipped"] = "beyond the LL buffer this run allocates"
+                    shape_records.append(rec)
+                    continue
                 try:
                     us = time_graph([lambda k=k: fn(k) for k in range(ROTATIONS)], args.replays)
                     rec.update(median_us=statistics.median(us), min_us=min(us), max_us=max(us),
@@ -261,19 +289,22 @@ def rank_main(rank, world, port, args, out_path):
                         traceback.print_exc()
                 if name == "dispatched":
                     rec["dispatch"] = plan.describe()
-                records.append(rec)
+                shape_records.append(rec)
+            # every shape: gather, and (rank 0) rewrite the results file, so a run cut short keeps its data
+            torch.cuda.synchronize()
+            gathered = [None] * world
+            dist.all_gather_object(gathered, {"records": shape_records, "barrier_errors": ws.barrier_errors()})
             if rank == 0:
-                done = {r["variant"]: r.get("median_us") for r in records if r["hidden"] == hidden and r["tokens"] == t}
-                print(f"H={hidden} T={t}: " + ", ".join(f"{k} {v:.1f}" for k, v in done.items() if v is not None),
-                      flush=True)
+                merged = merge(gathered)
+                records.extend(merged)
+                report["results"] = records
+                report["barrier_errors"] = [g["barrier_errors"] for g in gathered]
+                report["summary"] = {str(h): summarize(records, h) for h in args.hidden}
+                report["settings"]["wall_s"] = round(time.time() - report["settings"]["t0"], 1)
+                Path(out_path).write_text(json.dumps(report, indent=1))
+                print(f"H={hidden} T={t}: " + ", ".join(f"{r['variant']} {r['median_us']:.1f}" for r in merged
+                                                        if "median_us" in r), flush=True)
             del sets, xs, ress, scratch
-    torch.cuda.synchronize()
-    errors = ws.barrier_errors()
-    gathered = [None] * world
-    dist.all_gather_object(gathered, {"records": records, "barrier_errors": errors})
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(gathered, f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -305,6 +336,9 @@ def merge(per_rank: list[dict]) -> list[dict]:
     for i, rec in enumerate(per_rank[0]["records"]):
         recs = [r["records"][i] for r in per_rank]
         merged = dict(rec)
+        if "skipped" in rec:
+            out.append(merged)
+            continue
         if all("median_us" in r for r in recs):
             slow = max(recs, key=lambda r: r["median_us"])
             for k in ("median_us", "min_us", "max_us", "p10_us", "p90_us"):
@@ -318,26 +352,32 @@ def merge(per_rank: list[dict]) -> list[dict]:
 
 
 def summarize(results: list[dict], hidden: int) -> dict:
-    """Per token count at ``hidden``: split3 (fastest unfused chain) and the ratios the targets use."""
+    """Per token count at ``hidden``: every variant's median, the composite rows (fastest
+    member, and which) and the ratios the targets use."""
     by = {}
     for r in results:
-        if r["hidden"] == hidden and "median_us" in r:
+        if r["hidden"] == hidden and "median_us" in r and r.get("ok", False):
             by.setdefault(r["tokens"], {})[r["variant"]] = r["median_us"]
     rows = {}
     for t, v in sorted(by.items()):
-        split3 = {k: v[k] for k in ("split3_nccl", "split3_torch_symm", "split3_oneshot") if k in v}
         row = dict(v)
-        if split3:
-            best = min(split3, key=split3.get)
-            row["split3"] = split3[best]
-            row["split3_from"] = best
-        if "fused1" in v and "split3" in row:
-            row["fused1_over_split3"] = v["fused1"] / row["split3"]
-            row["saving_us"] = row["split3"] - v["fused1"]
-        if "fused1" in v and "ar_oneshot" in v:
-            row["fused1_over_floor"] = v["fused1"] / v["ar_oneshot"]
-        if "fused1" in v and "fused1_bf16" in v:
-            row["bf16_over_fused1"] = v["fused1_bf16"] / v["fused1"]
+        for name, members in COMPOSITES.items():
+            have = {m: v[m] for m in members if m in v}
+            if have:
+                best = min(have, key=have.get)
+                row[name] = have[best]
+                row[name + "_from"] = best
+        f1 = row.get("fused1_best")
+        if f1 is not None:
+            for base in ("split3", "split3_lib", "floor"):
+                if base in row:
+                    row[f"fused1_over_{base}"] = f1 / row[base]
+            if "split3" in row:
+                row["saving_us_vs_split3"] = row["split3"] - f1
+            if "split3_lib" in row:
+                row["saving_us_vs_split3_lib"] = row["split3_lib"] - f1
+        if "fused1_bf16_best" in row and f1 is not None:
+            row["bf16_over_fused1"] = row["fused1_bf16_best"] / f1
         if "dispatched" in v and "split3" in row:
             row["dispatched_over_split3"] = v["dispatched"] / row["split3"]
         rows[t] = row
@@ -351,8 +391,8 @@ def plot(results, hiddens, path, title):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(hiddens), figsize=(6 * len(hiddens), 4.8), squeeze=False)
-    styles = {"split3": "k-o", "split2": "c-^", "fused1": "r-s", "fused1_bf16": "m--s", "dispatched": "g-D",
-              "ar_oneshot": "b:", "ar_torch_symm": "y:", "ar_nccl": "k:", "fused1_twoshot": "r:", "nccl_fused": "g:"}
+    styles = {"split3": "k-o", "split3_lib": "k--", "split2_best": "c-^", "fused1_best": "r-s",
+              "fused1_bf16_best": "m--s", "dispatched": "g-D", "floor": "b:", "ar_nccl": "y:", "nccl_fused": "g:"}
     for ax, h in zip(axes[0], hiddens):
         rows = summarize(results, h)
         ts = sorted(rows)
@@ -374,19 +414,40 @@ def plot(results, hiddens, path, title):
 
 def table(results, hidden) -> str:
     rows = summarize(results, hidden)
-    cols = ["ar_oneshot", "ar_torch_symm", "ar_nccl", "split3", "split2", "fused1", "fused1_bf16", "fused1_twoshot",
-            "nccl_fused", "dispatched"]
-    lines = ["| tokens | " + " | ".join(cols) + " | split3 from | fused1/split3 | fused1/floor | saving us | disp/split3 |",
-             "|" + "---|" * (len(cols) + 6)]
+    cols = ["floor", "ar_nccl", "split3", "split3_lib", "split2_best", "fused1_ll", "fused1", "fused1_twoshot",
+            "fused1_bf16_best", "nccl_fused", "dispatched"]
+    ratios = [("fused1_over_split3", "f1/split3"), ("fused1_over_split3_lib", "f1/split3_lib"),
+              ("fused1_over_floor", "f1/floor"), ("saving_us_vs_split3", "saved us"),
+              ("bf16_over_fused1", "bf16/f1"), ("dispatched_over_split3", "disp/split3")]
+    lines = ["| tokens | " + " | ".join(cols) + " | " + " | ".join(r[1] for r in ratios) + " | split3 from |",
+             "|" + "---|" * (len(cols) + len(ratios) + 2)]
     for t, r in rows.items():
         cells = [f"{r[c]:.1f}" if c in r else "-" for c in cols]
-        extra = [r.get("split3_from", "-").replace("split3_", ""),
-                 f"{r['fused1_over_split3']:.2f}" if "fused1_over_split3" in r else "-",
-                 f"{r['fused1_over_floor']:.2f}" if "fused1_over_floor" in r else "-",
-                 f"{r['saving_us']:.1f}" if "saving_us" in r else "-",
-                 f"{r['dispatched_over_split3']:.2f}" if "dispatched_over_split3" in r else "-"]
-        lines.append(f"| {t} | " + " | ".join(cells + extra) + " |")
+        cells += [f"{r[k]:.2f}" if k in r else "-" for k, _ in ratios]
+        cells.append(r.get("split3_from", "-").replace("split3_", ""))
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def finish(report: dict, out_dir: Path, stem: str) -> int:
+    results = report["results"]
+    hiddens = sorted({r["hidden"] for r in results})
+    try:
+        plot(results, hiddens, out_dir / f"{stem}.png",
+             f"{report['machine']['gpu']} x{report['machine']['world_size']}, TP={report['machine']['world_size']}, bf16")
+    except Exception as e:  # noqa: BLE001
+        print(f"plot failed: {e}", file=sys.stderr)
+    bad = [r for r in results if "skipped" not in r and not r.get("ok", False)]
+    for h in hiddens:
+        print(f"\nTP={report['machine']['world_size']}, hidden {h}, us per op (median of "
+              f"{report['settings']['replays']} graph replays, slowest rank):")
+        print(table(results, h))
+    print(f"\nchecks: {len(results) - len(bad)} ok or skipped, {len(bad)} failed or errored; barrier errors "
+          f"{report.get('barrier_errors')}")
+    for r in bad[:20]:
+        print("  FAILED", {k: r.get(k) for k in ("hidden", "tokens", "variant", "error", "q_err_in_fp8_steps",
+                                                 "rel_err_residual", "rel_err_scale", "rel_err_sum")})
+    return 0 if not bad else 1
 
 
 def main(argv=None) -> int:
@@ -395,10 +456,15 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--replays", type=int, default=100)
+    p.add_argument("--ll-max-tokens", type=int, default=2048, help="largest T the LL variants are measured at")
     p.add_argument("--world-size", type=int, default=None, help="default: every visible GPU")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="results file stem (default <gpu>_tp<W>)")
+    p.add_argument("--replot", default=None, help="only redo the plot and tables of an existing results file")
     args = p.parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        return finish(json.loads(path.read_text()), path.parent, path.stem)
     if args.replays < 100:
         print("note: fewer than 100 replays per median", file=sys.stderr)
     world = args.world_size or torch.cuda.device_count()
@@ -409,41 +475,24 @@ def main(argv=None) -> int:
     stem = args.name or f"{gpu}_tp{world}"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / f".{stem}.ranks.json"
-    t0 = time.time()
-    mp.start_processes(rank_main, args=(world, free_port(), args, str(raw)), nprocs=world, start_method="spawn")
-    per_rank = json.loads(raw.read_text())
-    raw.unlink()
-    results = merge(per_rank)
+    out_path = out_dir / f"{stem}.json"
     from vllm_rocm_fused.backends.cuda import dispatch
 
     report = {
-        "command": "PYTHONPATH=. python benchmarks/bench_fused_ar_rms_quant.py " + " ".join(sys.argv[1:]),
+        "command": "PYTHONPATH=. python benchmarks/bench_fused_ar_rms_quant.py " + " ".join(sys.argv[1:] if argv is None
+                                                                                         else argv),
         "machine": machine_info(world),
         "settings": {"rotations": ROTATIONS, "warmup_replays": WARMUP, "replays": args.replays, "eps": EPS,
                      "dtype": "bfloat16", "group_size": 128, "scale_layout": "row", "weight_offset": 1.0,
-                     "wall_s": round(time.time() - t0, 1)},
-        "dispatch_thresholds": {"oneshot_max_bytes": dispatch.ONESHOT_MAX_BYTES[world],
+                     "t0": time.time()},
+        "dispatch_thresholds": {"ll_max_bytes": dispatch.LL_MAX_BYTES[world],
+                                "oneshot_max_bytes": dispatch.ONESHOT_MAX_BYTES[world],
                                 "twoshot_max_bytes": dispatch.TWOSHOT_MAX_BYTES[world]},
-        "barrier_errors": [r["barrier_errors"] for r in per_rank],
-        "results": results,
-        "summary": {str(h): summarize(results, h) for h in args.hidden},
+        "results": [],
     }
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    try:
-        plot(results, args.hidden, out_dir / f"{stem}.png", f"{report['machine']['gpu']} x{world}, TP={world}, bf16")
-    except Exception as e:  # noqa: BLE001
-        print(f"plot failed: {e}", file=sys.stderr)
-    bad = [r for r in results if not r.get("ok", False)]
-    for h in args.hidden:
-        print(f"\nTP={world}, hidden {h}, us per op (median of {args.replays} graph replays, slowest rank):")
-        print(table(results, h))
-    print(f"\nchecks: {len(results) - len(bad)} ok, {len(bad)} failed or errored; barrier errors "
-          f"{report['barrier_errors']}")
-    for r in bad[:20]:
-        print("  FAILED", {k: r.get(k) for k in ("hidden", "tokens", "variant", "error", "q_err_in_fp8_steps",
-                                                 "rel_err_residual", "rel_err_scale", "rel_err_sum")})
-    return 0 if not bad else 1
+    mp.start_processes(rank_main, args=(world, free_port(), args, str(out_path), report), nprocs=world,
+                       start_method="spawn")
+    return finish(json.loads(out_path.read_text()), out_dir, stem)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import torch
 
 from vllm_rocm_fused.backends.cuda import backend as cuda_backend
 from vllm_rocm_fused.backends.cuda import dispatch
-from vllm_rocm_fused.backends.cuda.dispatch import LOCAL, ONE_SHOT, SPLIT, TWO_SHOT, SymmState, plan
+from vllm_rocm_fused.backends.cuda.dispatch import LOCAL, ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, SymmState, plan
 from vllm_rocm_fused.backends.cuda.workspace import ALIGN, layout, stage_bytes_for
 from vllm_rocm_fused.cli.doctor import HypotheticalCommunicator
 from vllm_rocm_fused.ops import backends
@@ -14,7 +14,7 @@ from vllm_rocm_fused.ops.backends import CallSpec
 from vllm_rocm_fused.ops.comm import Communicator
 
 TOKENS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-READY = SymmState(None, stage_elems=1 << 40, out_elems=1 << 40)
+READY = SymmState(None, stage_elems=1 << 40, out_elems=1 << 40, ll_elems=1 << 40)
 
 
 def spec(tokens=64, hidden=4096, world_size=2, *, quantize=True, dtype=torch.bfloat16, group_size=128,
@@ -56,7 +56,7 @@ def test_registered_and_reports_why_unavailable_here():
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_dispatch_by_size_for_every_world_size(world_size):
     previous = None
-    order = [LOCAL] if world_size == 1 else [ONE_SHOT, TWO_SHOT, SPLIT]
+    order = [LOCAL] if world_size == 1 else [ONE_SHOT_LL, ONE_SHOT, TWO_SHOT, SPLIT]
     for hidden in (2048, 4096, 5120):
         for t in TOKENS:
             p = plan(num_tokens=t, hidden=hidden, elem_bytes=2, world_size=world_size, group_size=128,
@@ -64,6 +64,8 @@ def test_dispatch_by_size_for_every_world_size(world_size):
             nbytes = t * hidden * 2
             if world_size == 1:
                 assert p.algo == LOCAL
+            elif nbytes <= dispatch.LL_MAX_BYTES[world_size]:
+                assert p.algo == ONE_SHOT_LL
             elif nbytes <= dispatch.ONESHOT_MAX_BYTES[world_size]:
                 assert p.algo == ONE_SHOT
             elif nbytes <= dispatch.TWOSHOT_MAX_BYTES[world_size]:
@@ -92,7 +94,7 @@ def test_world_sizes_4_and_8_use_two_shot_between_the_thresholds_and_2_never():
 def test_a_row_that_does_not_fit_the_fused_tile_takes_the_two_kernel_path():
     # 96-groups of a 12480-wide row pad to 256 x 128 = 32768 elements; the norm tile fits
     p = plan(num_tokens=4, hidden=12480, elem_bytes=2, world_size=2, group_size=96, quantize=True, symm=READY)
-    assert (p.algo, p.path, p.fused_quant) == (ONE_SHOT, "fused-2", False)
+    assert (p.algo, p.path, p.fused_quant) == (ONE_SHOT_LL, "fused-2", False)
     assert "register tile" in p.describe()
     big = plan(num_tokens=8192, hidden=12480, elem_bytes=2, world_size=2, group_size=96, quantize=True, symm=READY)
     assert (big.algo, big.path) == (SPLIT, "generic")
@@ -102,16 +104,20 @@ def test_a_row_that_does_not_fit_the_fused_tile_takes_the_two_kernel_path():
 
 def test_norm_only_sites_are_one_kernel():
     p = plan(num_tokens=8, hidden=4096, elem_bytes=2, world_size=2, group_size=128, quantize=False, symm=READY)
-    assert (p.algo, p.path) == (ONE_SHOT, "fused-1")
+    assert (p.algo, p.path) == (ONE_SHOT_LL, "fused-1")
 
 
 def test_unusable_or_small_workspace_falls_back_to_split_with_the_reason():
     p = plan(num_tokens=8, hidden=4096, elem_bytes=2, world_size=2, group_size=128, quantize=True,
              symm=SymmState("no symmetric workspace yet (capture)", 0, 0))
-    assert p.algo == SPLIT and "one-shot: no symmetric workspace yet" in p.describe()
-    small = SymmState(None, stage_elems=16 * 4096, out_elems=0)
-    p = plan(num_tokens=32, hidden=4096, elem_bytes=2, world_size=2, group_size=128, quantize=True, symm=small)
+    assert p.algo == SPLIT and "symmetric memory: no symmetric workspace yet" in p.describe()
+    t_one = dispatch.LL_MAX_BYTES[2] // (4096 * 2) * 2  # past the LL threshold, within one-shot's
+    small = SymmState(None, stage_elems=16 * 4096, out_elems=0, ll_elems=1 << 30)
+    p = plan(num_tokens=t_one, hidden=4096, elem_bytes=2, world_size=2, group_size=128, quantize=True, symm=small)
     assert p.algo == SPLIT and "staging buffer" in p.describe()
+    no_ll = SymmState(None, stage_elems=1 << 30, out_elems=0, ll_elems=0)
+    p = plan(num_tokens=2, hidden=4096, elem_bytes=2, world_size=2, group_size=128, quantize=True, symm=no_ll)
+    assert p.algo == ONE_SHOT and "LL buffer" in p.describe()
     t4 = dispatch.ONESHOT_MAX_BYTES[4] // (4096 * 2) * 2
     p = plan(num_tokens=t4, hidden=4096, elem_bytes=2, world_size=4, group_size=128, quantize=True,
              symm=SymmState(None, stage_elems=1 << 30, out_elems=4096))
@@ -154,7 +160,7 @@ def test_hypothetical_plans_for_doctor(sm90, world_size):
     b = cuda_backend.CudaBackend()
     comm = HypotheticalCommunicator("doctor", world_size, 0)
     small, large = spec(1, world_size=world_size), spec(8192, world_size=world_size)
-    assert b.describe(small, comm).startswith("fused-1: one-shot")
+    assert b.describe(small, comm).startswith("fused-1: LL one-shot")
     assert b.describe(large, comm).startswith("fused-2: NCCL all-reduce")
     assert b.describe(spec(8, world_size=1), None).startswith("fused-1: add + RMSNorm + group quant")
 
@@ -175,8 +181,11 @@ def test_workspace_state_decides_capture_behaviour(sm90):
 def test_workspace_layout(world_size, with_twoshot):
     stage = stage_bytes_for(world_size=world_size, hidden=4096, elem_bytes=2, max_tokens=8192,
                             symm_max_bytes=dispatch.symm_max_bytes(world_size))
-    lay = layout(world_size, stage, max_grid=132, with_twoshot=with_twoshot)
-    regions = [(lay.flags_off, 132 * world_size * 4), (lay.stage_off, 2 * lay.stage_bytes),
+    lay = layout(world_size, stage, max_grid=132, with_twoshot=with_twoshot,
+                 ll_bytes=dispatch.LL_MAX_BYTES[world_size])
+    assert 2 * lay.ll_words * 2 >= dispatch.LL_MAX_BYTES[world_size]  # LL words hold every input it is sent
+    regions = [(lay.flags_off, 132 * world_size * 4), (lay.ll_off, 2 * world_size * lay.ll_words * 8),
+               (lay.stage_off, 2 * lay.stage_bytes),
                (lay.out_q_off, 2 * lay.out_elems), (lay.out_res_off, 4 * lay.out_elems),
                (lay.out_normed_off, 4 * lay.out_elems), (lay.out_scale_off, 2 * (lay.out_elems // 16) * 4)]
     end = 0

@@ -27,6 +27,8 @@ from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant  # noqa:
 from vllm_rocm_fused.kernels.group_quant import group_quant  # noqa: E402
 from vllm_rocm_fused.kernels.launch import empty_outputs  # noqa: E402
 from vllm_rocm_fused.kernels.oneshot_ar_norm_quant import oneshot_all_reduce, oneshot_ar_norm_quant  # noqa: E402
+from vllm_rocm_fused.kernels.oneshot_ll_ar_norm_quant import oneshot_ll_all_reduce  # noqa: E402
+from vllm_rocm_fused.kernels.oneshot_ll_ar_norm_quant import oneshot_ll_ar_norm_quant  # noqa: E402
 from vllm_rocm_fused.kernels.twoshot_ar_norm_quant import twoshot_ar_norm_quant  # noqa: E402
 from vllm_rocm_fused.ops.reference import group_quant as ref_group_quant  # noqa: E402
 from vllm_rocm_fused.ops.reference import norm_quant_reference  # noqa: E402
@@ -142,9 +144,17 @@ def run_ranks(fn_per_phase, world, phases):
 
 
 def case_oneshot():
+    return _oneshot_cases(oneshot_ar_norm_quant, oneshot_all_reduce)
+
+
+def case_oneshot_ll():
+    return _oneshot_cases(oneshot_ll_ar_norm_quant, oneshot_ll_all_reduce)
+
+
+def _oneshot_cases(kernel, bare_kernel):
     n = 0
     for world in (2, 4, 8):
-        peers = emulated_peers(world, stage_cap=9 * 256, dtype=DT, max_grid=4)
+        peers = emulated_peers(world, stage_cap=9 * 256, ll_cap=9 * 128, dtype=DT, max_grid=4)
         calls = 0
         for t, h, layout, emit, has_res, quantize in [(1, 256, "row", True, True, True), (5, 128, "col", False, True, True),
                                                       (9, 256, "row", False, False, True), (7, 256, "col", True, True, False),
@@ -158,21 +168,22 @@ def case_oneshot():
                 poison(o)
 
             def step(r, ph):
-                oneshot_ar_norm_quant(xs[r], res, w, EPS, peers[r], weight_offset=1.0, quantize=quantize,
-                                      emit_normed=emit, scale_layout=layout, phase=ph, outputs=outs[r])
+                kernel(xs[r], res, w, EPS, peers[r], weight_offset=1.0, quantize=quantize,
+                       emit_normed=emit, scale_layout=layout, phase=ph, outputs=outs[r])
 
             run_ranks(step, world, (1, 2))
             calls += 1
             for r in range(world):
                 check(outs[r], ref, quantize=quantize, emit=emit, group_size=128,
-                      what=f"one-shot W={world} rank {r} {t}x{h} {layout}")
+                      what=f"{kernel.__name__} W={world} rank {r} {t}x{h} {layout}")
                 assert int(peers[r].ctl[0]) == calls, "call counter did not advance once per call"
                 assert int(peers[r].ctl[1]) == 0, "ticket not reset"
+                assert int(peers[r].ctl[2]) == 0, "a wait found data missing"
             n += 1
         # the bare all-reduce (the benchmark's floor) on the same workspace
         xs, _, _ = inputs(world, 6, 256, seed=999)
         outs = [torch.empty(6, 256, dtype=DT) for _ in range(world)]
-        run_ranks(lambda r, ph: oneshot_all_reduce(xs[r], peers[r], phase=ph, out=outs[r]), world, (1, 2))
+        run_ranks(lambda r, ph: bare_kernel(xs[r], peers[r], phase=ph, out=outs[r]), world, (1, 2))
         want = sum(x.float() for x in xs).to(DT)
         for r in range(world):
             assert torch.equal(outs[r], want), f"bare all-reduce W={world} rank {r}"
@@ -214,7 +225,7 @@ def case_twoshot():
 def main() -> int:
     torch.manual_seed(0)
     total = 0
-    for case in (case_single, case_group_quant, case_oneshot, case_twoshot):
+    for case in (case_single, case_group_quant, case_oneshot, case_oneshot_ll, case_twoshot):
         k = case()
         print(f"{case.__name__}: {k} cases ok", flush=True)
         total += k

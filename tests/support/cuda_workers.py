@@ -66,9 +66,10 @@ def multi_gpu_rank(rank, world_size, port, quick):
                             device_id=dev)
     from support.oracle import assert_matches_oracle
     from vllm_rocm_fused.backends.cuda import backend as cb
-    from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, SPLIT, TWO_SHOT, Plan
+    from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, Plan
     from vllm_rocm_fused.kernels.launch import empty_outputs
     from vllm_rocm_fused.kernels.oneshot_ar_norm_quant import oneshot_all_reduce, oneshot_ar_norm_quant
+    from vllm_rocm_fused.kernels.oneshot_ll_ar_norm_quant import oneshot_ll_all_reduce, oneshot_ll_ar_norm_quant
     from vllm_rocm_fused.kernels.twoshot_ar_norm_quant import twoshot_ar_norm_quant
     from vllm_rocm_fused.ops import backends, fused_allreduce_rmsnorm_quant
     from vllm_rocm_fused.ops.comm import communicator_for_group
@@ -106,11 +107,12 @@ def multi_gpu_rank(rank, world_size, port, quick):
     comm = communicator_for_group(world)
     backend = cb.CudaBackend()
 
-    # the workspace first, with the two-shot region so every algorithm can be forced
+    # the workspace first, with the two-shot region and a large LL region, so every
+    # algorithm can be forced at every size tested
     x0, r0, w0 = rank_inputs(world_size, 4, 4096, 1)
     spec0 = make_spec(x0[rank], r0, world_size=world_size, group_size=128, weight_offset=1.0, emit_bf16=False,
                       scale_layout="row", quant_dtype=FP8, quantize=True)
-    ws = cb.ensure_workspace(comm, spec0, with_twoshot=True)
+    ws = cb.ensure_workspace(comm, spec0, with_twoshot=True, ll_bytes=8 << 20)
     assert ws is not None, cb._state(comm).failed
 
     # 1. the public op (auto dispatch), many shapes, fresh inputs
@@ -138,7 +140,9 @@ def multi_gpu_rank(rank, world_size, port, quick):
         run_case(f"auto {t}x{h}", case)
 
     # 2. every algorithm and path forced, both layouts, norm-only too
-    forced = [(Plan(ONE_SHOT, "fused-1", True), True), (Plan(ONE_SHOT, "fused-2", False), True),
+    forced = [(Plan(ONE_SHOT_LL, "fused-1", True), True), (Plan(ONE_SHOT_LL, "fused-2", False), True),
+              (Plan(ONE_SHOT_LL, "fused-1", False), False),
+              (Plan(ONE_SHOT, "fused-1", True), True), (Plan(ONE_SHOT, "fused-2", False), True),
               (Plan(TWO_SHOT, "fused-1", True), True), (Plan(TWO_SHOT, "fused-2", False), True),
               (Plan(SPLIT, "fused-2", True), True), (Plan(SPLIT, "generic", False), True),
               (Plan(ONE_SHOT, "fused-1", False), False), (Plan(TWO_SHOT, "fused-1", False), False),
@@ -161,7 +165,7 @@ def multi_gpu_rank(rank, world_size, port, quick):
 
     # 3. every output element written (poisoned outputs), one-shot and two-shot kernels
     for t in (1, 5, 130):
-        for kernel in (oneshot_ar_norm_quant, twoshot_ar_norm_quant):
+        for kernel in (oneshot_ll_ar_norm_quant, oneshot_ar_norm_quant, twoshot_ar_norm_quant):
             def case(t=t, kernel=kernel):
                 xs, res, w = rank_inputs(world_size, t, 5120, fresh())
                 for quantize, emit, layout in [(True, True, "row"), (True, False, "col"), (False, True, "row")]:
@@ -176,10 +180,11 @@ def multi_gpu_rank(rank, world_size, port, quick):
             run_case(f"poisoned {kernel.__name__} T={t}", case)
 
     def bare():
-        xs, _, _ = rank_inputs(world_size, 37, 4096, fresh())
-        out = oneshot_all_reduce(xs[rank], ws.peers(torch.bfloat16))
-        assert torch.equal(out, exact_sum(xs).to(torch.bfloat16))
-    run_case("bare one-shot all-reduce", bare)
+        for fn in (oneshot_all_reduce, oneshot_ll_all_reduce):
+            xs, _, _ = rank_inputs(world_size, 37, 4096, fresh())
+            out = fn(xs[rank], ws.peers(torch.bfloat16))
+            assert torch.equal(out, exact_sum(xs).to(torch.bfloat16)), fn.__name__
+    run_case("bare one-shot all-reduces", bare)
 
     # 4. fp16 input
     def fp16():
@@ -266,12 +271,20 @@ def multi_gpu_rank(rank, world_size, port, quick):
         oracle_check(eager, xs, res, w, algo=ONE_SHOT, offset=1.0, emit=False, layout="row")
     run_case("first call under capture", capture_first)
 
-    # 8. stress: many back-to-back calls of changing sizes, every result checked
+    # 8. stress: many back-to-back calls of changing sizes and algorithms (LL, pull,
+    # two-shot share one call counter and buffer halves), every result checked
     def stress():
-        sizes = [1, 5, 300, 64, 2, 1000, 3]
-        for it in range(12 if quick else 40):
+        sizes = [1, 5, 300, 64, 2, 1000, 3, 129]
+        for it in range(16 if quick else 48):
             t = sizes[it % len(sizes)]
             xs, res, w = rank_inputs(world_size, t, 4096, fresh())
+            if it % 3 == 2:
+                spec = make_spec(xs[rank], res, world_size=world_size, group_size=128, weight_offset=1.0,
+                                 emit_bf16=False, scale_layout="row", quant_dtype=FP8, quantize=True)
+                out = FusedNormQuantOutput(*cb.execute(Plan(TWO_SHOT, "fused-1", True), xs[rank], res, w, EPS, comm,
+                                                       spec, ws))
+                oracle_check(out, xs, res, w, algo=TWO_SHOT, offset=1.0, emit=False, layout="row")
+                continue
             out = fused_allreduce_rmsnorm_quant(xs[rank], res, w, EPS, group=world, weight_offset=1.0,
                                                 emit_bf16=bool(it % 2))
             oracle_check(out, xs, res, w, algo=ONE_SHOT, offset=1.0, emit=bool(it % 2), layout="row")

@@ -29,7 +29,7 @@ from .launch import MAX_TILE, empty_outputs, norm_tile, quant_constants, row_til
 from .row_math import add_rmsnorm, row_tile as tile_offsets, store_row_outputs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_st", "scale_sg"])
 def _add_rmsnorm_quant_kernel(
     h_ptr, res_ptr, w_ptr, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
     hidden, n_groups, eps, weight_offset, scale_st, scale_sg,

@@ -26,7 +26,7 @@ from .row_math import group_quant as quant_tile
 _TILE = 8192
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_st", "scale_sg"])
 def _group_quant_kernel(
     x_ptr, q_ptr, scale_ptr, hidden, n_groups, scale_st, scale_sg,
     CHUNK: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr,

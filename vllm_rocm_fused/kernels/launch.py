@@ -87,6 +87,8 @@ class SymmPeers:
     ctl:     local int32 control words (row_math.CTL_*), max_grid epochs after them
     out_*:   two-shot only: W flat tensors, 2 * out_cap elements each (q: fp8, res/normed:
              x dtype) and 2 * (out_cap // 16) float32 scales; None when not allocated
+    ll:      LL kernel only: W int64 tensors of 2 halves x W source slots x ll_cap words
+             (a word carries two 16-bit elements and a flag); None when not allocated
     """
 
     rank: int
@@ -101,6 +103,8 @@ class SymmPeers:
     out_normed: tuple | None = None
     out_scale: tuple | None = None
     out_cap: int = 0
+    ll: tuple | None = None
+    ll_cap: int = 0
 
     @property
     def scale_cap(self) -> int:

@@ -40,7 +40,7 @@ from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
 # then phase 2, which is what the barrier orders on real GPUs.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "scale_st", "scale_sg"])
 def _oneshot_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, normed_ptr, q_ptr, scale_ptr,
     stage, flags, ctl_ptr,
@@ -69,7 +69,7 @@ def _oneshot_kernel(
             base = tl.cast(row, tl.int64) * hidden
             acc = tl.zeros((NG_P2, GS), dtype=tl.float32)
             for p in tl.static_range(W):
-                acc += tl.load(stage[p] + half + base + offs, mask=mask, other=0.0).to(tl.float32)
+                acc += tl.load(stage[p] + half + base + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
             if NORM:
                 if HAS_RES:
                     res = tl.load(res_ptr + base + offs, mask=mask, other=0.0)

@@ -20,8 +20,11 @@ Protocol (the same idea as vLLM's custom all-reduce flags, plus double buffering
   so all blocks of one call agree. Call n+2 reuses call n's half only after call n+1's
   barrier, which each peer reaches only after its call n finished reading (stream order).
   Hence: one workspace, one stream (calls on two streams could overlap).
-* A wait gives up after ``MAX_SPIN`` polls (tens of seconds) and counts in
+* A wait gives up after WAIT_TIMEOUT_NS (60 s of %globaltimer) and counts in
   ``ctl[CTL_ERRORS]`` instead of hanging the GPU; tests and the benchmark check it is 0.
+
+* Memory that peers write (staging, output regions) is read with ``.cg`` loads (L2, not
+  the SM's L1, which is not coherent with writes from other GPUs).
 
 Uses inline PTX (GPU only): the kernels' emulation phases for the Triton interpreter
 skip these functions.
@@ -34,10 +37,10 @@ import triton.language as tl
 
 from .row_math import CTL_CALLS, CTL_EPOCHS, CTL_ERRORS, CTL_TICKET
 
-# Polls before a barrier wait gives up (each poll is a sys-scope acquire load, roughly
-# 0.3-1 us): 10-30 s, longer than a peer JIT-compiling the same kernel takes.
-# The literal sits in _wait_reach's PTX; keep the two in step.
-MAX_SPIN = 1 << 25
+# How long a wait polls before it gives up: far longer than a peer JIT-compiling the same
+# kernel takes (a poll-count bound is not: polls of local memory are fast). The literal sits
+# in _wait_reach's PTX; keep the two in step.
+WAIT_TIMEOUT_NS = 60_000_000_000
 
 
 @triton.jit
@@ -49,27 +52,36 @@ def _store_release_sys(ptr, value):
 
 @triton.jit
 def _wait_reach(ptr, epoch):
-    """Spin until the int32 at ptr reaches epoch (wrapping compare), at most
-    MAX_SPIN polls; returns value - epoch (< 0 if it gave up)."""
+    """Spin until the int32 at ptr reaches epoch (wrapping compare), for at most
+    WAIT_TIMEOUT_NS of %globaltimer; returns value - epoch (< 0 if it gave up)."""
     return tl.inline_asm_elementwise(
         """
         {
             .reg .pred %p_ok;
-            .reg .b32 %v, %n, %d;
-            mov.b32 %n, 0;
+            .reg .b32 %v, %d;
+            .reg .u64 %t0, %t1;
+            mov.u64 %t0, %globaltimer;
         wait_loop:
             ld.acquire.sys.global.b32 %v, [$1];
             sub.s32 %d, %v, $2;
             setp.ge.s32 %p_ok, %d, 0;
             @%p_ok bra wait_done;
-            add.s32 %n, %n, 1;
-            setp.lt.s32 %p_ok, %n, 33554432;
+            mov.u64 %t1, %globaltimer;
+            sub.u64 %t1, %t1, %t0;
+            setp.lt.u64 %p_ok, %t1, 60000000000;
             @%p_ok bra wait_loop;
         wait_done:
             mov.b32 $0, %d;
         }
         """,
         "=r,l,r", [ptr, epoch], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def global_timer_ns():
+    """%globaltimer (ns), for the time-outs of polling loops."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.uint64, is_pure=False,
+                                     pack=1)
 
 
 @triton.jit

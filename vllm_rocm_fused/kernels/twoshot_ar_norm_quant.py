@@ -36,7 +36,7 @@ from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
 # 1 = copy-in, 2 = reduce + publish, 3 = gather (+ parity), each run on every rank in turn.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "chunk", "scale_st", "scale_sg"])
 def _twoshot_kernel(
     x_ptr, res_ptr, w_ptr, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
     stage, flags, ctl_ptr, o_q, o_res, o_normed, o_scale,
@@ -74,7 +74,7 @@ def _twoshot_kernel(
             m = mask & (row < n_rows)
             acc = tl.zeros((NG_P2, GS), dtype=tl.float32)
             for p in tl.static_range(W):
-                acc += tl.load(stage[p] + half + base + offs, mask=m, other=0.0).to(tl.float32)
+                acc += tl.load(stage[p] + half + base + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
             if HAS_RES:
                 res = tl.load(res_ptr + base + offs, mask=m, other=0.0)
             else:
@@ -106,14 +106,14 @@ def _twoshot_kernel(
                     row = p * chunk + j
                     base = tl.cast(row, tl.int64) * hidden
                     m = mask & (row < n_rows)
-                    tl.store(res_out_ptr + base + offs, tl.load(o_res[p] + ohalf + slot + offs, mask=m), mask=m)
+                    tl.store(res_out_ptr + base + offs, tl.load(o_res[p] + ohalf + slot + offs, mask=m, cache_modifier=".cg"), mask=m)
                     if EMIT:
                         tl.store(normed_ptr + base + offs,
-                                 tl.load(o_normed[p] + ohalf + slot + offs, mask=m), mask=m)
+                                 tl.load(o_normed[p] + ohalf + slot + offs, mask=m, cache_modifier=".cg"), mask=m)
                     if QUANT:
-                        tl.store(q_ptr + base + offs, tl.load(o_q[p] + ohalf + slot + offs, mask=m), mask=m)
+                        tl.store(q_ptr + base + offs, tl.load(o_q[p] + ohalf + slot + offs, mask=m, cache_modifier=".cg"), mask=m)
                         sm = gmask & (row < n_rows)
-                        sc = tl.load(o_scale[p] + shalf + tl.cast(j, tl.int64) * n_groups + g, mask=sm)
+                        sc = tl.load(o_scale[p] + shalf + tl.cast(j, tl.int64) * n_groups + g, mask=sm, cache_modifier=".cg")
                         tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g * scale_sg, sc, mask=sm)
         finish_call(ctl_ptr, calls)
 

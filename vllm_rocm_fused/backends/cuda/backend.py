@@ -29,7 +29,7 @@ from ...log import get_logger, log_once
 from ...ops.backends import Backend, CallSpec
 from ...ops.comm import Communicator, ProcessGroupCommunicator
 from . import dispatch
-from .dispatch import LOCAL, ONE_SHOT, SPLIT, TWO_SHOT, Plan, SymmState
+from .dispatch import LOCAL, ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, Plan, SymmState
 
 logger = get_logger("cuda")
 
@@ -95,6 +95,11 @@ def _with_twoshot(world_size: int) -> bool:
     return dispatch.TWOSHOT_MAX_BYTES.get(world_size, 0) > 0
 
 
+def _ll_bytes(spec: CallSpec) -> int:
+    """LL region size: what the dispatch sends through it, capped by the declared max tokens."""
+    return min(dispatch.ll_max_bytes(spec.world_size), envs.max_tokens() * spec.hidden * _elem_bytes(spec.dtype))
+
+
 def symm_state(spec: CallSpec, comm: Communicator) -> SymmState:
     """The planner's view of the communicator's workspace for this call."""
     from .workspace import layout
@@ -102,27 +107,39 @@ def symm_state(spec: CallSpec, comm: Communicator) -> SymmState:
     elem = _elem_bytes(spec.dtype)
     if _is_hypothetical(comm):
         lay = layout(spec.world_size, _desired_stage_bytes(spec), max_grid=132,
-                     with_twoshot=_with_twoshot(spec.world_size))
-        return SymmState(None, lay.stage_bytes // elem, lay.out_elems)
+                     with_twoshot=_with_twoshot(spec.world_size), ll_bytes=_ll_bytes(spec))
+        return _symm(lay, elem)
     st = _state(comm)
     if st.failed is not None:
         return SymmState(f"symmetric memory setup failed: {st.failed}", 0, 0)
     ws = st.workspace
-    if ws is not None and ws.layout.stage_bytes >= _desired_stage_bytes(spec):
-        return SymmState(None, ws.layout.stage_bytes // elem, ws.layout.out_elems)
+    if ws is not None and not _too_small(ws, spec):
+        return _symm(ws.layout, elem)
     if spec.capturing:
         if ws is None:
             return SymmState("no symmetric workspace yet (the group's first call was under CUDA-graph capture)", 0, 0)
-        return SymmState(None, ws.layout.stage_bytes // elem, ws.layout.out_elems)
+        return _symm(ws.layout, elem)
     # an eager call creates (or grows) the workspace before it runs
-    from .workspace import layout as _layout
+    lay = layout(spec.world_size, _desired_stage_bytes(spec), max_grid=1, with_twoshot=_with_twoshot(spec.world_size),
+                 ll_bytes=_ll_bytes(spec))
+    return _symm(lay, elem)
 
-    lay = _layout(spec.world_size, _desired_stage_bytes(spec), max_grid=1, with_twoshot=_with_twoshot(spec.world_size))
-    return SymmState(None, lay.stage_bytes // elem, lay.out_elems)
+
+def _symm(lay, elem: int) -> SymmState:
+    return SymmState(None, lay.stage_bytes // elem, lay.out_elems, 4 * lay.ll_words // elem)
+
+
+def _too_small(ws, spec: CallSpec, *, stage_bytes: int | None = None, with_twoshot: bool | None = None,
+               ll_bytes: int | None = None) -> bool:
+    lay = ws.layout
+    want_stage = stage_bytes if stage_bytes is not None else _desired_stage_bytes(spec)
+    want_two = _with_twoshot(spec.world_size) if with_twoshot is None else with_twoshot
+    want_ll = _ll_bytes(spec) if ll_bytes is None else ll_bytes
+    return lay.stage_bytes < want_stage or (want_two and lay.out_elems == 0) or 4 * lay.ll_words < want_ll
 
 
 def ensure_workspace(comm: Communicator, spec: CallSpec, *, stage_bytes: int | None = None,
-                     with_twoshot: bool | None = None):
+                     with_twoshot: bool | None = None, ll_bytes: int | None = None):
     """Create (or grow) the communicator's workspace; collective, eager only. Returns it,
     or None if setup failed (then ``failed`` holds why, on every rank alike)."""
     from .workspace import SymmWorkspace
@@ -130,15 +147,21 @@ def ensure_workspace(comm: Communicator, spec: CallSpec, *, stage_bytes: int | N
     st = _state(comm)
     if st.failed is not None:
         return None
-    want = stage_bytes if stage_bytes is not None else _desired_stage_bytes(spec)
-    two = _with_twoshot(spec.world_size) if with_twoshot is None else with_twoshot
     ws = st.workspace
-    if ws is not None and ws.layout.stage_bytes >= want and (ws.layout.out_elems > 0 or not two):
+    if ws is not None and not _too_small(ws, spec, stage_bytes=stage_bytes, with_twoshot=with_twoshot,
+                                         ll_bytes=ll_bytes):
         return ws
     if spec.capturing:
         return ws
+    want = stage_bytes if stage_bytes is not None else _desired_stage_bytes(spec)
+    two = _with_twoshot(spec.world_size) if with_twoshot is None else with_twoshot
+    ll = _ll_bytes(spec) if ll_bytes is None else ll_bytes
+    if ws is not None:  # grow: never smaller than what the old one had
+        want = max(want, ws.layout.stage_bytes)
+        two = two or ws.layout.out_elems > 0
+        ll = max(ll, 4 * ws.layout.ll_words)
     try:
-        new = SymmWorkspace.create(comm.process_group, spec.device, stage_bytes=want, with_twoshot=two)
+        new = SymmWorkspace.create(comm.process_group, spec.device, stage_bytes=want, with_twoshot=two, ll_bytes=ll)
     except Exception as e:  # noqa: BLE001 - the same on every rank (create agrees first)
         st.failed = f"{type(e).__name__}: {e}"
         log_once(logger, logging.WARNING, f"cuda-symm-failed:{comm.name}",
@@ -244,6 +267,7 @@ def execute(plan: Plan, x, residual, weight, eps, comm, spec: CallSpec, ws):
     from ...kernels.add_rmsnorm_quant import add_rmsnorm_quant
     from ...kernels.group_quant import group_quant
     from ...kernels.oneshot_ar_norm_quant import oneshot_ar_norm_quant
+    from ...kernels.oneshot_ll_ar_norm_quant import oneshot_ll_ar_norm_quant
     from ...kernels.twoshot_ar_norm_quant import twoshot_ar_norm_quant
 
     x = x.contiguous()
@@ -253,8 +277,9 @@ def execute(plan: Plan, x, residual, weight, eps, comm, spec: CallSpec, ws):
                   quant_dtype=spec.quant_dtype)
     fuse = plan.fused_quant or not spec.quantize
 
-    if plan.algo in (ONE_SHOT, TWO_SHOT):
-        kernel = oneshot_ar_norm_quant if plan.algo == ONE_SHOT else twoshot_ar_norm_quant
+    if plan.algo in (ONE_SHOT_LL, ONE_SHOT, TWO_SHOT):
+        kernel = {ONE_SHOT_LL: oneshot_ll_ar_norm_quant, ONE_SHOT: oneshot_ar_norm_quant,
+                  TWO_SHOT: twoshot_ar_norm_quant}[plan.algo]
         peers = ws.peers(x.dtype)
         if fuse:
             return kernel(x, residual, weight, eps, peers, quantize=spec.quantize,
@@ -282,9 +307,10 @@ def execute(plan: Plan, x, residual, weight, eps, comm, spec: CallSpec, ws):
 def dispatch_summary() -> dict[str, str]:
     rows = {}
     for w in (2, 4, 8):
+        ll = dispatch.LL_MAX_BYTES[w]
         one = dispatch.ONESHOT_MAX_BYTES[w]
         two = dispatch.TWOSHOT_MAX_BYTES[w]
-        text = f"one-shot <= {one >> 10} KiB"
+        text = f"LL one-shot <= {ll >> 10} KiB, one-shot <= {one >> 10} KiB"
         if two > one:
             text += f", two-shot <= {two >> 10} KiB"
         text += ", NCCL + fused norm/quant above"

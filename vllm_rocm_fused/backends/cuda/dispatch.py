@@ -3,6 +3,8 @@ host-side facts (the CallSpec and the workspace's state), identical on every ran
 
 Algorithms:
   local     no group (TP=1): one fused add + RMSNorm + group-quant kernel;
+  one-shot-ll  every rank writes its input, flag in each word, into every peer's buffer,
+            and sums what it receives, in one fused kernel (lowest latency, 2x the bytes);
   one-shot  every rank reads all peers' inputs (symmetric memory) in one fused kernel;
   two-shot  reduce-scatter, norm + quant of the owned rows, all-gather, in one kernel;
   split     the communicator's all-reduce (NCCL), then one fused add + RMSNorm + quant
@@ -23,20 +25,27 @@ from dataclasses import dataclass
 
 from ...kernels.launch import MAX_TILE, norm_tile, row_tile
 
-LOCAL, ONE_SHOT, TWO_SHOT, SPLIT = "local", "one-shot", "two-shot", "split"
+LOCAL, ONE_SHOT_LL, ONE_SHOT, TWO_SHOT, SPLIT = "local", "one-shot-ll", "one-shot", "two-shot", "split"
 
 WORLD_SIZES = (2, 3, 4, 5, 6, 7, 8)
 
-# Largest input (T * H * element bytes) that goes through the one-shot kernel; larger
-# inputs use two-shot up to TWOSHOT_MAX_BYTES, then the split algorithm.
+# Largest input (T * H * element bytes) that goes through the LL one-shot kernel, then the
+# pull one-shot kernel; larger inputs use two-shot up to TWOSHOT_MAX_BYTES, then the split
+# algorithm.
 # TP=2: measured on the H200 pair (see the results file).
 # TP=4/8: estimates (one-shot reads (W-1)x the input over NVLink; two-shot ~5 bytes per
 # element whatever W), pending measurements on 4/8-GPU machines.
+LL_MAX_BYTES: dict[int, int] = {2: 1 << 20, 3: 1 << 20, 4: 512 << 10, 5: 512 << 10, 6: 256 << 10, 7: 256 << 10,
+                                8: 256 << 10}
 ONESHOT_MAX_BYTES: dict[int, int] = {2: 8 << 20, 3: 4 << 20, 4: 2 << 20, 5: 1 << 20, 6: 1 << 20,
                                      7: 512 << 10, 8: 512 << 10}
 TWOSHOT_MAX_BYTES: dict[int, int] = {2: 0, 3: 0, 4: 16 << 20, 5: 16 << 20, 6: 16 << 20,
                                      7: 16 << 20, 8: 16 << 20}
 MEASURED_WORLD_SIZES = (2,)
+
+
+def ll_max_bytes(world_size: int) -> int:
+    return LL_MAX_BYTES.get(world_size, 0)
 
 
 def symm_max_bytes(world_size: int) -> int:
@@ -50,12 +59,13 @@ class SymmState:
 
     usable: None when the workspace exists (or will be created by this eager call, or
     is hypothetical), else the reason it cannot be used now.
-    stage_elems / out_elems: its capacities in elements of the call's dtype
-    (out_elems 0 = no two-shot region)."""
+    stage_elems / out_elems / ll_elems: its capacities in elements of the call's dtype
+    (out_elems 0 = no two-shot region, ll_elems 0 = no LL region)."""
 
     unusable: str | None
     stage_elems: int
     out_elems: int
+    ll_elems: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,8 @@ class Plan:
     def describe(self) -> str:
         what = {
             LOCAL: "add + RMSNorm" + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
+            ONE_SHOT_LL: "LL one-shot symmetric-memory all-reduce + add + RMSNorm"
+                         + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
             ONE_SHOT: "one-shot symmetric-memory all-reduce + add + RMSNorm"
                       + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
             TWO_SHOT: "two-shot symmetric-memory all-reduce + add + RMSNorm"
@@ -109,31 +121,43 @@ def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, grou
         return Plan(LOCAL, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes))
 
     nbytes = num_tokens * hidden * elem_bytes
+    ll_max = LL_MAX_BYTES.get(world_size, 0)
     one_max = ONESHOT_MAX_BYTES.get(world_size, 0)
     two_max = TWOSHOT_MAX_BYTES.get(world_size, 0)
     group = group_size if fused_quant else norm_tile(hidden).group
     algo = None
-    if nbytes <= one_max:
-        why = symm.unusable or _stage_reason(num_tokens, hidden, symm)
+    if symm.unusable is not None and nbytes <= max(ll_max, one_max, two_max):
+        notes.append(f"symmetric memory: {symm.unusable}")
+    elif nbytes <= ll_max and _ll_reason(num_tokens, hidden, symm) is None:
+        algo = ONE_SHOT_LL
+    elif nbytes <= one_max:
+        if nbytes <= ll_max:
+            notes.append(f"one-shot-ll: {_ll_reason(num_tokens, hidden, symm)}")
+        why = _stage_reason(num_tokens, hidden, symm)
         if why is None:
             algo = ONE_SHOT
         else:
             notes.append(f"one-shot: {why}")
     elif nbytes <= two_max:
-        why = symm.unusable or _stage_reason(num_tokens, hidden, symm) or _out_reason(
-            num_tokens, hidden, group, world_size, symm)
+        why = _stage_reason(num_tokens, hidden, symm) or _out_reason(num_tokens, hidden, group, world_size, symm)
         if why is None:
             algo = TWO_SHOT
         else:
             notes.append(f"two-shot: {why}")
     else:
-        limit = max(one_max, two_max)
+        limit = max(ll_max, one_max, two_max)
         notes.append(f"{nbytes} input bytes > {limit}: NCCL wins at this size"
                      + ("" if world_size in MEASURED_WORLD_SIZES else " (estimate, TP not measured)"))
     if algo is None:
         path = "fused-2" if fused_quant or not quantize else "generic"
         return Plan(SPLIT, path, fused_quant, tuple(notes))
     return Plan(algo, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes))
+
+
+def _ll_reason(tokens: int, hidden: int, symm: SymmState) -> str | None:
+    if tokens * hidden > symm.ll_elems:
+        return f"{tokens} x {hidden} elements exceed the LL buffer ({symm.ll_elems})"
+    return None
 
 
 def _stage_reason(tokens: int, hidden: int, symm: SymmState) -> str | None:

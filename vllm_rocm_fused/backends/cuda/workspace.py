@@ -4,6 +4,7 @@ One ``torch.distributed._symmetric_memory`` allocation per communicator (P2P pee
 mappings only; multicast is never requested), carved into 256-byte aligned regions:
 
     flags      int32 [max_grid * W]          barrier flags peers write into
+    ll         2 halves x W slots x ll_words  LL receive buffer (int64 words: data + flag)
     stage      2 halves x stage_bytes         input staging (call parity picks the half)
     out_q      2 x out_elems bytes            two-shot outputs of the owned rows
     out_res    2 x out_elems x 2 bytes
@@ -45,7 +46,9 @@ class Layout:
     max_grid: int
     stage_bytes: int  # per half
     out_elems: int  # per half; 0 = no two-shot region
+    ll_words: int  # per half and source rank; 0 = no LL region
     flags_off: int
+    ll_off: int
     stage_off: int
     out_q_off: int
     out_res_off: int
@@ -57,19 +60,23 @@ class Layout:
         return self.stage_bytes // elem_bytes
 
 
-def layout(world_size: int, stage_bytes: int, *, max_grid: int, with_twoshot: bool,
+def layout(world_size: int, stage_bytes: int, *, max_grid: int, with_twoshot: bool, ll_bytes: int = 0,
            max_hidden: int = 16384) -> Layout:
     """Offsets and total size. The two-shot region holds ceil(T / W) rows for any T whose
-    input fits the staging half: stage_elems / W + max_hidden elements."""
+    input fits the staging half: stage_elems / W + max_hidden elements. The LL region
+    takes inputs of up to ll_bytes (16-bit elements, two per 8-byte word)."""
     if not 2 <= world_size <= 8:
         raise ValueError(f"world_size must be in [2, 8], got {world_size}")
     if not 1 <= max_grid <= MAX_GRID:
         raise ValueError(f"max_grid must be in [1, {MAX_GRID}], got {max_grid}")
     stage_bytes = _align(max(stage_bytes, ALIGN))
     out_elems = _align(stage_bytes // _ELEM // world_size + max_hidden) if with_twoshot else 0
+    ll_words = _align(ll_bytes) // 4 if ll_bytes > 0 else 0
     off = 0
     flags_off = off
     off += _align(max_grid * world_size * 4)
+    ll_off = off
+    off += 2 * world_size * ll_words * 8
     stage_off = off
     off += 2 * stage_bytes
     out_q_off = off
@@ -80,7 +87,7 @@ def layout(world_size: int, stage_bytes: int, *, max_grid: int, with_twoshot: bo
     off += 2 * out_elems * _ELEM
     out_scale_off = off
     off += _align(2 * (out_elems // 16) * 4)
-    return Layout(world_size, max_grid, stage_bytes, out_elems, flags_off, stage_off, out_q_off,
+    return Layout(world_size, max_grid, stage_bytes, out_elems, ll_words, flags_off, ll_off, stage_off, out_q_off,
                   out_res_off, out_normed_off, out_scale_off, off)
 
 
@@ -107,16 +114,18 @@ class SymmWorkspace:
         self._peers: dict[torch.dtype, SymmPeers] = {}
 
     @classmethod
-    def create(cls, group, device: torch.device, *, stage_bytes: int, with_twoshot: bool) -> "SymmWorkspace":
-        """Collective: allocate, rendezvous, zero the flags, agree on success and grid size.
-        Raises RuntimeError (on every rank alike) if any rank failed."""
+    def create(cls, group, device: torch.device, *, stage_bytes: int, with_twoshot: bool,
+               ll_bytes: int = 0) -> "SymmWorkspace":
+        """Collective: allocate, rendezvous, zero the flags and the LL region, agree on
+        success and grid size. Raises RuntimeError (on every rank alike) if any rank failed."""
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
         rank = dist.get_rank(group)
         world_size = dist.get_world_size(group)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        lay = layout(world_size, stage_bytes, max_grid=min(sms, MAX_GRID), with_twoshot=with_twoshot)
+        lay = layout(world_size, stage_bytes, max_grid=min(sms, MAX_GRID), with_twoshot=with_twoshot,
+                     ll_bytes=ll_bytes)
         error = None
         buf = handle = None
         try:
@@ -137,11 +146,11 @@ class SymmWorkspace:
         failed, grid = (int(v) for v in status.tolist())
         if failed:
             raise RuntimeError(error or "symmetric memory setup failed on another rank")
-        if grid != lay.max_grid:
-            lay = layout(world_size, lay.stage_bytes, max_grid=grid, with_twoshot=with_twoshot)
-        logger.info("vllm-rocm-fused: symmetric workspace of %.1f MiB on %s (TP=%d, %d staging bytes per half%s)",
-                    lay.total_bytes / 2**20, device, world_size, lay.stage_bytes,
-                    ", two-shot region" if with_twoshot else "")
+        if grid != lay.max_grid:  # a smaller grid only shrinks the (already zeroed) flag region
+            lay = layout(world_size, lay.stage_bytes, max_grid=grid, with_twoshot=with_twoshot, ll_bytes=ll_bytes)
+        logger.info("vllm-rocm-fused: symmetric workspace of %.1f MiB on %s (TP=%d, %d staging bytes per half, "
+                    "LL inputs up to %d bytes%s)", lay.total_bytes / 2**20, device, world_size, lay.stage_bytes,
+                    4 * lay.ll_words, ", two-shot region" if with_twoshot else "")
         return cls(group, device, lay, rank, buf, handle)
 
     def _views(self, offset: int, count: int, dtype: torch.dtype) -> tuple:
@@ -166,6 +175,8 @@ class SymmWorkspace:
                 out_normed=self._views(lay.out_normed_off, 2 * lay.out_elems, dtype) if two else None,
                 out_scale=self._views(lay.out_scale_off, 2 * (lay.out_elems // 16), torch.float32) if two else None,
                 out_cap=lay.out_elems,
+                ll=self._views(lay.ll_off, 2 * self.world_size * lay.ll_words, torch.int64) if lay.ll_words else None,
+                ll_cap=lay.ll_words,
             )
             self._peers[dtype] = peers
         return peers
