@@ -19,6 +19,7 @@ Exit status: 0 the verdict passed, 1 it failed, 2 the run could not finish.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import sys
@@ -73,6 +74,14 @@ class Gsm8kRun:
 
 class EvalError(RuntimeError):
     """A stage of the run failed (the message says which and where its log is)."""
+
+
+def require_lm_eval() -> None:
+    """Fail before any server starts when lm-eval (with its API client) is missing."""
+    missing = [name for name in ("lm_eval", "aiohttp", "tenacity") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise EvalError(f"missing {', '.join(missing)}: install lm-eval with its API client, "
+                        f"pip install 'vllm-rocm-fused[eval]' (lm-eval[api]==0.4.13)")
 
 
 def server_info(base_url: str, timeout_s: float = 30) -> tuple[str, int | None]:
@@ -150,6 +159,7 @@ def run_gsm8k(cfg: Gsm8kRun, progress: Progress | None = None,
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
+    require_lm_eval()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     task = resolve_task(cfg.data_dir, cfg.out_dir)
     say(f"GSM8K fused vs baseline: {cfg.model}, TP={cfg.tp}; task {task.describe()['source']}; out {cfg.out_dir}")

@@ -3,8 +3,8 @@ TP=2, baseline then fused, scored by lm-eval offline on a few GSM8K questions.
 
 Random weights score ~0: these tests check the pipeline (numbers from lm-eval's
 own results, the parity section, the plugin report, the exit status against the
-verdict) and that a server that fails to start leaves a clear error and no
-process behind. Eager mode and short generations keep them to a few minutes.
+verdict), that a server that fails to start leaves a clear error and no process
+behind, and that Ctrl-C stops the server's whole process group. Eager mode and short generations keep them to a few minutes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -141,3 +142,41 @@ def test_server_that_fails_to_start(tiny_models, tmp_path):
     assert "Cannot find any model weights" in res.stderr
     assert (out / "baseline" / "server.log").is_file()
     assert not (out / "fused").exists() and not (out / "report.json").exists()
+
+
+def test_ctrl_c_while_the_server_starts(tiny_models, tmp_path):
+    # Ctrl-C reaches only the CLI (the server has its own process group); the CLI must
+    # stop the whole group, engine core included.
+    model = tiny_models("dense-fp8")
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    row = json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n"
+    for name in ("train.jsonl", "test.jsonl"):
+        (data / name).write_text(row * 6)
+    out = tmp_path / "out"
+    log = out / "baseline" / "server.log"
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, **{MARKER_VAR: marker})
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_rocm_fused.cli", "eval", "gsm8k", "--model", str(model),
+                             "--tp", "2", "--limit", "1", "--data-dir", str(data), "--out", str(out),
+                             "--", "--enforce-eager"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "(EngineCore" not in (log.read_text(errors="replace") if log.is_file() else ""):
+            assert proc.poll() is None, proc.stderr.read()[-4000:]
+            assert time.monotonic() < deadline, "the engine core never started"
+            time.sleep(0.5)
+        assert len(processes_with(marker)) > 2  # the CLI, the API server, the engine core (at least)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        leftover = processes_with(marker)
+        for pid in leftover:  # only processes this test started
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-4000:]
+    assert "interrupted" in err
+    assert leftover == []

@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-gen-toks", type=_positive_int, default=256,
                    help="generated tokens per answer at most (lm-eval's default 256)")
     g.add_argument("--parity-questions", type=_non_negative_int, default=10,
-                   help="questions whose greedy completions are compared token by token (default 10; 0: skip)")
+                   help="questions whose greedy completions are compared token by token (default 10, "
+                        "at most --limit; 0: skip)")
     g.add_argument("--parity-tokens", type=_positive_int, default=128,
                    help="tokens generated per parity completion (default 128)")
     g.add_argument("--startup-timeout", type=float, default=1800.0,
