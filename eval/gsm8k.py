@@ -204,6 +204,8 @@ def run_gsm8k(cfg: Gsm8kRun, progress: Progress | None = None,
             "questions_available": base["result"].n_available,
             "max_gen_toks": cfg.max_gen_toks,
             "concurrency": cfg.concurrency,
+            # lm-eval's few-shot sampler is seeded: both servers must have seen the same prompts.
+            "same_prompts": base["result"].prompts == fused["result"].prompts,
         },
         "versions": versions(),
         "servers": {label: {

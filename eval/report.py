@@ -97,6 +97,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"- task: `{task['task']}`, {task['source']}; {task['num_fewshot']}-shot; "
         f"{task['questions']} of {task['questions_available']} questions; "
         f"at most {task['max_gen_toks']} generated tokens per answer",
+        *([] if task.get("same_prompts", True) else
+          ["- WARNING: the two servers were not sent the same prompts; the scores are not comparable"]),
         f"- command: `{r['command']}`",
         f"- runtime: {r['runtime_s']:.0f} s",
         "",

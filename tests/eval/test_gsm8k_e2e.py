@@ -81,6 +81,7 @@ def test_tiny_fp8_tp2_end_to_end(tiny_models, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["tp"] == 2 and report["task"]["task"] == "gsm8k_local"
     assert report["task"]["questions"] == 4 and report["task"]["questions_available"] == 1319
+    assert report["task"]["same_prompts"] is True
 
     # Every score is lm-eval's own number for its run.
     for label in ("baseline", "fused"):

@@ -34,6 +34,7 @@ def test_pass_scores_parity_and_files(tmp_path, mini_gsm8k, tokenizer_dir, fake_
     assert status == 0, report["verdict"]
     assert report["task"]["task"] == "gsm8k_local"
     assert report["task"]["questions"] == report["task"]["questions_available"] == 6
+    assert report["task"]["same_prompts"] is True
     for label in ("baseline", "fused"):
         for name in ("strict-match", "flexible-extract"):
             assert report["scores"][label][name]["exact_match"] == pytest.approx(5 / 6)
