@@ -1,1 +1,18 @@
-"""Tiny Qwen3.5 test-model recipes and their builder (installed as vllm_rocm_fused.tiny_models)."""
+"""Tiny Qwen3.5 checkpoints that vLLM loads with its real loader: recipes
+(``presets/*.json``), the builder, the block-FP8 quantizer and the tokenizer.
+Installed as ``vllm_rocm_fused.tiny_models``; ``vllm-rocm-fused tiny-model`` is the CLI."""
+
+from .builder import BUILDER_VERSION, build_tiny_model, is_current, modules_to_not_convert, serve_args
+from .recipe import PresetError, list_presets, parse_overrides, resolve
+
+__all__ = [
+    "BUILDER_VERSION",
+    "PresetError",
+    "build_tiny_model",
+    "is_current",
+    "list_presets",
+    "modules_to_not_convert",
+    "parse_overrides",
+    "resolve",
+    "serve_args",
+]
