@@ -1,0 +1,34 @@
+"""Find the processes a test started, by a marker in their environment (every
+descendant inherits it, whatever its command line or process group)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+MARKER_VAR = "VLLM_ROCM_FUSED_TEST_MARKER"
+
+
+def new_marker() -> dict[str, str]:
+    """An environment entry to give to the processes under test."""
+    return {MARKER_VAR: uuid.uuid4().hex}
+
+
+def processes_with(marker: dict[str, str]) -> list[int]:
+    """Live (non-zombie) processes whose environment carries ``marker``."""
+    (key, value), = marker.items()
+    needle = f"{key}={value}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except (OSError, IndexError):
+            continue
+    return pids
