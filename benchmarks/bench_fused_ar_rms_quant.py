@@ -461,7 +461,26 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="results file stem (default <gpu>_tp<W>)")
     p.add_argument("--replot", default=None, help="only redo the plot and tables of an existing results file")
+    p.add_argument("--merge", nargs="+", default=None,
+                   help="combine results files of one machine (a run split over several sessions) into --name")
     args = p.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = dict(parts[0])
+        seen = {}
+        for part in parts:
+            for r in part["results"]:
+                seen[(r["hidden"], r["tokens"], r["variant"])] = r
+        merged["results"] = sorted(seen.values(), key=lambda r: (r["hidden"], r["tokens"], VARIANTS.index(r["variant"])))
+        merged["command"] = [part["command"] for part in parts]
+        merged["parts"] = [{"command": part["command"], "settings": part["settings"],
+                            "barrier_errors": part.get("barrier_errors")} for part in parts]
+        merged["barrier_errors"] = [part.get("barrier_errors") for part in parts]
+        hiddens = sorted({r["hidden"] for r in merged["results"]})
+        merged["summary"] = {str(h): summarize(merged["results"], h) for h in hiddens}
+        out = Path(args.out_dir) / f"{args.name or 'merged'}.json"
+        out.write_text(json.dumps(merged, indent=1))
+        return finish(merged, out.parent, out.stem)
     if args.replot:
         path = Path(args.replot)
         return finish(json.loads(path.read_text()), path.parent, path.stem)
