@@ -11,6 +11,7 @@ import sys
 # sub-command -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("vllm_rocm_fused.cli.doctor", "show platform, versions, and which backend each fused site would use"),
+    "demo": ("vllm_rocm_fused.cli.demo", "serve a tiny Qwen3.5 FP8 model with the plugin at TP=2 and show what each site did"),
     "tiny-model": ("vllm_rocm_fused.cli.tiny_model", "build a tiny Qwen3.5 checkpoint (random weights, FP8 or bf16) vLLM loads"),
     "eval": ("vllm_rocm_fused.cli.eval", "accuracy check, fused vs baseline server (eval gsm8k: lm-eval GSM8K + parity + gate)"),
 }

@@ -1,0 +1,199 @@
+"""``vllm-rocm-fused demo``: serve a tiny Qwen3.5 FP8 model with the plugin at TP=2
+on this machine and show what happens.
+
+1. build (or reuse, from the cache folder) a tiny checkpoint of ``--preset``;
+2. start ``vllm serve`` on it (``serving.VllmServer``: own process group, the CPU
+   thread binding and memory settings, a free port, a log file), wait for /health;
+3. send chat and completion requests (greedy) and print the replies;
+4. stop the server (also on Ctrl-C, SIGTERM, or a failed start: then with the
+   log's tail and a non-zero exit), and print the plugin's lines from the
+   server log: what it registered and which path each fused site took.
+
+The replies are gibberish: the weights are random. What the demo shows is the
+serving path (real checkpoint, real loader, TP=2, the plugin in every process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PLUGIN_TAG = "vllm-rocm-fused:"
+
+CHAT_PROMPTS = (
+    "What is the capital of France?",
+    "Write one sentence about a quiet river.",
+)
+COMPLETION_PROMPTS = (
+    "Question: Tom has 3 apples and buys 5 more. How many apples does Tom have?\nAnswer:",
+    "def add(a, b):",
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="dense-fp8", help="tiny model to serve (default dense-fp8; see "
+                                                         "`vllm-rocm-fused tiny-model --list`)")
+    p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset key, as for tiny-model (e.g. num_hidden_layers=4)")
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per reply (default 32)")
+    p.add_argument("--requests", type=int, default=4,
+                   help="how many requests, alternating chat and completion (default 4)")
+    p.add_argument("--compile", action="store_true",
+                   help="let vLLM torch.compile the model (default: --enforce-eager, faster to start)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where built models and server logs go (default: VLLM_ROCM_FUSED_CACHE_DIR)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the model even if the cached one is current")
+    p.add_argument("--startup-timeout", type=float, default=900.0,
+                   help="seconds to wait for the server to be healthy (default 900)")
+    p.add_argument("--serve-arg", dest="serve_args", action="append", default=[], metavar="ARG",
+                   help="one more `vllm serve` argument (repeatable; e.g. --serve-arg=--max-num-seqs=8)")
+
+
+def _say(msg: str) -> None:
+    print(f"demo: {msg}", flush=True)
+
+
+def model_folder(cache_dir: Path, preset: str, seed: int, overrides: dict[str, Any]) -> Path:
+    name = f"{preset}-seed{seed}"
+    if overrides:
+        name += "-" + hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir / "models" / name
+
+
+def ensure_model(cache_dir: Path, preset: str, seed: int, overrides: dict[str, Any], rebuild: bool) -> Path:
+    from ..tiny_models import build_tiny_model, is_current
+
+    folder = model_folder(cache_dir, preset, seed, overrides)
+    if not rebuild and is_current(folder, preset, seed, overrides):
+        _say(f"reusing {folder}")
+        return folder
+    _say(f"building tiny model {preset!r} (seed {seed}) in {folder}")
+    t0 = time.monotonic()
+    build_tiny_model(preset, folder, seed=seed, overrides=overrides, progress=lambda m: _say("  " + m))
+    _say(f"built in {time.monotonic() - t0:.1f} s")
+    return folder
+
+
+# --- the plugin's lines in the server log ---------------------------------------------
+
+# vLLM prefixes each process's log lines with "(<Process> pid=<n>) <LEVEL> <date> <time> [file:line] ".
+_LINE = re.compile(r"^\((?P<proc>[^)]*?)\s+pid=(?P<pid>\d+)\)\s+\S+\s+\S+\s+\S+\s+\[[^\]]*\]\s+")
+_RANK = re.compile(r"\brank (\d+)\b")
+
+
+def plugin_report(lines: list[str]) -> list[str]:
+    """The plugin's log lines, once each: identical messages from several processes
+    are shown once with how many processes logged them; messages that differ only
+    in "rank N" are merged into one with the ranks listed."""
+    groups: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        at = line.find(PLUGIN_TAG)
+        if at < 0:
+            continue
+        m = _LINE.match(line)
+        pid = m.group("pid") if m else None
+        message = line[at:].strip()
+        ranks = _RANK.findall(message)
+        key = _RANK.sub("rank {ranks}", message) if len(ranks) == 1 else message
+        g = groups.setdefault(key, {"pids": set(), "ranks": set(), "order": len(groups)})
+        if pid:
+            g["pids"].add(pid)
+        g["ranks"].update(ranks if len(ranks) == 1 else [])
+    out = []
+    for key, g in sorted(groups.items(), key=lambda kv: kv[1]["order"]):
+        text = key.replace("{ranks}", ",".join(sorted(g["ranks"], key=int))) if g["ranks"] else key
+        n = len(g["pids"])
+        out.append(f"{text}" + (f"   [{n} processes]" if n > 1 else ""))
+    return out
+
+
+# --- requests ----------------------------------------------------------------------------
+
+def _show(kind: str, prompt: str, reply: dict[str, Any], seconds: float) -> None:
+    choice = reply["choices"][0]
+    text = choice["message"]["content"] if kind == "chat" else choice["text"]
+    usage = reply.get("usage") or {}
+    print(f"\n[{kind}] {prompt!r}", flush=True)
+    print(f"  -> {text!r}")
+    print(f"     ({usage.get('completion_tokens', '?')} tokens, finish: {choice.get('finish_reason')}, "
+          f"{seconds:.1f} s)", flush=True)
+
+
+def send_requests(server, count: int, max_tokens: int) -> int:
+    sent = 0
+    for i in range(count):
+        t0 = time.monotonic()
+        if i % 2 == 0:
+            prompt = CHAT_PROMPTS[(i // 2) % len(CHAT_PROMPTS)]
+            reply = server.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0)
+            _show("chat", prompt, reply, time.monotonic() - t0)
+        else:
+            prompt = COMPLETION_PROMPTS[(i // 2) % len(COMPLETION_PROMPTS)]
+            reply = server.completion(prompt, max_tokens=max_tokens, temperature=0)
+            _show("completion", prompt, reply, time.monotonic() - t0)
+        sent += 1
+    return sent
+
+
+def _raise_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import envs
+    from ..serving import ServerError, VllmServer
+    from ..tiny_models import PresetError, parse_overrides, serve_args
+
+    _raise_on_sigterm()
+    cache_dir = Path(args.cache_dir or envs.cache_dir()).expanduser()
+    try:
+        overrides = parse_overrides(args.overrides)
+        folder = ensure_model(cache_dir, args.preset, args.seed, overrides, args.rebuild)
+    except (PresetError, FileNotFoundError) as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
+
+    log_path = cache_dir / "logs" / f"demo-{folder.name}-tp{args.tp}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")
+    server = VllmServer(folder, tp=args.tp, extra_args=serve_args(folder) + list(args.serve_args),
+                        log_path=log_path, served_model_name=f"tiny-{args.preset}",
+                        enforce_eager=not args.compile, startup_timeout_s=args.startup_timeout,
+                        progress=_say)
+    mode = "torch.compile" if args.compile else "eager"
+    _say(f"starting vllm serve (TP={args.tp}, {mode}, log: {log_path})")
+    t0 = time.monotonic()
+    exit_code = 0
+    try:
+        with server:
+            _say(f"server healthy at {server.url} after {time.monotonic() - t0:.0f} s; sending "
+                 f"{args.requests} requests ({args.max_tokens} tokens each, greedy)")
+            send_requests(server, args.requests, args.max_tokens)
+            print(flush=True)
+            _say("stopping the server")
+    except ServerError as e:
+        print(f"demo: error: {e}", file=sys.stderr, flush=True)
+        exit_code = 1
+    _say(f"server stopped (exit code {server.proc.returncode if server.proc else 'n/a'})")
+
+    report = plugin_report(server.log_lines(PLUGIN_TAG))
+    if report:
+        print("\nplugin report (the server log's vllm-rocm-fused lines; one line per message):", flush=True)
+        for line in report:
+            print(f"  {line}")
+    elif exit_code == 0:
+        print(f"\ndemo: no {PLUGIN_TAG!r} lines in the server log: the plugin did not load "
+              "(is VLLM_PLUGINS excluding it?)", flush=True)
+    return exit_code
