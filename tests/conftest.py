@@ -15,12 +15,19 @@ def seeded():
     return torch.Generator().manual_seed(1234)
 
 
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception:
-        return False
-    return True
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Builds tiny checkpoints on demand, once per session: tiny_models("dense-fp8")."""
+    from vllm_rocm_fused.tiny_models.builder import build_tiny_model
 
+    root = tmp_path_factory.mktemp("tiny-models")
+    built = {}
 
-requires_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not importable here")
+    def get(preset: str, seed: int = 0, **overrides):
+        key = (preset, seed, tuple(sorted(overrides.items())))
+        if key not in built:
+            name = f"{preset}-s{seed}" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+            built[key] = build_tiny_model(preset, root / name, seed=seed, overrides=overrides or None)
+        return built[key]
+
+    return get

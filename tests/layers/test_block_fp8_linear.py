@@ -4,7 +4,7 @@ QuantizedActivation input path."""
 import pytest
 import torch
 
-from conftest import requires_vllm
+from support.markers import requires_vllm
 
 pytestmark = requires_vllm
 

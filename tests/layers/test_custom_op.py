@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import requires_vllm
+from support.markers import requires_vllm
 from support.dist import run_ranks
 from support.op_workers import rank_inputs, vllm_custom_op_rank
 from vllm_rocm_fused.ops.reference import norm_quant_reference

@@ -4,7 +4,7 @@ kernel's GEMM then receives exactly the fused op's q and scale in its layout."""
 import pytest
 import torch
 
-from conftest import requires_vllm
+from support.markers import requires_vllm
 
 pytestmark = requires_vllm
 

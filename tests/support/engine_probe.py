@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--count-collectives", action="store_true")
+    ap.add_argument("--skip-tokenizer", action="store_true", help="token-id prompts only (no tokenizer files)")
+    ap.add_argument("--batched", action="store_true", help="submit all prompts at once (default: one by one)")
     args = ap.parse_args()
 
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with callables
@@ -103,7 +105,8 @@ def main() -> None:
 
     prompts = json.load(open(args.prompts)) if args.prompts else default_prompts()
     llm = LLM(model=args.model, tensor_parallel_size=args.tp, enforce_eager=args.eager,
-              max_model_len=512, max_num_seqs=32, dtype="bfloat16", seed=0)
+              max_model_len=512, max_num_seqs=32, dtype="bfloat16", seed=0,
+              skip_tokenizer_init=args.skip_tokenizer)
     result: dict = {"tp": args.tp, "eager": args.eager}
 
     if args.count_collectives:
@@ -113,9 +116,15 @@ def main() -> None:
         result["one_forward"] = llm.collective_rpc(_read_counters)
         llm.collective_rpc(_install_counters)
 
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                        SamplingParams(max_tokens=args.max_tokens, temperature=0, logprobs=1,
-                                       ignore_eos=True, detokenize=False), use_tqdm=False)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, logprobs=1, ignore_eos=True,
+                            detokenize=False)
+    if args.batched:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    else:
+        # One prompt at a time: the batch composition of every step is then fixed, so two
+        # engines compare on numerics alone (CPU GEMMs round differently with the batch
+        # shape, and how requests join a batch depends on timing).
+        outs = [llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)[0] for p in prompts]
     result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
     result["logprobs"] = [[step[tok].logprob for tok, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                           for o in outs]

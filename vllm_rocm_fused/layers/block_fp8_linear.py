@@ -5,8 +5,12 @@ without AMX).
 Numerics follow the GPU kernels: the activation is quantized per 1x128 group to
 FP8 with a float32 scale (the same ``group_quant`` the fused op uses, so an
 activation quantized by the fused norm and one quantized here are bit-identical),
-then ``out = sum_k (A_q * As) (W_q * Ws)^T`` accumulated in float32 and rounded
-to the output dtype once. It also accepts an already-quantized activation through
+then ``out = sum_k (A_q * As) (W_q * Ws)^T`` rounded to the output dtype once.
+The sum runs in float64, where every dequantized value is exact: GPU kernels
+accumulate in float32, but a float32 CPU GEMM rounds differently with the batch
+shape, and a model served on CPU must give a request the same greedy output
+whether it runs alone or in a batch. In float64 the order of the sum no longer
+shows after the final rounding. It also accepts an already-quantized activation through
 vLLM's ``QuantizedActivation`` contract (key ``kFp8Dynamic128Sym``, row-major
 ``[M, K/128]`` float32 scales), skipping its own quant.
 
@@ -85,17 +89,29 @@ class PortableFp8BlockScaledMMKernel(Fp8BlockScaledMMLinearKernel):
             out_dtype = self.config.out_dtype
         output = self.apply_block_scaled_mm(A=q_input, B=weight, As=input_scale, Bs=weight_scale)
         if bias is not None:
-            output = output + bias.to(torch.float32)
+            output = output + bias.to(output.dtype)
         return output.to(out_dtype).view(*orig_shape[:-1], weight.shape[0])
 
     def apply_block_scaled_mm(self, A, B, As, Bs) -> torch.Tensor:
         """A [M, K] fp8, As [M, K/128] fp32, B [N, K] fp8, Bs [ceil(N/128), K/128] fp32
-        -> [M, N] float32."""
-        n, k = B.shape
-        a = A.to(torch.float32) * As.to(torch.float32).repeat_interleave(BLOCK, dim=1)[:, :k]
-        ws = Bs.to(torch.float32).repeat_interleave(BLOCK, dim=0)[:n].repeat_interleave(BLOCK, dim=1)[:, :k]
-        w = B.to(torch.float32) * ws
-        return a @ w.t()
+        -> [M, N] float64 (see the module docstring)."""
+        return block_fp8_matmul(A, As, B, Bs)
+
+
+def dequant_blocks(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[N, K] fp8 with [ceil(N/128), ceil(K/128)] block scales -> float64 [N, K] (exact)."""
+    n, k = w.shape
+    s = scale.to(torch.float64).repeat_interleave(BLOCK, 0)[:n].repeat_interleave(BLOCK, 1)[:, :k]
+    return w.to(torch.float64) * s
+
+
+def block_fp8_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
+                     ) -> torch.Tensor:
+    """(A_q * As) @ (W_q * Ws)^T in float64 for 1x128-group activations and 128x128-block
+    weights: A_q [M, K], As [M, K/128], W_q [N, K], Ws [ceil(N/128), K/128] -> [M, N]."""
+    k = a_q.shape[-1]
+    a = a_q.to(torch.float64) * a_scale.to(torch.float64).repeat_interleave(BLOCK, dim=1)[:, :k]
+    return a @ dequant_blocks(w, w_scale).t()
 
 
 _lock = threading.Lock()

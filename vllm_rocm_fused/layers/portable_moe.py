@@ -3,10 +3,11 @@
 
 Numerics follow vLLM's GPU Triton MoE for block FP8 (W8A8): per expert, the
 token activations are quantized per 1x128 group (the same ``group_quant`` as the
-fused op), multiplied by the 128x128-block dequantized ``w13`` with float32
-accumulation, rounded to bf16, SiLU-and-mul, quantized per 1x128 group again,
-multiplied by ``w2``, weighted by the router and summed over the top-k experts
-in float32. Plain torch; a loop over the experts that received tokens.
+fused op), multiplied by the 128x128-block dequantized ``w13`` (summed in float64, for the
+batch-shape independence explained in ``block_fp8_linear``), rounded to bf16,
+SiLU-and-mul, quantized per 1x128 group again, multiplied by ``w2``, weighted by
+the router and summed over the top-k experts in float64. Plain torch; a loop over
+the experts that received tokens.
 
 vLLM 0.32 has no registration API for out-of-tree MoE kernels (its FP8 oracle
 returns backend NONE on such CPUs and then fails). ``register`` wraps the
@@ -33,24 +34,17 @@ from vllm.platforms import current_platform
 
 from ..log import get_logger, log_once
 from ..ops.reference import group_quant
+from .block_fp8_linear import block_fp8_matmul
 
 logger = get_logger("portable_moe")
 
 BLOCK = 128
 
 
-def _dequant_blocks(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[N, K] fp8 with [ceil(N/128), ceil(K/128)] scales -> float32 [N, K]."""
-    n, k = w.shape
-    s = scale.to(torch.float32).repeat_interleave(BLOCK, 0)[:n].repeat_interleave(BLOCK, 1)[:, :k]
-    return w.to(torch.float32) * s
-
-
 def _w8a8_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bf16, quantized per 1x128 group; w [N, K] fp8 block-scaled -> float32 [M, N]."""
+    """x [M, K] bf16, quantized per 1x128 group; w [N, K] fp8 block-scaled -> float64 [M, N]."""
     q, s = group_quant(x, BLOCK, w.dtype)
-    xd = q.to(torch.float32) * s.repeat_interleave(BLOCK, dim=1)
-    return xd @ _dequant_blocks(w, w_scale).t()
+    return block_fp8_matmul(q, s, w, w_scale)
 
 
 class PortableExpertsFp8(mk.FusedMoEExpertsModular):
@@ -113,7 +107,7 @@ class PortableExpertsFp8(mk.FusedMoEExpertsModular):
         ids = topk_ids.to(torch.long)
         if expert_map is not None:
             ids = expert_map[ids].to(torch.long)  # -1: expert not on this rank
-        acc = torch.zeros(hidden_states.shape[0], w2.shape[1], dtype=torch.float32,
+        acc = torch.zeros(hidden_states.shape[0], w2.shape[1], dtype=torch.float64,
                           device=hidden_states.device)
         for e in torch.unique(ids).tolist():
             if e < 0:
@@ -124,7 +118,7 @@ class PortableExpertsFp8(mk.FusedMoEExpertsModular):
             gate, up = h.float().chunk(2, dim=-1)
             act = (F.silu(gate) * up).to(hidden_states.dtype)
             y = _w8a8_matmul(act, w2[e], w2_scale[e])
-            acc.index_add_(0, token_idx, y * topk_weights[token_idx, slot].to(torch.float32).unsqueeze(-1))
+            acc.index_add_(0, token_idx, y * topk_weights[token_idx, slot].to(torch.float64).unsqueeze(-1))
         output.copy_(acc.to(output.dtype))
 
 

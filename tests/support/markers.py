@@ -1,0 +1,14 @@
+"""Skip markers shared by the test modules."""
+
+import pytest
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+requires_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not importable here")
