@@ -149,3 +149,23 @@ def test_default_compiled_mode(tiny_models):
     print(f"dense-fp8 TP=2 compiled: fused vs unfused {stats}; unfused compiled vs eager {compile_drift}")
     assert stats["token_agreement"] >= compile_drift["token_agreement"] - COMPILED_AGREEMENT_SLACK, (
         stats, compile_drift)
+
+
+def test_other_models_are_untouched(tmp_path):
+    """A non-Qwen3.5 checkpoint (a tiny random Llama) loads with the plugin active and
+    keeps vLLM's classes: no fused sites, no report, separate all-reduces as usual."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "llama")
+    result = probe(tmp_path / "llama", tp=2, skip_tokenizer=True, max_tokens=4)
+    worker = result["workers"][0]
+    assert worker["model_class"] == "LlamaForCausalLM"
+    assert worker["report"] is None
+    assert "FusedNormSite" not in set(worker["norm_classes"].values())
+    assert result["one_forward"][0]["separate_all_reduces"] == 2 * 2 + 1
+    assert sum(result["one_forward"][0]["fused_paths"].values()) == 0
+    assert "vllm-rocm-fused: registered" in result["log"]  # the plugin was active
