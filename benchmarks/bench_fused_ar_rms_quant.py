@@ -154,6 +154,7 @@ def check_outputs(out, xs, res, w, *, bf16_sum: bool, ar_only=False) -> dict:
 
 
 def rank_main(rank, world, port, args, out_path, report):
+    t0 = time.time()
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -300,7 +301,7 @@ def rank_main(rank, world, port, args, out_path, report):
                 report["results"] = records
                 report["barrier_errors"] = [g["barrier_errors"] for g in gathered]
                 report["summary"] = {str(h): summarize(records, h) for h in args.hidden}
-                report["settings"]["wall_s"] = round(time.time() - report["settings"]["t0"], 1)
+                report["settings"]["wall_s"] = round(time.time() - t0, 1)
                 Path(out_path).write_text(json.dumps(report, indent=1))
                 print(f"H={hidden} T={t}: " + ", ".join(f"{r['variant']} {r['median_us']:.1f}" for r in merged
                                                         if "median_us" in r), flush=True)
@@ -497,13 +498,15 @@ def main(argv=None) -> int:
     out_path = out_dir / f"{stem}.json"
     from vllm_rocm_fused.backends.cuda import dispatch
 
+    shown = [a for a in (sys.argv[1:] if argv is None else argv)]
+    if "--out-dir" in shown:  # where the files went on the measuring machine is not a fact about the run
+        i = shown.index("--out-dir")
+        del shown[i:i + 2]
     report = {
-        "command": "PYTHONPATH=. python benchmarks/bench_fused_ar_rms_quant.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                         else argv),
+        "command": "PYTHONPATH=. python benchmarks/bench_fused_ar_rms_quant.py " + " ".join(shown),
         "machine": machine_info(world),
         "settings": {"rotations": ROTATIONS, "warmup_replays": WARMUP, "replays": args.replays, "eps": EPS,
-                     "dtype": "bfloat16", "group_size": 128, "scale_layout": "row", "weight_offset": 1.0,
-                     "t0": time.time()},
+                     "dtype": "bfloat16", "group_size": 128, "scale_layout": "row", "weight_offset": 1.0},
         "dispatch_thresholds": {"ll_max_bytes": dispatch.LL_MAX_BYTES[world],
                                 "oneshot_max_bytes": dispatch.ONESHOT_MAX_BYTES[world],
                                 "twoshot_max_bytes": dispatch.TWOSHOT_MAX_BYTES[world]},

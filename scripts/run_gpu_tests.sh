@@ -26,5 +26,11 @@ step() {  # step NAME TIMEOUT_S CMD...
 step machine 60 bash -c "nvidia-smi; nvidia-smi topo -m; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.device_count(), torch.cuda.get_device_name(0))'"
 WORLD=$($PY -c 'import torch; print(max(2, torch.cuda.device_count()))')
 step doctor 120 $PY -m vllm_rocm_fused.cli doctor --world-size "$WORLD" --tokens 1 64 512 1024 2048 8192
-step gpu-tests "${GPU_TESTS_TIMEOUT:-900}" $PY -m pytest -q -rs -p no:cacheprovider tests/gpu
+# -s: the multi-GPU ranks print one line per case, so a run cut short shows where it was.
+# The first run on a fresh machine spends most of its time compiling Triton kernels
+# (a few seconds per kernel variant; several dozen variants).
+step gpu-tests-single "${GPU_TESTS_TIMEOUT:-900}" $PY -m pytest -q -rs -s -p no:cacheprovider --durations=5 \
+    tests/gpu/test_cuda_single_gpu.py
+step gpu-tests-multi "${GPU_TESTS_TIMEOUT:-900}" $PY -m pytest -q -rs -s -p no:cacheprovider --durations=5 \
+    tests/gpu/test_cuda_multi_gpu.py
 exit $status

@@ -86,10 +86,17 @@ def multi_gpu_rank(rank, world_size, port, quick):
         return seed[0]
 
     def run_case(name, fn):
+        import time
+
+        start = time.time()
         try:
             fn()
+            status = "ok"
         except Exception:  # noqa: BLE001 - collected and reported by the parent
             failures.append(f"rank {rank} {name}: {traceback.format_exc(limit=3)}")
+            status = "FAILED"
+        # progress on stdout (run_gpu_tests.sh runs pytest -s): a run cut short shows where it was
+        print(f"[rank {rank}] {name}: {status} ({time.time() - start:.1f} s)", flush=True)
 
     def oracle_check(out, xs, res, w, *, algo, offset, emit, layout, quantize=True):
         h = exact_sum(xs)

@@ -314,6 +314,7 @@ def dispatch_summary() -> dict[str, str]:
         if two > one:
             text += f", two-shot <= {two >> 10} KiB"
         text += ", NCCL + fused norm/quant above"
-        text += " (measured)" if w in dispatch.MEASURED_WORLD_SIZES else " (estimate)"
+        measured = dispatch.MEASURED_UP_TO_BYTES.get(w, 0)
+        text += f" (measured up to {measured >> 10} KiB, estimates above)" if measured else " (estimates)"
         rows[f"dispatch TP={w}"] = text
     return rows

@@ -31,17 +31,26 @@ WORLD_SIZES = (2, 3, 4, 5, 6, 7, 8)
 
 # Largest input (T * H * element bytes) that goes through the LL one-shot kernel, then the
 # pull one-shot kernel; larger inputs use two-shot up to TWOSHOT_MAX_BYTES, then the split
-# algorithm.
-# TP=2: measured on the H200 pair (see the results file).
+# algorithm (NCCL + one fused kernel).
+#
+# TP=2, measured on the H200 pair (benchmarks/results/h200_tp2.json, hidden 4096, graph
+# replays): for inputs up to 512 KiB (T <= 64) the LL kernel is the fastest one-kernel
+# variant at every size (6.2-9.1 us against 7.5-11.0 for the pull kernel and 11.9-15.9
+# for two-shot), hence LL up to there. Two-shot loses at TP=2 (it also moves more bytes:
+# ~5 per element against the one-shot's 2), hence 0. Larger inputs were not measured:
+# the pull one-shot's limit (8 MiB = 1024 tokens at hidden 4096) is where torch's one-shot
+# all-reduce stops beating NCCL on this pair (docs: 30.8 vs 35.0 us at 512 tokens, 97.9 vs
+# 77.1 at 2048), an estimate until the benchmark covers T >= 128.
 # TP=4/8: estimates (one-shot reads (W-1)x the input over NVLink; two-shot ~5 bytes per
 # element whatever W), pending measurements on 4/8-GPU machines.
-LL_MAX_BYTES: dict[int, int] = {2: 1 << 20, 3: 1 << 20, 4: 512 << 10, 5: 512 << 10, 6: 256 << 10, 7: 256 << 10,
-                                8: 256 << 10}
+LL_MAX_BYTES: dict[int, int] = {2: 512 << 10, 3: 512 << 10, 4: 256 << 10, 5: 256 << 10, 6: 128 << 10,
+                                7: 128 << 10, 8: 128 << 10}
 ONESHOT_MAX_BYTES: dict[int, int] = {2: 8 << 20, 3: 4 << 20, 4: 2 << 20, 5: 1 << 20, 6: 1 << 20,
                                      7: 512 << 10, 8: 512 << 10}
 TWOSHOT_MAX_BYTES: dict[int, int] = {2: 0, 3: 0, 4: 16 << 20, 5: 16 << 20, 6: 16 << 20,
                                      7: 16 << 20, 8: 16 << 20}
-MEASURED_WORLD_SIZES = (2,)
+# Up to which input size each world size's choices rest on measurements (0 = none).
+MEASURED_UP_TO_BYTES: dict[int, int] = {2: 512 << 10}
 
 
 def ll_max_bytes(world_size: int) -> int:
@@ -147,7 +156,7 @@ def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, grou
     else:
         limit = max(ll_max, one_max, two_max)
         notes.append(f"{nbytes} input bytes > {limit}: NCCL wins at this size"
-                     + ("" if world_size in MEASURED_WORLD_SIZES else " (estimate, TP not measured)"))
+                     + ("" if nbytes <= MEASURED_UP_TO_BYTES.get(world_size, 0) else " (estimate, not measured)"))
     if algo is None:
         path = "fused-2" if fused_quant or not quantize else "generic"
         return Plan(SPLIT, path, fused_quant, tuple(notes))
