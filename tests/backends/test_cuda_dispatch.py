@@ -81,12 +81,13 @@ def test_dispatch_by_size_for_every_world_size(world_size):
         previous = None
 
 
-def test_world_sizes_4_and_8_use_two_shot_between_the_thresholds_and_2_never():
-    for w in (4, 8):
+def test_two_shot_is_not_dispatched_past_the_one_shot_limit_at_any_world_size():
+    for w in (2, 4, 8):
         t = dispatch.ONESHOT_MAX_BYTES[w] // (4096 * 2) * 2
-        assert plan(num_tokens=t, hidden=4096, elem_bytes=2, world_size=w, group_size=128, quantize=True,
-                    symm=READY).algo == TWO_SHOT
-    assert dispatch.TWOSHOT_MAX_BYTES[2] == 0
+        p = plan(num_tokens=t, hidden=4096, elem_bytes=2, world_size=w, group_size=128, quantize=True, symm=READY)
+        assert p.algo == SPLIT and "NCCL wins" in p.describe()
+        assert ("two-shot is not dispatched" in p.describe()) == (w > 2)
+        assert dispatch.TWOSHOT_MAX_BYTES[w] == 0
     assert "(estimates)" in cuda_backend.dispatch_summary()["dispatch TP=8"]
     assert "measured up to 512 KiB" in cuda_backend.dispatch_summary()["dispatch TP=2"]
 
@@ -118,10 +119,6 @@ def test_unusable_or_small_workspace_falls_back_to_split_with_the_reason():
     no_ll = SymmState(None, stage_elems=1 << 30, out_elems=0, ll_elems=0)
     p = plan(num_tokens=2, hidden=4096, elem_bytes=2, world_size=2, group_size=128, quantize=True, symm=no_ll)
     assert p.algo == ONE_SHOT and "LL buffer" in p.describe()
-    t4 = dispatch.ONESHOT_MAX_BYTES[4] // (4096 * 2) * 2
-    p = plan(num_tokens=t4, hidden=4096, elem_bytes=2, world_size=4, group_size=128, quantize=True,
-             symm=SymmState(None, stage_elems=1 << 30, out_elems=4096))
-    assert p.algo == SPLIT and "two-shot output region" in p.describe()
 
 
 @pytest.mark.parametrize("case, reason", [

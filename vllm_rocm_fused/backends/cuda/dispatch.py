@@ -47,8 +47,13 @@ LL_MAX_BYTES: dict[int, int] = {2: 512 << 10, 3: 512 << 10, 4: 256 << 10, 5: 256
                                 7: 128 << 10, 8: 128 << 10}
 ONESHOT_MAX_BYTES: dict[int, int] = {2: 8 << 20, 3: 4 << 20, 4: 2 << 20, 5: 1 << 20, 6: 1 << 20,
                                      7: 512 << 10, 8: 512 << 10}
-TWOSHOT_MAX_BYTES: dict[int, int] = {2: 0, 3: 0, 4: 16 << 20, 5: 16 << 20, 6: 16 << 20,
-                                     7: 16 << 20, 8: 16 << 20}
+# Two-shot is not dispatched at any world size for now: in the last GPU test run on the
+# H200 pair (benchmarks/NOTES.md, 2026-11-29), a forced two-shot call at T=33 (rows split
+# 17/16 between the ranks) right after another two-shot call failed its check on one rank
+# while the other waited out a barrier. Until that is understood and re-run, inputs past
+# the one-shot limit take the split algorithm (NCCL + one fused kernel), which passed.
+# The kernel stays available to forced plans and tests.
+TWOSHOT_MAX_BYTES: dict[int, int] = {w: 0 for w in WORLD_SIZES}
 # Up to which input size each world size's choices rest on measurements (0 = none).
 MEASURED_UP_TO_BYTES: dict[int, int] = {2: 512 << 10}
 
@@ -156,7 +161,8 @@ def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, grou
     else:
         limit = max(ll_max, one_max, two_max)
         notes.append(f"{nbytes} input bytes > {limit}: NCCL wins at this size"
-                     + ("" if nbytes <= MEASURED_UP_TO_BYTES.get(world_size, 0) else " (estimate, not measured)"))
+                     + ("" if nbytes <= MEASURED_UP_TO_BYTES.get(world_size, 0) else " (estimate, not measured)")
+                     + ("; two-shot is not dispatched (see dispatch.py)" if two_max == 0 and world_size > 2 else ""))
     if algo is None:
         path = "fused-2" if fused_quant or not quantize else "generic"
         return Plan(SPLIT, path, fused_quant, tuple(notes))
