@@ -19,17 +19,11 @@ def register() -> None:
 
 def register_portable_fp8() -> None:
     """Second vLLM plugin entry point: the portable block-FP8 linear kernel and MoE
-    experts for platforms where vLLM has none. Not affected by VLLM_ROCM_FUSED_DISABLE (the
-    unfused baseline needs it too); VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8=1 turns it off."""
-    from . import envs
+    experts for platforms where vLLM has none. Not affected by VLLM_ROCM_FUSED_DISABLE
+    (the unfused baseline needs it too); VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8=1 turns it off."""
+    from .plugin import register_portable_fp8 as _register
 
-    if envs.portable_fp8_disabled():
-        return
-    from .layers.block_fp8_linear import register as _register_linear
-    from .layers.portable_moe import register as _register_moe
-
-    _register_linear()
-    _register_moe()
+    _register()
 
 
 __all__ = ["__version__", "register", "register_portable_fp8"]

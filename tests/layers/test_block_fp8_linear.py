@@ -21,9 +21,9 @@ def _kernel(n, k):
     from vllm.model_executor.kernels.linear import init_fp8_linear_kernel
     from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape, create_fp8_quant_key
 
-    from vllm_rocm_fused.layers.block_fp8_linear import PortableFp8BlockScaledMMKernel, register
+    from vllm_rocm_fused.layers.block_fp8_linear import PortableFp8BlockScaledMMKernel, install
 
-    register()
+    install()
     kernel = init_fp8_linear_kernel(
         activation_quant_key=create_fp8_quant_key(static=False, group_shape=GroupShape(1, 128)),
         weight_quant_key=create_fp8_quant_key(static=True, group_shape=GroupShape(128, 128)),

@@ -20,9 +20,6 @@ CPU kernels: on a CPU with AMX vLLM's kernels still win.
 
 from __future__ import annotations
 
-import logging
-import threading
-
 import torch
 from vllm.model_executor.kernels.linear.scaled_mm.BlockScaledMMLinearKernel import (
     Fp8BlockScaledMMLinearKernel,
@@ -34,10 +31,7 @@ from vllm.model_executor.layers.fusion.quant_activation import (
 from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8Dynamic128Sym
 from vllm.platforms import current_platform
 
-from ..log import get_logger, log_once
 from ..ops.reference import group_quant
-
-logger = get_logger("block_fp8_linear")
 
 BLOCK = 128
 
@@ -114,22 +108,11 @@ def block_fp8_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, 
     return a @ dequant_blocks(w, w_scale).t()
 
 
-_lock = threading.Lock()
-_registered = False
+def install() -> None:
+    """Append the kernel to vLLM's CPU block-FP8 candidates, after vLLM's own (idempotent)."""
+    from vllm.model_executor.kernels import linear as linear_kernels
+    from vllm.platforms import PlatformEnum
 
-
-def register() -> None:
-    """Append the kernel to vLLM's CPU block-FP8 candidates (idempotent)."""
-    global _registered
-    with _lock:
-        if _registered:
-            return
-        _registered = True
-        from vllm.model_executor.kernels import linear as linear_kernels
-        from vllm.platforms import PlatformEnum
-
-        candidates = linear_kernels._POSSIBLE_FP8_BLOCK_KERNELS.setdefault(PlatformEnum.CPU, [])
-        if PortableFp8BlockScaledMMKernel not in candidates:
-            candidates.append(PortableFp8BlockScaledMMKernel)
-        log_once(logger, logging.DEBUG, "portable-fp8",
-                 "vllm-rocm-fused: portable block-FP8 linear kernel registered for CPU")
+    candidates = linear_kernels._POSSIBLE_FP8_BLOCK_KERNELS.setdefault(PlatformEnum.CPU, [])
+    if PortableFp8BlockScaledMMKernel not in candidates:
+        candidates.append(PortableFp8BlockScaledMMKernel)

@@ -20,7 +20,6 @@ block W8A8 one).
 from __future__ import annotations
 
 import logging
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -122,38 +121,31 @@ class PortableExpertsFp8(mk.FusedMoEExpertsModular):
         output.copy_(acc.to(output.dtype))
 
 
-_lock = threading.Lock()
-_registered = False
-
-
-def register() -> None:
+def install() -> None:
     """Answer the FP8 MoE oracle's NONE on CPU with ``PortableExpertsFp8`` (idempotent)."""
-    global _registered
-    with _lock:
-        if _registered:
-            return
-        _registered = True
-        try:
-            from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend
-            from vllm.model_executor.layers.quantization import fp8 as fp8_method
-        except Exception as e:  # a vLLM without this layout: nothing to enable
-            log_once(logger, logging.WARNING, "portable-moe-import",
-                     "vllm-rocm-fused: portable FP8 MoE not registered (%s: %s)", type(e).__name__, e)
-            return
-        original = fp8_method.select_fp8_moe_backend
+    try:
+        from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend
+        from vllm.model_executor.layers.quantization import fp8 as fp8_method
+    except Exception as e:  # a vLLM without this layout: nothing to enable
+        log_once(logger, logging.WARNING, "portable-moe-import",
+                 "vllm-rocm-fused: portable FP8 MoE not registered (%s: %s)", type(e).__name__, e)
+        return
+    original = fp8_method.select_fp8_moe_backend
+    if getattr(original, "_rocm_fused_portable", False):
+        return
 
-        def select_fp8_moe_backend(config, weight_key, activation_key, *args, **kwargs):
-            backend, experts_cls = original(config, weight_key, activation_key, *args, **kwargs)
-            if backend != Fp8MoeBackend.NONE or not current_platform.is_cpu():
-                return backend, experts_cls
-            ok, reason = PortableExpertsFp8.is_supported_config(
-                PortableExpertsFp8, config, weight_key, activation_key,
-                mk.FusedMoEActivationFormat.Standard)
-            if not ok:
-                return backend, experts_cls
-            log_once(logger, logging.INFO, "portable-moe",
-                     "vllm-rocm-fused: no FP8 MoE kernel on this CPU; using the portable block-FP8 experts")
-            return Fp8MoeBackend.TRITON, PortableExpertsFp8
+    def select_fp8_moe_backend(config, weight_key, activation_key, *args, **kwargs):
+        backend, experts_cls = original(config, weight_key, activation_key, *args, **kwargs)
+        if backend != Fp8MoeBackend.NONE or not current_platform.is_cpu():
+            return backend, experts_cls
+        ok, _ = PortableExpertsFp8.is_supported_config(
+            PortableExpertsFp8, config, weight_key, activation_key, mk.FusedMoEActivationFormat.Standard)
+        if not ok:
+            return backend, experts_cls
+        log_once(logger, logging.INFO, "portable-moe",
+                 "vllm-rocm-fused: no FP8 MoE kernel on this CPU; using the portable block-FP8 experts")
+        return Fp8MoeBackend.TRITON, PortableExpertsFp8
 
-        select_fp8_moe_backend.__wrapped__ = original
-        fp8_method.select_fp8_moe_backend = select_fp8_moe_backend
+    select_fp8_moe_backend.__wrapped__ = original
+    select_fp8_moe_backend._rocm_fused_portable = True
+    fp8_method.select_fp8_moe_backend = select_fp8_moe_backend
