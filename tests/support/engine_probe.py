@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--count-collectives", action="store_true")
     ap.add_argument("--skip-tokenizer", action="store_true", help="token-id prompts only (no tokenizer files)")
     ap.add_argument("--batched", action="store_true", help="submit all prompts at once (default: one by one)")
+    ap.add_argument("--language-model-only", action="store_true", help="serve a VL checkpoint text-only")
     args = ap.parse_args()
 
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with callables
@@ -106,7 +107,8 @@ def main() -> None:
     prompts = json.load(open(args.prompts)) if args.prompts else default_prompts()
     llm = LLM(model=args.model, tensor_parallel_size=args.tp, enforce_eager=args.eager,
               max_model_len=512, max_num_seqs=32, dtype="bfloat16", seed=0,
-              skip_tokenizer_init=args.skip_tokenizer)
+              skip_tokenizer_init=args.skip_tokenizer,
+              **({"language_model_only": True} if args.language_model_only else {}))
     result: dict = {"tp": args.tp, "eager": args.eager}
 
     if args.count_collectives:

@@ -38,6 +38,10 @@ def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, 
             cmd.append("--count-collectives")
         if skip_tokenizer:
             cmd.append("--skip-tokenizer")
+        from vllm_rocm_fused.tiny_models import serve_args
+
+        if "--language-model-only" in serve_args(model):  # what the tiny-model builder asks for
+            cmd.append("--language-model-only")
         full_env = {**os.environ, **cpu_env(tp), **(env or {})}
         full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), full_env.get("PYTHONPATH", "")])
         proc = subprocess.run(cmd, cwd=TESTS_DIR, env=full_env, capture_output=True, text=True, timeout=timeout)
