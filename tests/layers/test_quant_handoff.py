@@ -9,14 +9,6 @@ from support.markers import requires_vllm
 pytestmark = requires_vllm
 
 
-@pytest.fixture(scope="module")
-def vllm_cfg():
-    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
-
-    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
-        yield
-
-
 def _config(n, k):
     from vllm.model_executor.kernels.linear.scaled_mm.ScaledMMLinearKernel import FP8ScaledMMLinearLayerConfig
     from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape, create_fp8_quant_key
