@@ -4,6 +4,7 @@ float64 oracle and the portable reference, on fresh random inputs."""
 import pytest
 import torch
 
+from support.cuda_workers import poison
 from support.gpu import cuda_only, gpu  # noqa: F401 - cuda_only is a fixture
 from support.oracle import assert_matches_oracle
 from vllm_rocm_fused.backends.cuda.backend import execute
@@ -33,14 +34,7 @@ def inputs(t, h, *, dtype=torch.bfloat16, w_dtype=torch.bfloat16, seed=None):
 
 
 def poisoned(t, h, dtype, **kw):
-    outs = empty_outputs(t, h, dtype, torch.device(DEV), **kw)
-    for tensor in outs:
-        if tensor is not None:
-            if tensor.dtype == FP8:
-                tensor.view(torch.uint8).fill_(0xFF)
-            else:
-                tensor.fill_(float("nan"))
-    return outs
+    return poison(empty_outputs(t, h, dtype, torch.device(DEV), **kw))
 
 
 def all_written(outs):

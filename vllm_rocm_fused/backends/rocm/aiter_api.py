@@ -168,8 +168,27 @@ def _first_entry(owner: str, holder: Any, names: tuple[str, ...]) -> Entry | Non
     return None
 
 
+class _Features:
+    """What both API descriptions derive from their entries (``transpose_scale`` differs)."""
+
+    per_group: Entry | None
+    ar_rms: Entry | None
+
+    @property
+    def empty(self) -> bool:
+        return self.per_group is None and self.ar_rms is None
+
+    @property
+    def emit_bf16(self) -> bool:
+        return self.per_group is not None and self.per_group.accepts("emit_bf16")
+
+    @property
+    def gemma_norm(self) -> bool:
+        return self.ar_rms is not None and self.ar_rms.accepts("gemma_norm")
+
+
 @dataclass(frozen=True)
-class ObjectApi:
+class ObjectApi(_Features):
     """What a custom all-reduce object (or its class) offers."""
 
     per_group: Entry | None
@@ -182,24 +201,12 @@ class ObjectApi:
         return cls(_first_entry(owner, holder, CA_PER_GROUP), _first_entry(owner, holder, CA_AR_RMS))
 
     @property
-    def empty(self) -> bool:
-        return self.per_group is None and self.ar_rms is None
-
-    @property
     def transpose_scale(self) -> bool:
         return self.per_group is not None and self.per_group.accepts("transpose_scale")
 
-    @property
-    def emit_bf16(self) -> bool:
-        return self.per_group is not None and self.per_group.accepts("emit_bf16")
-
-    @property
-    def gemma_norm(self) -> bool:
-        return self.ar_rms is not None and self.ar_rms.accepts("gemma_norm")
-
 
 @dataclass(frozen=True)
-class ModuleApi:
+class ModuleApi(_Features):
     """What ``aiter.dist.communication_op`` offers (over aiter's own TP group)."""
 
     per_group: Entry | None
@@ -211,20 +218,8 @@ class ModuleApi:
     transpose_ok: bool = False
 
     @property
-    def empty(self) -> bool:
-        return self.per_group is None and self.ar_rms is None
-
-    @property
     def transpose_scale(self) -> bool:
         return self.transpose_ok
-
-    @property
-    def emit_bf16(self) -> bool:
-        return self.per_group is not None and self.per_group.accepts("emit_bf16")
-
-    @property
-    def gemma_norm(self) -> bool:
-        return self.ar_rms is not None and self.ar_rms.accepts("gemma_norm")
 
 
 @dataclass(frozen=True)
