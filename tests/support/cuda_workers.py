@@ -89,8 +89,12 @@ def multi_gpu_rank(rank, world_size, port, quick):
         import time
 
         start = time.time()
+        errors_before = ws.barrier_errors()
         try:
             fn()
+            torch.cuda.synchronize()
+            gave_up = ws.barrier_errors() - errors_before
+            assert gave_up == 0, f"{gave_up} barrier waits gave up during this case"
             status = "ok"
         except Exception:  # noqa: BLE001 - collected and reported by the parent
             failures.append(f"rank {rank} {name}: {traceback.format_exc(limit=3)}")
@@ -169,6 +173,22 @@ def multi_gpu_rank(rank, world_size, port, quick):
                              quantize=quantize)
                 digests[f"forced {plan.algo}/{plan.path}/{quantize} T={t}"] = digest(out)
             run_case(f"forced {plan.algo}/{plan.path} quantize={quantize} T={t}", case)
+
+    # 2b. two-shot back to back at uneven token counts (rows split unevenly between the
+    #     ranks, grids changing from call to call): the case that once split the ranks'
+    #     barrier epochs (a load/store race on the per-block epoch, fixed in symm_sync.py)
+    def twoshot_repeats():
+        for k, t in enumerate([33, 33, 17, 3, 33, 130, 1, 33, 65, 2] * (2 if quick else 4)):
+            xs, res, w = rank_inputs(world_size, t, 4096, fresh())
+            quantize = k % 3 != 2
+            plan = Plan(TWO_SHOT, "fused-1" if k % 2 else "fused-2", quantize and k % 2 == 1)
+            spec = make_spec(xs[rank], res, world_size=world_size, group_size=128, weight_offset=1.0,
+                             emit_bf16=k % 4 == 0, scale_layout="col" if k % 5 == 0 else "row", quant_dtype=FP8,
+                             quantize=quantize)
+            out = FusedNormQuantOutput(*cb.execute(plan, xs[rank], res, w, EPS, comm, spec, ws))
+            oracle_check(out, xs, res, w, algo=TWO_SHOT, offset=1.0, emit=k % 4 == 0,
+                         layout="col" if k % 5 == 0 else "row", quantize=quantize)
+    run_case("two-shot back to back", twoshot_repeats)
 
     # 3. every output element written (poisoned outputs), one-shot and two-shot kernels
     hp = 4096 if quick else 5120

@@ -86,7 +86,14 @@ def global_timer_ns():
 
 @triton.jit
 def next_epoch(ctl_ptr, pid):
+    """This block's next barrier epoch, advanced in the control tensor.
+
+    Every thread loads the counter, but a scalar store is done by one thread: without the
+    bar.sync between them, a warp that reaches the load late (e.g. still copying its part
+    of the staging rows) would read the already advanced value and wait for an epoch one
+    past its peers', splitting the block -- and then the ranks -- onto different epochs."""
     epoch = tl.load(ctl_ptr + CTL_EPOCHS + pid) + 1
+    tl.debug_barrier()
     tl.store(ctl_ptr + CTL_EPOCHS + pid, epoch)
     return epoch
 
@@ -117,7 +124,10 @@ def call_parity(ctl_ptr):
 
 @triton.jit
 def finish_call(ctl_ptr, calls):
-    """Take this block's ticket; the last block of the call advances ``calls``."""
+    """Take this block's ticket; the last block of the call advances ``calls``. The
+    bar.sync first: every thread of the block has read ``calls`` before any block can
+    advance it (the same load-then-store hazard as next_epoch's)."""
+    tl.debug_barrier()
     t = tl.atomic_add(ctl_ptr + CTL_TICKET, 1, sem="acq_rel", scope="gpu")
     if t == tl.num_programs(0) - 1:
         tl.store(ctl_ptr + CTL_TICKET, 0)
