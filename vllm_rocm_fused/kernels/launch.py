@@ -34,6 +34,15 @@ class RowTile:
     def num_warps(self) -> int:
         return 4 if self.elements <= 2048 else (8 if self.elements <= 8192 else 16)
 
+    @property
+    def quant_num_warps(self) -> int:
+        """Warps of the one-shot kernels when they quantize: one warp per 256 elements
+        (8 per thread), 4 to 16. The quant doubles the per-row tail, and more warps keep
+        more of it in flight: at TP=2 on H200, 8 instead of 4 warps took hidden 2048 x 1024
+        tokens from 37 to 26 us, 16 instead of 8 hidden 4096 x 8192 tokens from 468 to 253
+        (benchmarks/results/h200_tp2_grid_sweep.json)."""
+        return min(16, max(4, self.elements // 256))
+
 
 def row_tile(hidden: int, group: int) -> RowTile:
     gs = triton.next_power_of_2(group)

@@ -112,6 +112,7 @@ def oneshot_ar_norm_quant(
     quant_dtype: torch.dtype = torch.float8_e4m3fn,
     phase: int = 0,
     outputs=None,
+    num_warps: int | None = None,
 ):
     """All-reduce of x over ``peers`` + add + RMSNorm (+ group quant), one kernel.
 
@@ -120,6 +121,7 @@ def oneshot_ar_norm_quant(
         residual: [T, H] contiguous like x, or None. weight: [H], x.dtype or float32.
         peers: the symmetric workspace views (stage in x.dtype).
         phase/outputs: interpreter emulation only (0 = the real kernel).
+        num_warps: override of the tile's warp count (measurements).
     Returns:
         (q, scale, residual, normed) as ops.reference defines them (None where not asked).
     """
@@ -143,7 +145,7 @@ def oneshot_ar_norm_quant(
         W=peers.world_size, RANK=peers.rank, NG_P2=tile.ng_p2, GS=tile.gs, GROUP=tile.group,
         NORM=True, HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
         FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0, PHASE=phase,
-        num_warps=tile.num_warps,
+        num_warps=num_warps or (tile.quant_num_warps if quantize else tile.num_warps),
     )
     return outputs
 

@@ -135,7 +135,7 @@ def fits(tokens: int, hidden: int, group: int, ll_cap_words: int) -> str | None:
 
 
 def _launch(x, residual, weight, eps, peers, outputs, tile, *, norm, quantize, emit, weight_offset, quant_dtype,
-            phase):
+            phase, num_warps=None):
     q, scale, res_out, normed = outputs
     tokens, hidden = x.shape
     reason = fits(tokens, hidden, tile.group, peers.ll_cap)
@@ -148,7 +148,7 @@ def _launch(x, residual, weight, eps, peers, outputs, tile, *, norm, quantize, e
         W=peers.world_size, RANK=peers.rank, NG_P2=tile.ng_p2, GS=tile.gs,
         NORM=norm, HAS_RES=residual is not None, QUANT=quantize, EMIT=emit,
         FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0, PHASE=phase,
-        num_warps=tile.num_warps,
+        num_warps=num_warps or (tile.quant_num_warps if quantize else tile.num_warps),
     )
 
 
@@ -167,6 +167,7 @@ def oneshot_ll_ar_norm_quant(
     quant_dtype: torch.dtype = torch.float8_e4m3fn,
     phase: int = 0,
     outputs=None,
+    num_warps: int | None = None,
 ):
     """Same contract as oneshot_ar_norm_quant.oneshot_ar_norm_quant (the peers need the LL region)."""
     tokens, hidden = x.shape
@@ -179,7 +180,8 @@ def oneshot_ll_ar_norm_quant(
         return outputs
     tile = row_tile(hidden, group_size) if quantize else norm_tile(hidden)
     _launch(x, residual, weight, eps, peers, outputs, tile, norm=True, quantize=quantize,
-            emit=outputs[3] is not None, weight_offset=weight_offset, quant_dtype=quant_dtype, phase=phase)
+            emit=outputs[3] is not None, weight_offset=weight_offset, quant_dtype=quant_dtype, phase=phase,
+            num_warps=num_warps)
     return outputs
 
 

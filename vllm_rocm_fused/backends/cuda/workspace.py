@@ -115,16 +115,22 @@ class SymmWorkspace:
 
     @classmethod
     def create(cls, group, device: torch.device, *, stage_bytes: int, with_twoshot: bool,
-               ll_bytes: int = 0) -> "SymmWorkspace":
+               ll_bytes: int = 0, blocks_per_sm: int = 1) -> "SymmWorkspace":
         """Collective: allocate, rendezvous, zero the flags and the LL region, agree on
-        success and grid size. Raises RuntimeError (on every rank alike) if any rank failed."""
+        success and grid size. Raises RuntimeError (on every rank alike) if any rank failed.
+
+        blocks_per_sm: the launch cap is this many programs per SM. The backend keeps 1, so
+        every program of a launch is co-resident and the per-block cross-GPU barrier cannot
+        wait on a program that has not started; more is for measurements only
+        (benchmarks/sweep_grid.py), where progress then rests on the hardware starting
+        blocks in index order."""
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
         rank = dist.get_rank(group)
         world_size = dist.get_world_size(group)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        lay = layout(world_size, stage_bytes, max_grid=min(sms, MAX_GRID), with_twoshot=with_twoshot,
+        lay = layout(world_size, stage_bytes, max_grid=min(blocks_per_sm * sms, MAX_GRID), with_twoshot=with_twoshot,
                      ll_bytes=ll_bytes)
         error = None
         buf = handle = None
