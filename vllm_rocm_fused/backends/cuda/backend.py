@@ -304,17 +304,24 @@ def execute(plan: Plan, x, residual, weight, eps, comm, spec: CallSpec, ws):
     return q, scale, res, normed if spec.emit_bf16 else None
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 and nbytes % (1 << 20) == 0 else f"{nbytes >> 10} KiB"
+
+
 def dispatch_summary() -> dict[str, str]:
     rows = {}
     for w in (2, 4, 8):
         ll = dispatch.LL_MAX_BYTES[w]
         one = dispatch.ONESHOT_MAX_BYTES[w]
         two = dispatch.TWOSHOT_MAX_BYTES[w]
-        text = f"LL one-shot <= {ll >> 10} KiB, one-shot <= {one >> 10} KiB"
+        quant_in = dispatch.PULL_QUANT_MIN_BYTES[w]
+        text = f"LL one-shot <= {_size(ll)}, one-shot <= {_size(one)}"
+        if quant_in < one:
+            text += f" (quant in the kernel from {_size(quant_in)} for unpadded rows, else its own kernel)"
         if two > one:
-            text += f", two-shot <= {two >> 10} KiB"
+            text += f", two-shot <= {_size(two)}"
         text += ", NCCL + fused norm/quant above"
         measured = dispatch.MEASURED_UP_TO_BYTES.get(w, 0)
-        text += f" (measured up to {measured >> 10} KiB, estimates above)" if measured else " (estimates)"
+        text += f" (measured up to {_size(measured)}, estimates above)" if measured else " (estimates)"
         rows[f"dispatch TP={w}"] = text
     return rows

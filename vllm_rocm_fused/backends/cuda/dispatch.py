@@ -33,29 +33,39 @@ WORLD_SIZES = (2, 3, 4, 5, 6, 7, 8)
 # pull one-shot kernel; larger inputs use two-shot up to TWOSHOT_MAX_BYTES, then the split
 # algorithm (NCCL + one fused kernel).
 #
-# TP=2, measured on the H200 pair (benchmarks/results/h200_tp2.json, hidden 4096, graph
-# replays): for inputs up to 512 KiB (T <= 64) the LL kernel is the fastest one-kernel
-# variant at every size (6.2-9.1 us against 7.5-11.0 for the pull kernel and 11.9-15.9
-# for two-shot), hence LL up to there. Two-shot loses at TP=2 (it also moves more bytes:
-# ~5 per element against the one-shot's 2), hence 0. Larger inputs were not measured:
-# the pull one-shot's limit (8 MiB = 1024 tokens at hidden 4096) is where torch's one-shot
-# all-reduce stops beating NCCL on this pair (docs: 30.8 vs 35.0 us at 512 tokens, 97.9 vs
-# 77.1 at 2048), an estimate until the benchmark covers T >= 128.
-# TP=4/8: estimates (one-shot reads (W-1)x the input over NVLink; two-shot ~5 bytes per
-# element whatever W), pending measurements on 4/8-GPU machines.
-LL_MAX_BYTES: dict[int, int] = {2: 512 << 10, 3: 512 << 10, 4: 256 << 10, 5: 256 << 10, 6: 128 << 10,
+# TP=2, measured on the H200 pair (benchmarks/results/h200_tp2.json: hidden 2048, 4096,
+# 5120 x 1-8192 tokens, graph replays; BENCHMARKS.md):
+# * up to 1 MiB (T <= 128 at hidden 4096) the LL fused-1 kernel is the fastest variant
+#   (within noise of the pull kernels at the few sizes where it is not);
+# * above, the pull one-shot with the group quant as its own kernel (fused-2) is the
+#   fastest at every measured size up to 8192 x 5120 (80 MiB), ahead of every split-3
+#   chain (NCCL, torch symm_mem, our one-shots) by 5-20%, of NCCL + one fused kernel and
+#   of two-shot; so the pull one-shot takes every input up to 80 MiB and NCCL nothing.
+# TP=3-8: estimates (one-shot reads (W-1)x the input over NVLink), pending measurements.
+LL_MAX_BYTES: dict[int, int] = {2: 1 << 20, 3: 512 << 10, 4: 256 << 10, 5: 256 << 10, 6: 128 << 10,
                                 7: 128 << 10, 8: 128 << 10}
-ONESHOT_MAX_BYTES: dict[int, int] = {2: 8 << 20, 3: 4 << 20, 4: 2 << 20, 5: 1 << 20, 6: 1 << 20,
+ONESHOT_MAX_BYTES: dict[int, int] = {2: 80 << 20, 3: 4 << 20, 4: 2 << 20, 5: 1 << 20, 6: 1 << 20,
                                      7: 512 << 10, 8: 512 << 10}
-# Two-shot is not dispatched at any world size for now: in the last GPU test run on the
-# H200 pair (benchmarks/NOTES.md, 2026-11-29), a forced two-shot call at T=33 (rows split
-# 17/16 between the ranks) right after another two-shot call failed its check on one rank
-# while the other waited out a barrier. Until that is understood and re-run, inputs past
-# the one-shot limit take the split algorithm (NCCL + one fused kernel), which passed.
-# The kernel stays available to forced plans and tests.
+# The pull one-shot kernel also quantizes (fused-1) for inputs of at least this many bytes
+# when the row's quant tile has no padding (hidden / group a power of two: 2048, 4096);
+# otherwise the group-quant kernel follows it (fused-2). The fused kernels give each
+# program (at most one per SM, so that all are co-resident for the barrier) one row at a
+# time, and the quant lengthens that serial per-row tail. Measured at TP=2 (16 warps for a
+# 4096-element tile, launch.RowTile.quant_num_warps): hidden 4096 in-kernel quant loses
+# at 1-2 MiB (256 tokens: 17.3 against 16.8 us) and wins from 4 MiB (512 tokens: 25.2
+# against 25.6; 8192 tokens: 254.6 against 284.3); hidden 2048 wins from 1 MiB. Hidden 5120
+# (40 groups padded to a 64-group tile) loses at every size (8192 tokens: 586 against
+# 399). Below the LL limit the LL kernel takes the call anyway. The reason is not world-size
+# specific, so TP 3-8 use the same rule (unmeasured).
+PULL_QUANT_MIN_BYTES: dict[int, int] = {w: 4 << 20 for w in WORLD_SIZES}
+# Two-shot is not dispatched at any world size: at TP=2 it lost to the one-shot at every
+# measured size (it moves ~5 bytes per element against the one-shot's 2 (W - 1) and pays two
+# handshakes); TP 4/8, where it should win for large inputs, are not measured yet. It passes
+# the GPU tests (forced plans, back to back at uneven token counts) since the per-block
+# epoch race in symm_sync.next_epoch was fixed.
 TWOSHOT_MAX_BYTES: dict[int, int] = {w: 0 for w in WORLD_SIZES}
 # Up to which input size each world size's choices rest on measurements (0 = none).
-MEASURED_UP_TO_BYTES: dict[int, int] = {2: 512 << 10}
+MEASURED_UP_TO_BYTES: dict[int, int] = {2: 80 << 20}
 
 
 def ll_max_bytes(world_size: int) -> int:
@@ -150,6 +160,10 @@ def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, grou
         why = _stage_reason(num_tokens, hidden, symm)
         if why is None:
             algo = ONE_SHOT
+            why_apart = _pull_quant_apart_reason(nbytes, hidden, group_size, world_size) if fused_quant else None
+            if why_apart is not None:
+                fused_quant = False
+                notes.append(f"the group quant as its own kernel: {why_apart}")
         else:
             notes.append(f"one-shot: {why}")
     elif nbytes <= two_max:
@@ -167,6 +181,19 @@ def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, grou
         path = "fused-2" if fused_quant or not quantize else "generic"
         return Plan(SPLIT, path, fused_quant, tuple(notes))
     return Plan(algo, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes))
+
+
+def _pull_quant_apart_reason(nbytes: int, hidden: int, group_size: int, world_size: int) -> str | None:
+    """Why the pull one-shot kernel should leave the quant to the group-quant kernel (None: it
+    should not)."""
+    tile = row_tile(hidden, group_size)
+    if tile.n_groups != tile.ng_p2 or tile.gs != tile.group:
+        return (f"{tile.n_groups} groups pad to a {tile.ng_p2}-group tile, which makes the in-kernel quant "
+                f"slower (measured)")
+    limit = PULL_QUANT_MIN_BYTES.get(world_size, 0)
+    if nbytes < limit:
+        return f"{nbytes} input bytes < {limit}: faster than in the one-shot kernel at this size (measured)"
+    return None
 
 
 def _ll_reason(tokens: int, hidden: int, symm: SymmState) -> str | None:
