@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import MAX_TILE, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides
+from .launch import MAX_TILE, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
 from .row_math import add_rmsnorm, row_tile as tile_offsets, store_row_outputs
 
 
@@ -54,8 +54,9 @@ def fits(hidden: int, group_size: int) -> str | None:
     """Why this kernel cannot take the shape (None = it can)."""
     if hidden % group_size:
         return f"hidden {hidden} is not a multiple of group_size {group_size}"
-    if row_tile(hidden, group_size).elements > MAX_TILE:
-        return f"a row of {hidden} in groups of {group_size} exceeds the {MAX_TILE}-element register tile"
+    reason = tile_reason(hidden, group_size)
+    if reason is not None:
+        return reason
     return None
 
 

@@ -50,6 +50,14 @@ def row_tile(hidden: int, group: int) -> RowTile:
     return RowTile(group, gs, n_groups, triton.next_power_of_2(n_groups))
 
 
+def tile_reason(hidden: int, group: int) -> str | None:
+    """Why a row of ``hidden`` in groups of ``group`` does not fit a program's register tile
+    (None = it fits); every fused kernel's ``fits`` starts here."""
+    if row_tile(hidden, group).elements > MAX_TILE:
+        return f"a row of {hidden} in groups of {group} exceeds the {MAX_TILE}-element register tile"
+    return None
+
+
 def norm_tile(hidden: int) -> RowTile:
     """A tile for the norm-only kernels: rows of the largest power of two <= 128 that
     divides hidden (any multiple of 16 works without padding inside a tile row)."""

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import MAX_TILE, SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides
+from .launch import SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
 from .row_math import add_rmsnorm, row_tile as tile_offsets, store_row_outputs
 from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
 
@@ -86,8 +86,9 @@ def _oneshot_kernel(
 
 def fits(tokens: int, hidden: int, group: int, peers_stage_cap: int) -> str | None:
     """Why a call of this shape cannot run here (None = it can); host-side."""
-    if row_tile(hidden, group).elements > MAX_TILE:
-        return f"a row of {hidden} in groups of {group} exceeds the {MAX_TILE}-element register tile"
+    reason = tile_reason(hidden, group)
+    if reason is not None:
+        return reason
     if tokens * hidden > peers_stage_cap:
         return f"{tokens} x {hidden} elements exceed the staging capacity ({peers_stage_cap})"
     return None

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import MAX_TILE, SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides
+from .launch import SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
 from .row_math import CTL_ERRORS, add_rmsnorm, row_tile as tile_offsets, store_row_outputs
 from .symm_sync import WAIT_TIMEOUT_NS, call_parity, finish_call, global_timer_ns
 
@@ -127,8 +127,9 @@ def fits(tokens: int, hidden: int, group: int, ll_cap_words: int) -> str | None:
     """Why a call of this shape cannot run here (None = it can); host-side."""
     if group & (group - 1):
         return f"the LL kernel needs a power-of-two tile width, got {group}"
-    if row_tile(hidden, group).elements > MAX_TILE:
-        return f"a row of {hidden} in groups of {group} exceeds the {MAX_TILE}-element register tile"
+    reason = tile_reason(hidden, group)
+    if reason is not None:
+        return reason
     if tokens * hidden > 2 * ll_cap_words:
         return f"{tokens} x {hidden} elements exceed the LL buffer ({2 * ll_cap_words})"
     return None

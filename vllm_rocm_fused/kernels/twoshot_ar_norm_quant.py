@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import MAX_TILE, SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides
+from .launch import SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
 from .row_math import CTL_EPOCHS, add_rmsnorm, group_quant, row_tile as tile_offsets
 from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
 
@@ -120,8 +120,9 @@ def _twoshot_kernel(
 
 def fits(tokens: int, hidden: int, group: int, world_size: int, stage_cap: int, out_cap: int) -> str | None:
     """Why a call of this shape cannot run here (None = it can); host-side."""
-    if row_tile(hidden, group).elements > MAX_TILE:
-        return f"a row of {hidden} in groups of {group} exceeds the {MAX_TILE}-element register tile"
+    reason = tile_reason(hidden, group)
+    if reason is not None:
+        return reason
     if tokens * hidden > stage_cap:
         return f"{tokens} x {hidden} elements exceed the staging capacity ({stage_cap})"
     chunk = -(-tokens // world_size)
