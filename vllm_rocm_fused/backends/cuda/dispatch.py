@@ -37,10 +37,10 @@ WORLD_SIZES = (2, 3, 4, 5, 6, 7, 8)
 # 5120 x 1-8192 tokens, graph replays; BENCHMARKS.md):
 # * up to 1 MiB (T <= 128 at hidden 4096) the LL fused-1 kernel is the fastest variant
 #   (within noise of the pull kernels at the few sizes where it is not);
-# * above, the pull one-shot with the group quant as its own kernel (fused-2) is the
-#   fastest at every measured size up to 8192 x 5120 (80 MiB), ahead of every split-3
-#   chain (NCCL, torch symm_mem, our one-shots) by 5-20%, of NCCL + one fused kernel and
-#   of two-shot; so the pull one-shot takes every input up to 80 MiB and NCCL nothing.
+# * above, the pull one-shot (quant placed as PULL_QUANT_MIN_BYTES says) is the fastest
+#   at every measured size up to 8192 x 5120 (80 MiB): 4-28% under the best split-3 chain
+#   (NCCL, torch symm_mem, our one-shots), and under NCCL + one fused kernel and two-shot;
+#   so the pull one-shot takes every input up to 80 MiB and NCCL nothing.
 # TP=3-8: estimates (one-shot reads (W-1)x the input over NVLink), pending measurements.
 LL_MAX_BYTES: dict[int, int] = {2: 1 << 20, 3: 512 << 10, 4: 256 << 10, 5: 256 << 10, 6: 128 << 10,
                                 7: 128 << 10, 8: 128 << 10}
@@ -52,10 +52,10 @@ ONESHOT_MAX_BYTES: dict[int, int] = {2: 80 << 20, 3: 4 << 20, 4: 2 << 20, 5: 1 <
 # program (at most one per SM, so that all are co-resident for the barrier) one row at a
 # time, and the quant lengthens that serial per-row tail. Measured at TP=2 (16 warps for a
 # 4096-element tile, launch.RowTile.quant_num_warps): hidden 4096 in-kernel quant loses
-# at 1-2 MiB (256 tokens: 17.3 against 16.8 us) and wins from 4 MiB (512 tokens: 25.2
-# against 25.6; 8192 tokens: 254.6 against 284.3); hidden 2048 wins from 1 MiB. Hidden 5120
-# (40 groups padded to a 64-group tile) loses at every size (8192 tokens: 586 against
-# 399). Below the LL limit the LL kernel takes the call anyway. The reason is not world-size
+# at 2 MiB (256 tokens: 22.5 against 16.7 us) and wins from 4 MiB (512 tokens: 24.4
+# against 25.3; 8192 tokens: 253.3 against 283.1); hidden 2048 draws level from 1 MiB
+# (12.8 / 13.0) and wins from 2 MiB. Hidden 5120 (40 groups padded to a 64-group tile)
+# loses at every size (8192 tokens: 585 against 397). Below the LL limit the LL kernel takes the call anyway. The reason is not world-size
 # specific, so TP 3-8 use the same rule (unmeasured).
 PULL_QUANT_MIN_BYTES: dict[int, int] = {w: 4 << 20 for w in WORLD_SIZES}
 # Two-shot is not dispatched at any world size: at TP=2 it lost to the one-shot at every
