@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import MAX_TILE, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
+from .launch import empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
 from .row_math import add_rmsnorm, row_tile as tile_offsets, store_row_outputs
 
 
@@ -96,8 +96,9 @@ def add_rmsnorm_quant(
                                 emit_normed=emit_normed, scale_layout=scale_layout, quant_dtype=quant_dtype)
     q, scale, res_out, normed = outputs
     tile = row_tile(hidden, group_size) if quantize else norm_tile(hidden)
-    if tile.elements > MAX_TILE:
-        raise ValueError(f"hidden {hidden} with group_size {group_size} exceeds the kernel's tile ({MAX_TILE})")
+    reason = tile_reason(hidden, tile.group)
+    if reason is not None:
+        raise ValueError(reason)
     if tokens == 0:
         return outputs
     st, sg = scale_strides(scale) if quantize else (0, 0)

@@ -126,3 +126,7 @@ class SymmPeers:
     @property
     def scale_cap(self) -> int:
         return self.out_cap // 16
+
+    def grid(self, rows: int) -> int:
+        """Programs for a launch over ``rows`` rows: at most max_grid (see the workspace)."""
+        return max(1, min(rows, self.max_grid))

@@ -94,10 +94,6 @@ def fits(tokens: int, hidden: int, group: int, peers_stage_cap: int) -> str | No
     return None
 
 
-def _grid(tokens: int, peers: SymmPeers) -> int:
-    return max(1, min(tokens, peers.max_grid))
-
-
 def oneshot_ar_norm_quant(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -139,7 +135,7 @@ def oneshot_ar_norm_quant(
     if reason is not None:
         raise ValueError(reason)
     st, sg = scale_strides(scale) if quantize else (0, 0)
-    _oneshot_kernel[(_grid(tokens, peers),)](
+    _oneshot_kernel[(peers.grid(tokens),)](
         x, residual, weight, res_out, normed, q, scale,
         peers.stage, peers.flags, peers.ctl,
         tokens, hidden, tile.n_groups, peers.stage_cap, float(eps), float(weight_offset), st, sg,
@@ -162,7 +158,7 @@ def oneshot_all_reduce(x: torch.Tensor, peers: SymmPeers, *, phase: int = 0, out
     reason = fits(tokens, hidden, tile.group, peers.stage_cap)
     if reason is not None:
         raise ValueError(reason)
-    _oneshot_kernel[(_grid(tokens, peers),)](
+    _oneshot_kernel[(peers.grid(tokens),)](
         x, None, None, out, None, None, None,
         peers.stage, peers.flags, peers.ctl,
         tokens, hidden, tile.n_groups, peers.stage_cap, 0.0, 0.0, 0, 0,

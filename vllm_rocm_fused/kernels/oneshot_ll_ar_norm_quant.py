@@ -143,7 +143,7 @@ def _launch(x, residual, weight, eps, peers, outputs, tile, *, norm, quantize, e
     if reason is not None:
         raise ValueError(reason)
     st, sg = scale_strides(scale) if quantize else (0, 0)
-    _oneshot_ll_kernel[(max(1, min(tokens, peers.max_grid)),)](
+    _oneshot_ll_kernel[(peers.grid(tokens),)](
         x, residual, weight, res_out, normed, q, scale, peers.ll, peers.ctl,
         tokens, hidden, tile.n_groups, peers.ll_cap, float(eps), float(weight_offset), st, sg,
         W=peers.world_size, RANK=peers.rank, NG_P2=tile.ng_p2, GS=tile.gs,

@@ -164,7 +164,7 @@ def twoshot_ar_norm_quant(
         raise ValueError(reason)
     chunk = -(-tokens // peers.world_size)
     st, sg = scale_strides(scale) if quantize else (0, 0)
-    _twoshot_kernel[(max(1, min(chunk, peers.max_grid)),)](
+    _twoshot_kernel[(peers.grid(chunk),)](
         x, residual, weight, res_out, normed, q, scale,
         peers.stage, peers.flags, peers.ctl, peers.out_q, peers.out_res, peers.out_normed, peers.out_scale,
         tokens, chunk, hidden, tile.n_groups, peers.stage_cap, peers.out_cap, peers.scale_cap,
