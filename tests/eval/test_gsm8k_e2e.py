@@ -122,15 +122,21 @@ def test_tiny_fp8_tp2_end_to_end(tiny_models, tmp_path):
     assert "## Parity (greedy, token by token)" in md and "vllm-rocm-fused: fused sites" in md
 
 
-def test_server_that_fails_to_start(tiny_models, tmp_path):
-    # A checkpoint without weights: vLLM starts its engine and both TP workers, which then fail.
-    broken = tmp_path / "no-weights"
-    shutil.copytree(tiny_models("dense-fp8"), broken, ignore=shutil.ignore_patterns("*.safetensors"))
+def one_question_gsm8k(tmp_path):
+    """A GSM8K folder whose train and test splits repeat one easy question."""
     data = tmp_path / "gsm8k"
     data.mkdir()
     row = json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n"
     for name in ("train.jsonl", "test.jsonl"):
         (data / name).write_text(row * 6)
+    return data
+
+
+def test_server_that_fails_to_start(tiny_models, tmp_path):
+    # A checkpoint without weights: vLLM starts its engine and both TP workers, which then fail.
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_models("dense-fp8"), broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    data = one_question_gsm8k(tmp_path)
     out = tmp_path / "out"
     marker = uuid.uuid4().hex
     res = run_cli(["--model", str(broken), "--tp", "2", "--limit", "1", "--data-dir", str(data),
@@ -149,11 +155,7 @@ def test_ctrl_c_while_the_server_starts(tiny_models, tmp_path):
     # Ctrl-C reaches only the CLI (the server has its own process group); the CLI must
     # stop the whole group, engine core included.
     model = tiny_models("dense-fp8")
-    data = tmp_path / "gsm8k"
-    data.mkdir()
-    row = json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n"
-    for name in ("train.jsonl", "test.jsonl"):
-        (data / name).write_text(row * 6)
+    data = one_question_gsm8k(tmp_path)
     out = tmp_path / "out"
     log = out / "baseline" / "server.log"
     marker = uuid.uuid4().hex

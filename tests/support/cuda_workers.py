@@ -180,14 +180,12 @@ def multi_gpu_rank(rank, world_size, port, quick):
     def twoshot_repeats():
         for k, t in enumerate([33, 33, 17, 3, 33, 130, 1, 33, 65, 2] * (2 if quick else 4)):
             xs, res, w = rank_inputs(world_size, t, 4096, fresh())
-            quantize = k % 3 != 2
+            quantize, emit, layout = k % 3 != 2, k % 4 == 0, "col" if k % 5 == 0 else "row"
             plan = Plan(TWO_SHOT, "fused-1" if k % 2 else "fused-2", quantize and k % 2 == 1)
             spec = make_spec(xs[rank], res, world_size=world_size, group_size=128, weight_offset=1.0,
-                             emit_bf16=k % 4 == 0, scale_layout="col" if k % 5 == 0 else "row", quant_dtype=FP8,
-                             quantize=quantize)
+                             emit_bf16=emit, scale_layout=layout, quant_dtype=FP8, quantize=quantize)
             out = FusedNormQuantOutput(*cb.execute(plan, xs[rank], res, w, EPS, comm, spec, ws))
-            oracle_check(out, xs, res, w, algo=TWO_SHOT, offset=1.0, emit=k % 4 == 0,
-                         layout="col" if k % 5 == 0 else "row", quantize=quantize)
+            oracle_check(out, xs, res, w, algo=TWO_SHOT, offset=1.0, emit=emit, layout=layout, quantize=quantize)
     run_case("two-shot back to back", twoshot_repeats)
 
     # 3. every output element written (poisoned outputs), one-shot and two-shot kernels

@@ -16,7 +16,7 @@ Signatures traced to ROCm/aiter @ v0.1.18:
 """
 
 from . import base
-from . import v0_1_17
+from . import v0_1_14, v0_1_17
 
 VERSION = "0.1.18"
 
@@ -24,22 +24,9 @@ VERSION = "0.1.18"
 class CustomAllreduce(base.CustomAllreduceBase):
     fused_ar_rms = v0_1_17.CustomAllreduce.fused_ar_rms
     custom_fused_ar_rms = v0_1_17.CustomAllreduce.custom_fused_ar_rms
-
-    def fused_ar_rms_per_group_quant(self, inp, res_inp, *, w, eps, group_size=128, registered=False,
-                                     use_1stage=False, emit_bf16=False):
-        return self._per_group("CustomAllreduce.fused_ar_rms_per_group_quant", inp, res_inp, w, eps,
-                               group_size=group_size, registered=registered, use_1stage=use_1stage,
-                               emit_bf16=emit_bf16)
-
-    def custom_fused_ar_rms_per_group_quant(self, input, residual_inp, weight, eps, group_size=128,
-                                            use_1stage=False, emit_bf16=False):
-        return self._graph_aware(
-            input,
-            lambda reg: self._per_group("CustomAllreduce.custom_fused_ar_rms_per_group_quant", input,
-                                        residual_inp, weight, eps, group_size=group_size, registered=reg,
-                                        use_1stage=use_1stage, emit_bf16=emit_bf16),
-            lambda: None,
-        )
+    # the per-group methods as v0.1.14-v0.1.16 had them (no transpose_scale)
+    fused_ar_rms_per_group_quant = v0_1_14.CustomAllreduce.fused_ar_rms_per_group_quant
+    custom_fused_ar_rms_per_group_quant = v0_1_14.CustomAllreduce.custom_fused_ar_rms_per_group_quant
 
 
 def modules():
