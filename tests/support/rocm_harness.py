@@ -17,6 +17,7 @@ from vllm_rocm_fused.log import forget_once_keys
 from vllm_rocm_fused.ops import backends
 from vllm_rocm_fused.ops.comm import register_communicator
 from vllm_rocm_fused.ops.fused import call_fused_op
+from vllm_rocm_fused.ops.reference import norm_quant_reference
 
 _names = itertools.count()
 
@@ -58,9 +59,10 @@ class RocmHarness:
         self.backend = backend
         self.fake: fake_aiter.FakeAiter | None = None
 
-    def use(self, generation: str, arch: str = "gfx950") -> fake_aiter.FakeAiter:
-        self.fake = fake_aiter.install(generation, arch)
-        self.backend.set_environment(fake_aiter.FakeRocmEnv(arch))
+    def use(self, generation: str, arch: str = "gfx950", hip: str | None = "7.0.51831") -> fake_aiter.FakeAiter:
+        """Install fake aiter ``generation`` on a fake ``arch`` box whose ROCm is ``hip``."""
+        self.fake = fake_aiter.install(generation, arch, hip)
+        self.backend.set_environment(fake_aiter.FakeRocmEnv(arch, hip))
         return self.fake
 
     def ca_class(self) -> type:
@@ -84,16 +86,21 @@ class RocmHarness:
 
 @pytest.fixture
 def rocm():
+    """The ROCm backend on a fake box. Fails the test if the backend sent any call
+    real aiter would have rejected, hung or corrupted on."""
     backend = backends.get_backend("rocm")
     saved_env = backend.env
     forget_once_keys()
     backends.reset_counters()
     harness = RocmHarness(backend)
     yield harness
+    violations = list(fake_aiter.STATE.violations)
     fake_aiter.uninstall()
+    fake_aiter.STATE.violations.clear()
     backend.set_environment(saved_env)
     forget_once_keys()
     backends.reset_counters()
+    assert not violations, f"the backend sent calls real aiter would not run: {violations}"
 
 
 class _Collect(logging.Handler):
@@ -126,6 +133,39 @@ def run_op(comm, case: Case, *, arch="gfx950", quantize=True, emit_bf16=False, s
         group_size=group_size, weight_offset=weight_offset, emit_bf16=emit_bf16, scale_layout=scale_layout,
         quant_dtype=ARCH_FP8[arch], quantize=quantize, backend=backend,
     )
+
+
+def aiter_expected(case: Case, *, kernel: str, multi_stage: bool = False, weight=None, offset: float = 0.0,
+                   group_size: int = 128):
+    """What aiter's kernels compute for ``case``, from the spec (ops/reference.py)
+    given aiter's roundings: the all-reduced sum rounded to x.dtype before the
+    residual add (every kernel), and for the multi-stage per-group kernels the
+    norm reading that rounded residual. Returns (residual, normed, y) with ``y``
+    the unrounded float64 normed value the fused per-group kernel quantizes.
+    ``kernel``: "ar_rms" or "per_group"."""
+    w = case.weight if weight is None else weight
+    h_rounded = case.h.to(case.x.dtype)
+    out = norm_quant_reference(h_rounded, case.residual, w, 1e-6, out_dtype=case.x.dtype, weight_offset=offset,
+                               quantize=False)
+    residual, normed = out.residual, out.normed
+    s = h_rounded.double() + case.residual.double()
+    if kernel == "per_group" and multi_stage:
+        s = residual.double()
+        normed = norm_quant_reference(residual, None, w, 1e-6, out_dtype=case.x.dtype, weight_offset=offset,
+                                      quantize=False).normed
+    y = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * (w.double() + offset)
+    return residual, normed, y
+
+
+def hip_quant_expected(x: torch.Tensor, fp8: torch.dtype, group_size: int = 128):
+    """``per_group_quant_hip`` (quant_kernels.cu): scale = max(amax, 1e-10) * float32(1/FP8_MAX),
+    q = fp8(x * float32(1/scale))."""
+    t, k = x.shape
+    g = x.float().view(t, k // group_size, group_size)
+    qmax = torch.finfo(fp8).max
+    scale = g.abs().amax(-1).clamp(min=1e-10) * torch.tensor(1 / qmax, dtype=torch.float32)
+    q = (g * (1 / scale).unsqueeze(-1)).clamp(-qmax, qmax).to(fp8).view(t, k)
+    return q, scale
 
 
 def last_path() -> str:

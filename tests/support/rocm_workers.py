@@ -28,6 +28,6 @@ def functional_op_rocm_rank(rank, world_size, port, generation, cases):
                 scale_layout=layout, quant_dtype=torch.float8_e4m3fn, quantize=quantize,
             )
             results.append((tuple(out), backends.backend_counters()))
-        return results, len(fake.calls("CustomAllreduce.__init__"))
+        return results, len(fake.calls("CustomAllreduce.__init__")), list(fake.violations)
     finally:
         dist.destroy_process_group()

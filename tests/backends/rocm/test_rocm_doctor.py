@@ -62,7 +62,8 @@ def test_old_aiter_without_per_group_uses_two_kernels(rocm):
     block = site_block(text, "attention input")
     assert "-> rocm (fused-2 one-stage via CustomAllreduce.fused_ar_rms + get_hip_quant(per_1x128)" in block
     assert "not fused-1: aiter 0.1.13 has no per-group fused API" in block
-    assert "backend rocm: aiter: 0.1.13: no per-group fused API" in text
+    assert "backend rocm: aiter: 0.1.13: API generation <= 0.1.13-like (no per-group kernel); " \
+           "no per-group fused API" in text
 
 
 def test_gfx942_uses_two_kernels_and_says_why(rocm, monkeypatch):
@@ -75,19 +76,54 @@ def test_gfx942_uses_two_kernels_and_says_why(rocm, monkeypatch):
 
 
 def test_gfx950_per_site_steps(rocm):
-    rocm.use("v0_1_17", "gfx950")
-    text = doctor_text(tokens=(1, 64, 1024, 8192))
+    rocm.use("v0_1_20", "gfx950")
+    text = doctor_text(tokens=(1, 64, 81, 1024, 8192))
     attn = site_block(text, "attention input")
-    assert "tokens 1 -> rocm (fused-1 one-stage via CustomAllreduce.fused_ar_rms_per_group_quant" in attn
-    assert "tokens 64 -> rocm (fused-1 two-stage via" in attn
-    assert "tokens 1024 -> rocm (fused-1 split via" in attn
+    assert "tokens 1,64 -> rocm (fused-1 one-stage via CustomAllreduce.fused_ar_rms_per_group_quant" in attn
+    assert "tokens 81,1024 -> rocm (fused-1 split via" in attn  # vLLM's 80-token cap; > 512 KiB
     assert "tokens 8192 -> native (generic)" in attn
     assert "rocm: ineligible: input 64 MiB >= 64 MiB, aiter's fused-path limit (from tokens 8192)" in attn
     assert "(1 + w) rounded to bfloat16" in attn
     moe = site_block(text, "post-attention (MoE)")
-    assert "tokens 1 -> rocm (fused-1 one-stage via CustomAllreduce.fused_ar_rms (gemma_norm))" in moe
-    assert ("backend rocm: aiter: 0.1.17: per-group: CustomAllreduce.fused_ar_rms_per_group_quant"
-            "(emit_bf16, transpose_scale)") in text
+    assert "tokens 1,64 -> rocm (fused-1 one-stage via CustomAllreduce.fused_ar_rms (gemma_norm))" in moe
+    assert "tokens 81,1024 -> rocm (fused-1 two-stage via CustomAllreduce.fused_ar_rms (gemma_norm))" in moe
+    assert ("backend rocm: aiter: 0.1.20: API generation 0.1.17 / >= 0.1.19.post2-like; per-group: "
+            "CustomAllreduce.fused_ar_rms_per_group_quant(emit_bf16, transpose_scale)") in text
+    assert "backend rocm: ROCm: HIP 7.0.51831 (torch.version.hip): clang >= 20" in text
+    assert "backend rocm: kernel choice: one-stage where vLLM picks it (<= 80 tokens" in text
+
+
+def test_old_rocm_keeps_bf16_per_group_calls_on_safe_kernels(rocm):
+    """ROCm 6 (clang < 20): the multi-stage per-group kernels would add bf16 as
+    integers, so doctor shows fused-2 where vLLM's rule picks them, and says why."""
+    rocm.use("v0_1_20", "gfx950", hip="6.4.43482")
+    text = doctor_text(world_size=8, tokens=(1, 64, 1024))
+    attn = site_block(text, "attention input")
+    assert "tokens 1,64 -> rocm (fused-1 one-stage" in attn  # <= 80 tokens: one-stage is safe
+    assert "tokens 1024 -> rocm (fused-2 two-stage via CustomAllreduce.fused_ar_rms + get_hip_quant" in attn
+    assert "not fused-1: the multi-stage per-group kernels add bf16 residuals as integers" in attn
+    assert "backend rocm: ROCm: HIP 6.4.43482 (torch.version.hip): clang < 20 assumed" in text
+
+
+@pytest.mark.parametrize("gen,name", [
+    ("v0_1_14", "0.1.14 - 0.1.16-like (one-stage kernels: one block per token)"),
+    ("v0_1_16", "0.1.14 - 0.1.16-like (one-stage kernels: one block per token)"),
+    ("v0_1_17", "0.1.17 / >= 0.1.19.post2-like"),
+    ("v0_1_18", "0.1.18 - 0.1.19.post1-like (per-group methods without transpose_scale)"),
+    ("v0_1_20", "0.1.17 / >= 0.1.19.post2-like"),
+])
+def test_doctor_names_the_api_generation(rocm, gen, name):
+    rocm.use(gen, "gfx950")
+    assert f"API generation {name}" in doctor_text(tokens=(1,))
+
+
+def test_small_hidden_is_explained(rocm):
+    rocm.use("v0_1_20", "gfx950")
+    args = argparse.Namespace(json=False, world_size=2, hidden=256, tokens=[1, 100], dtype="bfloat16")
+    text = doctor.render(doctor.collect(args))
+    moe = site_block(text, "post-attention (MoE)")
+    assert "tokens 1 -> rocm (fused-1 one-stage" in moe and "tokens 100 -> native (generic)" in moe
+    assert "'n too small'" in moe
 
 
 def test_world_size_six_is_explained(rocm):

@@ -14,7 +14,7 @@ import torch
 from support import fake_aiter
 from support.fake_aiter import base as fake_base
 from support.rocm_harness import (  # noqa: F401 - rocm, plugin_log are fixtures
-    AR_RMS, HIP_QUANT, PER_GROUP, Case, last_path, plugin_log, rocm, run_op,
+    AR_RMS, HIP_QUANT, PER_GROUP, Case, aiter_expected, hip_quant_expected, last_path, plugin_log, rocm, run_op,
 )
 from vllm_rocm_fused.ops import backends
 from vllm_rocm_fused.ops.reference import norm_quant_reference
@@ -35,6 +35,17 @@ def check_exact(out, case: Case, *, emit_bf16=False, scale_layout="row"):
         torch.testing.assert_close(out.normed, ref.normed, rtol=0, atol=0)
 
 
+def check_two_kernels(out, case: Case, fp8=torch.float8_e4m3fn):
+    """fused-2 with aiter's Gemma flag: aiter's AR+RMSNorm, then per_1x128."""
+    residual, normed, _ = aiter_expected(case, kernel="ar_rms", offset=1.0)
+    torch.testing.assert_close(out.residual, residual, rtol=0, atol=0)
+    q, scale = hip_quant_expected(normed, fp8)
+    assert torch.equal(out.q.view(torch.uint8), q.view(torch.uint8))
+    torch.testing.assert_close(out.scale, scale, rtol=0, atol=0)
+    if out.normed is not None:
+        torch.testing.assert_close(out.normed, normed, rtol=0, atol=0)
+
+
 def test_step1_exception_falls_to_step2_once(rocm, plugin_log):
     fake = rocm.use("v0_1_17", "gfx950")
     fake.fail(PER_GROUP, RuntimeError("hipErrorLaunchFailure in the per-group kernel"))
@@ -42,7 +53,7 @@ def test_step1_exception_falls_to_step2_once(rocm, plugin_log):
     comm = rocm.vllm_comm(case)
     for _ in range(3):
         out = run_op(comm, case, emit_bf16=True)
-        check_exact(out, case, emit_bf16=True)
+        check_two_kernels(out, case)
     assert backends.path_counters()["fused-2"] == 3
     assert len(fake.calls(PER_GROUP)) == 1  # never retried
     assert len(fake.calls(AR_RMS)) == 3
@@ -174,14 +185,15 @@ def test_kwargs_only_signature(rocm):
 
 @pytest.mark.parametrize("gen,entry", [
     ("v0_1_14", "communication_op.per_group_fn"),
+    ("v0_1_16", "communication_op.quant"),
     ("v0_1_17", "communication_op.quant"),
-    ("v0_1_18", "communication_op.quant"),
+    ("v0_1_20", "communication_op.quant"),
 ])
 def test_module_functions_over_aiters_own_tp_group(rocm, gen, entry):
     """No vLLM object; aiter's own TP group spans the same ranks: the
     communication_op generation of that aiter is used."""
     fake = rocm.use(gen, "gfx950")
-    case = Case()
+    case = Case(hidden=512)
     comm = rocm.vllm_comm(case)
     comm.coordinator.device_communicator.aiter_ar_comm = None
     fake.set_tp_group([0, 1], rocm.ca_class()(case.group(), torch.device("cpu")))
@@ -189,14 +201,61 @@ def test_module_functions_over_aiters_own_tp_group(rocm, gen, entry):
     assert last_path() == "fused-1"
     (call,) = fake.calls(entry)
     assert call.args["emit_bf16"] is True
-    if entry == "communication_op.quant":
-        # v0.1.18's CustomAllreduce lacks transpose_scale: asking would raise there
-        assert call.args["transpose_scale"] is (gen == "v0_1_17")
+    if "transpose_scale" in call.args:
+        assert call.args["transpose_scale"] is True
     assert torch.equal(call.args["weight"], (case.weight.float() + 1).to(torch.bfloat16))
     assert out.scale.stride() == (1, case.x.shape[0])
-    ref = norm_quant_reference(case.h, case.residual, (case.weight.float() + 1).to(torch.bfloat16), 1e-6,
-                               out_dtype=torch.bfloat16, emit_bf16=True)
-    torch.testing.assert_close(out.normed, ref.normed, rtol=0, atol=0)
+    _, normed, _ = aiter_expected(case, kernel="per_group", weight=(case.weight.float() + 1).to(torch.bfloat16))
+    torch.testing.assert_close(out.normed, normed, rtol=0, atol=0)
+    assert not fake.calls(HIP_QUANT)  # one kernel: the communicator did not fall back
+
+
+def test_module_route_that_always_falls_back_runs_two_kernels_as_fused_2(rocm):
+    """v0.1.18 - v0.1.19.post1: communication_op passes transpose_scale to a method
+    without it and swallows the TypeError into two kernels. The backend does not
+    count that as fused-1: it runs the two kernels itself, as fused-2."""
+    fake = rocm.use("v0_1_18", "gfx950")
+    case = Case(hidden=512)
+    comm = rocm.vllm_comm(case)
+    comm.coordinator.device_communicator.aiter_ar_comm = None
+    fake.set_tp_group([0, 1], rocm.ca_class()(case.group(), torch.device("cpu")))
+    out = run_op(comm, case, emit_bf16=True, scale_layout="col")
+    assert last_path() == "fused-2"
+    assert not fake.calls("communication_op.quant")
+    assert [c.name for c in fake.state.calls if c.name != "CustomAllreduce.__init__"] == [
+        "CustomAllreduce.custom_fused_ar_rms", HIP_QUANT]
+    assert "always runs two kernels" in rocm.backend.plan(_spec(case), comm).why_not["per-group"]
+    check_two_kernels(out, case)
+
+
+@pytest.mark.parametrize("gen,tokens,hidden,hip,why,path", [
+    ("v0_1_16", 81, 512, "7.0.51831", "one block per token", "generic"),  # aiter <= 0.1.16's one-stage launchers
+    ("v0_1_20", 8, 256, "7.0.51831", "two-stage AR+RMSNorm", "generic"),  # its communicator may pick two-stage
+    # > 128 KiB: aiter would pick a multi-stage per-group kernel, bf16 on clang < 20; its AR+RMSNorm is fine
+    ("v0_1_20", 100, 1024, "6.4.43482", "integers", "fused-2"),
+])
+def test_module_route_refuses_what_aiters_communicator_might_break(rocm, gen, tokens, hidden, hip, why, path):
+    fake = rocm.use(gen, "gfx950", hip=hip)
+    case = Case(tokens=tokens, hidden=hidden)
+    comm = rocm.vllm_comm(case)
+    comm.coordinator.device_communicator.aiter_ar_comm = None
+    fake.set_tp_group([0, 1], rocm.ca_class()(case.group(), torch.device("cpu")))
+    out = run_op(comm, case)
+    assert why in rocm.backend.plan(_spec(case), comm).summary()
+    assert last_path() == path
+    if path == "generic":
+        check_exact(out, case)
+    else:
+        check_two_kernels(out, case)
+
+
+def _spec(case: Case, **kw) -> backends.CallSpec:
+    t, h = case.x.shape
+    base = dict(num_tokens=t, hidden=h, dtype=case.x.dtype, device=torch.device("cpu"), world_size=case.world_size,
+                group_size=128, weight_offset=1.0, emit_bf16=False, scale_layout="row",
+                quant_dtype=torch.float8_e4m3fn, has_residual=True)
+    base.update(kw)
+    return backends.CallSpec(**base)
 
 
 def test_aiters_tp_group_over_other_ranks_is_not_used(rocm):
@@ -213,13 +272,13 @@ def test_aiters_tp_group_over_other_ranks_is_not_used(rocm):
 def test_fake_generations_are_distinct_modules(rocm):
     """Guard for the double itself: each generation installs its own aiter."""
     seen = set()
-    for gen in ("v0_1_13", "v0_1_14", "v0_1_17", "v0_1_18"):
+    for gen in fake_aiter.USABLE:
         rocm.use(gen)
         aiter = importlib.import_module("aiter")
         seen.add(aiter.__version__)
         installed = importlib.import_module("aiter.dist.device_communicators.custom_all_reduce").CustomAllreduce
         assert installed is importlib.import_module(f"support.fake_aiter.{gen}").CustomAllreduce
-    assert seen == {"0.1.13", "0.1.14", "0.1.17", "0.1.18"}
+    assert seen == {"0.1.13", "0.1.14", "0.1.16", "0.1.17", "0.1.18", "0.1.20"}
 
 
 def test_plain_modules_enum_quant_type_and_kwargs_only(rocm):

@@ -82,17 +82,22 @@ def test_options_are_not_passed_to_a_generation_without_them(rocm):
     assert out.scale.stride() == (1, case.x.shape[0])
 
 
-def test_one_stage_by_message_size(rocm):
-    fake = rocm.use("v0_1_17", "gfx950")
-    small, large = Case(tokens=64, hidden=1024), Case(tokens=65, hidden=1024)  # 128 KiB, 130 KiB
-    run_op(rocm.vllm_comm(small), small)
-    run_op(rocm.vllm_comm(large), large)
-    assert [c.args["use_1stage"] for c in fake.calls(PER_GROUP)] == [True, False]
+@pytest.mark.parametrize("world_size,tokens,hidden,one_stage", [
+    (2, 80, 1024, True), (2, 81, 256, False),  # vLLM's 80-token cap, also where bytes are few
+    (4, 127, 1024, False), (4, 64, 1024, True), (4, 128, 1024, False),  # < 256 KiB at TP=4
+    (8, 63, 1024, True), (8, 64, 1024, False),  # < 128 KiB at TP=8
+])
+def test_one_stage_by_vllms_rule(rocm, world_size, tokens, hidden, one_stage):
+    fake = rocm.use("v0_1_20", "gfx950")
+    case = Case(tokens=tokens, hidden=hidden, world_size=world_size)
+    run_op(rocm.vllm_comm(case), case)
+    (call,) = fake.calls(PER_GROUP)
+    assert call.args["use_1stage"] is one_stage
 
 
 def test_two_kernel_arguments(rocm):
     """gfx942: fused AR+RMSNorm with aiter's Gemma flag (raw w), then the quant with
-    the FP8 type passed explicitly (its default is int8) and row-major scales."""
+    the FP8 type passed explicitly (its default is int8)."""
     fake = rocm.use("v0_1_17", "gfx942")
     case = Case()
     comm = rocm.vllm_comm(case)
@@ -100,9 +105,13 @@ def test_two_kernel_arguments(rocm):
     (ar,) = fake.calls(AR_RMS)
     assert ar.args["gemma_norm"] is True and torch.equal(ar.args["w"], case.weight)
     (quant,) = fake.calls(HIP_QUANT)
-    assert quant.args["quant_dtype"] == FNUZ and quant.args["transpose_scale"] is False
+    # column-major consumer: the quant writes its scales transposed, handed on as a view
+    assert quant.args["quant_dtype"] == FNUZ and quant.args["transpose_scale"] is True
     assert quant.args["group_size"] == 128
     assert out.q.dtype == FNUZ and out.scale.stride() == (1, case.x.shape[0])
+    row = run_op(comm, case, arch="gfx942", scale_layout="row")
+    assert fake.calls(HIP_QUANT)[-1].args["transpose_scale"] is False
+    torch.testing.assert_close(out.scale, row.scale, rtol=0, atol=0)  # the same values either way
 
 
 def test_two_kernel_without_gemma_flag_passes_one_plus_w(rocm):
@@ -129,7 +138,8 @@ ELIGIBILITY = [
     ("ws8", dict(world_size=8), None),
     ("ws6", dict(world_size=6), "world size 6"),
     ("hidden-8192", dict(hidden=8192), None),
-    ("hidden-8320", dict(hidden=8320), "hidden 8320 > 8192"),
+    ("hidden-16384", dict(hidden=16384, num_tokens=1), "fused-2"),  # AR+RMSNorm + quant only
+    ("hidden-16512", dict(hidden=16512, num_tokens=1), "n too large"),
     ("below-64MiB", dict(num_tokens=8191), None),
     ("at-64MiB", dict(num_tokens=8192), "64 MiB"),
     ("no-tokens", dict(num_tokens=0), "no tokens"),
@@ -149,6 +159,9 @@ def test_eligibility_boundaries(rocm, overrides, fragment):
     reason = rocm.backend.ineligible_reason(s, comm)
     if fragment is None:
         assert reason is None and plan.steps[0].path == "fused-1", plan.why_not
+    elif fragment == "fused-2":
+        assert reason is None and plan.steps[0].path == "fused-2", plan.why_not
+        assert "unsupported n" in plan.why_not["per-group"]
     else:
         assert reason is not None and fragment in reason, reason
 

@@ -6,8 +6,10 @@ Generations (each module cites the aiter file, tag and line of every signature):
 
   ``v0_1_13``       fused AR+RMSNorm only, no per-group kernel (an "old version")
   ``v0_1_14``       per-group methods with emit_bf16, no transpose_scale; module ``_per_group`` function
-  ``v0_1_17``       transpose_scale, gemma_norm, module ``..._quant(quant_type="per_group")``
+  ``v0_1_16``       v0.1.14's methods; module ``..._quant(quant_type=)`` without transpose_scale + ``_per_group``
+  ``v0_1_17``       transpose_scale, gemma_norm, module ``..._quant(quant_type="per_group")``; looping one-stage
   ``v0_1_18``       v0.1.17 with transpose_scale missing on the per-group methods again
+  ``v0_1_20``       v0.1.19.post2 - v0.1.20.post1 / main (2026-08): v0.1.17's API, emit_bf16 on fused_ar_rms
   ``ancient``       no fused AR+RMSNorm API at all
   ``import_error``  ``import aiter`` raises RuntimeError
 
@@ -31,11 +33,13 @@ import torch
 from vllm_rocm_fused.backends.rocm.aiter_api import RocmEnvironment
 
 from . import base
-from .base import ARCH_FP8, STATE, FakeGroupCoordinator, SimulatedGroup
+from .base import ARCH_FP8, STATE, FakeGroupCoordinator, KernelHazard, SimulatedGroup
 
-GENERATIONS = ("v0_1_13", "v0_1_14", "v0_1_17", "v0_1_18", "ancient", "import_error")
+GENERATIONS = ("v0_1_13", "v0_1_14", "v0_1_16", "v0_1_17", "v0_1_18", "v0_1_20", "ancient", "import_error")
+# the generations with a fused AR+RMSNorm API, oldest first
+USABLE = ("v0_1_13", "v0_1_14", "v0_1_16", "v0_1_17", "v0_1_18", "v0_1_20")
 
-__all__ = ["GENERATIONS", "FakeAiter", "FakeCoordinator", "FakeRocmEnv", "SimulatedGroup", "VllmAiterWrapper",
+__all__ = ["GENERATIONS", "USABLE", "FakeAiter", "KernelHazard", "FakeCoordinator", "FakeRocmEnv", "SimulatedGroup", "VllmAiterWrapper",
            "install", "uninstall"]
 
 
@@ -86,6 +90,11 @@ class FakeAiter:
     def calls(self, name: str) -> list[base.Call]:
         return self.state.named(name)
 
+    @property
+    def violations(self) -> list[str]:
+        """Calls real aiter would have rejected, hung or corrupted on."""
+        return self.state.violations
+
     def set_tp_group(self, ranks: list[int], ca) -> None:
         """Set up aiter's own TP group (aiter.dist.parallel_state), as a program using aiter's
         distributed layer would."""
@@ -97,13 +106,16 @@ def _drop_aiter_modules() -> None:
         del sys.modules[name]
 
 
-def install(generation: str, arch: str = "gfx950") -> FakeAiter:
-    """Make ``import aiter`` (and its submodules) return ``generation``. Undo with ``uninstall``."""
+def install(generation: str, arch: str = "gfx950", hip: str | None = "7.0.51831") -> FakeAiter:
+    """Make ``import aiter`` (and its submodules) return ``generation``, its kernels
+    built by the toolchain of ROCm ``hip``. Undo with ``uninstall``."""
     uninstall()
     gen = importlib.import_module(f"{__name__}.{generation}")
     STATE.calls.clear()
     STATE.failures.clear()
+    STATE.violations.clear()
     STATE.tp_group = None
+    STATE.hip = hip
     STATE.fp8 = ARCH_FP8.get(arch, torch.float8_e4m3fn)
     sys.meta_path.insert(0, _Finder(gen))
     return FakeAiter(gen, STATE)
@@ -118,7 +130,7 @@ class FakeRocmEnv(RocmEnvironment):
     """A ROCm box whose "GPU" tensors are CPU tensors: what the backend probes,
     replaced in its one injection point (``RocmBackend.set_environment``)."""
 
-    def __init__(self, arch: str = "gfx950", hip: str | None = "6.4.43482") -> None:
+    def __init__(self, arch: str = "gfx950", hip: str | None = "7.0.51831") -> None:
         self.arch = arch
         self.hip = hip
 
@@ -129,7 +141,7 @@ class FakeRocmEnv(RocmEnvironment):
         return self.hip is not None
 
     def device_ok(self, device):
-        return device.type in ("cpu", "cuda")
+        return device.type in ("cpu", "cuda", "meta")
 
     def gpu_arch(self, device):
         return self.arch

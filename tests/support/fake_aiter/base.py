@@ -1,24 +1,40 @@
-"""What every fake aiter generation shares: the numbers (computed by the spec,
-vllm_rocm_fused.ops.reference, the way aiter's kernels define them), argument
-recording, failure injection, and the module tree.
+"""What every fake aiter generation shares: the kernels' numbers (plain torch,
+the way aiter's kernels compute them, not the way the spec does), the kernels'
+limits (a call real aiter would reject raises what aiter raises; a call that
+would hang or corrupt raises ``KernelHazard``), argument recording, failure
+injection, and the module tree.
 
-Behaviour mirrored from ROCm/aiter (file @ tag):
+Written from ROCm/aiter's source, independently of the backend's own rules
+(vllm_rocm_fused/backends/rocm/kernel_limits.py), so that tests compare two
+readings of it. File @ tag:
 
-* aiter/dist/device_communicators/custom_all_reduce.py @ v0.1.14:
+* aiter/dist/device_communicators/custom_all_reduce.py @ v0.1.14 - main:
   ``CustomAllreduce.__init__(group, device, max_size, enable_register_for_capturing)``
   asserts a non-NCCL group and sets ``disabled`` for an unsupported world size
   (``_SUPPORTED_WORLD_SIZES = [2, 4, 6, 8]``); ``should_custom_ar`` (16-byte
-  multiple, weak-contiguous, <= 8192 * 8192 bytes without prefill_support);
-  the ``custom_*`` methods return None when ``should_custom_ar`` is False;
+  multiple, weak-contiguous, <= 64 MiB); the ``custom_*`` methods return None
+  when ``should_custom_ar`` is False, and zero tensors inside ``capture()``
+  when the stream is not capturing (vLLM's warm-up runs);
   ``_validate_per_group_size`` raises ValueError on a bad group size.
-* csrc/include/custom_all_reduce.cuh @ v0.1.20 (``dispatchFusedAllReduceRMSNormQuantPerGroup``,
-  ``ar_fusion_epilogue_per_group``): world size 2/4/8 else RuntimeError,
-  ``hidden / pack <= 1024`` else RuntimeError, scale = amax / FP8_MAX with 1.0
-  for an all-zero group, no Gemma mode, ``w`` read as the input dtype; the
-  AR+RMSNorm epilogue adds 1.0 to ``w`` in float32 when ``gemma_norm``.
-* aiter/ops/quant.py @ v0.1.14: ``per_group_quant_hip(x, scale=None,
-  quant_dtype=dtypes.i8, group_size=128, transpose_scale=False, ...)``; its
-  transpose_scale writes shuffled bytes into a row-major-shaped buffer.
+* csrc/include/custom_all_reduce.cuh (see ``kernel_verdict`` for each limit).
+  Numerics, every variant: the all-reduced sum (float32, rank order) is
+  rounded to the input dtype before the residual is added.
+  ``allreduce_fusion_kernel_1stage`` / ``local_device_load_rmsnorm``: s =
+  float32(rounded sum) + float32(residual); residual = round(s); the norm
+  reads s; normed = round(s * rsqrt(mean(s^2) + eps) * w) (``w + 1`` in
+  float32 with ``gemma_norm``, v0.1.17 on). Per-group: the one-stage kernel
+  normalizes s; the two-stage and split kernels add the residual in the
+  input dtype (``vec[v] += res[v]``) and normalize that rounded residual;
+  ``ar_fusion_epilogue_per_group`` quantizes the float32 normed y: scale =
+  amax(|y|) / FP8_MAX (1.0 for an all-zero group), q = fp8(y / scale);
+  ``bf16_output`` = round(y). ``w`` is read as the input dtype.
+* csrc/include/opus/opus.hpp: ``bf16_t`` is ``unsigned short`` under clang <
+  20 (ROCm < 7), so ``vec[v] += res[v]`` on bf16 adds bit patterns.
+* aiter/ops/quant.py + csrc/kernels/quant_kernels.cu @ v0.1.13 - main:
+  ``per_group_quant_hip(x, scale=None, quant_dtype=dtypes.i8, group_size=128,
+  transpose_scale=False, ...)``: scale = max(amax, 1e-10) * float32(1 / FP8_MAX),
+  q = fp8(x * (1 / scale)); ``transpose_scale`` writes ``scale[group * M + row]``
+  into the ``[M, K/128]``-shaped buffer.
 * aiter/utility/dtypes.py @ v0.1.20: ``fp8`` by arch (gfx942 e4m3fnuz, gfx950 e4m3fn).
 """
 
@@ -32,9 +48,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vllm_rocm_fused.ops.reference import group_quant, norm_quant_reference
+from vllm_rocm_fused.platform_info import fp8_max
 
 ARCH_FP8 = {"gfx942": torch.float8_e4m3fnuz, "gfx950": torch.float8_e4m3fn}
+
+# csrc/include/custom_all_reduce.cuh
+K_MAX_BLOCKS = 80  # sync-signal slots per rank
+PACK = 16  # bytes per vector access
+
+
+class KernelHazard(BaseException):
+    """A call that hangs or corrupts memory/results in real aiter. A BaseException,
+    so no ``except Exception`` in the code under test can swallow it: the test
+    fails, as the serving process would."""
 
 
 @dataclass
@@ -45,12 +71,16 @@ class Call:
 
 @dataclass
 class FakeState:
-    """One installed fake: what was called, what must fail, which FP8 type."""
+    """One installed fake: what was called, what must fail, which FP8 type, which
+    compiler built the kernels, and every call real aiter would have rejected,
+    hung or corrupted on (``violations``)."""
 
     fp8: torch.dtype = torch.float8_e4m3fn
+    hip: str | None = "7.0.51831"
     calls: list[Call] = field(default_factory=list)
     failures: dict[str, BaseException] = field(default_factory=dict)
     tp_group: Any = None  # aiter's own TP group (parallel_state), when a test sets one up
+    violations: list[str] = field(default_factory=list)
 
     def record(self, name: str, **args) -> None:
         self.calls.append(Call(name, args))
@@ -64,9 +94,76 @@ class FakeState:
 STATE = FakeState()
 
 
+def clang_major(hip: str | None) -> int:
+    """ROCm 7.0 ships clang 20 (opus.hpp: ``#if __clang_major__ >= 20 // enable for rocm 7.0+``)."""
+    try:
+        major = int(str(hip).split(".")[0])
+    except ValueError:
+        return 0
+    return 20 if major >= 7 else 19
+
+
+# --- the kernels' limits ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    variant: str  # "one-stage", "two-stage", "split"
+    problem: str | None = None  # what real aiter does instead of running it
+    hazard: bool = False  # True: hang/corruption; False: it throws
+
+
+def kernel_verdict(kernel: str, *, tokens: int, hidden: int, dtype: torch.dtype, world_size: int,
+                   use_1stage: bool, one_block_per_token: bool, hip: str | None) -> Verdict:
+    """What aiter's dispatch does with one call of ``kernel`` ("ar_rms" or
+    "per_group"): the variant it launches and, if any, the failure. From
+    custom_all_reduce.cuh: ``dispatchFusedAllReduceRMSNorm``,
+    ``dispatchFusedAllReduceRMSNormQuantPerGroup`` and their launchers."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    n_packs = hidden * esize // PACK
+    nbytes = tokens * hidden * esize
+    if world_size not in (2, 4, 8):
+        return Verdict("-", f"fused allreduce rmsnorm: unsupported world_size={world_size}")
+    if kernel == "ar_rms":
+        if use_1stage and n_packs <= 1024:
+            if one_block_per_token and tokens > K_MAX_BLOCKS:  # v0.1.13 - v0.1.16.x launcher
+                return Verdict("one-stage", "Token number is too large for allreduce_fusion_kernel_1stage kernel")
+            return Verdict("one-stage")
+        if n_packs < 64:
+            return Verdict("two-stage", f"fused allreduce rmsnorm: n too small, m={tokens} n={hidden}")
+        if (n_packs + 511) // 512 > 4:
+            return Verdict("two-stage", f"fused allreduce rmsnorm: n too large, m={tokens} n={hidden}")
+        return Verdict("two-stage")
+    if n_packs > 1024:
+        return Verdict("-", "per-group quant fused kernel: unsupported n")
+    if use_1stage:
+        if one_block_per_token and tokens > K_MAX_BLOCKS:  # grid(m) against kMaxBlocks signal slots
+            return Verdict("one-stage", f"one-stage per-group launch of {tokens} blocks overruns the "
+                                        f"{K_MAX_BLOCKS} sync-signal slots", hazard=True)
+        return Verdict("one-stage")
+    variant = "two-stage" if nbytes <= 512 * 1024 else "split"
+    if dtype == torch.bfloat16 and clang_major(hip) < 20:
+        return Verdict(variant, f"{variant} per-group kernel adds bf16 residuals as integers "
+                                f"(bf16_t is unsigned short under clang < 20, HIP {hip})", hazard=True)
+    return Verdict(variant)
+
+
+def _enforce(verdict: Verdict) -> None:
+    if verdict.problem is None:
+        return
+    STATE.violations.append(("hazard: " if verdict.hazard else "rejected: ") + verdict.problem)
+    if verdict.hazard:
+        raise KernelHazard(verdict.problem)
+    raise RuntimeError(verdict.problem)
+
+
+# --- process groups -----------------------------------------------------------
+
+
 class SimulatedGroup:
     """A TP group inside one process: rank ``rank`` of ``world_size``, whose peers
-    contributed ``peers`` (float32 tensors). ``all_reduce`` is the exact float32 sum."""
+    contributed ``peers`` (float32 tensors). ``all_reduce`` is the float32 sum in
+    rank order (this rank first, as rank 0)."""
 
     def __init__(self, world_size: int, peers: list[torch.Tensor] | None = None, rank: int = 0) -> None:
         self.world_size = world_size
@@ -102,13 +199,6 @@ def validate_per_group_size(group_size: int, element_size: int, n: int) -> None:
         raise ValueError(f"per-group quant: bad group_size={group_size} for n={n}")
 
 
-def zero_group_scale_is_one(scale: torch.Tensor, normed: torch.Tensor, group_size: int) -> torch.Tensor:
-    """aiter: ``scale = local_max == 0.f ? 1.f : local_max / FP8_UPBOUND``."""
-    t, h = normed.shape
-    amax = normed.to(torch.float32).view(t, h // group_size, group_size).abs().amax(dim=-1)
-    return torch.where(amax == 0, torch.ones_like(scale), scale)
-
-
 def col_major(scale: torch.Tensor) -> torch.Tensor:
     """aiter's transpose_scale layout: a (groups, M) buffer viewed as (M, groups)."""
     m, g = scale.shape
@@ -117,12 +207,57 @@ def col_major(scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# --- the kernels' numbers -----------------------------------------------------
+
+
+def _norm(s: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    """float32 RMSNorm of float32 ``s`` with ``w`` read as stored (+1 in float32 for gemma_norm)."""
+    w32 = w.to(torch.float32) + (1.0 if gemma else 0.0)
+    return s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps) * w32
+
+
+def ar_rms_numbers(h, res, w, eps, dtype, gemma=False):
+    """(normed, residual) of every AR+RMSNorm variant."""
+    s = h.to(dtype).to(torch.float32) + res.to(torch.float32)
+    return _norm(s, w, eps, gemma).to(dtype), s.to(dtype)
+
+
+def per_group_numbers(h, res, w, eps, dtype, group_size, fp8, *, multi_stage: bool):
+    """(q, residual, scale [M, G] row-major, bf16 normed) of the per-group kernel."""
+    s = h.to(dtype).to(torch.float32) + res.to(torch.float32)
+    residual = s.to(dtype)
+    y = _norm(residual.to(torch.float32) if multi_stage else s, w, eps, gemma=False)
+    m, k = y.shape
+    g = y.view(m, k // group_size, group_size)
+    amax = g.abs().amax(dim=-1)
+    qmax = fp8_max(fp8)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / qmax)
+    q = torch.clamp(g / scale.unsqueeze(-1), -qmax, qmax).to(fp8).view(m, k)
+    return q, residual, scale, y.to(dtype)
+
+
+def hip_quant_numbers(x, quant_dtype, group_size):
+    """``per_group_quant_hip``: multiply by the reciprocal of a reciprocal-derived scale."""
+    t, k = x.shape
+    g = x.to(torch.float32).view(t, k // group_size, group_size)
+    amax = torch.clamp(g.abs().amax(dim=-1), min=1e-10)
+    qmax = 127.0 if quant_dtype == torch.int8 else fp8_max(quant_dtype)
+    scale = amax * torch.tensor(1.0 / qmax, dtype=torch.float32)
+    inv = torch.tensor(1.0, dtype=torch.float32) / scale
+    v = torch.clamp(g * inv.unsqueeze(-1), -qmax, qmax)
+    if quant_dtype == torch.int8:
+        v = torch.round(v)
+    return v.to(quant_dtype).view(t, k), scale
+
+
 class CustomAllreduceBase:
     """The part of aiter's CustomAllreduce every generation shares. Generation
     modules subclass it and add the public methods with that version's exact
     signatures, which call the ``_`` helpers below."""
 
     _SUPPORTED_WORLD_SIZES = [2, 4, 6, 8]
+    # v0.1.13 - v0.1.16.x launch the one-stage kernels with one block per token
+    ONE_STAGE_ONE_BLOCK_PER_TOKEN = True
 
     def __init__(self, group, device, max_size=1024 * 1024 * 1024, enable_register_for_capturing=True):
         STATE.record("CustomAllreduce.__init__", group=group, device=device, max_size=max_size)
@@ -159,38 +294,42 @@ class CustomAllreduceBase:
 
     # --- shared kernels ----------------------------------------------------
 
-    def _launch_checks(self, inp: torch.Tensor, w: torch.Tensor, registered: bool) -> None:
-        if self.world_size not in (2, 4, 8):
-            raise RuntimeError(f"fused allreduce rmsnorm: unsupported world_size={self.world_size}")
-        if w.dtype != inp.dtype:
-            raise TypeError(f"weight must be {inp.dtype} (read as the input type), got {w.dtype}")
+    def _launch_checks(self, kernel: str, inp: torch.Tensor, w: torch.Tensor, registered: bool,
+                       use_1stage: bool) -> Verdict:
+        if w.dtype != inp.dtype:  # the kernel reinterprets w's bytes as the input type
+            _enforce(Verdict("-", f"weight {w.dtype} read as {inp.dtype} (misread, no error in aiter)",
+                             hazard=True))
         if registered and not self._IS_CAPTURING:
             raise RuntimeError("buffer address is not registered!")
+        if inp.numel() * inp.element_size() > self.max_size:
+            _enforce(Verdict("-", f"input of {inp.numel() * inp.element_size()} bytes exceeds the "
+                                  f"{self.max_size}-byte IPC buffer"))
+        verdict = kernel_verdict(kernel, tokens=inp.shape[0], hidden=inp.shape[-1], dtype=inp.dtype,
+                                 world_size=self.world_size, use_1stage=use_1stage,
+                                 one_block_per_token=self.ONE_STAGE_ONE_BLOCK_PER_TOKEN, hip=STATE.hip)
+        _enforce(verdict)
+        return verdict
 
     def _ar_rms(self, name, inp, res_inp, w, eps, *, registered, use_1stage, gemma_norm=False):
         STATE.record(name, inp=inp, res_inp=res_inp, w=w, eps=eps, registered=registered,
                      use_1stage=use_1stage, gemma_norm=gemma_norm)
-        self._launch_checks(inp, w, registered)
-        out = norm_quant_reference(reduce_sum(self.group, inp), res_inp, w, eps, out_dtype=inp.dtype,
-                                   weight_offset=1.0 if gemma_norm else 0.0, quantize=False)
-        return out.normed, out.residual
+        verdict = self._launch_checks("ar_rms", inp, w, registered, use_1stage)
+        STATE.calls[-1].args["variant"] = verdict.variant
+        return ar_rms_numbers(reduce_sum(self.group, inp), res_inp, w, eps, inp.dtype, gemma=gemma_norm)
 
     def _per_group(self, name, inp, res_inp, w, eps, *, group_size, registered, use_1stage, emit_bf16,
                    transpose_scale=False):
         STATE.record(name, inp=inp, res_inp=res_inp, w=w, eps=eps, group_size=group_size, registered=registered,
                      use_1stage=use_1stage, emit_bf16=emit_bf16, transpose_scale=transpose_scale)
         validate_per_group_size(group_size, inp.element_size(), inp.shape[-1])
-        self._launch_checks(inp, w, registered)
-        if inp.shape[-1] // (16 // inp.element_size()) > 1024:
-            raise RuntimeError("per-group quant fused kernel: unsupported n")
-        out = norm_quant_reference(reduce_sum(self.group, inp), res_inp, w, eps, out_dtype=inp.dtype,
-                                   group_size=group_size, emit_bf16=True, quant_dtype=STATE.fp8)
-        scale = zero_group_scale_is_one(out.scale, out.normed, group_size)
+        verdict = self._launch_checks("per_group", inp, w, registered, use_1stage)
+        STATE.calls[-1].args["variant"] = verdict.variant
+        q, residual, scale, normed = per_group_numbers(
+            reduce_sum(self.group, inp), res_inp, w, eps, inp.dtype, group_size, STATE.fp8,
+            multi_stage=verdict.variant != "one-stage")
         if transpose_scale:
             scale = col_major(scale)
-        if emit_bf16:
-            return out.q, out.residual, scale, out.normed
-        return out.q, out.residual, scale
+        return (q, residual, scale, normed) if emit_bf16 else (q, residual, scale)
 
     def _graph_aware(self, inp, run, dummy):
         """The ``custom_*`` pattern: None when declined; zeros while warming up
@@ -203,6 +342,24 @@ class CustomAllreduceBase:
         return run(False)
 
 
+def ar_rms_dummy(inp: torch.Tensor):
+    """``custom_fused_ar_rms`` during capture warm-up."""
+    return torch.zeros_like(inp), torch.zeros_like(inp)
+
+
+def per_group_dummy(inp: torch.Tensor, group_size: int, emit_bf16: bool, transpose_scale: bool = False):
+    """``custom_fused_ar_rms_per_group_quant`` during capture warm-up (its own zeros)."""
+    m, k = inp.shape
+    q = torch.zeros(inp.shape, dtype=STATE.fp8, device=inp.device)
+    if transpose_scale:
+        scale = torch.zeros((k // group_size, m), dtype=torch.float32, device=inp.device).transpose(0, 1)
+    else:
+        scale = torch.zeros((m, k // group_size), dtype=torch.float32, device=inp.device)
+    if emit_bf16:
+        return q, torch.zeros_like(inp), scale, torch.zeros_like(inp)
+    return q, torch.zeros_like(inp), scale
+
+
 def hip_group_quant(x, scale=None, quant_dtype=torch.int8, group_size=128, transpose_scale=False,
                     num_rows=None, num_rows_factor=1):
     """``per_group_quant_hip`` (bound to group_size=128 by get_hip_quant(per_1x128))."""
@@ -211,14 +368,8 @@ def hip_group_quant(x, scale=None, quant_dtype=torch.int8, group_size=128, trans
     if scale is not None:
         raise ValueError("unsupported: static per token quant")
     assert group_size in (32, 64, 128)
-    if quant_dtype == torch.int8:
-        t, h = x.shape
-        g = x.to(torch.float32).view(t, h // group_size, group_size)
-        s = torch.clamp(g.abs().amax(-1), min=1e-10) / 127.0
-        q = torch.clamp(torch.round(g / s.unsqueeze(-1)), -127, 127).to(torch.int8).view(t, h)
-    else:
-        q, s = group_quant(x, group_size, quant_dtype)
-    if transpose_scale:  # shuffled: column-major bytes in a row-major-shaped buffer
+    q, s = hip_quant_numbers(x, quant_dtype, group_size)
+    if transpose_scale:  # scale[group * M + row] in the [M, K/128]-shaped buffer
         s = s.t().contiguous().view(s.shape)
     return q, s
 
@@ -241,7 +392,9 @@ class QuantType:
 
 
 def get_hip_quant(q_type):
-    table = {QuantType.per_1x128.value: lambda *a, **k: hip_group_quant(*a, **{"group_size": 128, **k})}
+    import functools
+
+    table = {QuantType.per_1x128.value: functools.partial(hip_group_quant, group_size=128)}
 
     def not_implemented(*a, **k):
         raise NotImplementedError(f"unsupported quant type {q_type=}")
@@ -252,6 +405,22 @@ def get_hip_quant(q_type):
 # --- aiter's own TP group (aiter.dist.parallel_state) -----------------------
 
 
+class FakeDeviceCommunicator:
+    """aiter's CudaCommunicator: holds ``ca_comm`` and reads its one-stage
+    settings from AITER_AR_1STAGE / AITER_AR_1STAGE_MAX_KB (class attributes)."""
+
+    _ar_1stage_override = None
+    _ar_1stage_max_kb = -1
+
+    def __init__(self, ca) -> None:
+        self.ca_comm = ca
+
+    def per_group_one_stage(self, nbytes: int) -> bool:
+        if self._ar_1stage_override is not None:
+            return self._ar_1stage_override
+        return nbytes <= (self._ar_1stage_max_kb if self._ar_1stage_max_kb >= 0 else 128 * 1024)
+
+
 class FakeGroupCoordinator:
     """aiter.dist.parallel_state.GroupCoordinator: ``ranks`` and the device
     communicator holding ``ca_comm``."""
@@ -259,7 +428,7 @@ class FakeGroupCoordinator:
     def __init__(self, ranks: list[int], ca) -> None:
         self.ranks = list(ranks)
         self.world_size = len(ranks)
-        self.device_communicator = types.SimpleNamespace(ca_comm=ca)
+        self.device_communicator = FakeDeviceCommunicator(ca)
 
 
 def parallel_state_module() -> dict[str, Any]:
@@ -273,21 +442,35 @@ def parallel_state_module() -> dict[str, Any]:
     return {"get_tp_group": get_tp_group, "model_parallel_is_initialized": model_parallel_is_initialized}
 
 
+def communicator_ar_rms(input_, residual_inp_, weight_, eps, gemma_norm=None):
+    """aiter's CudaCommunicator.fused_allreduce_rmsnorm (v0.1.14 - v0.1.20):
+    one-stage up to 128 KiB, through the graph-aware method."""
+    dc = STATE.tp_group.device_communicator
+    one_stage = input_.numel() * input_.element_size() <= 128 * 1024
+    kwargs = {} if gemma_norm is None else {"gemma_norm": gemma_norm}
+    out = dc.ca_comm.custom_fused_ar_rms(input_, residual_inp_, weight_, eps, one_stage, **kwargs)
+    assert out is not None
+    return out
+
+
 def communicator_per_group(input_, residual_inp_, weight_, eps, group_size, emit_bf16, transpose_scale=None):
     """aiter's CudaCommunicator.fused_allreduce_rmsnorm_quant_per_group: the fused
-    kernel, else (declined or raised) fused AR+RMSNorm then per_1x128 quant."""
-    ca = STATE.tp_group.device_communicator.ca_comm
+    kernel (one-stage by its own byte rule), else -- declined or raised, the
+    exception swallowed -- fused AR+RMSNorm then per_1x128 quant. ``transpose_scale``
+    is passed on whenever the function has it (None: this generation has not)."""
+    dc = STATE.tp_group.device_communicator
+    ca = dc.ca_comm
     kwargs = {} if transpose_scale is None else {"transpose_scale": transpose_scale}
     result = None
     try:
-        result = ca.custom_fused_ar_rms_per_group_quant(input_, residual_inp_, weight_, eps, group_size,
-                                                        input_.numel() * input_.element_size() <= 128 * 1024,
-                                                        emit_bf16=emit_bf16, **kwargs)
+        result = ca.custom_fused_ar_rms_per_group_quant(
+            input_, residual_inp_, weight_, eps, group_size,
+            dc.per_group_one_stage(input_.numel() * input_.element_size()), emit_bf16=emit_bf16, **kwargs)
     except Exception:  # noqa: BLE001 - aiter swallows it and falls back
         result = None
     if result is not None:
         return result
-    out_, res_out = ca.fused_ar_rms(input_, residual_inp_, w=weight_, eps=eps)
+    out_, res_out = communicator_ar_rms(input_, residual_inp_, weight_, eps)
     q, scale = hip_group_quant(out_, quant_dtype=STATE.fp8, transpose_scale=False)
     if transpose_scale:
         scale = col_major(scale)

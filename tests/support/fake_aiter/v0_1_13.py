@@ -1,5 +1,7 @@
 """Fake aiter v0.1.13: before the per-group kernel (aiter PR #2823 landed in
-v0.1.14). Fused all-reduce + RMSNorm exists; no Gemma flag, no per-group quant.
+v0.1.14). Fused all-reduce + RMSNorm exists; no Gemma flag, no per-group quant. Its
+one-stage launcher takes one block per token and throws above 80 tokens
+(``ONE_STAGE_ONE_BLOCK_PER_TOKEN``, base.kernel_verdict).
 
 Signatures traced to ROCm/aiter @ v0.1.13:
   aiter/dist/device_communicators/custom_all_reduce.py
@@ -31,13 +33,12 @@ class CustomAllreduce(base.CustomAllreduceBase):
             input,
             lambda reg: self._ar_rms("CustomAllreduce.custom_fused_ar_rms", input, residual_inp, weight, eps,
                                      registered=reg, use_1stage=use_1stage),
-            lambda: (input.new_zeros(input.shape), input.new_zeros(input.shape)),
+            lambda: base.ar_rms_dummy(input),
         )
 
 
 def tensor_model_parallel_fused_allreduce_rmsnorm(input_, residual_inp_, weight_, eps, prefill_support=False):
-    ca = base.STATE.tp_group.device_communicator.ca_comm
-    return ca.fused_ar_rms(input_, residual_inp_, w=weight_, eps=eps)
+    return base.communicator_ar_rms(input_, residual_inp_, weight_, eps)
 
 
 def tensor_model_parallel_fused_allreduce_rmsnorm_quant(input_, residual_inp_, weight_, eps, prefill_support=False):

@@ -1,6 +1,8 @@
 """Fake aiter v0.1.14 - v0.1.15: the per-group kernel arrives (aiter PR #2823),
 with ``emit_bf16`` but no ``transpose_scale``; the module-level entry is the
-``_per_group`` function. No Gemma flag anywhere.
+``_per_group`` function. No Gemma flag anywhere. The per-group one-stage
+launcher launches ``grid(m)`` against 80 signal slots (a hazard above 80
+tokens, base.kernel_verdict).
 
 Signatures traced to ROCm/aiter @ v0.1.14:
   aiter/dist/device_communicators/custom_all_reduce.py
@@ -40,7 +42,7 @@ class CustomAllreduce(_V13):
             lambda reg: self._per_group("CustomAllreduce.custom_fused_ar_rms_per_group_quant", input,
                                         residual_inp, weight, eps, group_size=group_size, registered=reg,
                                         use_1stage=use_1stage, emit_bf16=emit_bf16),
-            lambda: None,  # not exercised: no capturing stream on CPU
+            lambda: base.per_group_dummy(input, group_size, emit_bf16),
         )
 
 

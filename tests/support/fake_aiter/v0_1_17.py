@@ -27,6 +27,8 @@ VERSION = "0.1.17"
 
 
 class CustomAllreduce(base.CustomAllreduceBase):
+    ONE_STAGE_ONE_BLOCK_PER_TOKEN = False  # the one-stage launchers loop over tokens from v0.1.17
+
     def fused_ar_rms(self, inp, res_inp, *, res_out=None, out=None, scale_out=None, w, eps, registered=False,
                      use_1stage=False, post_per_token_quant=False, out_hidden_dim=0, gemma_norm=False):
         if post_per_token_quant or out_hidden_dim:
@@ -39,7 +41,7 @@ class CustomAllreduce(base.CustomAllreduceBase):
             input,
             lambda reg: self._ar_rms("CustomAllreduce.custom_fused_ar_rms", input, residual_inp, weight, eps,
                                      registered=reg, use_1stage=use_1stage, gemma_norm=gemma_norm),
-            lambda: (input.new_zeros(input.shape), input.new_zeros(input.shape)),
+            lambda: base.ar_rms_dummy(input),
         )
 
     def fused_ar_rms_per_group_quant(self, inp, res_inp, *, w, eps, group_size=128, registered=False,
@@ -56,14 +58,13 @@ class CustomAllreduce(base.CustomAllreduceBase):
                                         residual_inp, weight, eps, group_size=group_size, registered=reg,
                                         use_1stage=use_1stage, emit_bf16=emit_bf16,
                                         transpose_scale=transpose_scale),
-            lambda: None,
+            lambda: base.per_group_dummy(input, group_size, emit_bf16, transpose_scale),
         )
 
 
 def tensor_model_parallel_fused_allreduce_rmsnorm(input_, residual_inp_, weight_, eps, prefill_support=False,
                                                   x_pad_to_multiple=0, gemma_norm=False):
-    ca = base.STATE.tp_group.device_communicator.ca_comm
-    return ca.fused_ar_rms(input_, residual_inp_, w=weight_, eps=eps, gemma_norm=gemma_norm)
+    return base.communicator_ar_rms(input_, residual_inp_, weight_, eps, gemma_norm=gemma_norm)
 
 
 def tensor_model_parallel_fused_allreduce_rmsnorm_quant(input_, residual_inp_, weight_, eps, prefill_support=False,

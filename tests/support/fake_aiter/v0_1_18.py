@@ -1,7 +1,8 @@
 """Fake aiter v0.1.18 - v0.1.19.post1: like v0.1.17, except that the per-group
 methods of CustomAllreduce lost ``transpose_scale`` again while
-``communication_op`` still takes it and passes it on (so asking for it there
-raises TypeError at the method).
+``communication_op`` still takes it and always passes it on: the method's
+TypeError is swallowed by the communicator, so every module-level per-group
+call runs fused AR+RMSNorm + per_1x128 quant (two kernels).
 
 Signatures traced to ROCm/aiter @ v0.1.18:
   aiter/dist/device_communicators/custom_all_reduce.py
@@ -22,6 +23,7 @@ VERSION = "0.1.18"
 
 
 class CustomAllreduce(base.CustomAllreduceBase):
+    ONE_STAGE_ONE_BLOCK_PER_TOKEN = False
     fused_ar_rms = v0_1_17.CustomAllreduce.fused_ar_rms
     custom_fused_ar_rms = v0_1_17.CustomAllreduce.custom_fused_ar_rms
     # the per-group methods as v0.1.14-v0.1.16 had them (no transpose_scale)

@@ -23,38 +23,48 @@ Facts this module relies on (ROCm/aiter, file and tag where each appeared):
     column-major, a ``(M, groups)`` view with stride ``(1, M)``); ``gemma_norm=False``
     on ``fused_ar_rms`` / ``custom_fused_ar_rms`` (the kernel adds 1.0 to ``w``
     in float32).
-  - v0.1.18 and v0.1.19: the per-group methods lost ``transpose_scale`` again
-    (it is back in v0.1.19.post2), while ``communication_op`` kept passing it.
+  - v0.1.18 - v0.1.19.post1: the per-group methods lost ``transpose_scale``
+    again (it is back in v0.1.19.post2, PR #4478).
+  - v0.1.13 - v0.1.16.x launch the one-stage kernels with one block per token
+    (see kernel_limits.py); v0.1.17 made them loop. The same release added
+    ``gemma_norm`` and ``transpose_scale``, which is how a build is told apart.
 
 * ``aiter/dist/communication_op.py`` (reduces over aiter's *own* TP group,
   ``aiter.dist.parallel_state.get_tp_group()``, which vLLM does not set up):
 
-  - v0.1.14 - v0.1.16: ``tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group(
+  - v0.1.14 - v0.1.16.x: ``tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group(
     input_, residual_inp_, weight_, eps, group_size=128, prefill_support=False,
     emit_bf16=False)``; before v0.1.16 ``tensor_model_parallel_fused_allreduce_rmsnorm_quant``
-    is per-token only (no ``quant_type``), v0.1.16 gave it ``quant_type``.
+    is per-token only (no ``quant_type``), v0.1.16 gave it ``quant_type``
+    (and ``group_size``, ``emit_bf16``; no ``transpose_scale``).
   - v0.1.17 on (the ``_per_group`` function is gone): ``tensor_model_parallel_fused_allreduce_rmsnorm_quant(input_,
     residual_inp_, weight_, eps, prefill_support=False, quant_type="per_token",
     group_size=128, emit_bf16=False, transpose_scale=False, gemma_norm=False)``;
     ``quant_type="per_group"`` selects the per-group kernel (``gemma_norm`` is
-    not forwarded on that path).
+    not forwarded on that path). Its communicator (``communicator_cuda.py``)
+    always passes ``transpose_scale=`` to ``custom_fused_ar_rms_per_group_quant``
+    and swallows any exception into fused AR+RMSNorm + ``per_1x128`` quant: on
+    v0.1.18 - v0.1.19.post1, whose method lacks the keyword, every call takes
+    those two kernels.
   - ``tensor_model_parallel_fused_allreduce_rmsnorm(input_, residual_inp_,
     weight_, eps, prefill_support=False, ...)``, ``gemma_norm`` from v0.1.17.
 
 * ``aiter/ops/quant.py``: ``get_hip_quant(QuantType.per_1x128)`` is
   ``per_group_quant_hip(x, scale=None, quant_dtype=dtypes.i8, group_size=128,
   transpose_scale=False, ...) -> (q, scale [M, K/128] float32)``. Its default
-  dtype is int8, so the FP8 type is always passed; its ``transpose_scale``
-  shuffles bytes inside a row-major-shaped buffer, so it is never used here.
+  dtype is int8, so the FP8 type is always passed. ``csrc/kernels/quant_kernels.cu``
+  (``dynamic_per_group_scaled_quant_kernel``, v0.1.13 - main): scale =
+  max(amax, 1e-10) * (1 / FP8_MAX), q = x * (1 / scale); with
+  ``transpose_scale`` (``shuffle_scale``) an fp32 scale goes to
+  ``scale[group * M + row]`` of the ``[M, K/128]``-shaped buffer: a true
+  transpose, so ``scale.view(K/128, M).t()`` is the column-major ``[M, K/128]``.
 * ``aiter/utility/dtypes.py``: ``fp8`` is e4m3fnuz on gfx942, e4m3fn on gfx950:
   the type aiter's fused kernels write.
-* ``csrc/include/custom_all_reduce.cuh`` (``dispatchFusedAllReduceRMSNormQuantPerGroup``):
-  world size 2, 4 or 8 (others throw); one-stage when asked and
-  ``hidden / pack <= 1024`` (hidden <= 8192 in bf16), else two-stage up to
-  512 KiB, else split kernels; scale = amax / FP8_MAX (1.0 for an all-zero
-  group); no Gemma mode on the per-group path; ``w`` is read as the input dtype.
-* ``aiter/dist/device_communicators/communicator_cuda.py`` (aiter's own caller):
-  one-stage when the input is at most 128 KiB; fused only below 64 MiB.
+* ``csrc/include/custom_all_reduce.cuh``: the kernels' variants and limits
+  are in kernel_limits.py. The per-group epilogue normalizes in float32,
+  scale = amax / FP8_MAX (1.0 for an all-zero group), q = y / scale from the
+  float32 normed y; no Gemma mode on the per-group path; ``w`` is read as the
+  input dtype whatever its real dtype (a float32 weight is misread).
 """
 
 from __future__ import annotations
@@ -62,12 +72,14 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import inspect
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from ... import platform_info
+from . import kernel_limits
 
 MODULE_CA = "aiter.dist.device_communicators.custom_all_reduce"
 MODULE_CA_OLD = "aiter.dist.custom_all_reduce"  # up to v0.1.6
@@ -81,11 +93,6 @@ FN_QUANT = "tensor_model_parallel_fused_allreduce_rmsnorm_quant"  # quant_type= 
 FN_PER_GROUP = "tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group"  # v0.1.14-v0.1.16
 FN_AR_RMS = "tensor_model_parallel_fused_allreduce_rmsnorm"
 
-ONE_STAGE_MAX_BYTES = 128 * 1024  # aiter's default one-stage cut (communicator_cuda.py)
-TWO_STAGE_MAX_BYTES = 512 * 1024  # the kernel's two-stage limit (custom_all_reduce.cuh)
-FUSED_MAX_BYTES = 64 * 1024 * 1024  # exclusive; aiter's fused-path limit without prefill_support
-FUSED_MAX_HIDDEN = 8192  # hidden / pack <= 1024 with 16-byte packs of 2-byte elements
-WORLD_SIZES = (2, 4, 8)
 ARCH_FP8 = {"gfx942": torch.float8_e4m3fnuz, "gfx950": torch.float8_e4m3fn}
 
 
@@ -213,9 +220,12 @@ class ModuleApi(_Features):
     per_group_form: str | None  # "quant_type" (v0.1.17+) or "per_group_fn" (v0.1.14-v0.1.16)
     ar_rms: Entry | None
     # transpose_scale reaches the kernel only if the function takes it *and*
-    # CustomAllreduce's per-group method does (v0.1.18/19 passed it to a method
-    # that no longer took it).
+    # CustomAllreduce's per-group method does.
     transpose_ok: bool = False
+    # The function passes transpose_scale to a CustomAllreduce method without
+    # it (v0.1.18 - v0.1.19.post1): the TypeError is swallowed, so every call
+    # runs fused AR+RMSNorm + group quant, two kernels.
+    always_two_kernels: bool = False
 
     @property
     def transpose_scale(self) -> bool:
@@ -234,6 +244,7 @@ class AiterProbe:
     parallel_state: Any = None
     group_quant: Callable | None = None
     group_quant_error: str | None = None
+    group_quant_transpose: bool = False  # its signature shows transpose_scale
     fp8: torch.dtype | None = None
     notes: tuple[str, ...] = ()  # submodules that failed to import, for doctor
 
@@ -245,11 +256,32 @@ class AiterProbe:
     def has_ar_rms(self) -> bool:
         return self.class_api.ar_rms is not None or self.module_api.ar_rms is not None
 
+    @property
+    def one_stage_tokens(self) -> int | None:
+        """80 where the one-stage launchers take one block per token (aiter <=
+        0.1.16: no ``gemma_norm``/``transpose_scale`` on CustomAllreduce yet);
+        None where they loop (v0.1.17 on)."""
+        api = self.class_api
+        looping = (api.ar_rms is not None and api.ar_rms.accepts("gemma_norm")) or api.transpose_scale
+        return None if looping else kernel_limits.ONE_STAGE_MAX_TOKENS
+
+    def generation_name(self) -> str:
+        """The API generation, named by the releases that share it (by capability)."""
+        if self.error is not None or (not self.has_per_group and not self.has_ar_rms):
+            return "none usable"
+        if not self.has_per_group:
+            return "<= 0.1.13-like (no per-group kernel)"
+        if self.one_stage_tokens is not None:
+            return "0.1.14 - 0.1.16-like (one-stage kernels: one block per token)"
+        if not self.class_api.transpose_scale:
+            return "0.1.18 - 0.1.19.post1-like (per-group methods without transpose_scale)"
+        return "0.1.17 / >= 0.1.19.post2-like"
+
     def generation(self) -> str:
         """One line naming what was detected (doctor prints it)."""
         if self.error is not None:
             return f"import failed: {self.error}"
-        parts = []
+        parts = [f"API generation {self.generation_name()}"]
         api = self.class_api
         if api.per_group is not None:
             opts = [o for o, ok in (("emit_bf16", api.emit_bf16), ("transpose_scale", api.transpose_scale)) if ok]
@@ -266,8 +298,11 @@ class AiterProbe:
             parts.append(f"AR+RMSNorm: {mod.ar_rms.label}" + (" (gemma_norm)" if mod.gemma_norm else ""))
         else:
             parts.append("no fused AR+RMSNorm API")
-        parts.append("group quant: get_hip_quant(per_1x128)" if self.group_quant is not None
-                     else f"no group quant ({self.group_quant_error})")
+        if self.group_quant is not None:
+            parts.append("group quant: get_hip_quant(per_1x128)"
+                         + (" (transpose_scale)" if self.group_quant_transpose else ""))
+        else:
+            parts.append(f"no group quant ({self.group_quant_error})")
         if self.fp8 is not None:
             parts.append(f"fp8 {str(self.fp8).replace('torch.', '')}")
         return "; ".join(parts)
@@ -314,13 +349,15 @@ def probe_aiter(env: RocmEnvironment) -> AiterProbe:
             per_group = entry_of("communication_op", comm_op, FN_PER_GROUP)
             form = "per_group_fn" if per_group is not None else None
     ar_rms_fn = entry_of("communication_op", comm_op, FN_AR_RMS) if comm_op is not None else None
+    fn_transpose = per_group is not None and form == "quant_type" and per_group.accepts("transpose_scale")
     module_api = ModuleApi(
         per_group, form, ar_rms_fn,
-        transpose_ok=per_group is not None and per_group.accepts("transpose_scale") and class_api.transpose_scale,
+        transpose_ok=fn_transpose and class_api.transpose_scale,
+        always_two_kernels=fn_transpose and class_api.per_group is not None and not class_api.transpose_scale,
     )
     parallel_state = _import(env, MODULE_PARALLEL_STATE, notes) if not module_api.empty else None
 
-    group_quant, gq_error = None, None
+    group_quant, gq_error, gq_transpose = None, None, False
     get_hip_quant = getattr(aiter, "get_hip_quant", None)
     per_1x128 = getattr(getattr(aiter, "QuantType", None), "per_1x128", None)
     if get_hip_quant is None or per_1x128 is None:
@@ -330,27 +367,17 @@ def probe_aiter(env: RocmEnvironment) -> AiterProbe:
             group_quant = get_hip_quant(per_1x128)
         except Exception as e:  # noqa: BLE001
             gq_error = f"get_hip_quant(per_1x128) raised {type(e).__name__}: {e}"
+        else:
+            entry = entry_of("aiter", types.SimpleNamespace(per_1x128=group_quant), "per_1x128")
+            gq_transpose = entry is not None and entry.accepts("transpose_scale")
 
     fp8 = getattr(getattr(aiter, "dtypes", None), "fp8", None)
     return AiterProbe(
         version=version, ca_class=ca_class, class_api=class_api, module_api=module_api,
         parallel_state=parallel_state, group_quant=group_quant, group_quant_error=gq_error,
+        group_quant_transpose=gq_transpose,
         fp8=fp8 if isinstance(fp8, torch.dtype) else None, notes=tuple(notes),
     )
-
-
-def use_one_stage(nbytes: int) -> bool:
-    """aiter's recommendation: the one-stage kernel for messages up to 128 KiB."""
-    return nbytes <= ONE_STAGE_MAX_BYTES
-
-
-def kernel_variant(nbytes: int) -> str:
-    """Which of aiter's fused kernels a message of ``nbytes`` lands in."""
-    if use_one_stage(nbytes):
-        return "one-stage"
-    if nbytes <= TWO_STAGE_MAX_BYTES:
-        return "two-stage"
-    return "split"
 
 
 def per_group_size_reason(group_size: int, element_size: int) -> str | None:
@@ -421,3 +448,16 @@ def call_module_ar_rms(api: ModuleApi, comm_op: Any, x, residual, weight, eps, *
     if gemma_norm:
         opts["gemma_norm"] = True
     return fn(x, residual, weight, eps, **_kwargs(api.ar_rms, opts))
+
+
+def call_group_quant(probe: AiterProbe, x, quant_dtype, *, transpose_scale: bool):
+    """``per_1x128`` quant of ``x`` -> (q, scale). With ``transpose_scale`` the
+    kernel writes the scales transposed into its ``[M, K/128]`` buffer, returned
+    here as the column-major view ``[M, K/128]`` with strides ``(1, M)``."""
+    if not transpose_scale:
+        return probe.group_quant(x, quant_dtype=quant_dtype)
+    q, scale = probe.group_quant(x, quant_dtype=quant_dtype, transpose_scale=True)
+    if isinstance(scale, torch.Tensor) and scale.dim() == 2 and scale.is_contiguous():
+        m, groups = scale.shape
+        scale = scale.view(groups, m).t()
+    return q, scale

@@ -5,9 +5,10 @@ Steps, best first (``quantize=True`` sites):
 1. ``fused-1``: one kernel, aiter's per-group all-reduce + add + RMSNorm + FP8
    quant (``emit_bf16`` for GDN sites, ``transpose_scale`` when the consumer
    reads column-major scales and aiter can write them; otherwise one small
-   copy of the ``[T, H/128]`` scales). gfx950 only.
+   copy of the ``[T, H/128]`` scales). gfx950 only, hidden <= 8192.
 2. ``fused-2``: aiter's fused all-reduce + add + RMSNorm, then aiter's
-   per-1x128 quant with the FP8 type passed explicitly.
+   per-1x128 quant with the FP8 type passed explicitly (and its
+   ``transpose_scale`` for column-major consumers). Hidden <= 16384.
 3. ``generic``: the portable path (the native backend's code).
 
 ``quantize=False`` sites (bf16 consumers: MoE router, final norm) take aiter's
@@ -15,17 +16,31 @@ fused all-reduce + add + RMSNorm alone (``fused-1``: one kernel does the whole
 op), with its Gemma flag where it has one, else the portable path.
 
 Eligibility is host-side and rank-symmetric (shapes, dtype, world size, arch,
-aiter's capabilities, the route, graph-capture state). A step that raises is
-disabled for the process (logged once, with the exception) and the same call
-goes on to the next step. A graph-aware aiter method that declines an input
-(returns None) sends that call one step down without disabling anything.
+aiter's capabilities, the ROCm version, the route, graph-capture state). Every
+aiter limit known before a call is checked here (kernel_limits.py, with the
+source of each rule): the kernel variant (``use_1stage``) is chosen so that a
+predictable rejection, hang or corruption is never sent; a step that cannot
+take a call is skipped for that call only. A step that raises anyway (an error
+nobody predicted) is disabled for the process (logged once, with the
+exception) and the same call goes on to the next step. A graph-aware aiter
+method that declines an input (returns None) sends that call one step down
+without disabling anything; inside ``capture()`` but outside a capturing
+stream (vLLM's warm-up runs before each capture) those methods return zero
+tensors, which are passed on as vLLM's own custom all-reduce's are.
 
-Numerics: q, scale, residual and normed follow ops/reference.py, with three
-documented deviations of aiter's kernels, all inside the spec's tolerances
-except the first: Gemma weights reach the per-group kernel as ``1 + w`` rounded
-to the input dtype (logged once; see norm_weight.py); an all-zero group gets
-scale 1.0 instead of the floor (q is 0 either way); the kernel quantizes the
-float32 normed value rather than its bf16 rounding.
+Numerics: q, scale, residual and normed follow ops/reference.py, with these
+deviations of aiter's kernels (all but the first inside the spec's
+tolerances; tests/backends/rocm check each against a model of the kernel):
+
+* Gemma weights reach the per-group kernel as ``1 + w`` rounded to the input
+  dtype (logged once; see norm_weight.py);
+* every kernel rounds the all-reduced sum to the input dtype before adding
+  the residual; the multi-stage per-group kernels (above vLLM's one-stage
+  cut) also normalize the rounded residual rather than the float32 sum;
+* the fused kernel quantizes the float32 normed value (``y / scale``), and an
+  all-zero group gets scale 1.0 instead of the floor (q is 0 either way);
+  ``per_1x128`` (fused-2) quantizes the rounded normed value as the spec does
+  but multiplies by ``1 / scale``, with ``scale = amax * (1 / FP8_MAX)``.
 """
 
 from __future__ import annotations
@@ -40,7 +55,7 @@ from ...log import get_logger, log_once
 from ...ops.backends import PATH_FUSED_1, PATH_FUSED_2, PATH_GENERIC, Backend, CallSpec, get_backend
 from ...ops.comm import Communicator
 from ...ops.reference import as_col_major
-from . import aiter_api, route as routes
+from . import aiter_api, kernel_limits as limits, route as routes
 from .aiter_api import AiterProbe, RocmEnvironment
 from .norm_weight import KernelWeights
 
@@ -63,11 +78,15 @@ NORM_STEPS = (STEP_AR_RMS,)
 
 @dataclass
 class Plan:
-    """The eligible steps for one call, best first, and why each other one is not."""
+    """The eligible steps for one call, best first, why each other one is not,
+    and the aiter kernel variant each eligible step runs."""
 
     route: routes.Route | None
     steps: list[Step] = field(default_factory=list)
     why_not: dict[str, str] = field(default_factory=dict)  # step key (or "all") -> reason
+    # step key -> the variant and use_1stage flag ("object" routes); None where
+    # aiter's own communicator picks ("module" routes)
+    kernels: dict[str, limits.KernelPlan | None] = field(default_factory=dict)
 
     def summary(self) -> str:
         return "; ".join(f"{k}: {r}" if k != "all" else r for k, r in self.why_not.items())
@@ -164,15 +183,20 @@ class RocmBackend(Backend):
         if not plan.steps:
             return f"{PATH_GENERIC}: {plan.summary()}"
         step, api = plan.steps[0], plan.route.api
-        text = f"{step.path} {aiter_api.kernel_variant(_nbytes(spec))}"
+        kernel = plan.kernels.get(step.key)
+        variant = kernel.variant if kernel is not None else "variant picked by aiter's communicator"
+        text = f"{step.path} {variant}"
         entry = self._entry_for(step, plan.route)
         if entry is not None:
             text += f" via {entry.label}"
         if step is STEP_AR_RMS_QUANT:
             text += " + get_hip_quant(per_1x128)"
         notes = []
-        if step is STEP_PER_GROUP and spec.scale_layout == "col" and not api.transpose_scale:
-            notes.append("scales transposed by a copy (no transpose_scale in this aiter)")
+        if spec.scale_layout == "col":
+            if step is STEP_PER_GROUP and not api.transpose_scale:
+                notes.append("scales transposed by a copy (no transpose_scale in this aiter)")
+            elif step is STEP_AR_RMS_QUANT and not self.probe().group_quant_transpose:
+                notes.append("scales transposed by a copy (per_1x128 without transpose_scale)")
         if spec.weight_offset != 0.0:
             gemma_flag = step is not STEP_PER_GROUP and api.gemma_norm and spec.weight_offset == 1.0
             folded = "(1 + w)" if spec.weight_offset == 1.0 else f"(w + {spec.weight_offset:g})"
@@ -185,18 +209,36 @@ class RocmBackend(Backend):
         return text
 
     def details(self) -> dict[str, str]:
-        """What doctor prints about this backend beyond per-call reasons."""
-        if self.env.hip_version() is None:
+        """What doctor prints about this backend beyond per-call reasons: the
+        aiter API generation, the ROCm/compiler version and what it rules out,
+        and the routing rules every call goes through."""
+        hip = self.env.hip_version()
+        if hip is None:
             return {"aiter": "not probed (torch is not a ROCm build)"}
+        out = {"ROCm": self.compiler_note(hip)}
         probe = self.probe()
         if probe.error is not None:
-            return {"aiter": f"import failed: {probe.error}"}
-        out = {"aiter": f"{probe.version or '(unknown version)'}: {probe.generation()}"}
+            out["aiter"] = f"import failed: {probe.error}"
+            return out
+        out["aiter"] = f"{probe.version or '(unknown version)'}: {probe.generation()}"
+        out["kernel choice"] = (
+            f"one-stage where vLLM picks it (<= {limits.ONE_STAGE_MAX_TOKENS} tokens; any size at TP=2, "
+            f"< 256 KiB at TP=4, < 128 KiB at TP=8), else multi-stage; AR+RMSNorm two-stage for hidden "
+            f"512-16384, per-group kernel for hidden <= 8192; inputs < 64 MiB")
         if probe.notes:
             out["aiter imports that failed"] = "; ".join(probe.notes)
         if self._broken:
             out["disabled steps"] = "; ".join(f"{k}: {v}" for k, v in self._broken.items())
         return out
+
+    @staticmethod
+    def compiler_note(hip: str | None) -> str:
+        major = limits.hip_major(hip)
+        if major is not None and major >= limits.HIP_CLANG_20:
+            return f"HIP {hip} (torch.version.hip): clang >= 20, every per-group kernel variant usable"
+        return (f"HIP {hip} (torch.version.hip): clang < 20 assumed, where aiter's multi-stage per-group "
+                f"kernels add bf16 residuals as integers; bf16 per-group calls use its one-stage kernel "
+                f"(<= {limits.ONE_STAGE_MAX_TOKENS} tokens) or fused-2")
 
     # --- planning ----------------------------------------------------------
 
@@ -227,20 +269,41 @@ class RocmBackend(Backend):
         arch = self.env.gpu_arch(spec.device)
         for step in self._steps_for(spec):
             why = self._step_reason(step, spec, route, arch, probe)
+            kernel = None
+            if why is None:
+                kernel = self._kernel_for(step, spec, route, probe)
+                if isinstance(kernel, str):
+                    why, kernel = kernel, None
             if why is None and step.key in self._broken:
                 why = f"disabled after an error: {self._broken[step.key]}"
             if why is None:
                 plan.steps.append(step)
+                plan.kernels[step.key] = kernel
             else:
                 plan.why_not[step.key] = why
         return plan
+
+    def _kernel_for(self, step: Step, spec: CallSpec, route: routes.Route,
+                    probe: AiterProbe) -> limits.KernelPlan | str | None:
+        """The kernel variant ``step`` runs for ``spec`` (None: aiter's
+        communicator picks it, safely for this call), or why no variant may take it."""
+        per_group = step is STEP_PER_GROUP
+        hip = self.env.hip_version()
+        if route.kind == "module":
+            override, max_bytes = route.aiter_one_stage_settings()
+            return limits.module_route_reason(
+                spec.num_tokens, spec.hidden, spec.dtype, per_group=per_group,
+                one_stage_tokens=probe.one_stage_tokens, hip_version=hip, override=override, max_bytes=max_bytes)
+        if per_group:
+            return limits.per_group_plan(spec.num_tokens, spec.hidden, spec.dtype, spec.world_size, hip)
+        return limits.ar_rms_plan(spec.num_tokens, spec.hidden, spec.dtype.itemsize, spec.world_size)
 
     def _call_reason(self, spec: CallSpec, comm: Communicator | None) -> str | None:
         if comm is None or spec.world_size <= 1:
             return "no all-reduce (one rank): aiter's fused kernels are all-reduce kernels"
         if not self.env.device_ok(spec.device):
             return f"tensors on {spec.device}, not a ROCm GPU"
-        if spec.world_size not in aiter_api.WORLD_SIZES:
+        if spec.world_size not in limits.WORLD_SIZES:
             return f"world size {spec.world_size}: aiter's fused kernels take 2, 4 or 8 ranks"
         if spec.dtype not in (torch.bfloat16, torch.float16):
             return f"dtype {_short(spec.dtype)}: aiter's fused kernels take bfloat16/float16"
@@ -248,12 +311,10 @@ class RocmBackend(Backend):
             return "no tokens"
         if not spec.has_residual:
             return "no residual: aiter's fused kernels add one"
-        if spec.hidden > aiter_api.FUSED_MAX_HIDDEN:
-            return f"hidden {spec.hidden} > {aiter_api.FUSED_MAX_HIDDEN}, aiter's fused-kernel limit"
-        if (spec.hidden * spec.dtype.itemsize) % 16:
+        if (spec.hidden * spec.dtype.itemsize) % limits.PACK_BYTES:
             return f"hidden {spec.hidden} is not a whole number of 16-byte packs"
         nbytes = _nbytes(spec)
-        if nbytes >= aiter_api.FUSED_MAX_BYTES:
+        if nbytes >= limits.FUSED_MAX_BYTES:
             return f"input {nbytes >> 20} MiB >= 64 MiB, aiter's fused-path limit"
         arch = self.env.gpu_arch(spec.device)
         arch_fp8 = aiter_api.ARCH_FP8.get(arch or "")
@@ -284,6 +345,9 @@ class RocmBackend(Backend):
         if step is STEP_PER_GROUP:
             if api.per_group is None:
                 return f"aiter {version} has no per-group fused API for this route (added in aiter 0.1.14)"
+            if route.kind == "module" and route.api.always_two_kernels:
+                return (f"aiter {version}'s communication_op passes transpose_scale to a CustomAllreduce method "
+                        "without it and so always runs two kernels; fused-2 runs them itself")
             if arch != "gfx950":
                 return f"the one-kernel per-group dispatch is used on gfx950 (MI355) only; this GPU is {arch}"
             reason = aiter_api.per_group_size_reason(spec.group_size, spec.dtype.itemsize)
@@ -316,7 +380,7 @@ class RocmBackend(Backend):
         for i, step in enumerate(plan.steps):
             fallback = plan.steps[i + 1].path if i + 1 < len(plan.steps) else PATH_GENERIC
             try:
-                out = self._run_step(step, plan.route, x, residual, weight, eps, spec)
+                out = self._run_step(step, plan.route, plan.kernels.get(step.key), x, residual, weight, eps, spec)
             except Exception as e:  # noqa: BLE001 - the next step takes the call
                 self._mark_broken(step, e, fallback)
                 continue
@@ -349,9 +413,8 @@ class RocmBackend(Backend):
                      "normed value)", _short(dtype), offset, offset, _short(dtype))
         return self.weights.get(weight, offset, dtype)
 
-    def _run_step(self, step, route, x, residual, weight, eps, spec):
-        nbytes = _nbytes(spec)
-        one_stage = aiter_api.use_one_stage(nbytes)
+    def _run_step(self, step, route, kernel: limits.KernelPlan | None, x, residual, weight, eps, spec):
+        one_stage = kernel is not None and kernel.use_1stage
         api = route.api
         if step is STEP_PER_GROUP:
             w = self._kernel_weight(weight, spec.weight_offset, x.dtype)
@@ -393,7 +456,9 @@ class RocmBackend(Backend):
         _check_like_x(res_out, spec, "residual")
         if step is STEP_AR_RMS:
             return None, None, res_out, normed
-        q, scale = self.probe().group_quant(normed, quant_dtype=spec.quant_dtype)
+        probe = self.probe()
+        transpose = spec.scale_layout == "col" and probe.group_quant_transpose
+        q, scale = aiter_api.call_group_quant(probe, normed, spec.quant_dtype, transpose_scale=transpose)
         q, scale = _check_quant(q, scale, spec)
         return q, scale, res_out, normed if spec.emit_bf16 else None
 

@@ -13,9 +13,12 @@ In order:
    for a vLLM that keeps aiter's object there.
 2. aiter's own TP group (``aiter.dist.parallel_state``), when a program set it up
    and it spans exactly this communicator's ranks: the module functions of
-   ``aiter.dist.communication_op``. (Those fall back by themselves to fused
-   AR+RMSNorm + group quant when their fused kernel declines an input; such a
-   call is still counted as the step that was asked for.)
+   ``aiter.dist.communication_op``. aiter's communicator picks the kernel
+   variant itself, so only calls safe in either variant are sent
+   (kernel_limits.module_route_reason). (Its per-group function falls back by
+   itself to fused AR+RMSNorm + group quant when the fused kernel declines an
+   input; such a call is still counted as the step that was asked for, except
+   on the releases where it always does, whose per-group function is not used.)
 3. A ``CustomAllreduce`` built here for a plain process group (the functional
    op's ``group=``), cached in ``comm.extras``. aiter wants a non-NCCL group for
    its IPC handshake: a gloo group is used as is; for an NCCL group that spans
@@ -55,6 +58,7 @@ class Route:
     source: str  # for doctor and the log
     ca: Any = None  # the CustomAllreduce ("object" routes); None while pending or hypothetical
     comm_op: Any = None  # aiter.dist.communication_op ("module" routes)
+    aiter_comm: Any = None  # aiter's device communicator ("module" routes): it picks the kernel variant
     pending: bool = False  # "object" route of a process group, built on the first non-capturing call
 
     @property
@@ -65,6 +69,14 @@ class Route:
     @property
     def fully_connected(self) -> bool:
         return bool(getattr(self.ca, "fully_connected", True))
+
+    def aiter_one_stage_settings(self) -> tuple[bool | None, int | None]:
+        """aiter's communicator's one-stage override (``AITER_AR_1STAGE``) and byte
+        limit (``AITER_AR_1STAGE_MAX_KB``), as it reads them ("module" routes)."""
+        override = getattr(self.aiter_comm, "_ar_1stage_override", None)
+        limit = getattr(self.aiter_comm, "_ar_1stage_max_kb", None)
+        return (override if isinstance(override, bool) else None,
+                limit if isinstance(limit, int) and not isinstance(limit, bool) else None)
 
 
 def _unwrap(candidate: Any) -> Any:
@@ -111,7 +123,7 @@ def _aiter_tp_route(probe: AiterProbe, env, comm: Communicator) -> Route | None:
     except Exception:  # noqa: BLE001
         return None
     return Route("module", probe.module_api, "aiter's own TP group (aiter.dist.communication_op)",
-                 comm_op=comm_op)
+                 comm_op=comm_op, aiter_comm=getattr(tp, "device_communicator", None))
 
 
 def _vllm_route(comm: Communicator) -> Route | str:
