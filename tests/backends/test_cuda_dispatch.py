@@ -57,7 +57,7 @@ def test_registered_and_reports_why_unavailable_here():
 def test_dispatch_by_size_for_every_world_size(world_size):
     previous = None
     order = [LOCAL] if world_size == 1 else [ONE_SHOT_LL, ONE_SHOT, TWO_SHOT, SPLIT]
-    for hidden in (2048, 4096, 5120):
+    for hidden in (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192):
         for t in TOKENS:
             p = plan(num_tokens=t, hidden=hidden, elem_bytes=2, world_size=world_size, group_size=128,
                      quantize=True, symm=None if world_size == 1 else READY)
@@ -73,8 +73,8 @@ def test_dispatch_by_size_for_every_world_size(world_size):
             else:
                 assert p.algo == SPLIT
                 assert "NCCL wins" in p.describe()
-            padded = hidden == 5120  # 40 groups of 128 pad to a 64-group tile
-            quant_apart = p.algo == ONE_SHOT and (padded or nbytes < dispatch.PULL_QUANT_MIN_BYTES[world_size])
+            measured = hidden in dispatch.PULL_QUANT_HIDDEN  # where the in-kernel quant won at TP=2
+            quant_apart = p.algo == ONE_SHOT and (not measured or nbytes < dispatch.PULL_QUANT_MIN_BYTES[world_size])
             assert p.path == ("fused-2" if p.algo == SPLIT or quant_apart else "fused-1")
             assert p.fused_quant == (not quant_apart), p.describe()
             if quant_apart:
@@ -95,7 +95,7 @@ def test_two_shot_is_not_dispatched_past_the_one_shot_limit_at_any_world_size():
         assert dispatch.TWOSHOT_MAX_BYTES[w] == 0
     assert "(estimates)" in cuda_backend.dispatch_summary()["dispatch TP=8"]
     assert cuda_backend.dispatch_summary()["dispatch TP=2"] == (
-        "LL one-shot <= 1 MiB, one-shot <= 80 MiB (quant in the kernel from 4 MiB for unpadded rows, else its "
+        "LL one-shot <= 1 MiB, one-shot <= 80 MiB (quant in the kernel from 4 MiB at hidden 2048/4096, else its "
         "own kernel), NCCL + fused norm/quant above "
         "(measured up to 80 MiB, estimates above)")
 
@@ -111,9 +111,17 @@ def test_a_row_that_does_not_fit_the_fused_tile_takes_the_two_kernel_path():
     assert (local.algo, local.path) == (LOCAL, "fused-2")
 
 
-def test_norm_only_sites_are_one_kernel():
+def test_norm_only_sites_are_one_kernel_and_not_described_as_quantizing():
     p = plan(num_tokens=8, hidden=4096, elem_bytes=2, world_size=2, group_size=128, quantize=False, symm=READY)
     assert (p.algo, p.path) == (ONE_SHOT_LL, "fused-1")
+    for world_size, t in [(1, 8), (2, 8), (2, 1024), (2, 16384), (8, 8192)]:
+        p = plan(num_tokens=t, hidden=4096, elem_bytes=2, world_size=world_size, group_size=128, quantize=False,
+                 symm=None if world_size == 1 else READY)
+        text = p.describe()
+        assert "quant" not in text.replace("(bf16 out, no quant)", ""), text
+        assert text.endswith("(bf16 out, no quant)") or "(bf16 out, no quant) (" in text, text
+    q = plan(num_tokens=8, hidden=4096, elem_bytes=2, world_size=1, group_size=128, quantize=True, symm=None)
+    assert q.describe() == "fused-1: add + RMSNorm + group quant in one kernel"
 
 
 def test_unusable_or_small_workspace_falls_back_to_split_with_the_reason():
@@ -170,7 +178,7 @@ def test_hypothetical_plans_for_doctor(sm90, world_size):
     assert b.describe(large, comm).startswith("fused-1: one-shot" if world_size == 2 else "fused-2: NCCL all-reduce")
     if world_size == 2:
         assert b.describe(spec(256, world_size=2), comm).startswith("fused-2: one-shot")  # 2 MiB: quant apart
-        assert "pad to a 64-group tile" in b.describe(spec(8192, hidden=5120, world_size=2), comm)
+        assert "measured faster only at hidden 2048/4096" in b.describe(spec(8192, hidden=5120, world_size=2), comm)
     assert b.describe(spec(8, world_size=1), None).startswith("fused-1: add + RMSNorm + group quant")
 
 

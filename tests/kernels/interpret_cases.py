@@ -119,9 +119,33 @@ def case_single():
     return n
 
 
+def case_single_hidden_sizes():
+    """Qwen3.5's hidden sizes and others whose group counts are not powers of two (parts
+    16+4, 16+8, 32+8, 32+16, 32+16+8; small rows of 2 to 4 parts and a padded fourth part),
+    both scale layouts, normed emitted or not, quantize off, 1 and 2 rows per program."""
+    n = 0
+    combos = [("row", False, True, 1), ("col", True, True, 2), ("row", True, False, 2)]
+    sizes = [(1, 2048), (3, 2560), (2, 3072), (3, 5120), (1, 6144), (2, 7168),
+             (3, 640), (2, 896), (3, 1920), (2, 3968)]
+    for t, h in sizes:
+        for layout, emit, quantize, rows in combos:
+            xs, res, w = inputs(1, t, h, seed=1000 + n)
+            ref = reference(xs, res, w, offset=1.0, group_size=128, layout=layout, quantize=quantize)
+            out = empty_outputs(t, h, DT, "cpu", group_size=128, quantize=quantize, emit_normed=emit,
+                                scale_layout=layout, quant_dtype=FP8)
+            poison(out)
+            add_rmsnorm_quant(xs[0], res, w, EPS, weight_offset=1.0, group_size=128, quantize=quantize,
+                              emit_normed=emit, scale_layout=layout, quant_dtype=FP8, outputs=out,
+                              rows_per_program=rows)
+            check(out, ref, quantize=quantize, emit=emit, group_size=128,
+                  what=f"single {t}x{h} {layout} emit={emit} quantize={quantize} rows={rows}")
+            n += 1
+    return n
+
+
 def case_group_quant():
     n = 0
-    for t, h, gs in [(5, 384, 128), (3, 288, 96), (2, 256, 16)]:
+    for t, h, gs in [(5, 384, 128), (3, 288, 96), (2, 256, 16), (2, 5120, 128), (3, 640, 128)]:
         for layout in ("row", "col"):
             x = torch.randn(t, h).to(DT) * 3
             q, s = group_quant(x, group_size=gs, scale_layout=layout, quant_dtype=FP8)
@@ -154,11 +178,15 @@ def case_oneshot_ll():
 def _oneshot_cases(kernel, bare_kernel):
     n = 0
     for world in (2, 4, 8):
-        peers = emulated_peers(world, stage_cap=9 * 256, ll_cap=9 * 128, dtype=DT, max_grid=4)
+        peers = emulated_peers(world, stage_cap=4096, ll_cap=2048, dtype=DT, max_grid=4)
         calls = 0
-        for t, h, layout, emit, has_res, quantize in [(1, 256, "row", True, True, True), (5, 128, "col", False, True, True),
-                                                      (9, 256, "row", False, False, True), (7, 256, "col", True, True, False),
-                                                      (4, 256, "row", True, True, True)]:
+        cases = [(1, 256, "row", True, True, True), (5, 128, "col", False, True, True),
+                 (9, 256, "row", False, False, True), (7, 256, "col", True, True, False),
+                 (4, 256, "row", True, True, True)]
+        # rows in several parts: 640 = 4 + 1 groups of 128, 1920 = 8 + 4 + 2 + 1
+        cases += {2: [(3, 640, "col", True, True, True), (2, 1920, "row", False, True, True)],
+                  4: [(2, 1920, "col", True, True, False)], 8: []}[world]
+        for t, h, layout, emit, has_res, quantize in cases:
             xs, res, w = inputs(world, t, h, seed=100 + n)
             res = res if has_res else None
             ref = reference(xs, res, w, offset=1.0, group_size=128, layout=layout, quantize=quantize)
@@ -181,24 +209,28 @@ def _oneshot_cases(kernel, bare_kernel):
                 assert int(peers[r].ctl[2]) == 0, "a wait found data missing"
             n += 1
         # the bare all-reduce (the benchmark's floor) on the same workspace
-        xs, _, _ = inputs(world, 6, 256, seed=999)
-        outs = [torch.empty(6, 256, dtype=DT) for _ in range(world)]
-        run_ranks(lambda r, ph: bare_kernel(xs[r], peers[r], phase=ph, out=outs[r]), world, (1, 2))
-        want = sum(x.float() for x in xs).to(DT)
-        for r in range(world):
-            assert torch.equal(outs[r], want), f"bare all-reduce W={world} rank {r}"
-        n += 1
+        for t, h in [(6, 256)] + ([(2, 1920)] if world == 2 else []):
+            xs, _, _ = inputs(world, t, h, seed=999)
+            outs = [torch.empty(t, h, dtype=DT) for _ in range(world)]
+            run_ranks(lambda r, ph: bare_kernel(xs[r], peers[r], phase=ph, out=outs[r]), world, (1, 2))
+            want = sum(x.float() for x in xs).to(DT)
+            for r in range(world):
+                assert torch.equal(outs[r], want), f"bare all-reduce W={world} rank {r} {t}x{h}"
+            n += 1
     return n
 
 
 def case_twoshot():
     n = 0
     for world in (2, 4, 8):
-        peers = emulated_peers(world, stage_cap=17 * 256, out_cap=(17 * 256) // world + 512, dtype=DT, max_grid=2)
+        peers = emulated_peers(world, stage_cap=17 * 256, out_cap=(17 * 256) // world + 640, dtype=DT, max_grid=2)
         calls = 0
-        for t, h, layout, emit, has_res, quantize in [(1, 256, "row", True, True, True), (5, 256, "col", False, True, True),
-                                                      (17, 256, "row", True, False, True), (16, 128, "col", False, True, True),
-                                                      (7, 256, "row", True, True, False), (3, 256, "col", True, True, True)]:
+        cases = [(1, 256, "row", True, True, True), (5, 256, "col", False, True, True),
+                 (17, 256, "row", True, False, True), (16, 128, "col", False, True, True),
+                 (7, 256, "row", True, True, False), (3, 256, "col", True, True, True)]
+        if world == 2:
+            cases.append((5, 640, "row", True, True, True))  # 4 + 1 groups: a row in two parts
+        for t, h, layout, emit, has_res, quantize in cases:
             xs, res, w = inputs(world, t, h, seed=200 + n)
             res = res if has_res else None
             ref = reference(xs, res, w, offset=0.0 if n % 2 else 1.0, group_size=128, layout=layout, quantize=quantize)
@@ -225,7 +257,7 @@ def case_twoshot():
 def main() -> int:
     torch.manual_seed(0)
     total = 0
-    for case in (case_single, case_group_quant, case_oneshot, case_oneshot_ll, case_twoshot):
+    for case in (case_single, case_single_hidden_sizes, case_group_quant, case_oneshot, case_oneshot_ll, case_twoshot):
         k = case()
         print(f"{case.__name__}: {k} cases ok", flush=True)
         total += k

@@ -1,19 +1,25 @@
 """Fused residual add + RMSNorm + per-group dynamic FP8 quant on one GPU (no all-reduce).
 
-Algorithm: one program per token row; the row (already summed input ``h``, any float
-dtype), the residual and the weight are loaded as [NG_P2, GS] tiles (row_math), then
-s = h + residual (float32), r = round(s), normed = round(s * rsqrt(mean(s^2) + eps) * (w + offset)),
-and per group scale = max(amax, 1e-10) / fp8_max, q = clamp(normed / scale).
+Algorithm: each program takes ROWS token rows (unrolled, so the loads of its rows can be in
+flight together); a row (already summed input ``h``, any float dtype), its residual and the
+weight are loaded in power-of-two parts of whole groups (row_math.py: hidden 5120 = 32 + 8
+groups of 128, no padding), then s = h + residual (float32), r = round(s),
+normed = round(s * rsqrt(mean(s^2) + eps) * (w + offset)), and per group
+scale = max(amax, 1e-10) / fp8_max, q = clamp(normed / scale).
 
 Memory traffic per row: reads h, residual (H elements each) and the weight (cache
 resident); writes residual (H), q (H bytes), scale (H / group_size floats), normed
 (H, only when asked). One pass: the unfused chain (add+norm kernel, then quant kernel)
 re-reads normed and writes it once more.
 
-Limits: hidden % group_size == 0 and (hidden / group_size rounded up to a power of two)
-x (group_size rounded up likewise) <= 16384 elements per row; any group_size (padded
-inside the tile); x/residual contiguous [T, H]; scale in either layout (strides passed).
-With ``quantize=False`` it is the fused add + RMSNorm (the unfused chain's first kernel).
+Launch shape (warps, rows per program): measured per hidden size and token count
+(launch.local_launch, local_launch_table.py).
+
+Limits: hidden % group_size == 0 and the row's groups (in parts) x (group_size rounded up to
+a power of two) <= 16384 elements (any multiple of 128 up to 16384 in 128-groups); any
+group_size (padded inside the tile); x/residual contiguous [T, H]; scale in either layout
+(strides passed). With ``quantize=False`` it is the fused add + RMSNorm (the unfused
+chain's first kernel).
 
 Graph safety: plain loads/stores, no host sync; outputs come from the caller or the
 caching allocator. Used at TP=1 and after an NCCL all-reduce (the large-token path).
@@ -25,29 +31,63 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
-from .row_math import add_rmsnorm, row_tile as tile_offsets, store_row_outputs
+from .launch import empty_outputs, local_launch, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
+from .row_math import finish_part, inv_rms, part_tile, sum_sq
 
 
-@triton.jit(do_not_specialize=["scale_st", "scale_sg"])
+@triton.jit
+def _load_part(h_ptr, res_ptr, base, row_ok, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
+               GROUP: tl.constexpr, N_GROUPS: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr):
+    """(s = float32 h + residual of one part of a row, offsets, masks)."""
+    offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
+    if ROWS > 1:  # the last program's rows past the end
+        mask = mask & row_ok
+        gmask = gmask & row_ok
+    s = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    return s, offs, mask, g, gmask
+
+
+@triton.jit(do_not_specialize=["n_rows", "scale_st", "scale_sg"])
 def _add_rmsnorm_quant_kernel(
     h_ptr, res_ptr, w_ptr, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
-    hidden, n_groups, eps, weight_offset, scale_st, scale_sg,
-    NG_P2: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+    n_rows, eps, weight_offset, scale_st, scale_sg,
+    HIDDEN: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, ROWS: tl.constexpr,
     HAS_RES: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    offs, mask = tile_offsets(n_groups, NG_P2, GS, GROUP)
-    base = tl.cast(row, tl.int64) * hidden
-    acc = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        res = tl.load(res_ptr + base + offs, mask=mask, other=0.0)
-    else:
-        res = acc
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    r, normed = add_rmsnorm(acc, res, w, eps, hidden, weight_offset, res_out_ptr.dtype.element_ty, HAS_RES)
-    store_row_outputs(row, offs, mask, n_groups, r, normed, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
-                      scale_st, scale_sg, hidden, NG_P2, QUANT, EMIT, FP8_MAX)
+    N_GROUPS: tl.constexpr = HIDDEN // GROUP
+    for i in tl.static_range(ROWS):
+        row = tl.program_id(0) * ROWS + i
+        row_ok = row < n_rows
+        base = tl.cast(row, tl.int64) * HIDDEN
+        s0, o0, m0, g0, gm0 = _load_part(h_ptr, res_ptr, base, row_ok, 0, P0, GS, GROUP, N_GROUPS, HAS_RES, ROWS)
+        ss = sum_sq(s0)
+        if P1 > 0:
+            s1, o1, m1, g1, gm1 = _load_part(h_ptr, res_ptr, base, row_ok, P0, P1, GS, GROUP, N_GROUPS, HAS_RES,
+                                             ROWS)
+            ss += sum_sq(s1)
+        if P2 > 0:
+            s2, o2, m2, g2, gm2 = _load_part(h_ptr, res_ptr, base, row_ok, P0 + P1, P2, GS, GROUP, N_GROUPS,
+                                             HAS_RES, ROWS)
+            ss += sum_sq(s2)
+        if P3 > 0:
+            s3, o3, m3, g3, gm3 = _load_part(h_ptr, res_ptr, base, row_ok, P0 + P1 + P2, P3, GS, GROUP, N_GROUPS,
+                                             HAS_RES, ROWS)
+            ss += sum_sq(s3)
+        inv = inv_rms(ss, HIDDEN, eps)
+        finish_part(s0, inv, row, o0, m0, g0, gm0, w_ptr, weight_offset, res_out_ptr, normed_ptr, q_ptr,
+                    scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+        if P1 > 0:
+            finish_part(s1, inv, row, o1, m1, g1, gm1, w_ptr, weight_offset, res_out_ptr, normed_ptr, q_ptr,
+                        scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+        if P2 > 0:
+            finish_part(s2, inv, row, o2, m2, g2, gm2, w_ptr, weight_offset, res_out_ptr, normed_ptr, q_ptr,
+                        scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+        if P3 > 0:
+            finish_part(s3, inv, row, o3, m3, g3, gm3, w_ptr, weight_offset, res_out_ptr, normed_ptr, q_ptr,
+                        scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
 
 
 def fits(hidden: int, group_size: int) -> str | None:
@@ -74,6 +114,8 @@ def add_rmsnorm_quant(
     scale_layout: str = "row",
     quant_dtype: torch.dtype = torch.float8_e4m3fn,
     outputs=None,
+    num_warps: int | None = None,
+    rows_per_program: int | None = None,
 ):
     """s = h + residual (float32); r = round(s); normed = round(RMSNorm(s)); (q, scale) = group quant(normed).
 
@@ -85,6 +127,7 @@ def add_rmsnorm_quant(
         scale_layout: "row" (contiguous [T, G]) or "col" (stride (1, T)).
         outputs: preallocated (q, scale, residual, normed) as launch.empty_outputs makes them
             (tests poison them first); None = allocate.
+        num_warps, rows_per_program: override the measured launch shape (the sweep).
     Returns:
         (q [T, H] quant_dtype, scale [T, G] float32, residual [T, H], normed [T, H] or None);
         with quantize=False: (None, None, residual, normed).
@@ -101,13 +144,16 @@ def add_rmsnorm_quant(
         raise ValueError(reason)
     if tokens == 0:
         return outputs
+    shape = local_launch(hidden, tokens, tile)
+    num_warps = num_warps or shape.num_warps
+    rows = rows_per_program or shape.rows
     st, sg = scale_strides(scale) if quantize else (0, 0)
-    _add_rmsnorm_quant_kernel[(tokens,)](
+    _add_rmsnorm_quant_kernel[(triton.cdiv(tokens, rows),)](
         h, residual, weight, res_out, normed, q, scale,
-        hidden, tile.n_groups, float(eps), float(weight_offset), st, sg,
-        NG_P2=tile.ng_p2, GS=tile.gs, GROUP=tile.group,
+        tokens, float(eps), float(weight_offset), st, sg,
+        HIDDEN=hidden, **tile.constexprs(), ROWS=rows,
         HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
         FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0,
-        num_warps=tile.num_warps,
+        num_warps=num_warps,
     )
     return outputs

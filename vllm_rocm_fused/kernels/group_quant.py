@@ -1,7 +1,9 @@
 """Per-group (1 x group_size) dynamic symmetric FP8 quant of a [T, H] activation.
 
 Algorithm: program (t, c) loads groups [c * CHUNK, (c + 1) * CHUNK) of row t as a
-[CHUNK, GS] tile (GS = group_size rounded up to a power of two, padding masked), then
+[CHUNK, GS] tile (GS = group_size rounded up to a power of two, padding masked; CHUNK the
+largest power of two dividing the group count, at most 8192 / GS, so no tile is padded:
+hidden 5120 in 128-groups is 5 programs of 8 groups per row), then
 scale = max(amax, 1e-10) / fp8_max and q = clamp(x / scale) per group, as
 ops/reference.group_quant does (NaN-propagating amax, IEEE divisions).
 
@@ -22,7 +24,7 @@ import triton.language as tl
 from .launch import quant_constants, scale_strides
 from .row_math import group_quant as quant_tile
 
-# Groups per program (rounded to a power of two), so a program holds <= 8192 elements.
+# Most elements a program holds.
 _TILE = 8192
 
 
@@ -63,7 +65,7 @@ def group_quant(
     if tokens == 0:
         return q, scale
     gs = triton.next_power_of_2(group_size)
-    chunk = min(triton.next_power_of_2(groups), max(1, _TILE // gs))
+    chunk = min(groups & -groups, max(1, _TILE // gs))
     st, sg = scale_strides(scale)
     _group_quant_kernel[(tokens, triton.cdiv(groups, chunk))](
         x, q, scale, hidden, groups, st, sg,

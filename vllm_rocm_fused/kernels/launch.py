@@ -11,47 +11,81 @@ import torch
 import triton
 
 from ..platform_info import fp8_max
+from . import local_launch_table
 
-# Largest row tile (NG_P2 * GS elements) a program holds in registers: hidden sizes up
-# to 16384 with 128-groups (Qwen3.5: 2048, 4096, 5120).
+# Largest row (groups rounded up to whole parts, x the group rounded up to a power of two)
+# a program holds in registers: any multiple of 128 up to 16384 in 128-groups.
 MAX_TILE = 16384
+# Parts a row's groups are split into (row_math.py): four cover every group count whose
+# binary form has at most four ones (every multiple of 128 Qwen3.5 uses: 16, 20, 24, 32, 40
+# groups ...); beyond, the last part is padded.
+MAX_PARTS = 4
+
+
+def row_parts(n_groups: int) -> tuple[int, int, int, int]:
+    """``n_groups`` as at most MAX_PARTS powers of two, largest first, 0-padded to four:
+    40 -> (32, 8, 0, 0). With more binary ones than parts, the last part is the rest rounded
+    up to a power of two (its surplus groups are masked): 127 -> (64, 32, 16, 16)."""
+    parts = []
+    rest = n_groups
+    while rest:
+        if len(parts) == MAX_PARTS - 1:
+            parts.append(triton.next_power_of_2(rest))
+            break
+        top = 1 << (rest.bit_length() - 1)
+        parts.append(top)
+        rest -= top
+    return tuple(parts + [0] * (MAX_PARTS - len(parts)))
 
 
 @dataclass(frozen=True)
 class RowTile:
-    """How a row of ``hidden`` elements is laid out as a [ng_p2, gs] tile."""
+    """How a row of ``hidden`` elements is laid out: ``n_groups`` groups of ``group`` elements
+    (each a tile row of ``gs`` lanes, ``group`` rounded up to a power of two), in the
+    power-of-two parts ``parts`` (row_math.py)."""
 
     group: int  # elements per tile row (the quant group, or a norm-only width)
     gs: int  # group rounded up to a power of two
     n_groups: int
-    ng_p2: int
+    parts: tuple[int, int, int, int]
 
     @property
     def elements(self) -> int:
-        return self.ng_p2 * self.gs
+        """Register lanes per row (= hidden unless a group or the last part is padded)."""
+        return sum(self.parts) * self.gs
 
     @property
     def num_warps(self) -> int:
-        return 4 if self.elements <= 2048 else (8 if self.elements <= 8192 else 16)
+        """Warps of the norm-only kernels and the default of the local kernel: about one warp
+        per 512 lanes (16 per thread), 4 to 16."""
+        return min(16, max(4, _pow2_floor(self.elements // 512)))
 
     @property
     def quant_num_warps(self) -> int:
-        """Warps of the one-shot kernels when they quantize: one warp per 256 elements
+        """Warps of the one-shot kernels when they quantize: about one warp per 256 lanes
         (8 per thread), 4 to 16. The quant doubles the per-row tail, and more warps keep
         more of it in flight: at TP=2 on H200, 8 instead of 4 warps took hidden 2048 x 1024
         tokens from 37 to 26 us, 16 instead of 8 hidden 4096 x 8192 tokens from 468 to 253
         (benchmarks/results/h200_tp2_grid_sweep.json)."""
-        return min(16, max(4, self.elements // 256))
+        return min(16, max(4, _pow2_floor(self.elements // 256)))
+
+    def constexprs(self) -> dict:
+        """The kernels' compile-time row layout arguments."""
+        p0, p1, p2, p3 = self.parts
+        return dict(GS=self.gs, GROUP=self.group, P0=p0, P1=p1, P2=p2, P3=p3)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, n.bit_length() - 1)
 
 
 def row_tile(hidden: int, group: int) -> RowTile:
-    gs = triton.next_power_of_2(group)
     n_groups = hidden // group
-    return RowTile(group, gs, n_groups, triton.next_power_of_2(n_groups))
+    return RowTile(group, triton.next_power_of_2(group), n_groups, row_parts(n_groups))
 
 
 def tile_reason(hidden: int, group: int) -> str | None:
-    """Why a row of ``hidden`` in groups of ``group`` does not fit a program's register tile
+    """Why a row of ``hidden`` in groups of ``group`` does not fit a program's registers
     (None = it fits); every fused kernel's ``fits`` starts here."""
     if row_tile(hidden, group).elements > MAX_TILE:
         return f"a row of {hidden} in groups of {group} exceeds the {MAX_TILE}-element register tile"
@@ -65,6 +99,27 @@ def norm_tile(hidden: int) -> RowTile:
     while hidden % width:
         width //= 2
     return row_tile(hidden, width)
+
+
+@dataclass(frozen=True)
+class LocalLaunch:
+    """Launch shape of the local add + RMSNorm + quant kernel (add_rmsnorm_quant.py)."""
+
+    num_warps: int
+    rows: int  # token rows per program
+    measured: bool  # from local_launch_table.TABLE (else the RowTile rule)
+
+
+def local_launch(hidden: int, tokens: int, tile: RowTile) -> LocalLaunch:
+    """The measured launch shape for ``tokens`` rows of ``hidden`` (local_launch_table.py:
+    the first entry whose max_tokens >= tokens), or, for a hidden size the table does not
+    have, ``tile.num_warps`` warps and one row per program."""
+    entries = local_launch_table.TABLE.get(hidden)
+    if entries:
+        for max_tokens, warps, rows in entries:
+            if max_tokens is None or tokens <= max_tokens:
+                return LocalLaunch(warps, rows, True)
+    return LocalLaunch(tile.num_warps, 1, False)
 
 
 def scale_strides(scale: torch.Tensor) -> tuple[int, int]:

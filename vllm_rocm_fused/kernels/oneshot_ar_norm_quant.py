@@ -15,8 +15,10 @@ Memory traffic per rank: reads x (local) and (W - 1) peers' rows over NVLink (th
 one-shot cost: W - 1 times the input bytes), plus residual, weight; writes the staging
 copy, residual, q, scale (and normed). Nothing else goes through HBM twice.
 
-Limits: 2 <= W <= 8; hidden / group_size groups padded to a register tile of <= 16384
-elements (launch.MAX_TILE); T * H <= the workspace's staging capacity; the grid is at
+Row math: row_math.py (the row in power-of-two parts of whole groups, each part's sum kept
+in registers, so every peer's row is read once).
+
+Limits: 2 <= W <= 8; the row's groups (in parts) <= 16384 elements (launch.MAX_TILE); T * H <= the workspace's staging capacity; the grid is at
 most the workspace's max_grid (<= the SM count, so all programs are co-resident and the
 per-program barriers cannot deadlock) and programs loop over rows.
 
@@ -32,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .launch import SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
-from .row_math import add_rmsnorm, row_tile as tile_offsets, store_row_outputs
+from .row_math import finish_part, inv_rms, part_tile, sum_sq
 from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
 
 # PHASE: 0 = the whole kernel (GPU). 1 = copy-in only, 2 = reduce only (no barrier):
@@ -40,47 +42,101 @@ from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
 # then phase 2, which is what the barrier orders on real GPUs.
 
 
+@triton.jit
+def _copy_part(x_ptr, dst, base, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+               N_GROUPS: tl.constexpr):
+    offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
+    tl.store(dst + base + offs, tl.load(x_ptr + base + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _sum_part(stage, half, base, res_ptr, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
+              GROUP: tl.constexpr, N_GROUPS: tl.constexpr, W: tl.constexpr, HAS_RES: tl.constexpr):
+    """(s = the W staged rows' float32 sum in rank order (+ residual) of one part, offsets, masks)."""
+    offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
+    s = tl.zeros((NGP, GS), dtype=tl.float32)
+    for p in tl.static_range(W):
+        s += tl.load(stage[p] + half + base + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    if HAS_RES:
+        s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    return s, offs, mask, g, gmask
+
+
 @triton.jit(do_not_specialize=["n_rows", "scale_st", "scale_sg"])
 def _oneshot_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, normed_ptr, q_ptr, scale_ptr,
     stage, flags, ctl_ptr,
-    n_rows, hidden, n_groups, stage_cap, eps, weight_offset, scale_st, scale_sg,
-    W: tl.constexpr, RANK: tl.constexpr, NG_P2: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+    n_rows, stage_cap, eps, weight_offset, scale_st, scale_sg,
+    W: tl.constexpr, RANK: tl.constexpr, HIDDEN: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
     NORM: tl.constexpr, HAS_RES: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr,
     FP8_MAX: tl.constexpr, PHASE: tl.constexpr,
 ):
+    N_GROUPS: tl.constexpr = HIDDEN // GROUP
+    O1: tl.constexpr = P0
+    O2: tl.constexpr = P0 + P1
+    O3: tl.constexpr = P0 + P1 + P2
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    offs, mask = tile_offsets(n_groups, NG_P2, GS, GROUP)
     calls, parity = call_parity(ctl_ptr)
     half = parity.to(tl.int64) * stage_cap
 
     if PHASE != 2:
         for row in range(pid, n_rows, nprog):
-            base = tl.cast(row, tl.int64) * hidden
-            xv = tl.load(x_ptr + base + offs, mask=mask)
-            tl.store(stage[RANK] + half + base + offs, xv, mask=mask)
+            base = tl.cast(row, tl.int64) * HIDDEN
+            dst = stage[RANK] + half
+            _copy_part(x_ptr, dst, base, 0, P0, GS, GROUP, N_GROUPS)
+            if P1 > 0:
+                _copy_part(x_ptr, dst, base, O1, P1, GS, GROUP, N_GROUPS)
+            if P2 > 0:
+                _copy_part(x_ptr, dst, base, O2, P2, GS, GROUP, N_GROUPS)
+            if P3 > 0:
+                _copy_part(x_ptr, dst, base, O3, P3, GS, GROUP, N_GROUPS)
     if PHASE == 0:
         block_barrier(flags, ctl_ptr, pid, next_epoch(ctl_ptr, pid), W, RANK)
     if PHASE != 1:
-        if NORM:
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         for row in range(pid, n_rows, nprog):
-            base = tl.cast(row, tl.int64) * hidden
-            acc = tl.zeros((NG_P2, GS), dtype=tl.float32)
-            for p in tl.static_range(W):
-                acc += tl.load(stage[p] + half + base + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            base = tl.cast(row, tl.int64) * HIDDEN
+            s0, o0, m0, g0, gm0 = _sum_part(stage, half, base, res_ptr, 0, P0, GS, GROUP, N_GROUPS, W,
+                                            HAS_RES)
+            if P1 > 0:
+                s1, o1, m1, g1, gm1 = _sum_part(stage, half, base, res_ptr, O1, P1, GS, GROUP, N_GROUPS, W,
+                                                HAS_RES)
+            if P2 > 0:
+                s2, o2, m2, g2, gm2 = _sum_part(stage, half, base, res_ptr, O2, P2, GS, GROUP, N_GROUPS, W,
+                                                HAS_RES)
+            if P3 > 0:
+                s3, o3, m3, g3, gm3 = _sum_part(stage, half, base, res_ptr, O3, P3, GS, GROUP, N_GROUPS, W,
+                                                HAS_RES)
             if NORM:
-                if HAS_RES:
-                    res = tl.load(res_ptr + base + offs, mask=mask, other=0.0)
-                else:
-                    res = acc
-                r, normed = add_rmsnorm(acc, res, w, eps, hidden, weight_offset,
-                                        out_ptr.dtype.element_ty, HAS_RES)
-                store_row_outputs(row, offs, mask, n_groups, r, normed, out_ptr, normed_ptr, q_ptr,
-                                  scale_ptr, scale_st, scale_sg, hidden, NG_P2, QUANT, EMIT, FP8_MAX)
+                ss = sum_sq(s0)
+                if P1 > 0:
+                    ss += sum_sq(s1)
+                if P2 > 0:
+                    ss += sum_sq(s2)
+                if P3 > 0:
+                    ss += sum_sq(s3)
+                inv = inv_rms(ss, HIDDEN, eps)
+                finish_part(s0, inv, row, o0, m0, g0, gm0, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                            scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                if P1 > 0:
+                    finish_part(s1, inv, row, o1, m1, g1, gm1, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                if P2 > 0:
+                    finish_part(s2, inv, row, o2, m2, g2, gm2, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                if P3 > 0:
+                    finish_part(s3, inv, row, o3, m3, g3, gm3, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
             else:
-                tl.store(out_ptr + base + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+                out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+                tl.store(out_ptr + base + o0, s0.to(out_dtype), mask=m0)
+                if P1 > 0:
+                    tl.store(out_ptr + base + o1, s1.to(out_dtype), mask=m1)
+                if P2 > 0:
+                    tl.store(out_ptr + base + o2, s2.to(out_dtype), mask=m2)
+                if P3 > 0:
+                    tl.store(out_ptr + base + o3, s3.to(out_dtype), mask=m3)
         finish_call(ctl_ptr, calls)
 
 
@@ -138,8 +194,8 @@ def oneshot_ar_norm_quant(
     _oneshot_kernel[(peers.grid(tokens),)](
         x, residual, weight, res_out, normed, q, scale,
         peers.stage, peers.flags, peers.ctl,
-        tokens, hidden, tile.n_groups, peers.stage_cap, float(eps), float(weight_offset), st, sg,
-        W=peers.world_size, RANK=peers.rank, NG_P2=tile.ng_p2, GS=tile.gs, GROUP=tile.group,
+        tokens, peers.stage_cap, float(eps), float(weight_offset), st, sg,
+        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **tile.constexprs(),
         NORM=True, HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
         FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0, PHASE=phase,
         num_warps=num_warps or (tile.quant_num_warps if quantize else tile.num_warps),
@@ -161,8 +217,8 @@ def oneshot_all_reduce(x: torch.Tensor, peers: SymmPeers, *, phase: int = 0, out
     _oneshot_kernel[(peers.grid(tokens),)](
         x, None, None, out, None, None, None,
         peers.stage, peers.flags, peers.ctl,
-        tokens, hidden, tile.n_groups, peers.stage_cap, 0.0, 0.0, 0, 0,
-        W=peers.world_size, RANK=peers.rank, NG_P2=tile.ng_p2, GS=tile.gs, GROUP=tile.group,
+        tokens, peers.stage_cap, 0.0, 0.0, 0, 0,
+        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **tile.constexprs(),
         NORM=False, HAS_RES=False, QUANT=False, EMIT=False, FP8_MAX=1.0, PHASE=phase,
         num_warps=tile.num_warps,
     )

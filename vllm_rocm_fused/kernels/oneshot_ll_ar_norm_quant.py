@@ -22,6 +22,8 @@ Memory traffic per rank: (W - 1) x 2 x the input bytes of remote writes (flag wo
 double the bytes), local polling reads of the same amount, plus residual/weight reads and
 the outputs. Latency-optimal for small T; the pull kernel and NCCL take over as bytes grow.
 
+Row math: row_math.py (parts of whole groups, each peer's words read once).
+
 Limits: 2 <= W <= 8; GROUP a power of two; T * H <= the workspace's LL capacity.
 Graph safety: no host sync; the flag comes from the device-side call counter.
 """
@@ -33,93 +35,156 @@ import triton
 import triton.language as tl
 
 from .launch import SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
-from .row_math import CTL_ERRORS, add_rmsnorm, row_tile as tile_offsets, store_row_outputs
+from .row_math import CTL_ERRORS, finish_part, inv_rms, part_tile, sum_sq
 from .symm_sync import WAIT_TIMEOUT_NS, call_parity, finish_call, global_timer_ns
 
 _TIMEOUT: tl.constexpr = tl.constexpr(WAIT_TIMEOUT_NS)
 
 
 @triton.jit
-def _pack(xv, flag_hi, NG_P2: tl.constexpr, GS: tl.constexpr):
-    """[NG_P2, GS] 16-bit values -> [NG_P2, GS // 2] words: (elem 2k) | (elem 2k+1) << 16 | flag << 32."""
+def _pack(xv, flag_hi, NG: tl.constexpr, GS: tl.constexpr):
+    """[NG, GS] 16-bit values -> [NG, GS // 2] words: (elem 2k) | (elem 2k+1) << 16 | flag << 32."""
     bits = xv.to(tl.uint16, bitcast=True).to(tl.uint32)
-    lo, hi = tl.split(tl.reshape(bits, (NG_P2, GS // 2, 2)))
+    lo, hi = tl.split(tl.reshape(bits, (NG, GS // 2, 2)))
     return (lo | (hi << 16)).to(tl.uint64) | flag_hi
 
 
 @triton.jit
-def _unpack(words, DTYPE: tl.constexpr, NG_P2: tl.constexpr, GS: tl.constexpr):
+def _unpack(words, DTYPE: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr):
     lo = (words & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
     hi = ((words >> 16) & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (NG_P2, GS))
+    return tl.reshape(tl.join(lo, hi), (NG, GS))
+
+
+@triton.jit
+def _word_offsets(g, GS: tl.constexpr):
+    return g[:, None] * (GS // 2) + tl.arange(0, GS // 2)[None, :]
+
+
+@triton.jit
+def _push_part(x_ptr, ll, base, wbase, flag_hi, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
+               N_GROUPS: tl.constexpr, W: tl.constexpr, RANK: tl.constexpr):
+    """Pack one part of this rank's row and store it into every peer's slot for this rank."""
+    offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GS, N_GROUPS)
+    words = _pack(tl.load(x_ptr + base + offs, mask=mask, other=0.0), flag_hi, NGP, GS)
+    woffs = _word_offsets(g, GS)
+    for p in tl.static_range(W):
+        if p != RANK:
+            tl.store(ll[p] + wbase + woffs, words.to(tl.int64, bitcast=True), mask=gmask[:, None])
+
+
+@triton.jit
+def _receive_part(x_ptr, res_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
+                  G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr, N_GROUPS: tl.constexpr,
+                  W: tl.constexpr, RANK: tl.constexpr, HAS_RES: tl.constexpr, PHASE: tl.constexpr):
+    """(s = the W ranks' float32 sum in rank order (+ residual) of one part, offsets, masks):
+    own values from x, every peer's from this rank's receive buffer once each word carries
+    this call's flag (``rbase``: the row's word offset within a source slot of the half)."""
+    offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GS, N_GROUPS)
+    woffs = _word_offsets(g, GS)
+    wmask = gmask[:, None]
+    s = tl.zeros((NGP, GS), dtype=tl.float32)
+    for p in tl.static_range(W):
+        if p == RANK:
+            s += tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            ptrs = ll[RANK] + p * ll_cap + rbase + woffs
+            words = tl.load(ptrs, mask=wmask, other=0, volatile=True).to(tl.uint64, bitcast=True)
+            missing = tl.sum(((words >> 32).to(tl.uint32) != flag).to(tl.int32) * wmask.to(tl.int32))
+            if PHASE == 0:
+                t0 = global_timer_ns()
+                while missing > 0:
+                    words = tl.load(ptrs, mask=wmask, other=0, volatile=True).to(tl.uint64, bitcast=True)
+                    missing = tl.sum(((words >> 32).to(tl.uint32) != flag).to(tl.int32) * wmask.to(tl.int32))
+                    if global_timer_ns() - t0 > _TIMEOUT:
+                        tl.atomic_add(ctl_ptr + CTL_ERRORS, 1)
+                        missing = missing * 0
+            else:
+                if missing > 0:
+                    tl.atomic_add(ctl_ptr + CTL_ERRORS, 1)
+            s += _unpack(words, x_ptr.dtype.element_ty, NGP, GS).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    return s, offs, mask, g, gmask
 
 
 @triton.jit(do_not_specialize=["n_rows", "scale_st", "scale_sg"])
 def _oneshot_ll_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, normed_ptr, q_ptr, scale_ptr,
     ll, ctl_ptr,
-    n_rows, hidden, n_groups, ll_cap, eps, weight_offset, scale_st, scale_sg,
-    W: tl.constexpr, RANK: tl.constexpr, NG_P2: tl.constexpr, GS: tl.constexpr,
+    n_rows, ll_cap, eps, weight_offset, scale_st, scale_sg,
+    W: tl.constexpr, RANK: tl.constexpr, HIDDEN: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
     NORM: tl.constexpr, HAS_RES: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr,
     FP8_MAX: tl.constexpr, PHASE: tl.constexpr,
 ):
+    N_GROUPS: tl.constexpr = HIDDEN // GS
+    ROW_WORDS: tl.constexpr = HIDDEN // 2
+    O1: tl.constexpr = P0
+    O2: tl.constexpr = P0 + P1
+    O3: tl.constexpr = P0 + P1 + P2
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    offs, mask = tile_offsets(n_groups, NG_P2, GS, GS)
-    wg = tl.arange(0, NG_P2)[:, None]
-    wj = tl.arange(0, GS // 2)[None, :]
-    woffs = wg * (GS // 2) + wj
-    wmask = wg < n_groups
     calls, parity = call_parity(ctl_ptr)
     flag = (calls + 1).to(tl.uint32)
     flag_hi = flag.to(tl.uint64) << 32
-    row_words = hidden // 2
     half = parity.to(tl.int64) * W * ll_cap
 
     if PHASE != 2:  # push this rank's rows into every peer's slot for this rank
         for row in range(pid, n_rows, nprog):
-            base = tl.cast(row, tl.int64) * hidden
-            words = _pack(tl.load(x_ptr + base + offs, mask=mask, other=0.0), flag_hi, NG_P2, GS)
-            wbase = half + RANK * ll_cap + tl.cast(row, tl.int64) * row_words
-            for p in tl.static_range(W):
-                if p != RANK:
-                    tl.store(ll[p] + wbase + woffs, words.to(tl.int64, bitcast=True), mask=wmask)
+            base = tl.cast(row, tl.int64) * HIDDEN
+            wbase = half + RANK * ll_cap + tl.cast(row, tl.int64) * ROW_WORDS
+            _push_part(x_ptr, ll, base, wbase, flag_hi, 0, P0, GS, N_GROUPS, W, RANK)
+            if P1 > 0:
+                _push_part(x_ptr, ll, base, wbase, flag_hi, O1, P1, GS, N_GROUPS, W, RANK)
+            if P2 > 0:
+                _push_part(x_ptr, ll, base, wbase, flag_hi, O2, P2, GS, N_GROUPS, W, RANK)
+            if P3 > 0:
+                _push_part(x_ptr, ll, base, wbase, flag_hi, O3, P3, GS, N_GROUPS, W, RANK)
     if PHASE != 1:
-        if NORM:
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         for row in range(pid, n_rows, nprog):
-            base = tl.cast(row, tl.int64) * hidden
-            acc = tl.zeros((NG_P2, GS), dtype=tl.float32)
-            for p in tl.static_range(W):
-                if p == RANK:
-                    acc += tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    ptrs = ll[RANK] + half + p * ll_cap + tl.cast(row, tl.int64) * row_words + woffs
-                    words = tl.load(ptrs, mask=wmask, other=0, volatile=True).to(tl.uint64, bitcast=True)
-                    missing = tl.sum(((words >> 32).to(tl.uint32) != flag).to(tl.int32) * wmask.to(tl.int32))
-                    if PHASE == 0:
-                        t0 = global_timer_ns()
-                        while missing > 0:
-                            words = tl.load(ptrs, mask=wmask, other=0, volatile=True).to(tl.uint64, bitcast=True)
-                            missing = tl.sum(((words >> 32).to(tl.uint32) != flag).to(tl.int32)
-                                             * wmask.to(tl.int32))
-                            if global_timer_ns() - t0 > _TIMEOUT:
-                                tl.atomic_add(ctl_ptr + CTL_ERRORS, 1)
-                                missing = missing * 0
-                    else:
-                        if missing > 0:
-                            tl.atomic_add(ctl_ptr + CTL_ERRORS, 1)
-                    acc += _unpack(words, x_ptr.dtype.element_ty, NG_P2, GS).to(tl.float32)
+            base = tl.cast(row, tl.int64) * HIDDEN
+            rbase = half + tl.cast(row, tl.int64) * ROW_WORDS
+            s0, o0, m0, g0, gm0 = _receive_part(x_ptr, res_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
+                                                0, P0, GS, N_GROUPS, W, RANK, HAS_RES, PHASE)
+            if P1 > 0:
+                s1, o1, m1, g1, gm1 = _receive_part(x_ptr, res_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
+                                                    O1, P1, GS, N_GROUPS, W, RANK, HAS_RES, PHASE)
+            if P2 > 0:
+                s2, o2, m2, g2, gm2 = _receive_part(x_ptr, res_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
+                                                    O2, P2, GS, N_GROUPS, W, RANK, HAS_RES, PHASE)
+            if P3 > 0:
+                s3, o3, m3, g3, gm3 = _receive_part(x_ptr, res_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
+                                                    O3, P3, GS, N_GROUPS, W, RANK, HAS_RES, PHASE)
             if NORM:
-                if HAS_RES:
-                    res = tl.load(res_ptr + base + offs, mask=mask, other=0.0)
-                else:
-                    res = acc
-                r, normed = add_rmsnorm(acc, res, w, eps, hidden, weight_offset, out_ptr.dtype.element_ty, HAS_RES)
-                store_row_outputs(row, offs, mask, n_groups, r, normed, out_ptr, normed_ptr, q_ptr, scale_ptr,
-                                  scale_st, scale_sg, hidden, NG_P2, QUANT, EMIT, FP8_MAX)
+                ss = sum_sq(s0)
+                if P1 > 0:
+                    ss += sum_sq(s1)
+                if P2 > 0:
+                    ss += sum_sq(s2)
+                if P3 > 0:
+                    ss += sum_sq(s3)
+                inv = inv_rms(ss, HIDDEN, eps)
+                finish_part(s0, inv, row, o0, m0, g0, gm0, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                            scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                if P1 > 0:
+                    finish_part(s1, inv, row, o1, m1, g1, gm1, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                if P2 > 0:
+                    finish_part(s2, inv, row, o2, m2, g2, gm2, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                if P3 > 0:
+                    finish_part(s3, inv, row, o3, m3, g3, gm3, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
             else:
-                tl.store(out_ptr + base + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+                out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+                tl.store(out_ptr + base + o0, s0.to(out_dtype), mask=m0)
+                if P1 > 0:
+                    tl.store(out_ptr + base + o1, s1.to(out_dtype), mask=m1)
+                if P2 > 0:
+                    tl.store(out_ptr + base + o2, s2.to(out_dtype), mask=m2)
+                if P3 > 0:
+                    tl.store(out_ptr + base + o3, s3.to(out_dtype), mask=m3)
         finish_call(ctl_ptr, calls)
 
 
@@ -145,8 +210,8 @@ def _launch(x, residual, weight, eps, peers, outputs, tile, *, norm, quantize, e
     st, sg = scale_strides(scale) if quantize else (0, 0)
     _oneshot_ll_kernel[(peers.grid(tokens),)](
         x, residual, weight, res_out, normed, q, scale, peers.ll, peers.ctl,
-        tokens, hidden, tile.n_groups, peers.ll_cap, float(eps), float(weight_offset), st, sg,
-        W=peers.world_size, RANK=peers.rank, NG_P2=tile.ng_p2, GS=tile.gs,
+        tokens, peers.ll_cap, float(eps), float(weight_offset), st, sg,
+        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **tile.constexprs(),
         NORM=norm, HAS_RES=residual is not None, QUANT=quantize, EMIT=emit,
         FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0, PHASE=phase,
         num_warps=num_warps or (tile.quant_num_warps if quantize else tile.num_warps),

@@ -1,9 +1,21 @@
 """Triton device functions shared by the fused kernels: the per-row tail of the op.
 
-A token row of H elements is held in registers as a ``[NG_P2, GS]`` tile: NG = H / GS
-groups of GS contiguous elements, the padding groups (NG..NG_P2) masked to zero, so the
-quant's per-group amax is a reduction along axis 1 and the row's sum of squares one over
-both axes. The arithmetic follows ``ops/reference.py`` step by step (same roundings, same
+A token row of HIDDEN elements is N_GROUPS = HIDDEN / GROUP groups of GROUP contiguous
+elements. The groups are held in registers as up to four *parts* of P0 >= P1 >= P2 >= P3
+groups (powers of two, 0 = no such part; launch.row_parts picks them): part k is a
+[Pk, GS] tile (GS = GROUP rounded up to a power of two) starting at group P0 + ... + P(k-1).
+So a row is not padded to a power-of-two tile: hidden 5120 in 128-groups is parts 32 + 8
+(5120 elements in registers), not one 64-group tile (8192, 60% padding, which spilled
+registers and ran at 2.1x the byte floor on an H200). Only a row whose group count has more
+than four binary digits gets a padded (masked) last part.
+
+A kernel handles a row in two steps over its parts, with every part's float32 sum kept in
+registers (nothing is re-read, so the all-reduce kernels read their peers' data once):
+  1. per part: s = (the kernel's all-reduced input) + residual, float32 (its own loader);
+     ss = the sum of s^2 over the parts (``sum_sq``, part by part, in part order);
+  2. inv_rms = rsqrt(ss / HIDDEN + eps) once, then per part ``finish_part``: r = round(s),
+     normed = round(s * inv_rms * (w + offset)), per group scale and q, stores.
+The arithmetic follows ``ops/reference.py`` step by step (same roundings, same
 multiplication order, IEEE divisions via ``div_rn``), so a kernel differs from the
 reference only through the order of the row's float32 sum of squares and of the
 all-reduce, and through ``rsqrt``'s last bit.
@@ -36,37 +48,42 @@ def nan_max(a, b):
 
 
 @triton.jit
-def row_tile(n_groups, NG_P2: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr):
-    """Offsets (within a row) and mask of the [NG_P2, GS] tile of a row of
-    ``n_groups`` groups of ``GROUP`` elements (GS = GROUP rounded up to a power of two)."""
-    g = tl.arange(0, NG_P2)[:, None]
+def part_tile(G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+              N_GROUPS: tl.constexpr):
+    """Part of NGP groups starting at group G_OFF: (offsets within the row [NGP, GS], their
+    mask, the groups' indices [NGP], their mask). Lanes past GROUP or N_GROUPS are masked."""
+    g = G_OFF + tl.arange(0, NGP)
     j = tl.arange(0, GS)[None, :]
-    offs = g * GROUP + j
+    offs = g[:, None] * GROUP + j
+    gmask = g < N_GROUPS
     if GS == GROUP:
-        mask = g < n_groups
+        mask = gmask[:, None] & (j < GS)
     else:
-        mask = (g < n_groups) & (j < GROUP)
-    return offs, mask
+        mask = gmask[:, None] & (j < GROUP)
+    return offs, mask, g, gmask
 
 
 @triton.jit
-def add_rmsnorm(acc, res, w, eps, hidden, weight_offset, OUT_DTYPE: tl.constexpr, HAS_RES: tl.constexpr):
-    """acc: float32 tile of the summed input; res, w: tiles of residual and weight
-    (masked lanes 0). Returns (r, normed) in OUT_DTYPE: the norm reads the unrounded
-    float32 sum s = acc + res, r is s rounded (the reference's order of roundings)."""
-    if HAS_RES:
-        acc = acc + res.to(tl.float32)
-    r = acc.to(OUT_DTYPE)
-    ss = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
-    inv_rms = tl.math.rsqrt(tl.math.div_rn(ss, hidden.to(tl.float32)) + eps)
-    normed = (acc * inv_rms * (w.to(tl.float32) + weight_offset)).to(OUT_DTYPE)
-    return r, normed
+def sum_sq(s):
+    """Sum of squares of a float32 part (masked lanes hold 0)."""
+    return tl.sum(tl.sum(s * s, axis=1), axis=0)
+
+
+@triton.jit
+def inv_rms(ss, HIDDEN: tl.constexpr, eps):
+    return tl.math.rsqrt(tl.math.div_rn(ss, tl.full((), HIDDEN, tl.float32)) + eps)
+
+
+@triton.jit
+def norm_part(s, inv, w, weight_offset, OUT_DTYPE: tl.constexpr):
+    """normed = round(s * inv_rms * (w + offset)), the reference's order."""
+    return (s * inv * (w.to(tl.float32) + weight_offset)).to(OUT_DTYPE)
 
 
 @triton.jit
 def group_quant(normed, FP8_MAX: tl.constexpr):
     """Per-row-of-the-tile (= per group) dynamic symmetric quant of ``normed``.
-    Returns (q as float32 already clamped to +-FP8_MAX, scale [NG_P2] float32)."""
+    Returns (q as float32 already clamped to +-FP8_MAX, scale [rows of the tile] float32)."""
     nf = normed.to(tl.float32)
     amax = tl.reduce(tl.abs(nf), 1, nan_max)
     scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL), FP8_MAX)
@@ -77,18 +94,19 @@ def group_quant(normed, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
-def store_row_outputs(row, offs, mask, n_groups, r, normed,
-                      res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
-                      hidden, NG_P2: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr,
-                      FP8_MAX: tl.constexpr):
-    """Write one row's residual, (normed), (q, scale) to [T, H] outputs (scale at
-    row * scale_st + g * scale_sg, so either layout)."""
-    base = tl.cast(row, tl.int64) * hidden
-    tl.store(res_out_ptr + base + offs, r, mask=mask)
+def finish_part(s, inv, row, offs, mask, g, gmask, w_ptr, weight_offset,
+                res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
+                HIDDEN: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr):
+    """One part of a row's outputs: residual round(s), (normed), (q, scale) into [T, H]
+    outputs (scale at row * scale_st + g * scale_sg, so either layout)."""
+    out_dtype: tl.constexpr = res_out_ptr.dtype.element_ty
+    base = tl.cast(row, tl.int64) * HIDDEN
+    tl.store(res_out_ptr + base + offs, s.to(out_dtype), mask=mask)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    normed = norm_part(s, inv, w, weight_offset, out_dtype)
     if EMIT:
         tl.store(normed_ptr + base + offs, normed, mask=mask)
     if QUANT:
         q, scale = group_quant(normed, FP8_MAX)
         tl.store(q_ptr + base + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-        g = tl.arange(0, NG_P2)
-        tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g * scale_sg, scale, mask=g < n_groups)
+        tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g * scale_sg, scale, mask=gmask)

@@ -18,6 +18,8 @@ Memory traffic per rank over NVLink: (W - 1) / W of the input (2 bytes/element) 
 in step 5: ~5 bytes/element against the one-shot's 2 (W - 1). It wins only at W >= 4
 for large T; at W = 2 the one-shot moves fewer bytes with one barrier less.
 
+Row math: row_math.py (parts of whole groups).
+
 Limits: as the one-shot kernel, plus C * H <= the workspace's output capacity.
 Graph safety: as the one-shot kernel (device-side flags and parity; no host sync).
 """
@@ -29,28 +31,100 @@ import triton
 import triton.language as tl
 
 from .launch import SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
-from .row_math import CTL_EPOCHS, add_rmsnorm, group_quant, row_tile as tile_offsets
+from .row_math import CTL_EPOCHS, group_quant, inv_rms, norm_part, part_tile, sum_sq
 from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
 
 # PHASE: 0 = the whole kernel (GPU); emulation on one device (Triton interpreter):
 # 1 = copy-in, 2 = reduce + publish, 3 = gather (+ parity), each run on every rank in turn.
 
 
+@triton.jit
+def _copy_in_part(x_ptr, dst, base, row_ok, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
+                  GROUP: tl.constexpr, N_GROUPS: tl.constexpr):
+    offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
+    m = mask & row_ok
+    tl.store(dst + base + offs, tl.load(x_ptr + base + offs, mask=m), mask=m)
+
+
+@triton.jit
+def _sum_part(stage, half, base, res_ptr, row_ok, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
+              GROUP: tl.constexpr, N_GROUPS: tl.constexpr, W: tl.constexpr, HAS_RES: tl.constexpr):
+    offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
+    mask = mask & row_ok
+    gmask = gmask & row_ok
+    s = tl.zeros((NGP, GS), dtype=tl.float32)
+    for p in tl.static_range(W):
+        s += tl.load(stage[p] + half + base + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    if HAS_RES:
+        s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    return s, offs, mask, g, gmask
+
+
+@triton.jit
+def _publish_part(s, inv, row, j, offs, mask, g, gmask, w_ptr, weight_offset,
+                  res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
+                  o_res, o_normed, o_q, o_scale, ohalf, shalf,
+                  HIDDEN: tl.constexpr, N_GROUPS: tl.constexpr, RANK: tl.constexpr,
+                  QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr):
+    """One part of an owned row's outputs, locally and into this rank's output slot j."""
+    out_dtype: tl.constexpr = res_out_ptr.dtype.element_ty
+    base = tl.cast(row, tl.int64) * HIDDEN
+    slot = tl.cast(j, tl.int64) * HIDDEN
+    r = s.to(out_dtype)
+    tl.store(res_out_ptr + base + offs, r, mask=mask)
+    tl.store(o_res[RANK] + ohalf + slot + offs, r, mask=mask)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    normed = norm_part(s, inv, w, weight_offset, out_dtype)
+    if EMIT:
+        tl.store(normed_ptr + base + offs, normed, mask=mask)
+        tl.store(o_normed[RANK] + ohalf + slot + offs, normed, mask=mask)
+    if QUANT:
+        q, scale = group_quant(normed, FP8_MAX)
+        q8 = q.to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + base + offs, q8, mask=mask)
+        tl.store(o_q[RANK] + ohalf + slot + offs, q8, mask=mask)
+        tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g * scale_sg, scale, mask=gmask)
+        tl.store(o_scale[RANK] + shalf + tl.cast(j, tl.int64) * N_GROUPS + g, scale, mask=gmask)
+
+
+@triton.jit
+def _gather_part(p_res, p_normed, p_q, p_scale, ohalf, shalf, row, j, row_ok,
+                 res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
+                 G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+                 HIDDEN: tl.constexpr, N_GROUPS: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr):
+    """Copy one part of a peer's slot j (its row ``row``) into the local outputs."""
+    offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
+    m = mask & row_ok
+    base = tl.cast(row, tl.int64) * HIDDEN
+    slot = tl.cast(j, tl.int64) * HIDDEN
+    tl.store(res_out_ptr + base + offs, tl.load(p_res + ohalf + slot + offs, mask=m, cache_modifier=".cg"), mask=m)
+    if EMIT:
+        tl.store(normed_ptr + base + offs, tl.load(p_normed + ohalf + slot + offs, mask=m, cache_modifier=".cg"),
+                 mask=m)
+    if QUANT:
+        tl.store(q_ptr + base + offs, tl.load(p_q + ohalf + slot + offs, mask=m, cache_modifier=".cg"), mask=m)
+        sm = gmask & row_ok
+        sc = tl.load(p_scale + shalf + tl.cast(j, tl.int64) * N_GROUPS + g, mask=sm, cache_modifier=".cg")
+        tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g * scale_sg, sc, mask=sm)
+
+
 @triton.jit(do_not_specialize=["n_rows", "chunk", "scale_st", "scale_sg"])
 def _twoshot_kernel(
     x_ptr, res_ptr, w_ptr, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
     stage, flags, ctl_ptr, o_q, o_res, o_normed, o_scale,
-    n_rows, chunk, hidden, n_groups, stage_cap, out_cap, scale_cap, eps, weight_offset,
+    n_rows, chunk, stage_cap, out_cap, scale_cap, eps, weight_offset,
     scale_st, scale_sg,
-    W: tl.constexpr, RANK: tl.constexpr, NG_P2: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+    W: tl.constexpr, RANK: tl.constexpr, HIDDEN: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
     HAS_RES: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr,
     PHASE: tl.constexpr,
 ):
+    N_GROUPS: tl.constexpr = HIDDEN // GROUP
+    O1: tl.constexpr = P0
+    O2: tl.constexpr = P0 + P1
+    O3: tl.constexpr = P0 + P1 + P2
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    offs, mask = tile_offsets(n_groups, NG_P2, GS, GROUP)
-    g = tl.arange(0, NG_P2)
-    gmask = g < n_groups
     calls, parity = call_parity(ctl_ptr)
     half = parity.to(tl.int64) * stage_cap
     ohalf = parity.to(tl.int64) * out_cap
@@ -60,61 +134,79 @@ def _twoshot_kernel(
         for j in range(pid, chunk, nprog):
             for c in tl.static_range(W):
                 row = c * chunk + j
-                base = tl.cast(row, tl.int64) * hidden
-                m = mask & (row < n_rows)
-                tl.store(stage[RANK] + half + base + offs, tl.load(x_ptr + base + offs, mask=m), mask=m)
+                base = tl.cast(row, tl.int64) * HIDDEN
+                dst = stage[RANK] + half
+                row_ok = row < n_rows
+                _copy_in_part(x_ptr, dst, base, row_ok, 0, P0, GS, GROUP, N_GROUPS)
+                if P1 > 0:
+                    _copy_in_part(x_ptr, dst, base, row_ok, O1, P1, GS, GROUP, N_GROUPS)
+                if P2 > 0:
+                    _copy_in_part(x_ptr, dst, base, row_ok, O2, P2, GS, GROUP, N_GROUPS)
+                if P3 > 0:
+                    _copy_in_part(x_ptr, dst, base, row_ok, O3, P3, GS, GROUP, N_GROUPS)
     if PHASE == 0:
         epoch = next_epoch(ctl_ptr, pid)
         block_barrier(flags, ctl_ptr, pid, epoch, W, RANK)
     if PHASE == 0 or PHASE == 2:
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         for j in range(pid, chunk, nprog):
             row = RANK * chunk + j
-            base = tl.cast(row, tl.int64) * hidden
-            m = mask & (row < n_rows)
-            acc = tl.zeros((NG_P2, GS), dtype=tl.float32)
-            for p in tl.static_range(W):
-                acc += tl.load(stage[p] + half + base + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-            if HAS_RES:
-                res = tl.load(res_ptr + base + offs, mask=m, other=0.0)
-            else:
-                res = acc
-            r, normed = add_rmsnorm(acc, res, w, eps, hidden, weight_offset, res_out_ptr.dtype.element_ty,
-                                    HAS_RES)
-            slot = tl.cast(j, tl.int64) * hidden
-            tl.store(res_out_ptr + base + offs, r, mask=m)
-            tl.store(o_res[RANK] + ohalf + slot + offs, r, mask=m)
-            if EMIT:
-                tl.store(normed_ptr + base + offs, normed, mask=m)
-                tl.store(o_normed[RANK] + ohalf + slot + offs, normed, mask=m)
-            if QUANT:
-                q, scale = group_quant(normed, FP8_MAX)
-                q8 = q.to(q_ptr.dtype.element_ty)
-                tl.store(q_ptr + base + offs, q8, mask=m)
-                tl.store(o_q[RANK] + ohalf + slot + offs, q8, mask=m)
-                sm = gmask & (row < n_rows)
-                tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g * scale_sg, scale, mask=sm)
-                tl.store(o_scale[RANK] + shalf + tl.cast(j, tl.int64) * n_groups + g, scale, mask=sm)
+            base = tl.cast(row, tl.int64) * HIDDEN
+            row_ok = row < n_rows
+            s0, o0, m0, g0, gm0 = _sum_part(stage, half, base, res_ptr, row_ok, 0, P0, GS, GROUP, N_GROUPS, W,
+                                            HAS_RES)
+            ss = sum_sq(s0)
+            if P1 > 0:
+                s1, o1, m1, g1, gm1 = _sum_part(stage, half, base, res_ptr, row_ok, O1, P1, GS, GROUP, N_GROUPS,
+                                                W, HAS_RES)
+                ss += sum_sq(s1)
+            if P2 > 0:
+                s2, o2, m2, g2, gm2 = _sum_part(stage, half, base, res_ptr, row_ok, O2, P2, GS, GROUP, N_GROUPS,
+                                                W, HAS_RES)
+                ss += sum_sq(s2)
+            if P3 > 0:
+                s3, o3, m3, g3, gm3 = _sum_part(stage, half, base, res_ptr, row_ok, O3, P3, GS, GROUP, N_GROUPS,
+                                                W, HAS_RES)
+                ss += sum_sq(s3)
+            inv = inv_rms(ss, HIDDEN, eps)
+            _publish_part(s0, inv, row, j, o0, m0, g0, gm0, w_ptr, weight_offset, res_out_ptr, normed_ptr, q_ptr,
+                          scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
+                          HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
+            if P1 > 0:
+                _publish_part(s1, inv, row, j, o1, m1, g1, gm1, w_ptr, weight_offset, res_out_ptr, normed_ptr,
+                              q_ptr, scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
+                              HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
+            if P2 > 0:
+                _publish_part(s2, inv, row, j, o2, m2, g2, gm2, w_ptr, weight_offset, res_out_ptr, normed_ptr,
+                              q_ptr, scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
+                              HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
+            if P3 > 0:
+                _publish_part(s3, inv, row, j, o3, m3, g3, gm3, w_ptr, weight_offset, res_out_ptr, normed_ptr,
+                              q_ptr, scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
+                              HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
     if PHASE == 0:
         block_barrier(flags, ctl_ptr, pid, epoch + 1, W, RANK)
         tl.store(ctl_ptr + CTL_EPOCHS + pid, epoch + 1)  # two barriers this call
     if PHASE == 0 or PHASE == 3:
         for j in range(pid, chunk, nprog):
-            slot = tl.cast(j, tl.int64) * hidden
             for p in tl.static_range(W):
                 if p != RANK:
                     row = p * chunk + j
-                    base = tl.cast(row, tl.int64) * hidden
-                    m = mask & (row < n_rows)
-                    tl.store(res_out_ptr + base + offs, tl.load(o_res[p] + ohalf + slot + offs, mask=m, cache_modifier=".cg"), mask=m)
-                    if EMIT:
-                        tl.store(normed_ptr + base + offs,
-                                 tl.load(o_normed[p] + ohalf + slot + offs, mask=m, cache_modifier=".cg"), mask=m)
-                    if QUANT:
-                        tl.store(q_ptr + base + offs, tl.load(o_q[p] + ohalf + slot + offs, mask=m, cache_modifier=".cg"), mask=m)
-                        sm = gmask & (row < n_rows)
-                        sc = tl.load(o_scale[p] + shalf + tl.cast(j, tl.int64) * n_groups + g, mask=sm, cache_modifier=".cg")
-                        tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g * scale_sg, sc, mask=sm)
+                    row_ok = row < n_rows
+                    _gather_part(o_res[p], o_normed[p], o_q[p], o_scale[p], ohalf, shalf, row, j, row_ok,
+                                 res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
+                                 0, P0, GS, GROUP, HIDDEN, N_GROUPS, QUANT, EMIT)
+                    if P1 > 0:
+                        _gather_part(o_res[p], o_normed[p], o_q[p], o_scale[p], ohalf, shalf, row, j, row_ok,
+                                     res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
+                                     O1, P1, GS, GROUP, HIDDEN, N_GROUPS, QUANT, EMIT)
+                    if P2 > 0:
+                        _gather_part(o_res[p], o_normed[p], o_q[p], o_scale[p], ohalf, shalf, row, j, row_ok,
+                                     res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
+                                     O2, P2, GS, GROUP, HIDDEN, N_GROUPS, QUANT, EMIT)
+                    if P3 > 0:
+                        _gather_part(o_res[p], o_normed[p], o_q[p], o_scale[p], ohalf, shalf, row, j, row_ok,
+                                     res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
+                                     O3, P3, GS, GROUP, HIDDEN, N_GROUPS, QUANT, EMIT)
         finish_call(ctl_ptr, calls)
 
 
@@ -167,9 +259,9 @@ def twoshot_ar_norm_quant(
     _twoshot_kernel[(peers.grid(chunk),)](
         x, residual, weight, res_out, normed, q, scale,
         peers.stage, peers.flags, peers.ctl, peers.out_q, peers.out_res, peers.out_normed, peers.out_scale,
-        tokens, chunk, hidden, tile.n_groups, peers.stage_cap, peers.out_cap, peers.scale_cap,
+        tokens, chunk, peers.stage_cap, peers.out_cap, peers.scale_cap,
         float(eps), float(weight_offset), st, sg,
-        W=peers.world_size, RANK=peers.rank, NG_P2=tile.ng_p2, GS=tile.gs, GROUP=tile.group,
+        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **tile.constexprs(),
         HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
         FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0, PHASE=phase,
         num_warps=tile.num_warps,

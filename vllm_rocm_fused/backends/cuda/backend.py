@@ -317,7 +317,8 @@ def dispatch_summary() -> dict[str, str]:
         quant_in = dispatch.PULL_QUANT_MIN_BYTES[w]
         text = f"LL one-shot <= {_size(ll)}, one-shot <= {_size(one)}"
         if quant_in < one:
-            text += f" (quant in the kernel from {_size(quant_in)} for unpadded rows, else its own kernel)"
+            hiddens = "/".join(map(str, dispatch.PULL_QUANT_HIDDEN))
+            text += f" (quant in the kernel from {_size(quant_in)} at hidden {hiddens}, else its own kernel)"
         if two > one:
             text += f", two-shot <= {_size(two)}"
         text += ", NCCL + fused norm/quant above"

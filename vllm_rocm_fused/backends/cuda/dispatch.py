@@ -47,17 +47,21 @@ LL_MAX_BYTES: dict[int, int] = {2: 1 << 20, 3: 512 << 10, 4: 256 << 10, 5: 256 <
 ONESHOT_MAX_BYTES: dict[int, int] = {2: 80 << 20, 3: 4 << 20, 4: 2 << 20, 5: 1 << 20, 6: 1 << 20,
                                      7: 512 << 10, 8: 512 << 10}
 # The pull one-shot kernel also quantizes (fused-1) for inputs of at least this many bytes
-# when the row's quant tile has no padding (hidden / group a power of two: 2048, 4096);
-# otherwise the group-quant kernel follows it (fused-2). The fused kernels give each
-# program (at most one per SM, so that all are co-resident for the barrier) one row at a
-# time, and the quant lengthens that serial per-row tail. Measured at TP=2 (16 warps for a
-# 4096-element tile, launch.RowTile.quant_num_warps): hidden 4096 in-kernel quant loses
-# at 2 MiB (256 tokens: 22.5 against 16.7 us) and wins from 4 MiB (512 tokens: 24.4
-# against 25.3; 8192 tokens: 253.3 against 283.1); hidden 2048 draws level from 1 MiB
-# (12.8 / 13.0) and wins from 2 MiB. Hidden 5120 (40 groups padded to a 64-group tile)
-# loses at every size (8192 tokens: 585 against 397). Below the LL limit the LL kernel takes the call anyway. The reason is not world-size
+# at the hidden sizes where that was measured to win (PULL_QUANT_HIDDEN); otherwise the
+# group-quant kernel follows it (fused-2). The fused kernels give each program (at most one
+# per SM, so that all are co-resident for the barrier) one row at a time, and the quant
+# lengthens that serial per-row tail. Measured at TP=2 (16 warps for a 4096-element row,
+# launch.RowTile.quant_num_warps): hidden 4096 in-kernel quant loses at 2 MiB (256 tokens:
+# 22.5 against 16.7 us) and wins from 4 MiB (512 tokens: 24.4 against 25.3; 8192 tokens:
+# 253.3 against 283.1); hidden 2048 draws level from 1 MiB (12.8 / 13.0) and wins from 2 MiB.
+# Below the LL limit the LL kernel takes the call anyway. The reason is not world-size
 # specific, so TP 3-8 use the same rule (unmeasured).
 PULL_QUANT_MIN_BYTES: dict[int, int] = {w: 4 << 20 for w in WORLD_SIZES}
+# Hidden 5120 lost at every size in that run (8192 tokens: 585 against 397 us), when its 40
+# groups were padded to a 64-group register tile. The kernels no longer pad (row_math.py:
+# 32 + 8 groups), but no TP>=2 run has measured the in-kernel quant at hidden sizes other
+# than these two since, so elsewhere the quant keeps its own kernel.
+PULL_QUANT_HIDDEN: tuple[int, ...] = (2048, 4096)
 # Two-shot is not dispatched at any world size: at TP=2 it lost to the one-shot at every
 # measured size (it moves ~5 bytes per element against the one-shot's 2 (W - 1) and pays two
 # handshakes); TP 4/8, where it should win for large inputs, are not measured yet. It passes
@@ -98,19 +102,22 @@ class Plan:
     path: str
     fused_quant: bool  # the quant runs inside the same kernel as the norm
     notes: tuple[str, ...] = ()
+    quantize: bool = True  # False: a norm-only site (bf16 out, no quant at all)
 
     def describe(self) -> str:
         what = {
-            LOCAL: "add + RMSNorm" + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
-            ONE_SHOT_LL: "LL one-shot symmetric-memory all-reduce + add + RMSNorm"
-                         + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
-            ONE_SHOT: "one-shot symmetric-memory all-reduce + add + RMSNorm"
-                      + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
-            TWO_SHOT: "two-shot symmetric-memory all-reduce + add + RMSNorm"
-                      + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
-            SPLIT: "NCCL all-reduce, then add + RMSNorm"
-                   + (" + group quant in one kernel" if self.fused_quant else ", then group quant"),
+            LOCAL: "add + RMSNorm",
+            ONE_SHOT_LL: "LL one-shot symmetric-memory all-reduce + add + RMSNorm",
+            ONE_SHOT: "one-shot symmetric-memory all-reduce + add + RMSNorm",
+            TWO_SHOT: "two-shot symmetric-memory all-reduce + add + RMSNorm",
+            SPLIT: "NCCL all-reduce, then add + RMSNorm",
         }[self.algo]
+        if not self.quantize:
+            what += " (bf16 out, no quant)"
+        elif self.fused_quant:
+            what += " + group quant in one kernel"
+        else:
+            what += ", then group quant"
         text = f"{self.path}: {what}"
         if self.notes:
             text += " (" + "; ".join(self.notes) + ")"
@@ -142,7 +149,8 @@ def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, grou
     if quantize and not fused_quant:
         notes.append(f"fused-1 needs the quant in the norm's tile: {quant_tile_reason(hidden, group_size)}")
     if world_size == 1 or symm is None:
-        return Plan(LOCAL, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes))
+        return Plan(LOCAL, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes),
+                    quantize)
 
     nbytes = num_tokens * hidden * elem_bytes
     ll_max = LL_MAX_BYTES.get(world_size, 0)
@@ -179,17 +187,16 @@ def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, grou
                      + ("; two-shot is not dispatched (see dispatch.py)" if two_max == 0 and world_size > 2 else ""))
     if algo is None:
         path = "fused-2" if fused_quant or not quantize else "generic"
-        return Plan(SPLIT, path, fused_quant, tuple(notes))
-    return Plan(algo, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes))
+        return Plan(SPLIT, path, fused_quant, tuple(notes), quantize)
+    return Plan(algo, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes), quantize)
 
 
 def _pull_quant_apart_reason(nbytes: int, hidden: int, group_size: int, world_size: int) -> str | None:
     """Why the pull one-shot kernel should leave the quant to the group-quant kernel (None: it
     should not)."""
-    tile = row_tile(hidden, group_size)
-    if tile.n_groups != tile.ng_p2 or tile.gs != tile.group:
-        return (f"{tile.n_groups} groups pad to a {tile.ng_p2}-group tile, which makes the in-kernel quant "
-                f"slower (measured)")
+    if hidden not in PULL_QUANT_HIDDEN or group_size != 128:
+        return (f"the in-kernel quant is measured faster only at hidden "
+                f"{'/'.join(map(str, PULL_QUANT_HIDDEN))} in 128-groups (TP=2)")
     limit = PULL_QUANT_MIN_BYTES.get(world_size, 0)
     if nbytes < limit:
         return f"{nbytes} input bytes < {limit}: faster than in the one-shot kernel at this size (measured)"
