@@ -336,3 +336,26 @@ def test_plain_modules_enum_quant_type_and_kwargs_only(rocm):
     backends.reset_counters()
     run_op(comm, case, quantize=False)
     assert last_path() == "generic"
+
+
+def test_capture_warm_up_gets_aiters_zero_tensors_without_disabling(rocm):
+    """Inside capture() but not on a capturing stream (vLLM's warm-up runs before
+    each capture) the graph-aware methods return zero tensors, not None: the
+    backend passes them on (the warm-up's outputs are discarded, as with vLLM's
+    own custom all-reduce) and disables nothing."""
+    fake = rocm.use("v0_1_20", "gfx950")
+    case = Case()
+    CA = rocm.ca_class()
+    graph_aware_only = type("CustomAllreduce", (fake_base.CustomAllreduceBase,), {
+        "ONE_STAGE_ONE_BLOCK_PER_TOKEN": False,
+        "custom_fused_ar_rms_per_group_quant": CA.custom_fused_ar_rms_per_group_quant,
+        "custom_fused_ar_rms": CA.custom_fused_ar_rms,
+    })
+    ca = graph_aware_only(case.group(), torch.device("cpu"))
+    comm = rocm.vllm_comm(case, ca=ca)
+    with ca.capture():
+        out = run_op(comm, case, emit_bf16=True, scale_layout="col")
+    assert last_path() == "fused-1" and rocm.backend.broken_steps() == {}
+    assert not out.q.float().any() and not out.residual.any() and not out.normed.any()
+    assert out.scale.stride() == (1, case.x.shape[0])
+    assert not fake.calls("CustomAllreduce.custom_fused_ar_rms_per_group_quant")  # no kernel launched
