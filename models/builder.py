@@ -3,11 +3,13 @@
     build_tiny_model("dense-fp8", "/tmp/tiny", seed=0, overrides={"num_hidden_layers": 4})
 
 writes, into ``out_dir``: ``config.json``, ``generation_config.json``,
-``model.safetensors`` (random weights at sane scales, see ``weights.py``; for
-``quantization: fp8`` every Linear weight outside ``modules_to_not_convert`` in
-block FP8, see ``quantize.py``), a BPE tokenizer with a chat template (see
-``tokenizer.py``) and ``tiny_model.json``, the stamp saying what was built (the
-demo rebuilds when it no longer matches). The build happens in a sibling
+``model.safetensors`` (random weights at sane scales, see ``weights.py``, or for a
+``trained-*`` preset the committed weights in ``trained/<name>/`` that ``train.py``
+wrote; for ``quantization: fp8`` every Linear weight outside
+``modules_to_not_convert`` in block FP8, see ``quantize.py``), a BPE tokenizer with a
+chat template (see ``tokenizer.py``; a trained model gets the tokenizer it was trained
+with, ``trained/tokenizer.json``) and ``tiny_model.json``, the stamp saying what was
+built (the demo rebuilds when it no longer matches). The build happens in a sibling
 temporary folder renamed into place, so ``out_dir`` is either the old model or
 the complete new one. Presets and overrides are checked before anything is
 written (``PresetError``).
@@ -104,10 +106,55 @@ def quantized_modules(recipe: Recipe) -> set[str]:
     return {s.module for s in all_specs(recipe) if s.linear and _canonical_module(s.module) not in keep}
 
 
+def trained_files(name: str) -> dict[str, Path]:
+    """The committed files of trained checkpoint ``name``: weights, manifest, tokenizer."""
+    from importlib import resources
+
+    root = Path(str(resources.files(__package__).joinpath("trained")))
+    return {"weights": root / name / "model.safetensors", "manifest": root / name / "manifest.json",
+            "tokenizer": root / "tokenizer.json"}
+
+
+def trained_manifest(name: str) -> dict[str, Any]:
+    """The manifest of trained checkpoint ``name`` (how it was trained, what it scored)."""
+    path = trained_files(name)["manifest"]
+    if not path.is_file():
+        raise PresetError(f"trained checkpoint {name!r} is not in this installation ({path.name} missing)")
+    return json.loads(path.read_text())
+
+
+def load_trained(recipe: Recipe) -> dict[str, Any]:
+    """The trained tensors of ``recipe``, after checking them against the manifest's
+    sha256 and the preset's tensor list (names, shapes, dtypes)."""
+    from safetensors.torch import load_file
+
+    from .weights import all_specs
+
+    files, manifest = trained_files(recipe.trained), trained_manifest(recipe.trained)
+    for key, path in (("model.safetensors", files["weights"]), ("tokenizer.json", files["tokenizer"])):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != manifest["sha256"][key]:
+            raise PresetError(f"{path.name} of trained checkpoint {recipe.trained!r} does not match its "
+                              f"manifest (sha256 {digest[:12]}..., expected {manifest['sha256'][key][:12]}...)")
+    tensors = load_file(str(files["weights"]))
+    specs = all_specs(recipe)
+    names = {s.name for s in specs}
+    if set(tensors) != names:
+        raise PresetError(f"trained checkpoint {recipe.trained!r} does not fit preset {recipe.name!r}: "
+                          f"missing {sorted(names - set(tensors))[:5]}, extra {sorted(set(tensors) - names)[:5]}")
+    for spec in specs:
+        t = tensors[spec.name]
+        if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
+            raise PresetError(f"trained tensor {spec.name}: {tuple(t.shape)} {t.dtype}, preset expects "
+                              f"{spec.shape} {spec.dtype}")
+    return tensors
+
+
 def stamp_for(recipe: Recipe, seed: int) -> dict[str, Any]:
     """What identifies a build: equal stamps mean equal files."""
     corpus = recipe.builder.get("tokenizer_corpus")
     recipe_json = json.dumps({"config": recipe.config, "builder": recipe.builder}, sort_keys=True)
+    trained = trained_manifest(recipe.trained)["sha256"] if recipe.trained else None
     return {
         "builder_version": BUILDER_VERSION,
         "preset": recipe.name,
@@ -115,6 +162,7 @@ def stamp_for(recipe: Recipe, seed: int) -> dict[str, Any]:
         "overrides": recipe.overrides,
         "recipe_sha256": hashlib.sha256(recipe_json.encode()).hexdigest(),
         "tokenizer_corpus_sha256": hashlib.sha256(Path(corpus).read_bytes()).hexdigest() if corpus else None,
+        "trained_sha256": trained,
     }
 
 
@@ -165,8 +213,15 @@ def _write_files(recipe: Recipe, seed: int, tmp: Path, progress: Progress) -> No
     from .weights import all_specs, make_tensor
 
     text = recipe.text
-    progress(f"training a {text['vocab_size']}-entry byte-level BPE tokenizer")
-    tok = train_tokenizer(text["vocab_size"], recipe.builder.get("tokenizer_corpus"))
+    trained = load_trained(recipe) if recipe.trained else None
+    if trained is not None:
+        from tokenizers import Tokenizer
+
+        progress(f"using trained checkpoint {recipe.trained!r} and its tokenizer")
+        tok = Tokenizer.from_file(str(trained_files(recipe.trained)["tokenizer"]))
+    else:
+        progress(f"training a {text['vocab_size']}-entry byte-level BPE tokenizer")
+        tok = train_tokenizer(text["vocab_size"], recipe.builder.get("tokenizer_corpus"))
     save_tokenizer(tok, tmp, model_max_length=text["max_position_embeddings"])
     eos, pad = token_id(tok, EOS_TOKEN), token_id(tok, PAD_TOKEN)
 
@@ -185,11 +240,12 @@ def _write_files(recipe: Recipe, seed: int, tmp: Path, progress: Progress) -> No
 
     specs = all_specs(recipe)
     fp8 = quantized_modules(recipe)
-    progress(f"generating {len(specs)} tensors (seed {seed})"
+    source = f"trained checkpoint {recipe.trained!r}" if trained is not None else f"seed {seed}"
+    progress(f"writing {len(specs)} tensors ({source})"
              + (f", {len(fp8)} linear weights in block FP8" if fp8 else ", bf16"))
     tensors: dict[str, torch.Tensor] = {}
     for spec in specs:
-        value = make_tensor(spec, seed)
+        value = trained[spec.name] if trained is not None else make_tensor(spec, seed)
         if spec.module in fp8:
             q, scale_inv = quantize_block_fp8(value)
             tensors[spec.name] = q

@@ -1,7 +1,9 @@
 """Presets (``presets/<name>.json``), ``--set`` overrides and the checks that run
 before anything is written.
 
-A preset is ``{"description", "builder": {...}, "config": {...}}`` where
+A preset is ``{"description", "builder": {...}, "config": {...}}`` (or
+``{"extends": "<preset>", "description", "builder": {...}}``: the named preset with
+these builder options changed) where
 ``config`` is a ``config.json`` of the real Qwen3.5 family minus what the builder
 derives (``layer_types`` from ``full_attention_interval``, the token ids, the
 vision tower's ``out_hidden_size``, ``quantization_config``). For the VL layout
@@ -13,6 +15,8 @@ Builder options:
   tp_sizes          tensor-parallel sizes every partition is checked for (x128)
   tokenizer_corpus  a UTF-8 text file to learn the BPE merges from (default: built-in text)
   serve_args        extra ``vllm serve`` arguments this layout needs (e.g. --language-model-only)
+  weights           "random" (seeded random values, ``weights.py``) or the name of a trained
+                    checkpoint shipped in ``trained/`` (its config keys cannot be overridden)
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from importlib import resources
 from typing import Any
 
 PARTITION = 128  # every TP partition of every projection is a multiple of this (FP8 blocks)
-BUILDER_KEYS = ("quantization", "tp_sizes", "tokenizer_corpus", "serve_args")
+BUILDER_KEYS = ("quantization", "tp_sizes", "tokenizer_corpus", "serve_args", "weights")
 QUANTIZATIONS = ("fp8", "none")
 LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -60,6 +64,12 @@ class Recipe:
     def quantization(self) -> str:
         return self.builder["quantization"]
 
+    @property
+    def trained(self) -> str | None:
+        """The trained checkpoint this recipe ships (``trained/<name>``), or None (random)."""
+        weights = self.builder.get("weights", "random")
+        return None if weights == "random" else weights
+
     def layer_types(self) -> list[str]:
         return list(self.text["layer_types"])
 
@@ -74,7 +84,14 @@ def load_preset(name: str) -> dict[str, Any]:
     if name not in names:
         raise PresetError(f"unknown preset {name!r}; presets: {', '.join(names)}")
     text = resources.files(__package__).joinpath("presets", f"{name}.json").read_text()
-    return json.loads(text)
+    preset = json.loads(text)
+    base_name = preset.pop("extends", None)
+    if base_name is not None:
+        base = load_preset(base_name)
+        base["builder"] = {**base.get("builder", {}), **preset.get("builder", {})}
+        base["description"] = preset.get("description", base.get("description", ""))
+        preset = base
+    return preset
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -106,7 +123,8 @@ def resolve(preset_name: str, overrides: dict[str, Any] | None = None) -> Recipe
     """Load a preset, apply overrides, derive ``layer_types`` and check everything."""
     preset = load_preset(preset_name)
     config = copy.deepcopy(preset["config"])
-    builder = {"quantization": "none", "tp_sizes": [1, 2], "tokenizer_corpus": None, "serve_args": []}
+    builder = {"quantization": "none", "tp_sizes": [1, 2], "tokenizer_corpus": None, "serve_args": [],
+               "weights": "random"}
     builder.update(copy.deepcopy(preset.get("builder", {})))
     overrides = dict(overrides or {})
     known = _known_keys(preset)
@@ -115,6 +133,9 @@ def resolve(preset_name: str, overrides: dict[str, Any] | None = None) -> Recipe
     for key, value in overrides.items():
         if key not in known:
             raise PresetError(f"unknown key {key!r} for preset {preset_name!r}; known keys: {', '.join(known)}")
+        if builder.get("weights", "random") != "random" and key not in ("quantization", "tp_sizes", "serve_args"):
+            raise PresetError(f"preset {preset_name!r} ships trained weights: {key!r} cannot be changed "
+                              "(only quantization, tp_sizes and serve_args can)")
         if key in BUILDER_KEYS:
             builder[key] = value
         elif key.startswith("vision_config."):
@@ -169,6 +190,9 @@ def check(recipe: Recipe) -> list[str]:
     corpus = b.get("tokenizer_corpus")
     if corpus is not None and (not isinstance(corpus, str) or not os.path.isfile(corpus)):
         problems.append(f"tokenizer_corpus must be an existing text file, got {corpus!r} (file not found)")
+    weights = b.get("weights", "random")
+    if not isinstance(weights, str) or not weights or "/" in weights or weights.startswith("."):
+        problems.append(f"weights must be 'random' or the name of a trained checkpoint, got {weights!r}")
     if not isinstance(b.get("serve_args"), list):
         problems.append(f"serve_args must be a list of strings, got {b.get('serve_args')!r}")
 

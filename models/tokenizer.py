@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # Qwen's special tokens (same spellings); ids are assigned in this order from 0.
@@ -130,10 +130,12 @@ def generate_corpus(num_lines: int = 20000, seed: int = 0) -> Iterator[str]:
 
 # --- training and files ---------------------------------------------------------------
 
-def train_tokenizer(vocab_size: int, corpus_file: str | Path | None = None):
+def train_tokenizer(vocab_size: int, corpus_file: str | Path | None = None, *,
+                    lines: Iterable[str] | None = None):
     """Train a byte-level BPE tokenizer with exactly ``vocab_size`` entries.
 
-    corpus_file: UTF-8 text to learn merges from; default: :func:`generate_corpus`.
+    corpus_file: UTF-8 text to learn merges from; or ``lines``, the text as an
+    iterable of strings (the trained models' task text); default: :func:`generate_corpus`.
     Returns a ``tokenizers.Tokenizer``.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -158,7 +160,11 @@ def train_tokenizer(vocab_size: int, corpus_file: str | Path | None = None):
         min_frequency=2,
         show_progress=False,
     )
-    if corpus_file is not None:
+    if corpus_file is not None and lines is not None:
+        raise ValueError("give corpus_file or lines, not both")
+    if lines is not None:
+        tok.train_from_iterator(lines, trainer)
+    elif corpus_file is not None:
         path = Path(corpus_file)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer corpus file not found: {path}")

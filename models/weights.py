@@ -101,58 +101,85 @@ def language_model_specs(recipe: Recipe) -> list[TensorSpec]:
         _norm("norm.weight", f"{lm}norm.weight", h),
         _lin("lm_head.weight", "lm_head.weight", v, h, std=LOGIT_STD / h ** 0.5),
     ]
+    for i, layer_type in enumerate(recipe.layer_types()):
+        specs += _decoder_layer_specs(recipe, f"layers.{i}.", f"{lm}layers.{i}.", layer_type)
+    specs += mtp_specs(recipe)
+    return specs
+
+
+def _decoder_layer_specs(recipe: Recipe, k: str, n: str, layer_type: str) -> list[TensorSpec]:
+    """One decoder layer's tensors: key prefix ``k``, checkpoint prefix ``n``."""
+    t = recipe.text
+    h = t["hidden_size"]
     nh, nkv, hd = t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"]
     nk, nv = t["linear_num_key_heads"], t["linear_num_value_heads"]
     dk, dv = t["linear_key_head_dim"], t["linear_value_head_dim"]
     kd, vd, kernel = nk * dk, nv * dv, t["linear_conv_kernel_dim"]
-    for i, layer_type in enumerate(recipe.layer_types()):
-        k, n = f"layers.{i}.", f"{lm}layers.{i}."
-        specs += [_norm(k + "input_layernorm.weight", n + "input_layernorm.weight", h),
-                  _norm(k + "post_attention_layernorm.weight", n + "post_attention_layernorm.weight", h)]
-        if layer_type == "linear_attention":
-            a, an = k + "linear_attn.", n + "linear_attn."
-            specs += [
-                _lin(a + "in_proj_qkv.weight", an + "in_proj_qkv.weight", 2 * kd + vd, h),
-                _lin(a + "in_proj_z.weight", an + "in_proj_z.weight", vd, h),
-                _lin(a + "in_proj_b.weight", an + "in_proj_b.weight", nv, h),
-                _lin(a + "in_proj_a.weight", an + "in_proj_a.weight", nv, h),
-                TensorSpec(a + "conv1d.weight", an + "conv1d.weight", (2 * kd + vd, 1, kernel), "normal",
-                           kernel ** -0.5),
-                TensorSpec(a + "dt_bias", an + "dt_bias", (nv,), "dt_bias"),
-                TensorSpec(a + "A_log", an + "A_log", (nv,), "A_log", dtype=torch.float32),
-                _norm(a + "norm.weight", an + "norm.weight", dv, gemma=False),
-                _lin(a + "out_proj.weight", an + "out_proj.weight", h, vd, residual_out=True),
-            ]
-        else:
-            a, an = k + "self_attn.", n + "self_attn."
-            specs += [
-                # query and output gate interleaved per head: [head0 q | head0 gate | head1 q | ...]
-                _lin(a + "q_proj.weight", an + "q_proj.weight", 2 * nh * hd, h),
-                _lin(a + "k_proj.weight", an + "k_proj.weight", nkv * hd, h),
-                _lin(a + "v_proj.weight", an + "v_proj.weight", nkv * hd, h),
-                _lin(a + "o_proj.weight", an + "o_proj.weight", h, nh * hd, residual_out=True),
-                _norm(a + "q_norm.weight", an + "q_norm.weight", hd),
-                _norm(a + "k_norm.weight", an + "k_norm.weight", hd),
-            ]
-        m, mn = k + "mlp.", n + "mlp."
-        if recipe.is_moe:
-            ie, ish = t["moe_intermediate_size"], t["shared_expert_intermediate_size"]
-            specs.append(_lin(m + "gate.weight", mn + "gate.weight", t["num_experts"], h))
-            for e in range(t["num_experts"]):
-                x, xn = f"{m}experts.{e}.", f"{mn}experts.{e}."
-                specs += [_lin(x + "gate_proj.weight", xn + "gate_proj.weight", ie, h),
-                          _lin(x + "up_proj.weight", xn + "up_proj.weight", ie, h),
-                          _lin(x + "down_proj.weight", xn + "down_proj.weight", h, ie, residual_out=True)]
-            s, sn = m + "shared_expert.", mn + "shared_expert."
-            specs += [_lin(s + "gate_proj.weight", sn + "gate_proj.weight", ish, h),
-                      _lin(s + "up_proj.weight", sn + "up_proj.weight", ish, h),
-                      _lin(s + "down_proj.weight", sn + "down_proj.weight", h, ish, residual_out=True),
-                      _lin(m + "shared_expert_gate.weight", mn + "shared_expert_gate.weight", 1, h)]
-        else:
-            inter = t["intermediate_size"]
-            specs += [_lin(m + "gate_proj.weight", mn + "gate_proj.weight", inter, h),
-                      _lin(m + "up_proj.weight", mn + "up_proj.weight", inter, h),
-                      _lin(m + "down_proj.weight", mn + "down_proj.weight", h, inter, residual_out=True)]
+    specs = [_norm(k + "input_layernorm.weight", n + "input_layernorm.weight", h),
+             _norm(k + "post_attention_layernorm.weight", n + "post_attention_layernorm.weight", h)]
+    if layer_type == "linear_attention":
+        a, an = k + "linear_attn.", n + "linear_attn."
+        specs += [
+            _lin(a + "in_proj_qkv.weight", an + "in_proj_qkv.weight", 2 * kd + vd, h),
+            _lin(a + "in_proj_z.weight", an + "in_proj_z.weight", vd, h),
+            _lin(a + "in_proj_b.weight", an + "in_proj_b.weight", nv, h),
+            _lin(a + "in_proj_a.weight", an + "in_proj_a.weight", nv, h),
+            TensorSpec(a + "conv1d.weight", an + "conv1d.weight", (2 * kd + vd, 1, kernel), "normal",
+                       kernel ** -0.5),
+            TensorSpec(a + "dt_bias", an + "dt_bias", (nv,), "dt_bias"),
+            TensorSpec(a + "A_log", an + "A_log", (nv,), "A_log", dtype=torch.float32),
+            _norm(a + "norm.weight", an + "norm.weight", dv, gemma=False),
+            _lin(a + "out_proj.weight", an + "out_proj.weight", h, vd, residual_out=True),
+        ]
+    else:
+        a, an = k + "self_attn.", n + "self_attn."
+        specs += [
+            # query and output gate interleaved per head: [head0 q | head0 gate | head1 q | ...]
+            _lin(a + "q_proj.weight", an + "q_proj.weight", 2 * nh * hd, h),
+            _lin(a + "k_proj.weight", an + "k_proj.weight", nkv * hd, h),
+            _lin(a + "v_proj.weight", an + "v_proj.weight", nkv * hd, h),
+            _lin(a + "o_proj.weight", an + "o_proj.weight", h, nh * hd, residual_out=True),
+            _norm(a + "q_norm.weight", an + "q_norm.weight", hd),
+            _norm(a + "k_norm.weight", an + "k_norm.weight", hd),
+        ]
+    m, mn = k + "mlp.", n + "mlp."
+    if recipe.is_moe:
+        ie, ish = t["moe_intermediate_size"], t["shared_expert_intermediate_size"]
+        specs.append(_lin(m + "gate.weight", mn + "gate.weight", t["num_experts"], h))
+        for e in range(t["num_experts"]):
+            x, xn = f"{m}experts.{e}.", f"{mn}experts.{e}."
+            specs += [_lin(x + "gate_proj.weight", xn + "gate_proj.weight", ie, h),
+                      _lin(x + "up_proj.weight", xn + "up_proj.weight", ie, h),
+                      _lin(x + "down_proj.weight", xn + "down_proj.weight", h, ie, residual_out=True)]
+        s, sn = m + "shared_expert.", mn + "shared_expert."
+        specs += [_lin(s + "gate_proj.weight", sn + "gate_proj.weight", ish, h),
+                  _lin(s + "up_proj.weight", sn + "up_proj.weight", ish, h),
+                  _lin(s + "down_proj.weight", sn + "down_proj.weight", h, ish, residual_out=True),
+                  _lin(m + "shared_expert_gate.weight", mn + "shared_expert_gate.weight", 1, h)]
+    else:
+        inter = t["intermediate_size"]
+        specs += [_lin(m + "gate_proj.weight", mn + "gate_proj.weight", inter, h),
+                  _lin(m + "up_proj.weight", mn + "up_proj.weight", inter, h),
+                  _lin(m + "down_proj.weight", mn + "down_proj.weight", h, inter, residual_out=True)]
+    return specs
+
+
+def mtp_specs(recipe: Recipe) -> list[TensorSpec]:
+    """The multi-token-prediction block of the releases (``mtp_num_hidden_layers`` > 0):
+    ``mtp.fc`` (2 * hidden -> hidden, over [normed embedding of the next token | normed
+    hidden state]), its two pre-fc norms, full-attention decoder layers ``mtp.layers.N``
+    (MoE when the model is) and ``mtp.norm``. It shares the model's embedding and lm_head."""
+    t = recipe.text
+    layers = int(t.get("mtp_num_hidden_layers", 0) or 0)
+    if not layers:
+        return []
+    h = t["hidden_size"]
+    specs = [_lin("mtp.fc.weight", "mtp.fc.weight", h, 2 * h),
+             _norm("mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_embedding.weight", h),
+             _norm("mtp.pre_fc_norm_hidden.weight", "mtp.pre_fc_norm_hidden.weight", h),
+             _norm("mtp.norm.weight", "mtp.norm.weight", h)]
+    for i in range(layers):
+        specs += _decoder_layer_specs(recipe, f"mtp.layers.{i}.", f"mtp.layers.{i}.", "full_attention")
     return specs
 
 
