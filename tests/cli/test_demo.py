@@ -15,7 +15,7 @@ from support.processes import new_marker, processes_with
 from vllm_rocm_fused.cli import demo
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["--set", "num_hidden_layers=4", "--max-tokens", "8", "--requests", "2"]
+FAST = ["--requests", "2"]   # the default, trained model: one chat and one 5-shot completion
 
 
 def test_plugin_report_shows_each_message_once():
@@ -58,6 +58,25 @@ def _run_demo(args, tmp_path, marker, timeout=900):
                            *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def test_demo_questions_are_unseen_test_questions_with_their_answers():
+    from vllm_rocm_fused.tiny_models import tiny_gsm8k
+
+    train, test = tiny_gsm8k.split()
+    questions = demo.demo_questions(4)
+    assert [q.kind for q in questions] == ["chat", "completion", "chat", "completion"]
+    for q, item in zip(questions, test):
+        assert q.question == item["question"] and q.expected == tiny_gsm8k.final_answer(item["answer"])
+    completion = questions[1].prompt
+    assert completion.endswith(f"Question: {test[1]['question']}\nAnswer:")
+    assert completion.count("Question: ") == demo.FEWSHOT + 1
+
+
+def test_reply_answer_reads_lm_evals_strict_match():
+    assert demo.reply_answer(" Tom has 3+4 = <<3+4=7>>7.\n#### 7\n\n") == 7
+    assert demo.reply_answer("#### 1,234") == 1234
+    assert demo.reply_answer("the answer is 7") is None
+
+
 def test_bad_preset_is_an_error_before_serving(tmp_path):
     marker = new_marker()
     res = _run_demo(["--preset", "dense-fp4"], tmp_path, marker, timeout=120)
@@ -71,16 +90,18 @@ def test_demo_end_to_end(tmp_path):
     res = _run_demo(FAST, tmp_path, marker)
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
-    assert "building tiny model 'dense-fp8'" in out and "server healthy" in out
+    assert "building tiny model 'trained-dense-fp8'" in out and "server healthy" in out
     assert out.count("\n[chat] ") == 1 and out.count("\n[completion] ") == 1
-    assert out.count("(8 tokens, finish: length") == 2
+    # the trained model answers both unseen questions right, each reply ending its answer
+    assert out.count(": right (") == 2 and "2/2 answers right" in out
+    assert "finish: stop" in out
     assert "server stopped (exit code 0)" in out
     report = out.split("plugin report", 1)[1]
     assert "vllm-rocm-fused: registered" in report
     assert "TP=2" in report          # the per-rank fused-sites report of both workers
     assert processes_with(marker) == []
     # the cached model is reused the second time (and served again: a short run)
-    assert demo.model_folder(tmp_path, "dense-fp8", 0, {"num_hidden_layers": 4}).is_dir()
+    assert demo.model_folder(tmp_path, "trained-dense-fp8", 0, {}).is_dir()
 
 
 @pytest.mark.slow

@@ -9,8 +9,12 @@ on this machine and show what happens.
    log's tail and a non-zero exit), and print the plugin's lines from the
    server log: what it registered and which path each fused site took.
 
-The replies are gibberish: the weights are random. What the demo shows is the
-serving path (real checkpoint, real loader, TP=2, the plugin in every process).
+The default model (``trained-dense-fp8``) was trained on tiny-gsm8k, so the demo asks
+it questions of that task it has never seen (the test split), as a chat and as
+lm-eval's 5-shot GSM8K prompt, and prints each reply next to the expected answer: a
+right answer is the proof that the fused path computes what the model needs. Exit
+status 1 if a trained model answers one wrong. A random-weight preset
+(``--preset dense-fp8``, ...) shows the serving path only: its replies are gibberish.
 """
 
 from __future__ import annotations
@@ -22,29 +26,64 @@ import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 PLUGIN_TAG = "vllm-rocm-fused:"
+DEFAULT_PRESET = "trained-dense-fp8"
+FEWSHOT = 5  # shots in a completion prompt, as lm-eval's gsm8k task sends
 
-CHAT_PROMPTS = (
-    "What is the capital of France?",
-    "Write one sentence about a quiet river.",
-)
-COMPLETION_PROMPTS = (
-    "Question: Tom has 3 apples and buys 5 more. How many apples does Tom have?\nAnswer:",
-    "def add(a, b):",
-)
+
+@dataclass(frozen=True)
+class Question:
+    """One demo request: a tiny-gsm8k test question, how it is asked, what must come back."""
+
+    kind: str            # "chat" or "completion"
+    question: str
+    prompt: str          # the chat message, or the whole 5-shot completion prompt
+    expected: int        # the number after "####"
+
+
+def demo_questions(count: int) -> list[Question]:
+    """``count`` test questions of tiny-gsm8k (data seed 0, which the trained models
+    never trained on), alternating chat and 5-shot completion."""
+    from ..tiny_models import tiny_gsm8k
+
+    train, test = tiny_gsm8k.split(tiny_gsm8k.DEFAULT_SEED)
+    out = []
+    for i in range(count):
+        item = test[i % len(test)]
+        expected = tiny_gsm8k.final_answer(item["answer"])
+        if i % 2 == 0:
+            out.append(Question("chat", item["question"], item["question"], expected))
+        else:
+            shots = train[FEWSHOT * i:FEWSHOT * (i + 1)]
+            out.append(Question("completion", item["question"],
+                                tiny_gsm8k.fewshot_prompt(item["question"], shots), expected))
+    return out
+
+
+def reply_answer(text: str) -> int | None:
+    """The number after the first ``####`` in a reply (lm-eval's strict-match), or None."""
+    m = re.search(r"#### (-?[0-9.,]+)", text)
+    if m is None:
+        return None
+    try:
+        return int(m.group(1).replace(",", "").rstrip("."))
+    except ValueError:
+        return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="dense-fp8", help="tiny model to serve (default dense-fp8; see "
-                                                         "`vllm-rocm-fused tiny-model --list`)")
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"tiny model to serve (default {DEFAULT_PRESET}, trained; see `vllm-rocm-fused tiny-model "
+                        "--list`)")
     p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset key, as for tiny-model (e.g. num_hidden_layers=4)")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens per reply (default 32)")
+    p.add_argument("--max-tokens", type=int, default=96, help="tokens per reply at most (default 96)")
     p.add_argument("--requests", type=int, default=4,
                    help="how many requests, alternating chat and completion (default 4)")
     p.add_argument("--compile", action="store_true",
@@ -118,30 +157,32 @@ def plugin_report(lines: list[str]) -> list[str]:
 
 # --- requests ----------------------------------------------------------------------------
 
-def _show(kind: str, prompt: str, reply: dict[str, Any], seconds: float) -> None:
+def _show(q: Question, reply: dict[str, Any], seconds: float) -> bool:
+    """Print one exchange; True if the reply's final answer is the expected one."""
     choice = reply["choices"][0]
-    text = choice["message"]["content"] if kind == "chat" else choice["text"]
+    text = choice["message"]["content"] if q.kind == "chat" else choice["text"]
     usage = reply.get("usage") or {}
-    print(f"\n[{kind}] {prompt!r}", flush=True)
-    print(f"  -> {text!r}")
-    print(f"     ({usage.get('completion_tokens', '?')} tokens, finish: {choice.get('finish_reason')}, "
-          f"{seconds:.1f} s)", flush=True)
+    got = reply_answer(text)
+    shots = f" (after {FEWSHOT} solved examples)" if q.kind == "completion" else ""
+    print(f"\n[{q.kind}] {q.question}{shots}", flush=True)
+    print("  -> " + text.strip().replace("\n", "\n     "))
+    verdict = "right" if got == q.expected else "WRONG"
+    print(f"     expected #### {q.expected}: {verdict} ({usage.get('completion_tokens', '?')} tokens, "
+          f"finish: {choice.get('finish_reason')}, {seconds:.1f} s)", flush=True)
+    return got == q.expected
 
 
 def send_requests(server, count: int, max_tokens: int) -> int:
-    sent = 0
-    for i in range(count):
+    """Ask ``count`` questions (greedy); return how many were answered right."""
+    right = 0
+    for q in demo_questions(count):
         t0 = time.monotonic()
-        if i % 2 == 0:
-            prompt = CHAT_PROMPTS[(i // 2) % len(CHAT_PROMPTS)]
-            reply = server.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0)
-            _show("chat", prompt, reply, time.monotonic() - t0)
+        if q.kind == "chat":
+            reply = server.chat([{"role": "user", "content": q.prompt}], max_tokens=max_tokens, temperature=0)
         else:
-            prompt = COMPLETION_PROMPTS[(i // 2) % len(COMPLETION_PROMPTS)]
-            reply = server.completion(prompt, max_tokens=max_tokens, temperature=0)
-            _show("completion", prompt, reply, time.monotonic() - t0)
-        sent += 1
-    return sent
+            reply = server.completion(q.prompt, max_tokens=max_tokens, temperature=0, stop=["Question:"])
+        right += _show(q, reply, time.monotonic() - t0)
+    return right
 
 
 def _raise_on_sigterm() -> None:
@@ -154,12 +195,13 @@ def _raise_on_sigterm() -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import envs
     from ..serving import ServerError, VllmServer
-    from ..tiny_models import PresetError, parse_overrides, serve_args
+    from ..tiny_models import PresetError, parse_overrides, resolve, serve_args
 
     _raise_on_sigterm()
     cache_dir = Path(args.cache_dir or envs.cache_dir()).expanduser()
     try:
         overrides = parse_overrides(args.overrides)
+        trained = resolve(args.preset, overrides).trained is not None
         folder = ensure_model(cache_dir, args.preset, args.seed, overrides, args.rebuild)
     except (PresetError, FileNotFoundError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
@@ -178,10 +220,17 @@ def run(args: argparse.Namespace) -> int:
     exit_code = 0
     try:
         with server:
-            _say(f"server healthy at {server.url} after {time.monotonic() - t0:.0f} s; sending "
-                 f"{args.requests} requests ({args.max_tokens} tokens each, greedy)")
-            send_requests(server, args.requests, args.max_tokens)
+            _say(f"server healthy at {server.url} after {time.monotonic() - t0:.0f} s; asking "
+                 f"{args.requests} tiny-gsm8k test questions (greedy, up to {args.max_tokens} tokens)"
+                 + ("" if trained else "; the weights are random, so expect gibberish"))
+            right = send_requests(server, args.requests, args.max_tokens)
             print(flush=True)
+            _say(f"{right}/{args.requests} answers right"
+                 + ("" if trained else " (random weights: not expected to be right)"))
+            if trained and right < args.requests:
+                print(f"demo: error: the trained model answered {args.requests - right} of {args.requests} "
+                      "questions wrong", file=sys.stderr, flush=True)
+                exit_code = 1
             _say("stopping the server")
     except ServerError as e:
         print(f"demo: error: {e}", file=sys.stderr, flush=True)
