@@ -120,8 +120,8 @@ def test_the_judge_catches_what_the_old_rules_sent():
 
 # a sample sent through run() on meta tensors: every generation, the token
 # boundaries that change the kernel, small and large hidden sizes
-RUN_TOKENS = (1, 64, 80, 81, 200, 4096, 16384)
-RUN_HIDDEN = (256, 512, 4096, 8192, 16384)
+RUN_TOKENS = (1, 80, 81, 200, 16384)
+RUN_HIDDEN = (256, 4096, 8192, 16384)
 
 
 @pytest.mark.parametrize("hip", HIP)
