@@ -10,7 +10,7 @@ being worked steps in GSM8K's style (``48/2 = <<48/2=24>>24``) and a last line
 ``#### N``. Answers are computed while the problem is written, so they are right by
 construction (``check_answer`` recomputes every step from the text).
 
-The templates (see ``TEMPLATES``) take 1 to 3 operations (+, -, *, /) on small whole
+The templates (see ``TEMPLATES``) take 1 to 4 operations (+, -, *, /) on small whole
 numbers: products of factors up to 12, exact divisions, sums under 1000, never a
 negative result, so a model of a few million parameters can learn them.
 

@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--prompts", default=None, help="JSON list of token-id lists (default: 32 built-in)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--stop-token-ids", default=None,
+                    help="JSON list of token ids that end a generation (default: none; EOS ignored)")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--count-collectives", action="store_true")
     ap.add_argument("--skip-tokenizer", action="store_true", help="token-id prompts only (no tokenizer files)")
@@ -106,7 +109,7 @@ def main() -> None:
 
     prompts = json.load(open(args.prompts)) if args.prompts else default_prompts()
     llm = LLM(model=args.model, tensor_parallel_size=args.tp, enforce_eager=args.eager,
-              max_model_len=512, max_num_seqs=32, dtype="bfloat16", seed=0,
+              max_model_len=args.max_model_len, max_num_seqs=32, dtype="bfloat16", seed=0,
               skip_tokenizer_init=args.skip_tokenizer,
               **({"language_model_only": True} if args.language_model_only else {}))
     result: dict = {"tp": args.tp, "eager": args.eager}
@@ -118,8 +121,9 @@ def main() -> None:
         result["one_forward"] = llm.collective_rpc(_read_counters)
         llm.collective_rpc(_install_counters)
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, logprobs=1, ignore_eos=True,
-                            detokenize=False)
+    stop_ids = json.loads(args.stop_token_ids) if args.stop_token_ids else None
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, logprobs=1, ignore_eos=stop_ids is None,
+                            stop_token_ids=stop_ids, detokenize=False)
     if args.batched:
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     else:

@@ -22,9 +22,35 @@ def cpu_env(tp: int) -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(tp), "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
+def is_trained(model: str | Path) -> bool:
+    """True for a checkpoint the builder made from a trained-* preset (it knows tiny-gsm8k)."""
+    stamp = Path(model) / "tiny_model.json"
+    return stamp.is_file() and bool(json.loads(stamp.read_text()).get("trained_sha256"))
+
+
+def task_prompts(model: str | Path, n: int = 32, shots: int = 5) -> tuple[list[list[int]], list[int]]:
+    """``n`` tiny-gsm8k test questions as lm-eval's ``shots``-shot GSM8K prompts, tokenized
+    with the model's tokenizer, and the stop token ids: the ``Question`` token that a
+    trained model writes after its answer (where lm-eval's stop sequence cuts)."""
+    from tokenizers import Tokenizer
+
+    from vllm_rocm_fused.tiny_models import tiny_gsm8k
+
+    tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
+    train, test = tiny_gsm8k.split()
+    prompts = [tiny_gsm8k.fewshot_prompt(test[i]["question"], train[shots * i:shots * (i + 1)]) for i in range(n)]
+    ids = [e.ids for e in tok.encode_batch(prompts, add_special_tokens=False)]
+    return ids, [tok.token_to_id("Question")]
+
+
 def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, str] | None = None,
-          count_collectives: bool = True, skip_tokenizer: bool = False, max_tokens: int = 32,
+          count_collectives: bool = True, skip_tokenizer: bool = False, max_tokens: int | None = None,
           timeout: float = 900) -> dict:
+    """Greedy outputs (32 prompts, one at a time) and the plugin's state from one engine.
+    A trained model gets tiny-gsm8k prompts and stops after each answer (up to 96
+    tokens); others get random token ids and 32 tokens, EOS ignored."""
+    trained = is_trained(model)
+    max_tokens = max_tokens or (96 if trained else 32)
     key = (str(model), tp, eager, tuple(sorted((env or {}).items())), count_collectives, skip_tokenizer, max_tokens)
     if key in _cache:
         return _cache[key]
@@ -32,6 +58,11 @@ def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, 
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "support.engine_probe", "--model", str(model), "--tp", str(tp),
                "--out", str(out), "--max-tokens", str(max_tokens)]
+        if trained:
+            prompts, stop_ids = task_prompts(model)
+            (Path(tmp) / "prompts.json").write_text(json.dumps(prompts))
+            cmd += ["--prompts", str(Path(tmp) / "prompts.json"), "--stop-token-ids", json.dumps(stop_ids),
+                    "--max-model-len", "1024"]
         if eager:
             cmd.append("--eager")
         if count_collectives:
@@ -72,3 +103,18 @@ def agreement(a: dict, b: dict) -> dict:
             max_lp = max(max_lp, abs(la[i] - lb[i]))
     return {"sequences_identical": same, "sequences": len(a["tokens"]), "token_agreement": agree / total,
             "max_logprob_diff": max_lp, "first_divergences": first_div}
+
+
+def task_accuracy(result: dict, model: str | Path) -> float:
+    """Share of a trained model's probe replies whose ``#### N`` is the right answer."""
+    from tokenizers import Tokenizer
+
+    from vllm_rocm_fused.tiny_models import tiny_gsm8k
+
+    tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
+    _, test = tiny_gsm8k.split()
+    right = 0
+    for i, tokens in enumerate(result["tokens"]):
+        text = tok.decode(tokens)
+        right += f"#### {tiny_gsm8k.final_answer(test[i]['answer'])}\n" in text
+    return right / len(result["tokens"])
