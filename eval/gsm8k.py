@@ -141,7 +141,8 @@ def _serve_and_score(cfg: Gsm8kRun, label: str, env: dict[str, str], task, promp
             prompts = [(doc_id, result.prompts[doc_id]) for doc_id in sorted(result.prompts)[:cfg.parity_questions]]
         completions = []
         if prompts and cfg.parity_tokens > 0:
-            progress(f"[{label}] parity: greedy completions of {len(prompts)} prompts, {cfg.parity_tokens} tokens each")
+            progress(f"[{label}] parity: greedy completions of {len(prompts)} prompts, up to the task's stop "
+                     f"strings or {cfg.parity_tokens} tokens")
             completions = greedy_completions(server.url, served, prompts, cfg.parity_tokens)
         progress(f"[{label}] stopping the server")
     plugin = read_plugin_report(log_path)
@@ -160,8 +161,8 @@ def run_gsm8k(cfg: Gsm8kRun, progress: Progress | None = None,
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
     require_lm_eval()
+    task = resolve_task(cfg.data_dir, cfg.out_dir)  # checks the data folder before out_dir is made
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    task = resolve_task(cfg.data_dir, cfg.out_dir)
     say(f"GSM8K fused vs baseline: {cfg.model}, TP={cfg.tp}; task {task.describe()['source']}; out {cfg.out_dir}")
 
     runs = {}

@@ -1,8 +1,9 @@
 """Token-level parity of greedy completions, baseline vs fused.
 
 The same prompts (the first K questions' 5-shot prompts, exactly as lm-eval sent
-them) go to each server one request at a time, greedy, ``ignore_eos`` and no
-stop strings, so both produce ``max_tokens`` tokens unless the context runs out.
+them) go to each server one request at a time, greedy, ``ignore_eos``, with the
+stop strings of lm-eval's gsm8k task (``GSM8K_STOP``), so each completion is what
+lm-eval scores: the answer, at most ``max_tokens`` tokens.
 One request at a time keeps batch composition out of the comparison: what
 differs between the two runs is the model's numerics, not the scheduler.
 
@@ -36,6 +37,10 @@ class GreedyCompletion:
     error: str | None = None
 
 
+# lm-eval's gsm8k task ends a generation at these (its generation_kwargs.until).
+GSM8K_STOP = ("Question:", "</s>", "<|im_end|>")
+
+
 def _token_id(key: str) -> int:
     # With return_tokens_as_token_ids vLLM spells tokens "token_id:<id>".
     return int(key.rsplit(":", 1)[-1])
@@ -64,9 +69,10 @@ def parse_choice(doc_id: int, choice: dict[str, Any]) -> GreedyCompletion:
 
 
 def greedy_completions(base_url: str, served_model: str, prompts: Iterable[tuple[int, str]],
-                       max_tokens: int, *, timeout_s: float = 600,
+                       max_tokens: int, *, timeout_s: float = 600, stop: Iterable[str] = GSM8K_STOP,
                        progress: Callable[[int, int], None] | None = None) -> list[GreedyCompletion]:
-    """Greedy completions of ``prompts`` ((doc_id, prompt) pairs), one request at a time.
+    """Greedy completions of ``prompts`` ((doc_id, prompt) pairs), one request at a time,
+    each ending at a ``stop`` string (not included) or after ``max_tokens`` tokens.
 
     A request the server rejects (e.g. a prompt longer than its context) is kept
     as a completion with ``error`` set and no tokens; a connection failure raises."""
@@ -76,7 +82,7 @@ def greedy_completions(base_url: str, served_model: str, prompts: Iterable[tuple
     for i, (doc_id, prompt) in enumerate(items):
         payload = {
             "model": served_model, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0.0, "seed": 0, "ignore_eos": True,
+            "temperature": 0.0, "seed": 0, "ignore_eos": True, "stop": list(stop),
             "return_token_ids": True, "logprobs": 2, "return_tokens_as_token_ids": True,
         }
         try:

@@ -3,12 +3,13 @@ weights) one after another in this process, and write what each produced.
 
     python tests/support/tiny_llm.py JOBS.json RESULTS.json [REFERENCES.json]
 
-JOBS.json: [{"name", "model", "tp", "language_model_only": bool, "score": NAME | null}, ...]
+JOBS.json: [{"name", "model", "tp", "language_model_only": bool, "score": NAME | null,
+"prompt": TEXT (optional, default PROMPT), "new_tokens": N (optional, default NEW_TOKENS)}, ...]
 RESULTS.json (rewritten after every job): {NAME: {"prompt": [ids], "greedy": [ids],
 "scored": {...} | null, "seconds": float} | {"error": "traceback"}}.
 
-``greedy`` is a greedy continuation of ``PROMPT`` (``NEW_TOKENS`` tokens, EOS
-ignored). With ``"score": OTHER`` the job also scores OTHER's greedy tokens (an
+``greedy`` is a greedy continuation of the job's prompt (``PROMPT`` unless the job
+gives one; ``NEW_TOKENS`` tokens unless it says otherwise; EOS ignored). With ``"score": OTHER`` the job also scores OTHER's greedy tokens (an
 earlier job of this run, or an entry of REFERENCES.json) by teacher forcing:
 ``top1`` is this model's argmax at every position and ``rank`` the rank of
 OTHER's token in this model's distribution (0 = its argmax, RANK_CAP = beyond).
@@ -43,12 +44,13 @@ def _run_job(job: dict, results: dict, references: dict) -> dict:
     extra = {"language_model_only": True} if job.get("language_model_only") else {}
     if job["tp"] == 1:
         extra["distributed_executor_backend"] = "uni"
-    llm = LLM(model=job["model"], tensor_parallel_size=job["tp"], max_model_len=256, max_num_seqs=2,
+    llm = LLM(model=job["model"], tensor_parallel_size=job["tp"], max_model_len=1024, max_num_seqs=2,
               kv_cache_memory_bytes=64 * 2**20, enforce_eager=True, seed=0, **extra)
     try:
-        prompt = llm.get_tokenizer().encode(PROMPT)
+        prompt = llm.get_tokenizer().encode(job.get("prompt", PROMPT))
+        new_tokens = job.get("new_tokens", NEW_TOKENS)
         greedy = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
-                              SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
+                              SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
                               use_tqdm=False)[0].outputs[0].token_ids
         scored = None
         if job.get("score"):

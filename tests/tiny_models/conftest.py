@@ -9,6 +9,10 @@ BUILDS = {
     "moe-fp8": ("moe-fp8", None),
     "moe-bf16": ("moe-fp8", {"quantization": "none"}),
     "vl-fp8": ("vl-fp8", None),
+    "trained-dense-bf16": ("trained-dense-bf16", None),
+    "trained-dense-fp8": ("trained-dense-fp8", None),
+    "trained-moe-bf16": ("trained-moe-bf16", None),
+    "trained-moe-fp8": ("trained-moe-fp8", None),
 }
 
 

@@ -8,7 +8,9 @@ Agreement is measured by teacher forcing: model B scores model A's greedy tokens
 B's distribution. Free-running greedy sequences are also compared (the common
 prefix), but one flipped near-tie changes everything after it, so they are reported,
 not gated. Random weights have small margins between the top tokens, so FP8
-rounding flips some of them (a broken FP8 path scores near 0, not 0.6)."""
+rounding flips some of them (a broken FP8 path scores near 0, not 0.6). The trained
+models get an unseen 5-shot tiny-gsm8k question and write its answer (64 tokens):
+there FP8 and bf16 must agree on every token."""
 
 import json
 import os
@@ -27,16 +29,33 @@ RUNNER = TESTS / "support" / "tiny_llm.py"
 TP1_JOBS = [
     ("dense-bf16", None), ("dense-fp8", "dense-bf16"), ("moe-bf16", None), ("moe-fp8", "moe-bf16"),
     ("vl-fp8", "dense-fp8"),
+    ("trained-dense-bf16", None), ("trained-dense-fp8", "trained-dense-bf16"),
+    ("trained-moe-bf16", None), ("trained-moe-fp8", "trained-moe-bf16"),
 ]
 TP2_JOBS = [
     ("dense-bf16", "tp1/dense-bf16"), ("dense-fp8", "dense-bf16"), ("moe-fp8", "tp1/moe-fp8"),
-    ("vl-fp8", "dense-fp8"),
+    ("vl-fp8", "dense-fp8"), ("trained-dense-fp8", "tp1/trained-dense-bf16"),
 ]
 
 
+def task_prompt() -> str:
+    """An unseen tiny-gsm8k question in lm-eval's 5-shot format."""
+    from vllm_rocm_fused.tiny_models import tiny_gsm8k
+
+    train, test = tiny_gsm8k.split()
+    return tiny_gsm8k.fewshot_prompt(test[0]["question"], train[:5])
+
+
+def _job(name, score, tp, built):
+    job = {"name": name, "model": str(built(name)), "tp": tp, "language_model_only": name.startswith("vl"),
+           "score": score}
+    if name.startswith("trained-"):
+        job.update(prompt=task_prompt(), new_tokens=64)
+    return job
+
+
 def _run(jobs, tp, built, tmp, references=None):
-    spec = [{"name": name, "model": str(built(name)), "tp": tp, "language_model_only": name.startswith("vl"),
-             "score": score} for name, score in jobs]
+    spec = [_job(name, score, tp, built) for name, score in jobs]
     (tmp / f"jobs{tp}.json").write_text(json.dumps(spec))
     args = [sys.executable, str(RUNNER), str(tmp / f"jobs{tp}.json"), str(tmp / f"results{tp}.json")]
     if references:
@@ -55,7 +74,7 @@ def runs(built, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm_load")
     tp1 = _run(TP1_JOBS, 1, built, tmp)
     tp2 = _run(TP2_JOBS, 2, built, tmp, references={f"tp1/{k}": v for k, v in tp1.items()})
-    return {1: tp1, 2: tp2}
+    return {1: tp1, 2: tp2, "models": {name: built(name) for name, _ in TP1_JOBS + TP2_JOBS}}
 
 
 def _result(runs, tp, name):
@@ -81,7 +100,7 @@ def test_preset_loads_and_generates(runs, built, tp, name):
     cfg = json.loads((built(name) / "config.json").read_text())
     vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
     greedy = result["greedy"]
-    assert len(greedy) == 32 and all(0 <= t < vocab for t in greedy)
+    assert len(greedy) == (64 if name.startswith("trained-") else 32) and all(0 <= t < vocab for t in greedy)
     assert len(set(greedy)) >= 8, greedy
 
 
@@ -122,13 +141,31 @@ def test_vl_layout_served_text_only_matches_text_layout(runs, tp):
     assert top1 >= 0.75 and top5 >= 0.95, (top1, top5)
 
 
-@pytest.mark.parametrize("tp, fp8, bf16", [(1, "dense-fp8", "dense-bf16"), (2, "dense-fp8", "dense-bf16"),
-                                           (1, "moe-fp8", "moe-bf16")])
-def test_fp8_greedy_agrees_with_bf16_of_the_same_seed(runs, tp, fp8, bf16):
-    q, ref = _result(runs, tp, fp8), _result(runs, tp, bf16)
+@pytest.mark.parametrize("tp, fp8, bf16, min_top1", [
+    (1, "dense-fp8", "dense-bf16", 0.6), (2, "dense-fp8", "dense-bf16", 0.6), (1, "moe-fp8", "moe-bf16", 0.6),
+    (1, "trained-dense-fp8", "trained-dense-bf16", 1.0), (2, "trained-dense-fp8", "tp1/trained-dense-bf16", 1.0),
+    (1, "trained-moe-fp8", "trained-moe-bf16", 1.0)])
+def test_fp8_greedy_agrees_with_bf16_of_the_same_seed(runs, tp, fp8, bf16, min_top1):
+    q = _result(runs, tp, fp8)
+    ref = _result(runs, 1, bf16[4:]) if bf16.startswith("tp1/") else _result(runs, tp, bf16)
     top1, top5 = agreement(q)
+    n = len(ref["greedy"])
     common = prefix(q["greedy"], ref["greedy"])
     same = sum(a == b for a, b in zip(q["greedy"], ref["greedy"]))
-    print(f"\nTP={tp} {fp8} vs {bf16}: greedy prefix agreement {common}/32, positional {same}/32; "
+    print(f"\nTP={tp} {fp8} vs {bf16}: greedy prefix agreement {common}/{n}, positional {same}/{n}; "
           f"teacher-forced top-1 {top1:.3f}, bf16 token in FP8 top-5 {top5:.3f}, ranks {q['scored']['rank']}")
-    assert top1 >= 0.6 and top5 >= 0.9, (top1, top5, q["scored"]["rank"])
+    assert top1 >= min_top1 and top5 >= 0.9, (top1, top5, q["scored"]["rank"])
+
+
+def test_trained_models_answer_their_question(runs):
+    """Each trained model, bf16 and FP8, TP=1 and TP=2, writes the right answer."""
+    from vllm.transformers_utils.tokenizer import get_tokenizer
+
+    from vllm_rocm_fused.tiny_models import tiny_gsm8k
+
+    expected = f"#### {tiny_gsm8k.final_answer(tiny_gsm8k.split()[1][0]['answer'])}"
+    for tp, jobs in ((1, TP1_JOBS), (2, TP2_JOBS)):
+        for name, _ in jobs:
+            if name.startswith("trained-"):
+                text = get_tokenizer(str(runs["models"][name])).decode(_result(runs, tp, name)["greedy"])
+                assert expected in text, (tp, name, text)
