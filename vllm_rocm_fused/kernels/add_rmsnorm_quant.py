@@ -36,17 +36,18 @@ from .row_math import finish_part, inv_rms, part_tile, sum_sq
 
 
 @triton.jit
-def _load_part(h_ptr, res_ptr, base, row_ok, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
+def _load_part(h_ptr, res_ptr, w_ptr, base, row_ok, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
                GROUP: tl.constexpr, N_GROUPS: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr):
-    """(s = float32 h + residual of one part of a row, offsets, masks)."""
+    """(s = float32 h + residual of one part of a row, its weights, offsets, masks)."""
     offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     if ROWS > 1:  # the last program's rows past the end
         mask = mask & row_ok
         gmask = gmask & row_ok
     s = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    return s, offs, mask, g, gmask
+    return s, w, offs, mask, g, gmask
 
 
 @triton.jit(do_not_specialize=["n_rows", "scale_st", "scale_sg"])
@@ -58,36 +59,40 @@ def _add_rmsnorm_quant_kernel(
     HAS_RES: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = HIDDEN // GROUP
+    O1: tl.constexpr = P0
+    O2: tl.constexpr = P0 + P1
+    O3: tl.constexpr = P0 + P1 + P2
     for i in tl.static_range(ROWS):
         row = tl.program_id(0) * ROWS + i
         row_ok = row < n_rows
         base = tl.cast(row, tl.int64) * HIDDEN
-        s0, o0, m0, g0, gm0 = _load_part(h_ptr, res_ptr, base, row_ok, 0, P0, GS, GROUP, N_GROUPS, HAS_RES, ROWS)
+        s0, w0, o0, m0, g0, gm0 = _load_part(h_ptr, res_ptr, w_ptr, base, row_ok, 0, P0, GS, GROUP, N_GROUPS,
+                                             HAS_RES, ROWS)
         ss = sum_sq(s0)
         if P1 > 0:
-            s1, o1, m1, g1, gm1 = _load_part(h_ptr, res_ptr, base, row_ok, P0, P1, GS, GROUP, N_GROUPS, HAS_RES,
-                                             ROWS)
+            s1, w1, o1, m1, g1, gm1 = _load_part(h_ptr, res_ptr, w_ptr, base, row_ok, O1, P1, GS, GROUP, N_GROUPS,
+                                                 HAS_RES, ROWS)
             ss += sum_sq(s1)
         if P2 > 0:
-            s2, o2, m2, g2, gm2 = _load_part(h_ptr, res_ptr, base, row_ok, P0 + P1, P2, GS, GROUP, N_GROUPS,
-                                             HAS_RES, ROWS)
+            s2, w2, o2, m2, g2, gm2 = _load_part(h_ptr, res_ptr, w_ptr, base, row_ok, O2, P2, GS, GROUP, N_GROUPS,
+                                                 HAS_RES, ROWS)
             ss += sum_sq(s2)
         if P3 > 0:
-            s3, o3, m3, g3, gm3 = _load_part(h_ptr, res_ptr, base, row_ok, P0 + P1 + P2, P3, GS, GROUP, N_GROUPS,
-                                             HAS_RES, ROWS)
+            s3, w3, o3, m3, g3, gm3 = _load_part(h_ptr, res_ptr, w_ptr, base, row_ok, O3, P3, GS, GROUP, N_GROUPS,
+                                                 HAS_RES, ROWS)
             ss += sum_sq(s3)
         inv = inv_rms(ss, HIDDEN, eps)
-        finish_part(s0, inv, row, o0, m0, g0, gm0, w_ptr, weight_offset, res_out_ptr, normed_ptr, q_ptr,
-                    scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+        finish_part(s0, w0, inv, row, o0, m0, g0, gm0, weight_offset, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
+                    scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
         if P1 > 0:
-            finish_part(s1, inv, row, o1, m1, g1, gm1, w_ptr, weight_offset, res_out_ptr, normed_ptr, q_ptr,
-                        scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+            finish_part(s1, w1, inv, row, o1, m1, g1, gm1, weight_offset, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
+                        scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
         if P2 > 0:
-            finish_part(s2, inv, row, o2, m2, g2, gm2, w_ptr, weight_offset, res_out_ptr, normed_ptr, q_ptr,
-                        scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+            finish_part(s2, w2, inv, row, o2, m2, g2, gm2, weight_offset, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
+                        scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
         if P3 > 0:
-            finish_part(s3, inv, row, o3, m3, g3, gm3, w_ptr, weight_offset, res_out_ptr, normed_ptr, q_ptr,
-                        scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+            finish_part(s3, w3, inv, row, o3, m3, g3, gm3, weight_offset, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
+                        scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
 
 
 def fits(hidden: int, group_size: int) -> str | None:

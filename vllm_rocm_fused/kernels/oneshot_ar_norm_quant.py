@@ -18,9 +18,10 @@ copy, residual, q, scale (and normed). Nothing else goes through HBM twice.
 Row math: row_math.py (the row in power-of-two parts of whole groups, each part's sum kept
 in registers, so every peer's row is read once).
 
-Limits: 2 <= W <= 8; the row's groups (in parts) <= 16384 elements (launch.MAX_TILE); T * H <= the workspace's staging capacity; the grid is at
-most the workspace's max_grid (<= the SM count, so all programs are co-resident and the
-per-program barriers cannot deadlock) and programs loop over rows.
+Limits: 2 <= W <= 8; the row's groups (in parts) <= 16384 elements (launch.MAX_TILE);
+T * H <= the workspace's staging capacity; the grid is at most the workspace's max_grid
+(<= the SM count, so all programs are co-resident and the per-program barriers cannot
+deadlock) and programs loop over rows.
 
 Graph safety: no host sync, no allocation in the kernel; barrier flags and the call
 parity live in device memory and need no reset, so captured replays and eager calls
@@ -50,16 +51,22 @@ def _copy_part(x_ptr, dst, base, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.
 
 
 @triton.jit
-def _sum_part(stage, half, base, res_ptr, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
-              GROUP: tl.constexpr, N_GROUPS: tl.constexpr, W: tl.constexpr, HAS_RES: tl.constexpr):
-    """(s = the W staged rows' float32 sum in rank order (+ residual) of one part, offsets, masks)."""
+def _sum_part(stage, half, base, res_ptr, w_ptr, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
+              GROUP: tl.constexpr, N_GROUPS: tl.constexpr, W: tl.constexpr, HAS_RES: tl.constexpr,
+              NORM: tl.constexpr):
+    """(s = the W staged rows' float32 sum in rank order (+ residual) of one part, its weights,
+    offsets, masks)."""
     offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
+    if NORM:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    else:  # the bare all-reduce has no weight (w unused)
+        w = tl.zeros((NGP, GS), dtype=tl.float32)
     s = tl.zeros((NGP, GS), dtype=tl.float32)
     for p in tl.static_range(W):
         s += tl.load(stage[p] + half + base + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
     if HAS_RES:
         s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    return s, offs, mask, g, gmask
+    return s, w, offs, mask, g, gmask
 
 
 @triton.jit(do_not_specialize=["n_rows", "scale_st", "scale_sg"])
@@ -97,17 +104,17 @@ def _oneshot_kernel(
     if PHASE != 1:
         for row in range(pid, n_rows, nprog):
             base = tl.cast(row, tl.int64) * HIDDEN
-            s0, o0, m0, g0, gm0 = _sum_part(stage, half, base, res_ptr, 0, P0, GS, GROUP, N_GROUPS, W,
-                                            HAS_RES)
+            s0, w0, o0, m0, g0, gm0 = _sum_part(stage, half, base, res_ptr, w_ptr, 0, P0, GS, GROUP,
+                                                N_GROUPS, W, HAS_RES, NORM)
             if P1 > 0:
-                s1, o1, m1, g1, gm1 = _sum_part(stage, half, base, res_ptr, O1, P1, GS, GROUP, N_GROUPS, W,
-                                                HAS_RES)
+                s1, w1, o1, m1, g1, gm1 = _sum_part(stage, half, base, res_ptr, w_ptr, O1, P1, GS, GROUP,
+                                                    N_GROUPS, W, HAS_RES, NORM)
             if P2 > 0:
-                s2, o2, m2, g2, gm2 = _sum_part(stage, half, base, res_ptr, O2, P2, GS, GROUP, N_GROUPS, W,
-                                                HAS_RES)
+                s2, w2, o2, m2, g2, gm2 = _sum_part(stage, half, base, res_ptr, w_ptr, O2, P2, GS, GROUP,
+                                                    N_GROUPS, W, HAS_RES, NORM)
             if P3 > 0:
-                s3, o3, m3, g3, gm3 = _sum_part(stage, half, base, res_ptr, O3, P3, GS, GROUP, N_GROUPS, W,
-                                                HAS_RES)
+                s3, w3, o3, m3, g3, gm3 = _sum_part(stage, half, base, res_ptr, w_ptr, O3, P3, GS, GROUP,
+                                                    N_GROUPS, W, HAS_RES, NORM)
             if NORM:
                 ss = sum_sq(s0)
                 if P1 > 0:
@@ -117,26 +124,25 @@ def _oneshot_kernel(
                 if P3 > 0:
                     ss += sum_sq(s3)
                 inv = inv_rms(ss, HIDDEN, eps)
-                finish_part(s0, inv, row, o0, m0, g0, gm0, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                finish_part(s0, w0, inv, row, o0, m0, g0, gm0, weight_offset, out_ptr, normed_ptr, q_ptr,
                             scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
                 if P1 > 0:
-                    finish_part(s1, inv, row, o1, m1, g1, gm1, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                    finish_part(s1, w1, inv, row, o1, m1, g1, gm1, weight_offset, out_ptr, normed_ptr, q_ptr,
                                 scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
                 if P2 > 0:
-                    finish_part(s2, inv, row, o2, m2, g2, gm2, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                    finish_part(s2, w2, inv, row, o2, m2, g2, gm2, weight_offset, out_ptr, normed_ptr, q_ptr,
                                 scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
                 if P3 > 0:
-                    finish_part(s3, inv, row, o3, m3, g3, gm3, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                    finish_part(s3, w3, inv, row, o3, m3, g3, gm3, weight_offset, out_ptr, normed_ptr, q_ptr,
                                 scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
             else:
-                out_dtype: tl.constexpr = out_ptr.dtype.element_ty
-                tl.store(out_ptr + base + o0, s0.to(out_dtype), mask=m0)
+                tl.store(out_ptr + base + o0, s0.to(out_ptr.dtype.element_ty), mask=m0)
                 if P1 > 0:
-                    tl.store(out_ptr + base + o1, s1.to(out_dtype), mask=m1)
+                    tl.store(out_ptr + base + o1, s1.to(out_ptr.dtype.element_ty), mask=m1)
                 if P2 > 0:
-                    tl.store(out_ptr + base + o2, s2.to(out_dtype), mask=m2)
+                    tl.store(out_ptr + base + o2, s2.to(out_ptr.dtype.element_ty), mask=m2)
                 if P3 > 0:
-                    tl.store(out_ptr + base + o3, s3.to(out_dtype), mask=m3)
+                    tl.store(out_ptr + base + o3, s3.to(out_ptr.dtype.element_ty), mask=m3)
         finish_call(ctl_ptr, calls)
 
 

@@ -74,15 +74,21 @@ def _push_part(x_ptr, ll, base, wbase, flag_hi, G_OFF: tl.constexpr, NGP: tl.con
 
 
 @triton.jit
-def _receive_part(x_ptr, res_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
+def _receive_part(x_ptr, res_ptr, w_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
                   G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr, N_GROUPS: tl.constexpr,
-                  W: tl.constexpr, RANK: tl.constexpr, HAS_RES: tl.constexpr, PHASE: tl.constexpr):
-    """(s = the W ranks' float32 sum in rank order (+ residual) of one part, offsets, masks):
-    own values from x, every peer's from this rank's receive buffer once each word carries
-    this call's flag (``rbase``: the row's word offset within a source slot of the half)."""
+                  W: tl.constexpr, RANK: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+                  PHASE: tl.constexpr):
+    """(s = the W ranks' float32 sum in rank order (+ residual) of one part, its weights,
+    offsets, masks): own values from x, every peer's from this rank's receive buffer once each
+    word carries this call's flag (``rbase``: the row's word offset within a source slot of
+    the half)."""
     offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GS, N_GROUPS)
     woffs = _word_offsets(g, GS)
     wmask = gmask[:, None]
+    if NORM:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    else:  # the bare all-reduce has no weight (w unused)
+        w = tl.zeros((NGP, GS), dtype=tl.float32)
     s = tl.zeros((NGP, GS), dtype=tl.float32)
     for p in tl.static_range(W):
         if p == RANK:
@@ -105,7 +111,7 @@ def _receive_part(x_ptr, res_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
             s += _unpack(words, x_ptr.dtype.element_ty, NGP, GS).to(tl.float32)
     if HAS_RES:
         s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    return s, offs, mask, g, gmask
+    return s, w, offs, mask, g, gmask
 
 
 @triton.jit(do_not_specialize=["n_rows", "scale_st", "scale_sg"])
@@ -145,17 +151,17 @@ def _oneshot_ll_kernel(
         for row in range(pid, n_rows, nprog):
             base = tl.cast(row, tl.int64) * HIDDEN
             rbase = half + tl.cast(row, tl.int64) * ROW_WORDS
-            s0, o0, m0, g0, gm0 = _receive_part(x_ptr, res_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
-                                                0, P0, GS, N_GROUPS, W, RANK, HAS_RES, PHASE)
+            s0, w0, o0, m0, g0, gm0 = _receive_part(x_ptr, res_ptr, w_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
+                                                    0, P0, GS, N_GROUPS, W, RANK, HAS_RES, NORM, PHASE)
             if P1 > 0:
-                s1, o1, m1, g1, gm1 = _receive_part(x_ptr, res_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
-                                                    O1, P1, GS, N_GROUPS, W, RANK, HAS_RES, PHASE)
+                s1, w1, o1, m1, g1, gm1 = _receive_part(x_ptr, res_ptr, w_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
+                                                        O1, P1, GS, N_GROUPS, W, RANK, HAS_RES, NORM, PHASE)
             if P2 > 0:
-                s2, o2, m2, g2, gm2 = _receive_part(x_ptr, res_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
-                                                    O2, P2, GS, N_GROUPS, W, RANK, HAS_RES, PHASE)
+                s2, w2, o2, m2, g2, gm2 = _receive_part(x_ptr, res_ptr, w_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
+                                                        O2, P2, GS, N_GROUPS, W, RANK, HAS_RES, NORM, PHASE)
             if P3 > 0:
-                s3, o3, m3, g3, gm3 = _receive_part(x_ptr, res_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
-                                                    O3, P3, GS, N_GROUPS, W, RANK, HAS_RES, PHASE)
+                s3, w3, o3, m3, g3, gm3 = _receive_part(x_ptr, res_ptr, w_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
+                                                        O3, P3, GS, N_GROUPS, W, RANK, HAS_RES, NORM, PHASE)
             if NORM:
                 ss = sum_sq(s0)
                 if P1 > 0:
@@ -165,26 +171,25 @@ def _oneshot_ll_kernel(
                 if P3 > 0:
                     ss += sum_sq(s3)
                 inv = inv_rms(ss, HIDDEN, eps)
-                finish_part(s0, inv, row, o0, m0, g0, gm0, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                finish_part(s0, w0, inv, row, o0, m0, g0, gm0, weight_offset, out_ptr, normed_ptr, q_ptr,
                             scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
                 if P1 > 0:
-                    finish_part(s1, inv, row, o1, m1, g1, gm1, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                    finish_part(s1, w1, inv, row, o1, m1, g1, gm1, weight_offset, out_ptr, normed_ptr, q_ptr,
                                 scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
                 if P2 > 0:
-                    finish_part(s2, inv, row, o2, m2, g2, gm2, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                    finish_part(s2, w2, inv, row, o2, m2, g2, gm2, weight_offset, out_ptr, normed_ptr, q_ptr,
                                 scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
                 if P3 > 0:
-                    finish_part(s3, inv, row, o3, m3, g3, gm3, w_ptr, weight_offset, out_ptr, normed_ptr, q_ptr,
+                    finish_part(s3, w3, inv, row, o3, m3, g3, gm3, weight_offset, out_ptr, normed_ptr, q_ptr,
                                 scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
             else:
-                out_dtype: tl.constexpr = out_ptr.dtype.element_ty
-                tl.store(out_ptr + base + o0, s0.to(out_dtype), mask=m0)
+                tl.store(out_ptr + base + o0, s0.to(out_ptr.dtype.element_ty), mask=m0)
                 if P1 > 0:
-                    tl.store(out_ptr + base + o1, s1.to(out_dtype), mask=m1)
+                    tl.store(out_ptr + base + o1, s1.to(out_ptr.dtype.element_ty), mask=m1)
                 if P2 > 0:
-                    tl.store(out_ptr + base + o2, s2.to(out_dtype), mask=m2)
+                    tl.store(out_ptr + base + o2, s2.to(out_ptr.dtype.element_ty), mask=m2)
                 if P3 > 0:
-                    tl.store(out_ptr + base + o3, s3.to(out_dtype), mask=m3)
+                    tl.store(out_ptr + base + o3, s3.to(out_ptr.dtype.element_ty), mask=m3)
         finish_call(ctl_ptr, calls)
 
 

@@ -11,7 +11,8 @@ than four binary digits gets a padded (masked) last part.
 
 A kernel handles a row in two steps over its parts, with every part's float32 sum kept in
 registers (nothing is re-read, so the all-reduce kernels read their peers' data once):
-  1. per part: s = (the kernel's all-reduced input) + residual, float32 (its own loader);
+  1. per part: s = (the kernel's all-reduced input) + residual, float32, and the part's
+     weights (the kernel's own loader, every load issued before the row's reduction);
      ss = the sum of s^2 over the parts (``sum_sq``, part by part, in part order);
   2. inv_rms = rsqrt(ss / HIDDEN + eps) once, then per part ``finish_part``: r = round(s),
      normed = round(s * inv_rms * (w + offset)), per group scale and q, stores.
@@ -94,16 +95,15 @@ def group_quant(normed, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
-def finish_part(s, inv, row, offs, mask, g, gmask, w_ptr, weight_offset,
+def finish_part(s, w, inv, row, offs, mask, g, gmask, weight_offset,
                 res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
                 HIDDEN: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr):
     """One part of a row's outputs: residual round(s), (normed), (q, scale) into [T, H]
-    outputs (scale at row * scale_st + g * scale_sg, so either layout)."""
-    out_dtype: tl.constexpr = res_out_ptr.dtype.element_ty
+    outputs (scale at row * scale_st + g * scale_sg, so either layout). ``w``: the part's
+    weights, loaded by the caller with its other loads (not after the row's reduction)."""
     base = tl.cast(row, tl.int64) * HIDDEN
-    tl.store(res_out_ptr + base + offs, s.to(out_dtype), mask=mask)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    normed = norm_part(s, inv, w, weight_offset, out_dtype)
+    tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
+    normed = norm_part(s, inv, w, weight_offset, res_out_ptr.dtype.element_ty)
     if EMIT:
         tl.store(normed_ptr + base + offs, normed, mask=mask)
     if QUANT:

@@ -47,9 +47,13 @@ def _copy_in_part(x_ptr, dst, base, row_ok, G_OFF: tl.constexpr, NGP: tl.constex
 
 
 @triton.jit
-def _sum_part(stage, half, base, res_ptr, row_ok, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
-              GROUP: tl.constexpr, N_GROUPS: tl.constexpr, W: tl.constexpr, HAS_RES: tl.constexpr):
+def _sum_part(stage, half, base, res_ptr, w_ptr, row_ok, G_OFF: tl.constexpr, NGP: tl.constexpr,
+              GS: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, W: tl.constexpr,
+              HAS_RES: tl.constexpr):
+    """(s = the W staged rows' float32 sum in rank order (+ residual) of one part of an owned
+    row, its weights, offsets, masks)."""
     offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     mask = mask & row_ok
     gmask = gmask & row_ok
     s = tl.zeros((NGP, GS), dtype=tl.float32)
@@ -57,24 +61,22 @@ def _sum_part(stage, half, base, res_ptr, row_ok, G_OFF: tl.constexpr, NGP: tl.c
         s += tl.load(stage[p] + half + base + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
     if HAS_RES:
         s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    return s, offs, mask, g, gmask
+    return s, w, offs, mask, g, gmask
 
 
 @triton.jit
-def _publish_part(s, inv, row, j, offs, mask, g, gmask, w_ptr, weight_offset,
+def _publish_part(s, w, inv, row, j, offs, mask, g, gmask, weight_offset,
                   res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
                   o_res, o_normed, o_q, o_scale, ohalf, shalf,
                   HIDDEN: tl.constexpr, N_GROUPS: tl.constexpr, RANK: tl.constexpr,
                   QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr):
     """One part of an owned row's outputs, locally and into this rank's output slot j."""
-    out_dtype: tl.constexpr = res_out_ptr.dtype.element_ty
     base = tl.cast(row, tl.int64) * HIDDEN
     slot = tl.cast(j, tl.int64) * HIDDEN
-    r = s.to(out_dtype)
+    r = s.to(res_out_ptr.dtype.element_ty)
     tl.store(res_out_ptr + base + offs, r, mask=mask)
     tl.store(o_res[RANK] + ohalf + slot + offs, r, mask=mask)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    normed = norm_part(s, inv, w, weight_offset, out_dtype)
+    normed = norm_part(s, inv, w, weight_offset, res_out_ptr.dtype.element_ty)
     if EMIT:
         tl.store(normed_ptr + base + offs, normed, mask=mask)
         tl.store(o_normed[RANK] + ohalf + slot + offs, normed, mask=mask)
@@ -152,36 +154,36 @@ def _twoshot_kernel(
             row = RANK * chunk + j
             base = tl.cast(row, tl.int64) * HIDDEN
             row_ok = row < n_rows
-            s0, o0, m0, g0, gm0 = _sum_part(stage, half, base, res_ptr, row_ok, 0, P0, GS, GROUP, N_GROUPS, W,
-                                            HAS_RES)
+            s0, w0, o0, m0, g0, gm0 = _sum_part(stage, half, base, res_ptr, w_ptr, row_ok, 0, P0, GS, GROUP,
+                                                N_GROUPS, W, HAS_RES)
             ss = sum_sq(s0)
             if P1 > 0:
-                s1, o1, m1, g1, gm1 = _sum_part(stage, half, base, res_ptr, row_ok, O1, P1, GS, GROUP, N_GROUPS,
-                                                W, HAS_RES)
+                s1, w1, o1, m1, g1, gm1 = _sum_part(stage, half, base, res_ptr, w_ptr, row_ok, O1, P1, GS, GROUP,
+                                                    N_GROUPS, W, HAS_RES)
                 ss += sum_sq(s1)
             if P2 > 0:
-                s2, o2, m2, g2, gm2 = _sum_part(stage, half, base, res_ptr, row_ok, O2, P2, GS, GROUP, N_GROUPS,
-                                                W, HAS_RES)
+                s2, w2, o2, m2, g2, gm2 = _sum_part(stage, half, base, res_ptr, w_ptr, row_ok, O2, P2, GS, GROUP,
+                                                    N_GROUPS, W, HAS_RES)
                 ss += sum_sq(s2)
             if P3 > 0:
-                s3, o3, m3, g3, gm3 = _sum_part(stage, half, base, res_ptr, row_ok, O3, P3, GS, GROUP, N_GROUPS,
-                                                W, HAS_RES)
+                s3, w3, o3, m3, g3, gm3 = _sum_part(stage, half, base, res_ptr, w_ptr, row_ok, O3, P3, GS, GROUP,
+                                                    N_GROUPS, W, HAS_RES)
                 ss += sum_sq(s3)
             inv = inv_rms(ss, HIDDEN, eps)
-            _publish_part(s0, inv, row, j, o0, m0, g0, gm0, w_ptr, weight_offset, res_out_ptr, normed_ptr, q_ptr,
+            _publish_part(s0, w0, inv, row, j, o0, m0, g0, gm0, weight_offset, res_out_ptr, normed_ptr, q_ptr,
                           scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
                           HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
             if P1 > 0:
-                _publish_part(s1, inv, row, j, o1, m1, g1, gm1, w_ptr, weight_offset, res_out_ptr, normed_ptr,
-                              q_ptr, scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
+                _publish_part(s1, w1, inv, row, j, o1, m1, g1, gm1, weight_offset, res_out_ptr, normed_ptr, q_ptr,
+                              scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
                               HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
             if P2 > 0:
-                _publish_part(s2, inv, row, j, o2, m2, g2, gm2, w_ptr, weight_offset, res_out_ptr, normed_ptr,
-                              q_ptr, scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
+                _publish_part(s2, w2, inv, row, j, o2, m2, g2, gm2, weight_offset, res_out_ptr, normed_ptr, q_ptr,
+                              scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
                               HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
             if P3 > 0:
-                _publish_part(s3, inv, row, j, o3, m3, g3, gm3, w_ptr, weight_offset, res_out_ptr, normed_ptr,
-                              q_ptr, scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
+                _publish_part(s3, w3, inv, row, j, o3, m3, g3, gm3, weight_offset, res_out_ptr, normed_ptr, q_ptr,
+                              scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
                               HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
     if PHASE == 0:
         block_barrier(flags, ctl_ptr, pid, epoch + 1, W, RANK)
