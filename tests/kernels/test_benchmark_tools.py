@@ -1,0 +1,175 @@
+"""The measurement tools behind the kernels' launch table and the TP=1 benchmark, on CPU:
+the compiled baseline's arithmetic against the spec, the table derived from a sweep, the
+TP=1 summary and targets, imports without vLLM, and (once committed) the results against
+the table the dispatch uses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_fused_ar_rms_quant as bench  # noqa: E402
+import compiled_baseline  # noqa: E402
+import derive_launch_table  # noqa: E402
+from vllm_rocm_fused.kernels import local_launch_table  # noqa: E402
+from vllm_rocm_fused.ops.reference import norm_quant_reference  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("t, h", [(3, 640), (1, 5120), (5, 2560)])
+def test_compiled_baseline_computes_the_spec(t, h):
+    """Eagerly, the plain-torch baseline is ops/reference.py bit for bit (the benchmark checks
+    its compiled form against the same reference on the GPU)."""
+    g = torch.Generator().manual_seed(t * h)
+    x = torch.randn(t, h, generator=g).to(torch.bfloat16)
+    res = (torch.randn(t, h, generator=g) * 2).to(torch.bfloat16)
+    w = (torch.randn(h, generator=g) * 0.3).to(torch.bfloat16)
+    q, scale, r = compiled_baseline.add_rmsnorm_group_quant(x, res, w, 1e-6)
+    ref = norm_quant_reference(x, res, w, 1e-6, out_dtype=torch.bfloat16, weight_offset=1.0)
+    assert torch.equal(r, ref.residual) and torch.equal(scale, ref.scale)
+    assert torch.equal(q.view(torch.uint8), ref.q.view(torch.uint8))
+
+
+def test_compiled_variants_get_code_objects_of_their_own():
+    a = compiled_baseline._fresh_copy(compiled_baseline.add_rmsnorm_group_quant, "static_5120_1")
+    b = compiled_baseline._fresh_copy(compiled_baseline.add_rmsnorm_group_quant, "static_5120_2")
+    assert a.__code__ is not b.__code__ and a.__code__.co_name != b.__code__.co_name
+    assert a.__kwdefaults__ == compiled_baseline.add_rmsnorm_group_quant.__kwdefaults__
+    with pytest.raises(ValueError, match="mode"):
+        compiled_baseline.compiled("max-autotune", "x")
+
+
+def _sweep(points):
+    """Sweep records from {(hidden, tokens): {(warps, rows): us}}."""
+    return [{"hidden": h, "tokens": t, "num_warps": w, "rows": r, "median_us": us, "ok": True}
+            for (h, t), shapes in points.items() for (w, r), us in shapes.items()]
+
+
+def test_derived_table_follows_the_fastest_shape_without_chasing_noise():
+    points = {
+        (5120, 1): {(8, 1): 3.0, (16, 1): 2.0, (32, 1): 2.05},
+        (5120, 2): {(8, 1): 3.0, (16, 1): 2.02, (32, 1): 2.0},  # 32 only 1% faster: keep 16
+        (5120, 64): {(8, 1): 4.0, (16, 1): 3.0, (32, 1): 3.5},
+        (5120, 1024): {(8, 1): 20.0, (16, 1): 25.0, (32, 1): 30.0},
+        (5120, 8192): {(8, 1): 150.0, (8, 2): 140.0, (16, 1): 160.0},
+        (2048, 1): {(4, 1): 2.0, (8, 1): 1.9},
+    }
+    results = _sweep(points)
+    results.append({"hidden": 2048, "tokens": 1, "num_warps": 16, "rows": 1, "median_us": 0.5, "ok": False})
+    results.append({"hidden": 2048, "tokens": 1, "num_warps": 32, "rows": 1, "error": "RuntimeError: boom"})
+    table = derive_launch_table.derive(results)
+    assert table == {2048: ((None, 8, 1),), 5120: ((64, 16, 1), (1024, 8, 1), (None, 8, 2))}
+    assert derive_launch_table.lookup(table, 5120, 100) == (8, 1)  # between measured counts: the next above
+    assert derive_launch_table.lookup(table, 5120, 65536) == (8, 2)
+    worst, where = derive_launch_table.worst_loss(results, table)
+    assert worst == pytest.approx(1.01) and where == (5120, 2, (16, 1))
+
+
+def test_rendered_table_module_is_what_was_derived(tmp_path):
+    table = derive_launch_table.derive(_sweep({(3072, 1): {(8, 1): 2.0}, (3072, 16): {(16, 1): 1.0, (8, 1): 2.0}}))
+    text = derive_launch_table.render(table, source="benchmarks/results/x.json", gpu="NVIDIA H200",
+                                      command="PYTHONPATH=. python benchmarks/sweep_local_launch.py --out X")
+    namespace = {}
+    exec(compile(text, "local_launch_table.py", "exec"), namespace)
+    assert namespace["TABLE"] == table == {3072: ((1, 8, 1), (None, 16, 1))}
+    assert namespace["SOURCE"] == "benchmarks/results/x.json" and namespace["GPU"] == "NVIDIA H200"
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"machine": {"gpu": "NVIDIA H200"}, "command": "c",
+                                 "results": _sweep({(3072, 1): {(8, 1): 2.0}})}))
+    out = tmp_path / "table.py"
+    assert derive_launch_table.main([str(sweep), "--write", str(out), "--source", "s.json"]) == 0
+    assert "3072: ((None, 8, 1),)," in out.read_text()
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"results": [{"hidden": 1, "tokens": 1, "error": "x"}]}))
+    assert derive_launch_table.main([str(empty)]) == 1
+
+
+def test_tp1_summary_ratios_floor_and_target_misses():
+    recs = []
+    for t, disp, stat, dyn in [(1, 2.5, 3.4, 3.6), (16, 3.2, 3.0, 2.9), (1024, 25.0, 30.0, 31.0)]:
+        for name, us in (("dispatched", disp), ("compiled_static", stat), ("compiled_dynamic", dyn)):
+            recs.append({"hidden": 5120, "tokens": t, "variant": name, "median_us": us, "ok": True})
+    recs.append({"hidden": 5120, "tokens": 2, "variant": "dispatched", "median_us": 1.0, "ok": False})
+    bw = 4.0e12
+    rows = bench.summarize_tp1(recs, 5120, bw)
+    assert sorted(rows) == [1, 16, 1024]  # failed points are not summarized
+    assert rows[1]["compiled"] == 3.4 and rows[1]["compiled_from"] == "static"
+    assert rows[16]["compiled"] == 2.9 and rows[16]["compiled_from"] == "dynamic"
+    assert rows[1024]["floor"] == pytest.approx(bench.op_bytes(1024, 5120) / bw * 1e6)
+    assert bench.op_bytes(1024, 5120) == 1024 * 5120 * 7 + 1024 * 40 * 4 + 5120 * 2
+    assert rows[16]["dispatched_over_compiled"] == pytest.approx(3.2 / 2.9)
+    targets = bench.tp1_targets({"5120": {str(t): r for t, r in rows.items()}})
+    assert targets["points"] == 3
+    misses = targets["misses"]
+    assert [m[:2] for m in misses["dispatched_over_compiled_gt_1"]] == [[5120, 16]]
+    assert [m[:2] for m in misses["dispatched_gt_3us_to_16_tokens"]] == [[5120, 16]]
+    floor_ratio = 25.0 / rows[1024]["floor"]
+    assert (len(misses["dispatched_over_floor_gt_1.3_from_1024_tokens"]) == 1) == (floor_ratio > 1.3)
+    assert "| 1024 |" in bench.table_tp1(rows)
+
+
+def test_tp2_summary_has_the_compiled_chain():
+    recs = [{"hidden": 4096, "tokens": 8, "variant": v, "median_us": us, "ok": True}
+            for v, us in [("chain_compiled_nccl_static", 12.0), ("chain_compiled_torch_symm_dynamic", 10.0),
+                          ("dispatched", 7.0), ("split3_oneshot_ll", 9.0)]]
+    row = bench.summarize(recs, 4096)[8]
+    assert row["compiled_chain"] == 10.0 and row["compiled_chain_from"] == "chain_compiled_torch_symm_dynamic"
+    assert row["dispatched_over_compiled_chain"] == pytest.approx(0.7)
+    assert "compiled_chain" in bench.table(recs, 4096)
+
+
+def test_precompile_pool_reports_every_job():
+    import precompile
+
+    logs = []
+    records = precompile.warm([("bogus", 1), ("also-bogus", 2)], workers=2, timeout_s=120, log=logs.append)
+    assert [r["job"] for r in records] == [["bogus", 1], ["also-bogus", 2]]
+    assert all(r["error"].startswith("ValueError: unknown job") for r in records), records
+    assert logs[-1].startswith("precompile: 2 jobs on 2 processes")
+
+
+def test_kernels_and_benchmarks_import_without_vllm():
+    """The GPU machines have no vLLM: every module the GPU run uses must import without it."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'vllm' or name.startswith('vllm.'):\n"
+        "            raise ImportError('vllm is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.path[:0] = ['.', 'benchmarks', 'tests']\n"
+        "import bench_fused_ar_rms_quant, sweep_local_launch, precompile, compiled_baseline, derive_launch_table\n"
+        "import vllm_rocm_fused.kernels.add_rmsnorm_quant, vllm_rocm_fused.kernels.oneshot_ll_ar_norm_quant\n"
+        "import vllm_rocm_fused.kernels.oneshot_ar_norm_quant, vllm_rocm_fused.kernels.twoshot_ar_norm_quant\n"
+        "import vllm_rocm_fused.backends.cuda.backend, vllm_rocm_fused.ops.fused\n"
+        "assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules)\n"
+        "print('imports ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0 and "imports ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_committed_sweep_and_tp1_results_match_the_table_the_dispatch_uses():
+    sweep = RESULTS / "h200_tp1_launch_sweep.json"
+    tp1 = RESULTS / "h200_tp1.json"
+    if not sweep.exists() and not tp1.exists():
+        assert local_launch_table.TABLE == {} and local_launch_table.SOURCE is None
+        pytest.skip("no TP=1 measurements committed yet: the table is empty")
+    report = json.loads(sweep.read_text())
+    assert local_launch_table.SOURCE == "benchmarks/results/h200_tp1_launch_sweep.json"
+    assert derive_launch_table.derive(report["results"]) == local_launch_table.TABLE
+    run = json.loads(tp1.read_text())
+    used = {int(h): tuple(tuple(e) for e in v) for h, v in run["launch_table"]["table"].items()}
+    assert used == local_launch_table.TABLE, "h200_tp1.json was measured with another launch table"
+    assert all(r.get("ok") for r in run["results"]), "a TP=1 point failed its reference check"
