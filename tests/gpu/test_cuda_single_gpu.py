@@ -1,6 +1,9 @@
 """The CUDA backend on one GPU (TP=1 and the kernels it shares with TP>1), against the
 float64 oracle and the portable reference, on fresh random inputs."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,6 +55,14 @@ CASES = [
     (5, 384, "row", True, True, 0.0, torch.bfloat16, torch.bfloat16),
     (2, 128, "col", False, True, 1.0, torch.float16, torch.float32),
     (4096, 4096, "row", False, True, 1.0, torch.bfloat16, torch.bfloat16),
+    # hidden sizes whose 128-groups are not a power of two (rows in 2-3 parts), and 8192
+    (2, 2560, "row", True, True, 1.0, torch.bfloat16, torch.bfloat16),
+    (5, 3072, "col", False, True, 1.0, torch.bfloat16, torch.float32),
+    (9, 6144, "row", False, True, 1.0, torch.bfloat16, torch.bfloat16),
+    (33, 7168, "col", True, True, 1.0, torch.bfloat16, torch.bfloat16),
+    (1, 8192, "row", False, True, 1.0, torch.bfloat16, torch.bfloat16),
+    (2049, 5120, "row", False, True, 1.0, torch.bfloat16, torch.bfloat16),
+    (700, 7168, "row", False, True, 1.0, torch.float16, torch.float16),
 ]
 
 
@@ -67,7 +78,8 @@ def test_op_matches_oracle(cuda_only, t, h, layout, emit, has_res, offset, dtype
     assert backends.backend_counters() == {"cuda/fused-1": 2}
 
 
-@pytest.mark.parametrize("t, h", [(1, 4096), (33, 5120), (300, 2048)])
+@pytest.mark.parametrize("t, h", [(1, 4096), (33, 5120), (300, 2048), (3, 2560), (17, 3072), (2, 6144),
+                                  (65, 7168), (5, 8192)])
 @pytest.mark.parametrize("layout", ["row", "col"])
 def test_every_output_element_is_written(t, h, layout):
     x, res, w = inputs(t, h)
@@ -80,6 +92,24 @@ def test_every_output_element_is_written(t, h, layout):
         assert_matches_oracle(FusedNormQuantOutput(*outs), x, res, w, EPS, out_dtype=torch.bfloat16,
                               group_size=128, weight_offset=1.0, fp8_dtype=FP8, emit_bf16=emit,
                               scale_layout=layout)
+
+
+@pytest.mark.parametrize("h", [5120, 7168])
+def test_every_launch_shape_the_sweep_times(h):
+    """Each warps x rows-per-program candidate of benchmarks/sweep_local_launch.py (the shapes
+    the dispatch table may pick), at token counts that leave the last program half full."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from sweep_local_launch import candidates
+
+    for warps, rows in candidates(h):
+        for t in (1, 7, 130):
+            x, res, w = inputs(t, h)
+            outs = poisoned(t, h, torch.bfloat16, group_size=128, quantize=True, emit_normed=False,
+                            scale_layout="row", quant_dtype=FP8)
+            add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, outputs=outs, num_warps=warps, rows_per_program=rows)
+            assert all_written(outs), (warps, rows, t)
+            assert_matches_oracle(FusedNormQuantOutput(*outs), x, res, w, EPS, out_dtype=torch.bfloat16,
+                                  group_size=128, weight_offset=1.0, fp8_dtype=FP8, emit_bf16=False)
 
 
 def test_norm_only_and_two_kernel_paths(cuda_only):
