@@ -4,8 +4,8 @@ The local kernel (kernels/add_rmsnorm_quant.py, the TP=1 path and the kernel aft
 all-reduce) has two launch parameters: warps per program and token rows per program. This
 times every candidate at every (hidden, tokens) point, graph-replayed as
 bench_fused_ar_rms_quant.py does (4 rotating input sets, median over the replays), checks
-every point's outputs against ops/reference.py, records the compiled kernels' registers and
-spills, and writes one JSON file; benchmarks/derive_launch_table.py turns it into
+every point's outputs against ops/reference.py (outputs poisoned first), records each
+shape's registers and spills, and writes one JSON file; benchmarks/derive_launch_table.py turns it into
 vllm_rocm_fused/kernels/local_launch_table.py.
 
 Candidates per hidden: warps in {4, 8, 16, 32} with 4 to 32 row elements per thread (fewer
@@ -49,30 +49,38 @@ def candidates(hidden: int, warps=WARPS, rows=ROWS) -> list[tuple[int, int]]:
     return [(w, r) for w in warps_for(hidden, warps) for r in rows]
 
 
-def kernel_resources() -> list[dict]:
-    """Registers and spills of every compiled specialization of the local kernel (best effort:
-    Triton's cache layout differs between versions)."""
+def _compiled_local_kernels() -> dict:
+    """This process's compiled specializations of the local kernel: {cache key: kernel}."""
     from vllm_rocm_fused.kernels import add_rmsnorm_quant as mod
 
-    fn = mod._add_rmsnorm_quant_kernel
-    out = []
-    try:
-        names = list(fn.arg_names)
-        for cache in fn.device_caches.values():
-            for kernel in cache[0].values():
-                kernel._init_handles()
-                consts = getattr(kernel.src, "constants", None) or getattr(kernel.src, "constexprs", {}) or {}
-                named = {}
-                for key, value in dict(consts).items():
-                    idx = key[0] if isinstance(key, tuple) else key
-                    name = names[idx] if isinstance(idx, int) and idx < len(names) else str(idx)
-                    if name in ("HIDDEN", "ROWS", "QUANT", "EMIT", "HAS_RES"):
-                        named[name] = value if isinstance(value, (int, bool)) else str(value)
-                out.append({"num_warps": kernel.metadata.num_warps, "regs": kernel.n_regs,
-                            "spills": kernel.n_spills, **named})
-    except Exception as e:  # noqa: BLE001 - introspection only
-        out.append({"error": f"{type(e).__name__}: {e}"})
+    out = {}
+    for device, cache in getattr(mod._add_rmsnorm_quant_kernel, "device_caches", {}).items():
+        for key, kernel in cache[0].items():
+            out[(str(device), key)] = kernel
     return out
+
+
+def compile_and_describe(run_once) -> list[dict]:
+    """Call ``run_once`` (compiles or loads one launch shape) and return the registers and
+    spills of the kernels it added (best effort: Triton's cache layout differs between versions)."""
+    try:
+        before = set(_compiled_local_kernels())
+    except Exception:  # noqa: BLE001 - introspection only
+        before = None
+    run_once()
+    torch.cuda.synchronize()
+    if before is None:
+        return []
+    described = []
+    try:
+        for key, kernel in _compiled_local_kernels().items():
+            if key not in before:
+                kernel._init_handles()
+                described.append({"num_warps": kernel.metadata.num_warps, "regs": kernel.n_regs,
+                                  "spills": kernel.n_spills})
+    except Exception as e:  # noqa: BLE001
+        described.append({"error": f"{type(e).__name__}: {e}"})
+    return described
 
 
 def main(argv=None) -> int:
@@ -90,7 +98,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.time()
 
-    from bench_fused_ar_rms_quant import check_outputs, machine_info, make_inputs, time_graph
+    from bench_fused_ar_rms_quant import check_outputs, machine_info, make_inputs, poisoned_outputs, time_graph
     from precompile import default_workers, warm
     from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
     from vllm_rocm_fused.kernels.launch import local_launch, row_tile
@@ -116,10 +124,23 @@ def main(argv=None) -> int:
 
     def save():
         report["settings"]["wall_s"] = round(time.time() - t0, 1)
-        out_path.write_text(json.dumps(report, indent=1))
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out_path)
 
     stopped = False
+    report["kernels"] = []
     for hidden in args.hidden:
+        for warps, rows in plan[hidden]:  # compile (or load) each shape once, outside the timing
+            rec = {"hidden": hidden, "num_warps": warps, "rows": rows}
+            try:
+                xs, res, w = make_inputs(1, 2 * rows, hidden, 1, "cuda")
+                rec["compiled"] = compile_and_describe(
+                    lambda: add_rmsnorm_quant(xs[0], res, w, EPS, weight_offset=1.0, num_warps=warps,
+                                              rows_per_program=rows))
+            except Exception as e:  # noqa: BLE001 - the points of this shape record it again
+                rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            report["kernels"].append(rec)
         for t in args.tokens:
             if args.deadline_s is not None and time.time() - t0 > args.deadline_s:
                 stopped = True
@@ -140,7 +161,7 @@ def main(argv=None) -> int:
                                p10_us=statistics.quantiles(us, n=10)[0], p90_us=statistics.quantiles(us, n=10)[-1])
                     fx, fres, fw = fresh
                     out = add_rmsnorm_quant(fx[0], fres, fw, EPS, weight_offset=1.0, num_warps=warps,
-                                            rows_per_program=rows)
+                                            rows_per_program=rows, outputs=poisoned_outputs(t, hidden))
                     rec.update(check_outputs(out, fx, fres, fw, bf16_sum=False))
                 except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                     rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -152,11 +173,10 @@ def main(argv=None) -> int:
                 best = min(ok, key=lambda r: r["median_us"])
                 print(f"H={hidden} T={t}: best warps={best['num_warps']} rows={best['rows']} "
                       f"{best['median_us']:.2f} us of {len(ok)} ok", flush=True)
-        save()
+            save()  # a run cut short keeps its data
         if stopped:
             break
     report["stopped_early"] = stopped
-    report["kernels"] = kernel_resources()
     save()
     print(table(report))
     bad = [r for r in report["results"] if not r.get("ok")]

@@ -180,6 +180,10 @@ def test_hypothetical_plans_for_doctor(sm90, world_size):
         assert b.describe(spec(256, world_size=2), comm).startswith("fused-2: one-shot")  # 2 MiB: quant apart
         assert "measured faster only at hidden 2048/4096" in b.describe(spec(8192, hidden=5120, world_size=2), comm)
     assert b.describe(spec(8, world_size=1), None).startswith("fused-1: add + RMSNorm + group quant")
+    # what doctor shows for the sites that do not quantize (MoE post-attention, final norm)
+    for t in (1, 8192):
+        text = b.describe(spec(t, world_size=world_size, quantize=False), comm)
+        assert "group quant" not in text and "(bf16 out, no quant)" in text, text
 
 
 def test_workspace_state_decides_capture_behaviour(sm90):
