@@ -60,6 +60,10 @@ from pathlib import Path
 
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
     os.environ[_k] = _v  # NVLink multicast stays off, whatever the caller's environment says
+# One Triton cache for every process and every kernel: Inductor points TRITON_CACHE_DIR at its
+# own directory when it first compiles (if unset), after which this project's kernels would
+# miss what benchmarks/precompile.py compiled into Triton's default directory.
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

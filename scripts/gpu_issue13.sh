@@ -16,6 +16,8 @@ OUT_DIR=${1:-${OUT:-./gpu-issue13-out}}
 mkdir -p "$OUT_DIR"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=".:tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# one Triton cache for all steps (Inductor would otherwise move later compiles to its own)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${HOME:-/tmp}/.triton/cache}
 PY=${PYTHON:-python3}
 T_PRE=${T_PRECOMPILE:-120} T_TESTS=${T_TESTS:-90} T_SWEEP=${T_SWEEP:-110} T_BENCH=${T_BENCH:-170}
 status=0
@@ -39,7 +41,7 @@ $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.ve
 step precompile "$T_PRE" $PY benchmarks/precompile.py --sweep --inductor --timeout-s $((T_PRE - 10)) \
     --out "$OUT_DIR/precompile.json"
 # 2. Single-GPU tests (quick).
-step gpu-tests "$T_TESTS" bash -c "$PY -m pytest -q -rs -x -p no:cacheprovider --durations=5 \
+step gpu-tests "$T_TESTS" bash -c "$PY -m pytest -q -rs -p no:cacheprovider --durations=5 \
     tests/gpu/test_cuda_single_gpu.py > '$OUT_DIR/tests.log' 2>&1; rc=\$?; tail -n 15 '$OUT_DIR/tests.log'; exit \$rc"
 # 3. Launch-shape sweep of the local kernel.
 step sweep "$T_SWEEP" $PY benchmarks/sweep_local_launch.py --out "$OUT_DIR/h200_tp1_launch_sweep.json" \
