@@ -543,7 +543,7 @@ def copy_bandwidth(nbytes: int = 1 << 30, replays: int = 20) -> float:
 
 def run_tp1(args, out_path: Path, report: dict) -> None:
     """Time the TP=1 variants at every (hidden, tokens), check each against the reference,
-    and rewrite ``out_path`` after every hidden size."""
+    and rewrite ``out_path`` after every point."""
     from compiled_baseline import compiled, configure_dynamo
     from vllm_rocm_fused.backends.cuda.backend import CudaBackend
     from vllm_rocm_fused.kernels import local_launch_table

@@ -70,8 +70,8 @@ def compiled(mode: str, tag: str):
     """A compiled ``add_rmsnorm_group_quant`` taking (x, residual, weight, eps).
 
     mode "static": torch.compile(dynamic=False); "dynamic": the token dimension of x and
-    residual marked dynamic before every call (a no-op once compiled; graphs are never
-    captured through this wrapper's Python, only its kernels)."""
+    residual marked dynamic before every call with more than one token (what dynamo compiles
+    once; a CUDA graph captures only the kernels, not this Python)."""
     if mode not in ("static", "dynamic"):
         raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
     fn = torch.compile(_fresh_copy(add_rmsnorm_group_quant, f"{mode}_{tag}"), fullgraph=True,
@@ -80,7 +80,8 @@ def compiled(mode: str, tag: str):
         return fn
 
     def call(x, residual, weight, eps):
-        if x.shape[0] > 1:
+        if x.shape[0] > 1:  # mark aliases (views launch nothing), so the caller's tensors stay unmarked
+            x, residual = x.view_as(x), residual.view_as(residual)
             torch._dynamo.mark_dynamic(x, 0)
             torch._dynamo.mark_dynamic(residual, 0)
         return fn(x, residual, weight, eps)
