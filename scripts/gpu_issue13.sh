@@ -2,9 +2,10 @@
 # One GPU, one call: the single-GPU tests, the local kernel's launch-shape sweep, the launch
 # table derived from it, and the TP=1 benchmark against Inductor, from the repository root:
 #     bash scripts/gpu_issue13.sh [OUT_DIR]
-# Needs torch + Triton (no vLLM). Each step has a time limit (seconds, overridable) so the
-# whole run fits ~520 s including Triton/Inductor compiles; the sweep and the benchmark stop
-# starting new points at their deadlines and keep what they measured. Everything goes to
+# Needs torch + Triton (no vLLM). Each step has a time limit (seconds, overridable:
+# T_PRECOMPILE, T_TESTS, T_SWEEP, T_BENCH), so the whole run ends within ~500 s including
+# Triton/Inductor compiles; the sweep and the benchmark stop starting new points at their
+# deadlines and keep what they measured. Everything goes to
 # OUT_DIR (default: $OUT if set, else ./gpu-issue13-out), at most 8 files:
 #   run.log, tests.log, precompile.json, h200_tp1_launch_sweep.json, local_launch_table.py,
 #   h200_tp1.json, h200_tp1.png
@@ -19,7 +20,7 @@ export PYTHONPATH=".:tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # one Triton cache for all steps (Inductor would otherwise move later compiles to its own)
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${HOME:-/tmp}/.triton/cache}
 PY=${PYTHON:-python3}
-T_PRE=${T_PRECOMPILE:-120} T_TESTS=${T_TESTS:-90} T_SWEEP=${T_SWEEP:-110} T_BENCH=${T_BENCH:-170}
+T_PRE=${T_PRECOMPILE:-110} T_TESTS=${T_TESTS:-120} T_SWEEP=${T_SWEEP:-100} T_BENCH=${T_BENCH:-160}
 status=0
 START=$(date +%s)
 exec > >(tee -a "$OUT_DIR/run.log") 2>&1
