@@ -178,13 +178,14 @@ def case_oneshot_ll():
 def _oneshot_cases(kernel, bare_kernel):
     n = 0
     for world in (2, 4, 8):
-        peers = emulated_peers(world, stage_cap=4096, ll_cap=2048, dtype=DT, max_grid=4)
+        peers = emulated_peers(world, stage_cap=16384, ll_cap=8192, dtype=DT, max_grid=4)
         calls = 0
         cases = [(1, 256, "row", True, True, True), (5, 128, "col", False, True, True),
                  (9, 256, "row", False, False, True), (7, 256, "col", True, True, False),
                  (4, 256, "row", True, True, True)]
-        # rows in several parts: 640 = 4 + 1 groups of 128, 1920 = 8 + 4 + 2 + 1
-        cases += {2: [(3, 640, "col", True, True, True), (2, 1920, "row", False, True, True)],
+        # rows in several parts: 640 = 4 + 1 groups of 128, 1920 = 8 + 4 + 2 + 1, 5120 = 32 + 8
+        cases += {2: [(3, 640, "col", True, True, True), (2, 1920, "row", False, True, True),
+                      (3, 5120, "row", False, True, True)],
                   4: [(2, 1920, "col", True, True, False)], 8: []}[world]
         for t, h, layout, emit, has_res, quantize in cases:
             xs, res, w = inputs(world, t, h, seed=100 + n)
