@@ -3,12 +3,25 @@
 Values are read when asked for (not at import), so a test or a launcher can set
 them after import. The README's table is generated from ``ENV_VARS`` by hand:
 keep the two in step.
+
+``problems()`` says which set values the plugin cannot use as given (``doctor``
+reports them and exits 1; ``serving.VllmServer`` refuses to start a server with
+them); ``unknown_names()`` points at likely misspellings.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+PREFIX = "VLLM_ROCM_FUSED_"
+# What a switch accepts; anything else is reported (read anyway, it counts as on).
+SWITCH_OFF = ("", "0", "false", "no", "off")
+SWITCH_ON = ("1", "true", "yes", "on")
+# The backends VLLM_ROCM_FUSED_BACKEND can name (tests check this against the registry).
+BACKEND_NAMES = ("auto", "native", "cuda", "rocm")
 
 
 @dataclass(frozen=True)
@@ -16,27 +29,32 @@ class EnvVar:
     name: str
     default: str
     help: str
+    # How problems() checks a set value: "switch", "backend", "positive int", "folder"
+    # (created when missing, so only a file is wrong), "existing folder", "text" (any).
+    kind: str = "text"
+    server: bool = True       # read inside the vLLM processes (False: by the CLI only)
 
 
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("VLLM_ROCM_FUSED_DISABLE", "0",
-           "1: the plugin registers nothing (vLLM runs as if it were not installed)."),
+           "1: the plugin registers nothing (vLLM runs as if it were not installed).", "switch"),
     EnvVar("VLLM_ROCM_FUSED_DISABLE_AR_QUANT", "0",
            "1: keep the all-reduce + add + RMSNorm fusion, drop the FP8 quant handoff "
-           "(consumer GEMMs quantize their own input)."),
+           "(consumer GEMMs quantize their own input).", "switch"),
     EnvVar("VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8", "0",
-           "1: do not register the portable block-FP8 linear kernel (CPU without AMX)."),
+           "1: do not register the portable block-FP8 linear kernel (CPU without AMX).", "switch"),
     EnvVar("VLLM_ROCM_FUSED_BACKEND", "auto",
            "Force a backend for the fused op: auto, native, or a registered fast backend "
-           "(cuda, rocm). An ineligible forced backend still falls back to native."),
+           "(cuda, rocm). An ineligible forced backend still falls back to native.", "backend"),
     EnvVar("VLLM_ROCM_FUSED_MAX_TOKENS", "8192",
            "Largest token count the symmetric-memory buffers of the CUDA backend are sized for; "
-           "larger calls use the split path."),
+           "larger calls use the split path.", "positive int"),
     EnvVar("VLLM_ROCM_FUSED_CACHE_DIR", "~/.cache/vllm-rocm-fused",
-           "Where `vllm-rocm-fused demo` keeps the tiny models it builds."),
+           "Where `vllm-rocm-fused demo` keeps the tiny models it builds.", "folder", server=False),
     EnvVar("VLLM_ROCM_FUSED_GSM8K_DIR", "",
            "Folder with GSM8K's train.jsonl and test.jsonl: `vllm-rocm-fused eval gsm8k` reads "
-           "them offline when --data-dir is not given (empty: lm-eval's stock task, from the Hub)."),
+           "them offline when --data-dir is not given (empty: lm-eval's stock task, from the Hub).",
+           "existing folder", server=False),
 )
 
 _BY_NAME = {v.name: v for v in ENV_VARS}
@@ -48,7 +66,7 @@ def _raw(name: str) -> str:
 
 def _flag(name: str) -> bool:
     value = _raw(name).strip().lower()
-    return value not in ("", "0", "false", "no", "off")
+    return value not in SWITCH_OFF
 
 
 def plugin_disabled() -> bool:
@@ -90,3 +108,57 @@ def gsm8k_dir() -> str | None:
 def snapshot() -> dict[str, str]:
     """The effective value of every variable (for doctor and reports)."""
     return {v.name: _raw(v.name) for v in ENV_VARS}
+
+
+def _value_problem(var: EnvVar, raw: str) -> str | None:
+    """Why ``raw`` is not a usable value of ``var`` (None: it is)."""
+    value = raw.strip()
+    if var.kind == "switch":
+        if value.lower() not in SWITCH_OFF + SWITCH_ON:
+            return "not a switch (use 0 or 1)"
+    elif var.kind == "backend":
+        if (value.lower() or "auto") not in BACKEND_NAMES:
+            return f"not a backend (one of {', '.join(BACKEND_NAMES)})"
+    elif var.kind == "positive int":
+        try:
+            if int(value) < 1:
+                return "must be >= 1"
+        except ValueError:
+            return "not an integer"
+    elif var.kind in ("folder", "existing folder") and value:
+        path = os.path.expanduser(value)
+        if os.path.exists(path) and not os.path.isdir(path):
+            return "exists and is not a folder"
+        if var.kind == "existing folder" and not os.path.isdir(path):
+            return "no such folder"
+    return None
+
+
+def problems(environ: Mapping[str, str] | None = None, *, server_only: bool = False) -> list[str]:
+    """One line per variable set in ``environ`` (default: this process's environment)
+    to a value the plugin cannot use as given, ``NAME='value': why``. Empty: all fine.
+    ``server_only``: only the variables the vLLM processes read."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for var in ENV_VARS:
+        if var.name not in environ or (server_only and not var.server):
+            continue
+        why = _value_problem(var, environ[var.name])
+        if why:
+            out.append(f"{var.name}={environ[var.name]!r}: {why}")
+    return out
+
+
+def unknown_names(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``VLLM_ROCM_FUSED_*`` names in ``environ`` that the plugin does not read but that
+    look like one it does (a misspelling), each with the name it resembles."""
+    environ = os.environ if environ is None else environ
+    known = {v.name[len(PREFIX):]: v.name for v in ENV_VARS}
+    out = []
+    for name in sorted(environ):
+        if not name.startswith(PREFIX) or name in _BY_NAME:
+            continue
+        close = difflib.get_close_matches(name[len(PREFIX):], list(known), n=1, cutoff=0.8)
+        if close:
+            out.append(f"{name} is not a setting of the plugin (did you mean {known[close[0]]}?)")
+    return out

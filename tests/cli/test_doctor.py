@@ -39,3 +39,33 @@ def test_text_report_names_why_rocm_is_not_used():
     for site in SITE_KINDS:
         assert f"{site.title}:" in text
     assert "rocm: unavailable:" in text and "not a ROCm build" in text
+
+
+def test_invalid_settings_are_flagged_and_fail(monkeypatch, capsys):
+    from vllm_rocm_fused.cli.main import main
+
+    monkeypatch.setenv("VLLM_ROCM_FUSED_BACKEND", "bogus")
+    monkeypatch.setenv("VLLM_ROCM_FUSED_MAX_TOKENS", "abc")
+    monkeypatch.setenv("VLLM_ROCM_FUSED_DISABLED", "1")
+    assert main(["doctor", "--tokens", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert "INVALID SETTING: VLLM_ROCM_FUSED_BACKEND='bogus': not a backend" in out
+    assert "INVALID SETTING: VLLM_ROCM_FUSED_MAX_TOKENS='abc': not an integer" in out
+    assert "note: VLLM_ROCM_FUSED_DISABLED is not a setting of the plugin (did you mean VLLM_ROCM_FUSED_DISABLE?)" in out
+    assert err.splitlines() == ["doctor: error: invalid setting VLLM_ROCM_FUSED_BACKEND='bogus': not a backend "
+                                "(one of auto, native, cuda, rocm)",
+                                "doctor: error: invalid setting VLLM_ROCM_FUSED_MAX_TOKENS='abc': not an integer"]
+
+    assert main(["doctor", "--json", "--tokens", "1"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [p.split("=")[0] for p in report["env_problems"]] == ["VLLM_ROCM_FUSED_BACKEND",
+                                                               "VLLM_ROCM_FUSED_MAX_TOKENS"]
+
+
+def test_valid_settings_pass(monkeypatch, capsys):
+    from vllm_rocm_fused.cli.main import main
+
+    monkeypatch.setenv("VLLM_ROCM_FUSED_BACKEND", "native")
+    monkeypatch.setenv("VLLM_ROCM_FUSED_MAX_TOKENS", "1024")
+    assert main(["doctor", "--tokens", "1"]) == 0
+    assert "INVALID SETTING" not in capsys.readouterr().out

@@ -1,13 +1,15 @@
 """``vllm-rocm-fused doctor``: platform, versions, and for the fused op which
 backend ``auto`` picks per site kind and why every other backend is not used.
 
-Works without vLLM and without a GPU (then it says so)."""
+Works without vLLM and without a GPU (then it says so). Exit status 1 when a
+``VLLM_ROCM_FUSED_*`` setting has a value the plugin cannot use (``envs.problems``)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
 import json
+import sys
 
 import torch
 
@@ -16,6 +18,7 @@ from ..ops import backends
 from ..ops.backends import CallSpec
 from ..ops.comm import Communicator
 from ..sites import SITE_KINDS
+from .checks import positive_int
 
 DEFAULT_TOKENS = (1, 64, 1024, 8192)
 
@@ -31,10 +34,10 @@ class HypotheticalCommunicator(Communicator):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--world-size", type=positive_int, default=None,
                    help="TP size to evaluate eligibility for (default: visible GPUs, at least 2)")
-    p.add_argument("--hidden", type=int, default=4096, help="hidden size (default 4096, Qwen3.5-397B)")
-    p.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
+    p.add_argument("--hidden", type=positive_int, default=4096, help="hidden size (default 4096, Qwen3.5-397B)")
+    p.add_argument("--tokens", type=positive_int, nargs="+", default=list(DEFAULT_TOKENS),
                    help="token counts to evaluate (default: %(default)s)")
     p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
 
@@ -113,6 +116,8 @@ def collect(args: argparse.Namespace) -> dict:
         "versions": versions(),
         "plugin_entry_point": plugin_entry_point(),
         "env": envs.snapshot(),
+        "env_problems": envs.problems(),
+        "env_unknown": envs.unknown_names(),
         "backend_modules": backends.import_errors(),
         "backend_details": backend_details(),
         "query": {"world_size": world_size, "hidden": args.hidden, "tokens": args.tokens, "dtype": args.dtype},
@@ -130,6 +135,10 @@ def render(report: dict) -> str:
     ep = report["plugin_entry_point"]
     lines.append(f"vLLM plugin entry point: {ep or 'NOT FOUND (is the package installed?)'}")
     lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in report["env"].items()))
+    for problem in report["env_problems"]:
+        lines.append(f"INVALID SETTING: {problem}")
+    for note in report["env_unknown"]:
+        lines.append(f"note: {note}")
     for module, err in report["backend_modules"].items():
         lines.append(f"backend module {module}: {err}")
     for name, details in report.get("backend_details", {}).items():
@@ -162,4 +171,6 @@ def render(report: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     report = collect(args)
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
-    return 0
+    for problem in report["env_problems"]:  # again last, where it is seen
+        print(f"doctor: error: invalid setting {problem}", file=sys.stderr)
+    return 1 if report["env_problems"] else 0
