@@ -157,6 +157,67 @@ def test_interrupt_while_waiting_stops_the_server(tmp_path, monkeypatch):
     assert processes_with(marker) == []
 
 
+def test_stopping_says_each_signal_it_sends(tmp_path):
+    marker = new_marker()
+    messages = []
+    with FakeServer("stubborn", env=marker, log_path=tmp_path / "serve.log", progress=messages.append):
+        pass
+    assert messages[0].startswith("stopping vllm serve (SIGINT to its processes; SIGTERM after ")
+    assert messages[1:] == ["vllm serve still running: sending SIGTERM", "vllm serve still running: sending SIGKILL"]
+    assert processes_with(marker) == []
+
+
+def test_ctrl_c_while_stopping_takes_the_next_step_at_once(tmp_path):
+    marker = new_marker()
+
+    class Interrupted(FakeServer):
+        # a Ctrl-C arrives during each wait for the group to empty (calls 2 and 4)
+        calls = 0
+
+        def alive(self):
+            self.calls += 1
+            if self.calls in (2, 4):
+                raise KeyboardInterrupt
+            return super().alive()
+
+    server = Interrupted("stubborn", env=marker, log_path=tmp_path / "serve.log")
+    server.start()
+    server.wait_ready()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        server.stop(grace=(60.0, 60.0))
+    assert time.monotonic() - t0 < 15        # not the 120 s of grace
+    assert server.proc.returncode == -9
+    assert processes_with(marker) == []
+
+
+def test_invalid_plugin_setting_starts_nothing(tmp_path, monkeypatch):
+    server = FakeServer("ok", env={"VLLM_ROCM_FUSED_MAX_TOKENS": "abc"}, log_path=tmp_path / "serve.log")
+    with pytest.raises(ValueError, match="invalid plugin setting: VLLM_ROCM_FUSED_MAX_TOKENS='abc': not an integer"):
+        server.start()
+    assert server.proc is None
+    monkeypatch.setenv("VLLM_ROCM_FUSED_BACKEND", "bogus")
+    assert VllmServer.settings_problems() == [
+        "VLLM_ROCM_FUSED_BACKEND='bogus': not a backend (one of auto, native, cuda, rocm)"]
+    assert VllmServer.settings_problems({"VLLM_ROCM_FUSED_BACKEND": "native"}) == []
+
+
+def test_progress_shows_the_last_info_line_of_vllms_log(tmp_path):
+    log = tmp_path / "serve.log"
+    log.write_text("\n".join([
+        "(APIServer pid=1) INFO 12-01 23:41:36 [api_utils.py:347]  ▄▄ ▄█ █     █     █ ▀▄▀ █  version 0.32.0",
+        "(APIServer pid=1) INFO 12-01 23:41:36 [api_utils.py:286] non-default args: {'model': 'm'}",
+        "(APIServer pid=1) WARNING 12-01 23:41:36 [system_utils.py:255] Found ulimit of 20000 and failed to "
+        "automatically increase with error current limit exceeds maximum limit.",
+        "some line a library printed",
+    ]) + "\n")
+    assert serving._last_log_message(str(log)) == "non-default args: {'model': 'm'}"
+    with log.open("a") as f:
+        f.write("(Worker_TP0 pid=2) INFO 12-01 23:42:52 [cpu_model_runner.py:68] Starting to load model m...\n")
+    assert serving._last_log_message(str(log)) == "Starting to load model m..."
+    assert serving._last_log_message(str(tmp_path / "missing.log")) == ""
+
+
 @pytest.fixture(autouse=True)
 def short_grace(monkeypatch):
     # keep the SIGINT -> SIGTERM -> SIGKILL ladder quick for the fake servers

