@@ -81,7 +81,59 @@ def test_bad_preset_is_an_error_before_serving(tmp_path):
     marker = new_marker()
     res = _run_demo(["--preset", "dense-fp4"], tmp_path, marker, timeout=120)
     assert res.returncode == 2
-    assert "unknown preset 'dense-fp4'" in res.stderr and "starting vllm serve" not in res.stdout
+    assert "unknown preset 'dense-fp4'" in res.stderr
+    assert "building" not in res.stdout and "starting vllm serve" not in res.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def _demo_error(argv, tmp_path, capsys):
+    """Run the demo in this process; return (exit status, stderr). Nothing may be built."""
+    from vllm_rocm_fused.cli.main import main
+
+    cache = tmp_path / "cache"
+    status = main(["demo", "--cache-dir", str(cache), *argv])
+    out, err = capsys.readouterr()
+    assert "building" not in out and "starting vllm serve" not in out
+    assert not cache.exists()
+    return status, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-tokens", "-1"], "argument --max-tokens: must be >= 1, got -1"),
+    (["--requests", "0"], "argument --requests: must be >= 1, got 0"),
+    (["--tp", "0"], "argument --tp: must be >= 1, got 0"),
+    (["--seed", "-3"], "argument --seed: must be >= 0, got -3"),
+    (["--startup-timeout", "0"], "argument --startup-timeout: must be > 0, got 0.0"),
+])
+def test_bad_numbers_are_usage_errors(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _demo_error(argv, tmp_path, capsys)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_tp_the_model_cannot_be_split_into_is_refused_before_building(tmp_path, capsys):
+    status, err = _demo_error(["--preset", "dense-bf16", "--tp", "3"], tmp_path, capsys)
+    assert status == 2
+    line, = err.strip().splitlines()   # one line: the first reason and how many more
+    assert line.startswith("demo: error: --tp 3: dense-bf16 cannot be split across 3 ranks: "
+                           "num_attention_heads = 4 does not split across TP=3 (and ")
+
+
+def test_invalid_plugin_setting_is_refused_before_building(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VLLM_ROCM_FUSED_BACKEND", "bogus")
+    status, err = _demo_error(["--preset", "dense-bf16"], tmp_path, capsys)
+    assert status == 2
+    assert err.strip() == ("demo: error: invalid setting VLLM_ROCM_FUSED_BACKEND='bogus': "
+                           "not a backend (one of auto, native, cuda, rocm)")
+
+
+def test_cache_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    from vllm_rocm_fused.cli.main import main
+
+    f = tmp_path / "file"
+    f.write_text("")
+    assert main(["demo", "--preset", "dense-bf16", "--cache-dir", str(f)]) == 2
+    assert f"--cache-dir {f}: exists and is not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow

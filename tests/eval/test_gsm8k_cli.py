@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import pytest
@@ -23,7 +24,7 @@ def test_defaults_and_passthrough():
 
 
 @pytest.mark.parametrize("bad", [["--gate", "1.5"], ["--max-drop", "-0.1"], ["--tp", "0"], ["--limit", "0"],
-                                 ["--gate-filter", "exact"]])
+                                 ["--gate-filter", "exact"], ["--startup-timeout", "0"], ["--concurrency", "x"]])
 def test_bad_values_are_usage_errors(bad, capsys):
     with pytest.raises(SystemExit) as e:
         parse(["eval", "gsm8k", "--model", "m", *bad])
@@ -53,7 +54,41 @@ def test_bad_data_dir_fails_before_any_server(tmp_path, capsys):
     assert status == 2
     err = capsys.readouterr().err
     assert "error: --data-dir" in err and "not a folder" in err
-    assert not (tmp_path / "out" / "baseline").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def _tiny_config(folder, heads=4):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"num_attention_heads": heads, "num_key_value_heads": 2}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent"], "error: --model /nonexistent: no such file or folder (and not a Hugging Face "
+                                  "model id, which looks like org/name)"),
+    (["--model", "m", "--tokenizer", "./no/such/tokenizer"], "error: --tokenizer ./no/such/tokenizer: no such file"),
+    (["--model", "{model}", "--tp", "3"], "error: --tp 3: {model} has num_attention_heads = 4, which vLLM cannot "
+                                          "split across 3 ranks"),
+    (["--model", "m", "--out", "{file}"], "error: --out {file}: exists and is not a folder"),
+])
+def test_bad_arguments_fail_before_anything_starts(argv, message, tmp_path, capsys):
+    model, file = _tiny_config(tmp_path / "model"), tmp_path / "file"
+    file.write_text("")
+    argv = [a.format(model=model, file=file) for a in argv]
+    out = tmp_path / "out"
+    status = main(["eval", "gsm8k", "--out", str(out), *argv])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.format(model=model, file=file) in err[0]
+    assert not out.exists()
+
+
+def test_invalid_plugin_setting_fails_before_anything_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VLLM_ROCM_FUSED_DISABLE_AR_QUANT", "perhaps")
+    assert main(["eval", "gsm8k", "--model", "m", "--out", str(tmp_path / "out")]) == 2
+    assert ("error: invalid setting VLLM_ROCM_FUSED_DISABLE_AR_QUANT='perhaps': not a switch (use 0 or 1)"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_data_dir_from_environment(tmp_path, monkeypatch, capsys):

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checks import non_negative_int, positive_float, positive_int
+
 PLUGIN_TAG = "vllm-rocm-fused:"
 DEFAULT_PRESET = "trained-dense-fp8"
 FEWSHOT = 5  # shots in a completion prompt, as lm-eval's gsm8k task sends
@@ -79,19 +81,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=DEFAULT_PRESET,
                    help=f"tiny model to serve (default {DEFAULT_PRESET}, trained; see `vllm-rocm-fused tiny-model "
                         "--list`)")
-    p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="weights seed (default 0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset key, as for tiny-model (e.g. num_hidden_layers=4)")
-    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
-    p.add_argument("--max-tokens", type=int, default=96, help="tokens per reply at most (default 96)")
-    p.add_argument("--requests", type=int, default=4,
+    p.add_argument("--tp", type=positive_int, default=2, help="tensor-parallel size (default 2)")
+    p.add_argument("--max-tokens", type=positive_int, default=96, help="tokens per reply at most (default 96)")
+    p.add_argument("--requests", type=positive_int, default=4,
                    help="how many requests, alternating chat and completion (default 4)")
     p.add_argument("--compile", action="store_true",
                    help="let vLLM torch.compile the model (default: --enforce-eager, faster to start)")
     p.add_argument("--cache-dir", default=None,
                    help="where built models and server logs go (default: VLLM_ROCM_FUSED_CACHE_DIR)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the model even if the cached one is current")
-    p.add_argument("--startup-timeout", type=float, default=900.0,
+    p.add_argument("--startup-timeout", type=positive_float, default=900.0,
                    help="seconds to wait for the server to be healthy (default 900)")
     p.add_argument("--serve-arg", dest="serve_args", action="append", default=[], metavar="ARG",
                    help="one more `vllm serve` argument (repeatable; e.g. --serve-arg=--max-num-seqs=8)")
@@ -192,6 +194,20 @@ def _raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def recipe_tp_problem(recipe, tp: int) -> str | None:
+    """Why the recipe's model cannot be served at TP=``tp`` (the builder's partition
+    checks for that size: heads, and FP8 blocks in every shard), or None."""
+    from dataclasses import replace
+
+    from ..tiny_models.recipe import check
+
+    problems = check(replace(recipe, builder={**recipe.builder, "tp_sizes": [tp]}))
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"--tp {tp}: {recipe.name} cannot be split across {tp} ranks: {problems[0]}{more}"
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import envs
     from ..serving import ServerError, VllmServer
@@ -199,9 +215,22 @@ def run(args: argparse.Namespace) -> int:
 
     _raise_on_sigterm()
     cache_dir = Path(args.cache_dir or envs.cache_dir()).expanduser()
+    # Everything that can be checked is checked before building or starting anything.
     try:
         overrides = parse_overrides(args.overrides)
-        trained = resolve(args.preset, overrides).trained is not None
+        recipe = resolve(args.preset, overrides)
+    except PresetError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
+    problem = (recipe_tp_problem(recipe, args.tp)
+               or (f"--cache-dir {cache_dir}: exists and is not a folder"
+                   if cache_dir.exists() and not cache_dir.is_dir() else None)
+               or next((f"invalid setting {p}" for p in VllmServer.settings_problems()), None))
+    if problem:
+        print(f"demo: error: {problem}", file=sys.stderr)
+        return 2
+    trained = recipe.trained is not None
+    try:
         folder = ensure_model(cache_dir, args.preset, args.seed, overrides, args.rebuild)
     except (PresetError, FileNotFoundError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
@@ -210,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     log_path = cache_dir / "logs" / f"demo-{folder.name}-tp{args.tp}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
+    # The server says when it stops (also on Ctrl-C: stopping takes up to half a minute).
     server = VllmServer(folder, tp=args.tp, extra_args=serve_args(folder) + list(args.serve_args),
                         log_path=log_path, served_model_name=f"tiny-{args.preset}",
                         enforce_eager=not args.compile, startup_timeout_s=args.startup_timeout,
@@ -231,7 +261,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"demo: error: the trained model answered {args.requests - right} of {args.requests} "
                       "questions wrong", file=sys.stderr, flush=True)
                 exit_code = 1
-            _say("stopping the server")
     except ServerError as e:
         print(f"demo: error: {e}", file=sys.stderr, flush=True)
         exit_code = 1

@@ -16,31 +16,11 @@ import time
 from pathlib import Path
 
 from .. import envs
+from .checks import fraction, model_problem, non_negative_int, positive_float, positive_int, tp_problem
 
 logger = logging.getLogger("vllm_rocm_fused.cli.eval")
 
 BENCHMARKS = ("gsm8k",)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,29 +36,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, help="checkpoint folder or Hugging Face name, as vllm serve takes it")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer lm-eval uses on the client side (default: --model)")
-    g.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size (default 1; fusion needs > 1)")
-    g.add_argument("--limit", type=_positive_int, default=None,
+    g.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size (default 1; fusion needs > 1)")
+    g.add_argument("--limit", type=positive_int, default=None,
                    help="score only the first N test questions (default: all 1319)")
-    g.add_argument("--num-fewshot", type=_non_negative_int, default=5, help="few-shot examples (default 5)")
+    g.add_argument("--num-fewshot", type=non_negative_int, default=5, help="few-shot examples (default 5)")
     g.add_argument("--data-dir", default=None,
                    help="folder with GSM8K train.jsonl/test.jsonl: run offline from it (default: "
                         "$VLLM_ROCM_FUSED_GSM8K_DIR, else lm-eval's stock task from the Hub)")
-    g.add_argument("--gate", type=_fraction, default=None,
+    g.add_argument("--gate", type=fraction, default=None,
                    help="fail if the fused exact match is below this (e.g. 0.94; default: no absolute gate)")
-    g.add_argument("--max-drop", type=_fraction, default=0.02,
+    g.add_argument("--max-drop", type=fraction, default=0.02,
                    help="fail if the fused exact match is more than this below the baseline's (default 0.02)")
     g.add_argument("--gate-filter", choices=("strict-match", "flexible-extract"), default="strict-match",
                    help="which lm-eval filter's exact match the gates judge (default strict-match)")
-    g.add_argument("--concurrency", type=_positive_int, default=8,
+    g.add_argument("--concurrency", type=positive_int, default=8,
                    help="requests lm-eval keeps in flight (default 8)")
-    g.add_argument("--max-gen-toks", type=_positive_int, default=256,
+    g.add_argument("--max-gen-toks", type=positive_int, default=256,
                    help="generated tokens per answer at most (lm-eval's default 256)")
-    g.add_argument("--parity-questions", type=_non_negative_int, default=10,
+    g.add_argument("--parity-questions", type=non_negative_int, default=10,
                    help="questions whose greedy completions are compared token by token (default 10, "
                         "at most --limit; 0: skip)")
-    g.add_argument("--parity-tokens", type=_positive_int, default=128,
+    g.add_argument("--parity-tokens", type=positive_int, default=128,
                    help="tokens generated per parity completion (default 128)")
-    g.add_argument("--startup-timeout", type=float, default=1800.0,
+    g.add_argument("--startup-timeout", type=positive_float, default=1800.0,
                    help="seconds to wait for each server's /health (default 1800)")
     g.add_argument("--out", default=None,
                    help="output folder (default: ./gsm8k-eval-<UTC time>)")
@@ -94,12 +74,28 @@ def _say(msg: str) -> None:
     print(f"[eval {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def argument_problem(args: argparse.Namespace, out: Path) -> str | None:
+    """The first argument or setting that cannot work, found before anything starts
+    or is written (None: none found)."""
+    from vllm_rocm_fused.serving import VllmServer
+
+    return (model_problem(args.model)
+            or (model_problem(args.tokenizer, "--tokenizer") if args.tokenizer else None)
+            or tp_problem(args.model, args.tp)
+            or (f"--out {out}: exists and is not a folder" if out.exists() and not out.is_dir() else None)
+            or next((f"invalid setting {p}" for p in VllmServer.settings_problems()), None))
+
+
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else Path(f"gsm8k-eval-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    problem = argument_problem(args, out)
+    if problem:
+        _say(f"error: {problem}")
+        return 2
+
     from vllm_rocm_fused.eval.gate import check_thresholds
     from vllm_rocm_fused.eval.gsm8k import EvalError, Gsm8kRun, format_command, run_gsm8k
     from vllm_rocm_fused.eval.server_log import first_error
-
-    out = Path(args.out) if args.out else Path(f"gsm8k-eval-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     cfg = Gsm8kRun(
         model=args.model, out_dir=out.resolve(), tp=args.tp, tokenizer=args.tokenizer, limit=args.limit,
         num_fewshot=args.num_fewshot, data_dir=_absolute(args.data_dir or envs.gsm8k_dir()), gate=args.gate,
