@@ -1,5 +1,7 @@
-"""``vllm-rocm-fused`` entry point: one sub-command per module, imported on use so
-that ``doctor`` works without vLLM."""
+"""``vllm-rocm-fused`` entry point: one sub-command per module, imported on use: only
+the module of the command being run is imported (``--help`` imports none, and
+``doctor`` works without vLLM), and each module imports torch or vLLM only where
+its command needs them."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Iterable
 
 # sub-command -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -18,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; the arguments of ``commands`` only (default: all), so that parsing
+    one command's line imports that command's module alone."""
+    wanted = set(COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(
         prog="vllm-rocm-fused",
         description="Fused all-reduce + RMSNorm + FP8 quant for Qwen3.5 on vLLM: tools.",
@@ -27,14 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if name in wanted:
+            importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first word that is not an option (the top level has only -h).
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser([command] if command in COMMANDS else [])
     args = parser.parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
