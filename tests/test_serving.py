@@ -215,6 +215,10 @@ def test_progress_shows_the_last_info_line_of_vllms_log(tmp_path):
     with log.open("a") as f:
         f.write("(Worker_TP0 pid=2) INFO 12-01 23:42:52 [cpu_model_runner.py:68] Starting to load model m...\n")
     assert serving._last_log_message(str(log)) == "Starting to load model m..."
+    with log.open("a") as f:
+        f.write("(EngineCore pid=3) INFO 12-01 23:42:20 [ompmultiprocessing.py:185] OpenMP thread binding info: \n"
+                "(EngineCore pid=3) INFO 12-01 23:42:20 [ompmultiprocessing.py:185] \treserved_cpus=[]\n")
+    assert serving._last_log_message(str(log)) == "OpenMP thread binding info:"
     assert serving._last_log_message(str(tmp_path / "missing.log")) == ""
 
 

@@ -136,12 +136,13 @@ def _last_log_message(path: str | None) -> str:
     WARNING lines are left out: at startup on a CPU box they are advice that stays
     true for the whole wait (the file-descriptor limit, LD_PRELOAD, Triton), so one
     would read like a problem for half a minute; they stay in the log, whose tail a
-    failed start prints. So are the banner's drawing lines (no word to show)."""
+    failed start prints. So are indented lines (the banner's drawing, the details
+    under a multi-line message, whose first line says what they are)."""
     for line in reversed(log_tail(path, 40).splitlines()):
         m = _VLLM_LINE.match(line)
         if not m or m.group("level") != "INFO":
             continue
-        message = m.group("message").strip()
+        message = m.group("message").rstrip()
         if message[:1].isascii() and message[:1].isalnum():
             return message[:100]
     return ""
