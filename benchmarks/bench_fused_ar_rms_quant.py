@@ -17,7 +17,9 @@ the device copy bandwidth measured in the same run (a graph-replayed 1 GiB copy,
 Results: <gpu>_tp1.json and .png.
 
 Every time is a CUDA-graph replay: a graph holds the op on ROTATIONS input sets (distinct
-buffers, so large shapes do not run out of L2), replayed WARMUP times, then REPLAYS times
+buffers, so large shapes do not run out of L2; the list captured REPEAT times, so a replay
+outlasts its launch), replayed for about WARMUP_S seconds (at
+least WARMUP times; the GPU's clocks ramp up after an idle gap), then REPLAYS times
 between CUDA events; per-op time = replay time / ROTATIONS; each rank takes the median
 and the spread over the replays, and the report takes the slowest rank. Every variant of
 every shape is also run once on fresh random inputs and checked against the reference.
@@ -97,6 +99,8 @@ TP1_VARIANTS = ("dispatched", "compiled_static", "compiled_dynamic")
 TP1_HIDDEN = (5120, 2048, 4096, 3072, 2560, 6144, 7168, 8192)
 ROTATIONS = 4
 WARMUP = 5
+WARMUP_S = 0.05
+REPEAT = 8  # captures of the rotation list per graph (see time_graph)
 INDUCTOR_Q_STEPS = 1.25  # measured up to ~1.03 for that arithmetic on CPU
 EPS = 1e-6
 FP8 = torch.float8_e4m3fn
@@ -113,21 +117,38 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def time_graph(fns, replays: int) -> list[float]:
-    """Per-op microseconds of each replay of a graph of fns (one per rotation); the ranks of
-    an initialized process group start each phase together."""
+def time_graph(fns, replays: int, repeat: int = REPEAT) -> list[float]:
+    """Per-op microseconds of each replay of a graph of fns (one per rotation, the list
+    captured ``repeat`` times); the ranks of an initialized process group start each phase
+    together. The repeats keep a replay of microsecond ops longer than the host takes to
+    launch the next one, so the timed span is never the GPU waiting for the host."""
     for f in fns:  # eager warm-up: compiles, creates handles
         f()
     torch.cuda.synchronize()
     _barrier()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for f in fns:
-            f()
+        for _ in range(repeat):
+            for f in fns:
+                f()
     torch.cuda.synchronize()
     _barrier()
+    # Warm up for about WARMUP_S of back-to-back replays, not a fixed few: after an idle gap
+    # (compiles, checks on the host) the GPU's clocks are low, and a few microsecond-long
+    # replays would time the clock ramp instead of the op (seen on the first variant timed
+    # after each pause). Every rank replays the same count (the graphs hold collectives).
+    t_warm = time.perf_counter()
     for _ in range(WARMUP):
         graph.replay()
+    torch.cuda.synchronize()
+    per_replay = (time.perf_counter() - t_warm) / WARMUP
+    more = torch.tensor([int(WARMUP_S / max(per_replay, 1e-6))], device="cuda")
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+    for i in range(int(more.item())):
+        graph.replay()
+        if i % 64 == 63:
+            torch.cuda.synchronize()
     torch.cuda.synchronize()
     _barrier()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
@@ -137,7 +158,7 @@ def time_graph(fns, replays: int) -> list[float]:
         graph.replay()
         e.record()
     torch.cuda.synchronize()
-    us = [s.elapsed_time(e) * 1000.0 / len(fns) for s, e in zip(starts, ends)]
+    us = [s.elapsed_time(e) * 1000.0 / (len(fns) * repeat) for s, e in zip(starts, ends)]
     del graph
     return us
 
@@ -533,12 +554,17 @@ def op_bytes(tokens: int, hidden: int) -> int:
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, replays: int = 20) -> float:
-    """Device copy bandwidth in bytes/s (read + write counted), graph-replayed."""
+    """Device copy bandwidth in bytes/s (read + write counted), graph-replayed: the faster of
+    a memcpy node (``copy_``, which a graph may give to a copy engine) and an elementwise
+    kernel that reads and writes the same bytes (the SMs' copy)."""
     src = torch.randn(nbytes // 4, device="cuda")
     dst = torch.empty_like(src)
-    us = statistics.median(time_graph([lambda: dst.copy_(src)], replays))
+    memcpy_us = statistics.median(time_graph([lambda: dst.copy_(src)], replays, repeat=1))
+    kernel_us = statistics.median(time_graph([lambda: torch.mul(src, 1.0, out=dst)], replays, repeat=1))
+    print(f"copy of {nbytes >> 20} MiB: memcpy {memcpy_us:.0f} us, elementwise kernel {kernel_us:.0f} us",
+          flush=True)
     del src, dst
-    return 2 * nbytes / (us * 1e-6)
+    return 2 * nbytes / (min(memcpy_us, kernel_us) * 1e-6)
 
 
 def run_tp1(args, out_path: Path, report: dict) -> None:
@@ -841,7 +867,8 @@ def main(argv=None) -> int:
         report = {
             "command": "PYTHONPATH=. python benchmarks/bench_fused_ar_rms_quant.py " + " ".join(shown),
             "machine": machine_info(1),
-            "settings": {"rotations": ROTATIONS, "warmup_replays": WARMUP, "replays": args.replays, "eps": EPS,
+            "settings": {"rotations": ROTATIONS, "repeat": REPEAT, "warmup_replays": WARMUP, "warmup_s": WARMUP_S,
+                         "replays": args.replays, "eps": EPS,
                          "dtype": "bfloat16", "group_size": 128, "scale_layout": "row", "weight_offset": 1.0,
                          "hidden": args.hidden, "tokens": args.tokens, "variants": args.tp1_variants,
                          "inductor": "torch.compile default mode, fullgraph; static: dynamic=False per token "
@@ -853,7 +880,8 @@ def main(argv=None) -> int:
     report = {
         "command": "PYTHONPATH=. python benchmarks/bench_fused_ar_rms_quant.py " + " ".join(shown),
         "machine": machine_info(world),
-        "settings": {"rotations": ROTATIONS, "warmup_replays": WARMUP, "replays": args.replays, "eps": EPS,
+        "settings": {"rotations": ROTATIONS, "repeat": REPEAT, "warmup_replays": WARMUP, "warmup_s": WARMUP_S,
+                         "replays": args.replays, "eps": EPS,
                      "dtype": "bfloat16", "group_size": 128, "scale_layout": "row", "weight_offset": 1.0},
         "dispatch_thresholds": {"ll_max_bytes": dispatch.LL_MAX_BYTES[world],
                                 "oneshot_max_bytes": dispatch.ONESHOT_MAX_BYTES[world],

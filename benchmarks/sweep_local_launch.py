@@ -108,8 +108,11 @@ def main(argv=None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     plan = {h: candidates(h, args.warps, args.rows) for h in args.hidden}
     report = {
+        # the output path as committed: where the file went on the measuring machine is not a
+        # fact about the run
         "command": "PYTHONPATH=. python benchmarks/sweep_local_launch.py " + " ".join(
-            a for a in (sys.argv[1:] if argv is None else argv)),
+            f"benchmarks/results/{Path(a).name}" if a == args.out else a
+            for a in (sys.argv[1:] if argv is None else argv)),
         "machine": machine_info(1),
         "settings": {"rotations": ROTATIONS, "replays": args.replays, "eps": EPS, "dtype": "bfloat16",
                      "group_size": 128, "scale_layout": "row", "weight_offset": 1.0, "residual": True,

@@ -8,7 +8,7 @@
 # deadlines and keep what they measured. Everything goes to
 # OUT_DIR (default: $OUT if set, else ./gpu-issue13-out), at most 8 files:
 #   run.log, tests.log, precompile.json, h200_tp1_launch_sweep.json, local_launch_table.py,
-#   h200_tp1.json, h200_tp1.png
+#   h200_tp1.json, h200_tp1.png, clocks.csv
 # The derived table is also written into this tree (vllm_rocm_fused/kernels/) before the
 # benchmark, so "dispatched" runs the shapes just measured. Exit status: non-zero if a step failed.
 set -uo pipefail
@@ -35,6 +35,11 @@ step() {  # step NAME LIMIT_S CMD...
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
+# The GPU's clocks over the run (read only; nothing here sets them), to tell a clock ramp
+# from a slow kernel.
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 500 \
+    > "$OUT_DIR/clocks.csv" 2>&1 &
+CLOCKS_PID=$!
 $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name(0))'
 
 # 1. Compile in parallel what the later steps would compile one by one (the local kernel at
@@ -58,6 +63,7 @@ fi
 step bench-tp1 "$T_BENCH" $PY benchmarks/bench_fused_ar_rms_quant.py --world-size 1 --replays 100 \
     --out-dir "$OUT_DIR" --name h200_tp1 --deadline-s $((T_BENCH - 30))
 rm -f "$OUT_DIR"/*.tmp
+kill "$CLOCKS_PID" 2>/dev/null
 
 echo "=== summary (at $(( $(date +%s) - START ))s)"
 grep -E "passed|failed|error" "$OUT_DIR/tests.log" | tail -n 3
