@@ -1,5 +1,6 @@
 """torch.compile traces callers of the op through its fake impl."""
 
+import pytest
 import torch
 
 from vllm_rocm_fused.ops import fused_allreduce_rmsnorm_quant
@@ -27,9 +28,9 @@ def test_fake_impl_matches_real_meta():
 
     x = torch.randn(5, 384, dtype=torch.bfloat16)
     w = torch.randn(384)
-    for col in (False, True):
+    for layout in ("row", "col"):
         for quantize, emit in ((True, False), (True, True), (False, False)):
-            args = (x, x, w, 1e-6, None, 128, 1.0, emit, col, torch.float8_e4m3fn, quantize, "native")
+            args = (x, x, w, 1e-6, None, 128, 1.0, emit, layout, torch.float8_e4m3fn, quantize, "native")
             real = torch.ops.vllm_rocm_fused.fused_allreduce_rmsnorm_quant(*args)
             with FakeTensorMode() as mode:
                 fargs = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
@@ -38,3 +39,15 @@ def test_fake_impl_matches_real_meta():
                 assert r_.shape == f_.shape and r_.dtype == f_.dtype
                 if r_.numel():
                     assert r_.stride() == f_.stride()
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("quantize, emit, residual", [(True, False, True), (True, True, False), (False, False, True)])
+def test_opcheck(layout, quantize, emit, residual):
+    """torch.library.opcheck: the schema (no mutation, no aliasing), the fake impl against
+    the real one, and tracing through AOT dispatch, on fresh random inputs."""
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    r = torch.randn(5, 256, dtype=torch.bfloat16) if residual else None
+    w = torch.randn(256, dtype=torch.bfloat16)
+    args = (x, r, w, 1e-6, None, 128, 1.0, emit, layout, torch.float8_e4m3fn, quantize, "native")
+    torch.library.opcheck(torch.ops.vllm_rocm_fused.fused_allreduce_rmsnorm_quant.default, args)

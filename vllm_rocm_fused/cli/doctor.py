@@ -15,7 +15,7 @@ import torch
 
 from .. import __version__, envs, platform_info
 from ..ops import backends
-from ..ops.backends import CallSpec
+from ..ops.backend_api import CallSpec
 from ..ops.comm import Communicator
 from ..sites import SITE_KINDS
 from .checks import positive_int
@@ -97,12 +97,12 @@ def backend_details() -> dict[str, dict[str, str]]:
     aiter API generation the ROCm backend detected), for backends that say anything."""
     out = {}
     for backend in backends.backends():
-        details = getattr(backend, "details", None)
-        if callable(details):
-            try:
-                out[backend.name] = dict(details())
-            except Exception as e:  # noqa: BLE001 - doctor reports, never fails
-                out[backend.name] = {"details": f"{type(e).__name__}: {e}"}
+        try:
+            details = dict(backend.details())
+        except Exception as e:  # noqa: BLE001 - doctor reports, never fails
+            details = {"details": f"{type(e).__name__}: {e}"}
+        if details:
+            out[backend.name] = details
     return out
 
 

@@ -1,6 +1,7 @@
 """The fused op, importable with torch alone."""
 
-from .backends import CallSpec, path_counters, reset_counters
+from .backend_api import CallSpec
+from .backends import path_counters, reset_counters
 from .fused import fused_allreduce_rmsnorm_quant
 from .reference import FusedNormQuantOutput, norm_quant_reference
 

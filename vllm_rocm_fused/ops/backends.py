@@ -1,11 +1,11 @@
 """Backend registry, selection and fallback for the fused op.
 
-A backend computes the op (all-reduce included) on some hardware. Selection is
-host-side and cheap: each backend answers "why not?" as a short reason string
-(None = eligible), ``auto`` takes the highest-priority eligible one, and the
-portable ``native`` backend is always last. A backend that raises is marked
-broken for the process, logged once, and the call is redone on the next one
-down, so a failing fast kernel never fails a request.
+A backend (``backend_api.Backend``) computes the op (all-reduce included) on some
+hardware. Selection is host-side and cheap: each backend answers "why not?" as a
+short reason string (None = eligible), ``auto`` takes the highest-priority eligible
+one, and the portable ``native`` backend is always last. A fast backend that raises
+is marked broken for the process, logged once, and the call is redone on ``native``,
+so a failing fast kernel never fails a request.
 
 Fast backends live in their own modules (``vllm_rocm_fused.backends.*``) and
 are imported on first use; an import failure becomes their unavailability
@@ -20,20 +20,15 @@ import collections
 import importlib
 import logging
 import threading
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 
 from ..log import get_logger, log_once
+from .backend_api import PATHS, Backend, CallSpec, Outputs
 from .comm import Communicator
+from .native import NativeBackend
 
 logger = get_logger("backends")
-
-PATH_FUSED_1 = "fused-1"  # one kernel: AR + add + RMSNorm + quant
-PATH_FUSED_2 = "fused-2"  # two kernels: fused AR + add + RMSNorm, then group quant
-PATH_GENERIC = "generic"  # portable torch ops
-PATHS = (PATH_FUSED_1, PATH_FUSED_2, PATH_GENERIC)
 
 # Modules that register fast backends when imported, in no particular order
 # (priority decides). Missing or failing modules are reported, never raised.
@@ -41,66 +36,6 @@ FAST_BACKEND_MODULES: tuple[str, ...] = (
     "vllm_rocm_fused.backends.cuda",
     "vllm_rocm_fused.backends.rocm",
 )
-
-
-@dataclass(frozen=True)
-class CallSpec:
-    """Host-side facts about one call, enough to decide eligibility."""
-
-    num_tokens: int
-    hidden: int
-    dtype: torch.dtype
-    device: torch.device
-    world_size: int
-    group_size: int
-    weight_offset: float
-    emit_bf16: bool
-    scale_layout: str
-    quant_dtype: torch.dtype
-    has_residual: bool
-    quantize: bool = True
-    capturing: bool = False
-
-    @property
-    def input_bytes(self) -> int:
-        return self.num_tokens * self.hidden * torch.empty((), dtype=self.dtype).element_size()
-
-
-class Backend(ABC):
-    """One implementation of the fused op."""
-
-    #: registry key, what ``backend=`` and doctor call it
-    name: str = ""
-    #: higher wins under ``auto``
-    priority: int = 0
-
-    def unavailable_reason(self) -> str | None:
-        """Why this backend cannot run in this process at all (None = it can)."""
-        return None
-
-    @abstractmethod
-    def ineligible_reason(self, spec: CallSpec, comm: Communicator | None) -> str | None:
-        """Why this call cannot use this backend (None = it can). Host-side only."""
-
-    @abstractmethod
-    def run(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        weight: torch.Tensor,
-        eps: float,
-        comm: Communicator | None,
-        spec: CallSpec,
-    ) -> tuple[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None], str]:
-        """Returns ((q, scale, residual, normed), path) with path one of PATHS."""
-
-    def describe(self, spec: CallSpec, comm: Communicator | None) -> str:
-        """Which path this backend would take for ``spec`` (for doctor), when eligible."""
-        return PATH_FUSED_1
-
-    def weight_updated(self, weight: torch.Tensor) -> None:
-        """``weight`` (a norm weight) was just (re)loaded in place: refresh any copy
-        derived from it (e.g. a precomputed ``1 + w``). Default: nothing kept."""
 
 
 _backends: dict[str, Backend] = {}
@@ -148,8 +83,6 @@ def _load_fast_backends() -> None:
 def backends() -> list[Backend]:
     """Registered backends, highest priority first (native last)."""
     _load_fast_backends()
-    from . import native  # noqa: F401 - registers the portable backend
-
     return sorted(_backends.values(), key=lambda b: -b.priority)
 
 
@@ -222,7 +155,7 @@ def run(
     comm: Communicator | None,
     spec: CallSpec,
     tag: str = "",
-):
+) -> Outputs:
     """Select, run, count; on an exception from a fast backend, mark it broken and
     redo the call on native. With a ``tag`` (a model site), the first call of each
     (site, backend, path) is logged once."""
@@ -266,3 +199,6 @@ def backend_counters() -> dict[str, int]:
 def reset_counters() -> None:
     _path_counts.clear()
     _backend_counts.clear()
+
+
+register_backend(NativeBackend())

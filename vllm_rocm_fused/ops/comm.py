@@ -25,6 +25,9 @@ class Communicator:
     name: str
     world_size: int
     rank: int
+    #: True for a stand-in that describes a group without creating it (doctor's):
+    #: backends plan for it as for a ready group, and nothing ever runs on it.
+    hypothetical: bool = False
 
     def __init__(self, name: str, world_size: int, rank: int) -> None:
         self.name = name

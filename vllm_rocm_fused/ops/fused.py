@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ..platform_info import FP8_DTYPES, default_fp8_dtype
 from . import backends as _backends
-from .backends import CallSpec
+from .backend_api import CallSpec
 from .comm import communicator_for_group, get_communicator
 from .reference import FusedNormQuantOutput
 
@@ -67,7 +67,7 @@ def _fused_op(
     group_size: int,
     weight_offset: float,
     emit_bf16: bool,
-    scale_col_major: bool,
+    scale_layout: str,
     quant_dtype: torch.dtype,
     quantize: bool,
     backend: str,
@@ -83,7 +83,7 @@ def _fused_op(
         group_size=group_size,
         weight_offset=weight_offset,
         emit_bf16=emit_bf16,
-        scale_layout="col" if scale_col_major else "row",
+        scale_layout=scale_layout,
         quant_dtype=quant_dtype,
         quantize=quantize,
     )
@@ -99,12 +99,12 @@ def _fused_op(
 
 @_fused_op.register_fake
 def _fused_op_fake(x, residual, weight, eps, comm_name, group_size, weight_offset,
-                   emit_bf16, scale_col_major, quant_dtype, quantize, backend, tag=""):
+                   emit_bf16, scale_layout, quant_dtype, quantize, backend, tag=""):
     tokens, hidden = x.shape
     if quantize:
         q = x.new_empty((tokens, hidden), dtype=quant_dtype)
         groups = hidden // group_size
-        if scale_col_major:
+        if scale_layout == "col":
             scale = x.new_empty((groups, tokens), dtype=torch.float32).t()
         else:
             scale = x.new_empty((tokens, groups), dtype=torch.float32)
@@ -135,7 +135,7 @@ def call_fused_op(
     """The torch op with already-validated arguments (glue code calls this)."""
     q, scale, new_residual, normed = torch.ops.vllm_rocm_fused.fused_allreduce_rmsnorm_quant(
         x, residual, weight, float(eps), comm_name, group_size, float(weight_offset),
-        emit_bf16, scale_layout == "col", quant_dtype, quantize, backend, tag,
+        emit_bf16, scale_layout, quant_dtype, quantize, backend, tag,
     )
     if not quantize:
         return FusedNormQuantOutput(None, None, new_residual, normed)

@@ -1,12 +1,15 @@
 """The portable backend: the communicator's all-reduce, then the reference math.
 
 Runs anywhere torch runs (CPU included) and is the last step of every fallback
-chain. On a GPU it costs one collective plus a handful of torch kernels.
+chain (the registry, ``backends.py``, registers it). On a GPU it costs one
+collective plus a handful of torch kernels.
 """
 
 from __future__ import annotations
 
-from .backends import PATH_GENERIC, Backend, CallSpec, register_backend
+import torch
+
+from .backend_api import PATH_GENERIC, Backend, CallSpec, Outputs
 from .comm import Communicator
 from .reference import norm_quant_reference
 
@@ -21,7 +24,15 @@ class NativeBackend(Backend):
     def describe(self, spec: CallSpec, comm: Communicator | None) -> str:
         return PATH_GENERIC
 
-    def run(self, x, residual, weight, eps, comm, spec):
+    def run(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+        comm: Communicator | None,
+        spec: CallSpec,
+    ) -> tuple[Outputs, str]:
         h = x
         if comm is not None and comm.world_size > 1 and spec.num_tokens > 0:
             h = comm.all_reduce(x)
@@ -35,9 +46,7 @@ class NativeBackend(Backend):
             quant_dtype=spec.quant_dtype,
             quantize=spec.quantize,
         )
-        return tuple(out), PATH_GENERIC
-
-
-register_backend(NativeBackend())
+        q, scale, residual_out, normed = out
+        return (q, scale, residual_out, normed), PATH_GENERIC
 
 __all__ = ["NativeBackend"]

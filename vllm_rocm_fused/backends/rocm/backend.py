@@ -52,7 +52,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ...log import get_logger, log_once
-from ...ops.backends import PATH_FUSED_1, PATH_FUSED_2, PATH_GENERIC, Backend, CallSpec, get_backend
+from ...ops.backend_api import PATH_FUSED_1, PATH_FUSED_2, PATH_GENERIC, Backend, CallSpec
+from ...ops.backends import get_backend
 from ...ops.comm import Communicator
 from ...ops.reference import as_col_major
 from . import aiter_api, kernel_limits as limits, route as routes
@@ -77,7 +78,7 @@ NORM_STEPS = (STEP_AR_RMS,)
 
 
 @dataclass
-class Plan:
+class StepPlan:
     """The eligible steps for one call, best first, why each other one is not,
     and the aiter kernel variant each eligible step runs."""
 
@@ -246,26 +247,26 @@ class RocmBackend(Backend):
     def _steps_for(spec: CallSpec) -> tuple[Step, ...]:
         return QUANT_STEPS if spec.quantize else NORM_STEPS
 
-    def plan(self, spec: CallSpec, comm: Communicator | None, *, build: bool = False) -> Plan:
+    def plan(self, spec: CallSpec, comm: Communicator | None, *, build: bool = False) -> StepPlan:
         """Which steps may run ``spec`` (cheap, host-side). ``build``: allowed to
         build a CustomAllreduce for a plain process group (run, not capturing)."""
         reason = self._call_reason(spec, comm)
         if reason is not None:
-            return Plan(None, why_not={"all": reason})
+            return StepPlan(None, why_not={"all": reason})
         probe = self.probe()
         route = routes.resolve(comm, probe, self.env)
         if isinstance(route, routes.Route) and route.pending:
             if spec.capturing:
-                return Plan(None, why_not={"all": "aiter's CustomAllreduce for this process group is built "
+                return StepPlan(None, why_not={"all": "aiter's CustomAllreduce for this process group is built "
                                                   "on the first call outside graph capture"})
             if build:
                 route = routes.build_own(comm, probe, spec.device)
         if isinstance(route, str):
-            return Plan(None, why_not={"all": route})
+            return StepPlan(None, why_not={"all": route})
         reason = self._route_reason(spec, route)
         if reason is not None:
-            return Plan(route, why_not={"all": reason})
-        plan = Plan(route)
+            return StepPlan(route, why_not={"all": reason})
+        plan = StepPlan(route)
         arch = self.env.gpu_arch(spec.device)
         for step in self._steps_for(spec):
             why = self._step_reason(step, spec, route, arch, probe)

@@ -150,7 +150,7 @@ def resolve(comm: Communicator, probe: AiterProbe, env) -> Route | str:
     cached = comm.extras.get(EXTRAS_KEY)
     if cached is not None:
         return cached
-    if getattr(comm, "hypothetical", False):
+    if comm.hypothetical:
         # doctor's stand-in for vLLM's TP group: assume vLLM's object, judge by the class
         if not probe.class_api.empty:
             return Route("object", probe.class_api, f"vLLM TP group's aiter custom all-reduce (needs: {VLLM_HINT})")
