@@ -69,3 +69,15 @@ def test_switch_reading_matches_the_check(monkeypatch):
     for value in envs.SWITCH_ON:
         monkeypatch.setenv("VLLM_ROCM_FUSED_DISABLE", value.upper())
         assert envs.plugin_disabled() and envs.problems() == []
+
+
+def test_readme_table_lists_every_variable_with_its_default():
+    """The README's environment table and ENV_VARS name the same variables, in the same
+    order, with the same defaults ("(empty)" in the README for an empty default)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## Environment variables\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    table = [(name.strip().strip("`"), default.strip().strip("`")) for name, default in rows]
+    assert table == [(v.name, v.default or "(empty)") for v in envs.ENV_VARS]

@@ -4,6 +4,7 @@ descendant inherits it, whatever its command line or process group)."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 MARKER_VAR = "VLLM_ROCM_FUSED_TEST_MARKER"
@@ -32,3 +33,14 @@ def processes_with(marker: dict[str, str]) -> list[int]:
         except (OSError, IndexError):
             continue
     return pids
+
+
+def processes_left(marker: dict[str, str], timeout_s: float = 10.0) -> list[int]:
+    """``processes_with(marker)`` once it is empty, or what it still holds after ``timeout_s``
+    (polled: a stopped process takes a moment to leave /proc)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = processes_with(marker)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
