@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from support.fake_aiter import import_error
-from support.rocm_harness import rocm  # noqa: F401 - a fixture
 from vllm_rocm_fused.backends.rocm.aiter_api import RocmEnvironment
 from vllm_rocm_fused.cli import doctor
 

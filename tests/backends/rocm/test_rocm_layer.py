@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from support.markers import requires_vllm
-from support.rocm_harness import PER_GROUP, Case, aiter_expected, rocm  # noqa: F401 - rocm is a fixture
+from support.rocm_harness import PER_GROUP, Case, aiter_expected
 from vllm_rocm_fused.ops import backends
 
 pytestmark = requires_vllm

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.rocm_harness import (  # noqa: F401 - rocm is a fixture
-    AR_RMS, ARCH_FP8, FN, FNUZ, HIP_QUANT, PER_GROUP, Case, last_path, rocm, run_op,
+from support.rocm_harness import (
+    AR_RMS, ARCH_FP8, FN, FNUZ, HIP_QUANT, PER_GROUP, Case, last_path, run_op,
 )
 from vllm_rocm_fused.ops import backends
 from vllm_rocm_fused.ops.backends import CallSpec

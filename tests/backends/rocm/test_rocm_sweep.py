@@ -20,7 +20,7 @@ import torch
 
 from support import fake_aiter
 from support.fake_aiter.base import kernel_verdict
-from support.rocm_harness import PER_GROUP, Case, rocm  # noqa: F401 - rocm is a fixture
+from support.rocm_harness import PER_GROUP, Case
 from vllm_rocm_fused.ops.backends import CallSpec
 
 HIDDEN = (256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 7168, 8064, 8192, 8320, 10240,

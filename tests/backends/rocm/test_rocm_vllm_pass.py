@@ -24,7 +24,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from support.markers import requires_vllm
-from support.rocm_harness import Case, rocm  # noqa: F401 - rocm is a fixture
+from support.rocm_harness import Case
 
 pytestmark = requires_vllm
 
