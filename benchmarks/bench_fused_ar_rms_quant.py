@@ -209,6 +209,23 @@ def check_outputs(out, xs, res, w, *, bf16_sum: bool, ar_only=False, q_steps: fl
     return info
 
 
+class Rotation:
+    """One rank's inputs of one timed rotation and the buffers the all-reduce variants sum in:
+    ``scratch`` (NCCL reduces it in place) and ``symm``, the input copied into a symmetric
+    buffer (torch's one-shot all-reduce reads only from there)."""
+
+    def __init__(self, x: torch.Tensor, res: torch.Tensor, w: torch.Tensor, symm_buffer: torch.Tensor) -> None:
+        self.x, self.res, self.w = x, res, w
+        self.scratch = x.clone()
+        self.symm = symm_buffer[: x.numel()].view_as(x)
+        self.symm.copy_(x)
+
+    def refill(self) -> None:
+        """Put the input back into both buffers (after another Rotation used them)."""
+        self.scratch.copy_(self.x)
+        self.symm.copy_(self.x)
+
+
 def rank_main(rank, world, port, args, out_path, report):
     t0 = time.time()
     torch.cuda.set_device(rank)
@@ -218,7 +235,7 @@ def rank_main(rank, world, port, args, out_path, report):
     import torch.distributed._symmetric_memory as symm_mem
 
     from vllm_rocm_fused.backends.cuda import backend as cb
-    from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, Plan
+    from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, DispatchPlan
     from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
     from vllm_rocm_fused.kernels.group_quant import group_quant
     from vllm_rocm_fused.kernels.oneshot_ar_norm_quant import oneshot_all_reduce
@@ -258,15 +275,14 @@ def rank_main(rank, world, port, args, out_path, report):
                          scale_layout="row", quant_dtype=FP8, quantize=True)
 
     def run_plan(plan, emit=False):
-        return lambda x, res, w: cb.execute(plan, x, res, w, EPS, comm, spec_for(x, res, emit), ws)
+        return lambda r: cb.execute(plan, r.x, r.res, r.w, EPS, comm, spec_for(r.x, r.res, emit), ws)
 
-    def torch_symm_ar(x, k):
-        buf = symm_in[k][: x.numel()].view_as(x)
-        return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name)
+    def torch_symm_ar(r):
+        return torch.ops.symm_mem.one_shot_all_reduce(r.symm, "sum", group.group_name)
 
-    def nccl_ar(x, scratch):
-        dist.all_reduce(scratch, group=group)
-        return scratch
+    def nccl_ar(r):
+        dist.all_reduce(r.scratch, group=group)
+        return r.scratch
 
     from compiled_baseline import compiled, configure_dynamo
 
@@ -276,10 +292,11 @@ def rank_main(rank, world, port, args, out_path, report):
         q, scale, r = q_scale_res
         return q, scale, r, None
 
-    def norm_then_quant(h, res, w):
-        _, _, r, n = add_rmsnorm_quant(h, res, w, EPS, out_dtype=torch.bfloat16, weight_offset=1.0, quantize=False)
+    def norm_then_quant(h, r):
+        _, _, res, n = add_rmsnorm_quant(h, r.res, r.w, EPS, out_dtype=torch.bfloat16, weight_offset=1.0,
+                                         quantize=False)
         q, s = group_quant(n)
-        return q, s, r, None
+        return q, s, res, None
 
     for hidden in args.hidden:
         dynamic_fn = compiled("dynamic", tag=f"{hidden}")
@@ -287,44 +304,36 @@ def rank_main(rank, world, port, args, out_path, report):
             static_fn = compiled("static", tag=f"{hidden}_{t}")
             seed = hidden * 100003 + t
             sets = [make_inputs(world, t, hidden, seed + 7 * k, dev) for k in range(ROTATIONS)]
-            xs = [s[0][rank] for s in sets]
-            ress = [s[1] for s in sets]
-            w = sets[0][2]
-            scratch = [x.clone() for x in xs]
-            for k in range(ROTATIONS):
-                symm_in[k][: t * hidden].view(t, hidden).copy_(xs[k])
+            rotations = [Rotation(s[0][rank], s[1], sets[0][2], symm_in[k]) for k, s in enumerate(sets)]
+            # Each variant maps one Rotation (its inputs and buffers) to (q, scale, residual, normed) or the
+            # all-reduced sum, and says whether its sum is rounded to bf16 (None: as the dispatch's plan).
             variants = {
-                "ar_nccl": (lambda k: nccl_ar(xs[k], scratch[k]), None),
-                "ar_torch_symm": (lambda k: torch_symm_ar(xs[k], k), None),
-                "ar_oneshot": (lambda k: oneshot_all_reduce(xs[k], peers), None),
-                "split3_nccl": (lambda k: norm_then_quant(nccl_ar(xs[k], scratch[k]), ress[k], w), True),
-                "split3_torch_symm": (lambda k: norm_then_quant(torch_symm_ar(xs[k], k), ress[k], w), True),
-                "split3_oneshot": (lambda k: norm_then_quant(oneshot_all_reduce(xs[k], peers), ress[k], w), True),
-                "ar_oneshot_ll": (lambda k: oneshot_ll_all_reduce(xs[k], peers), None),
-                "split3_oneshot_ll": (lambda k: norm_then_quant(oneshot_ll_all_reduce(xs[k], peers), ress[k], w),
-                                      True),
-                "split2_ll": (lambda k: run_plan(Plan(ONE_SHOT_LL, "fused-2", False))(xs[k], ress[k], w), False),
-                "fused1_ll": (lambda k: run_plan(Plan(ONE_SHOT_LL, "fused-1", True))(xs[k], ress[k], w), False),
-                "fused1_ll_bf16": (lambda k: run_plan(Plan(ONE_SHOT_LL, "fused-1", True), emit=True)(xs[k], ress[k], w),
-                                   False),
-                "split2": (lambda k: run_plan(Plan(ONE_SHOT, "fused-2", False))(xs[k], ress[k], w), False),
-                "fused1": (lambda k: run_plan(Plan(ONE_SHOT, "fused-1", True))(xs[k], ress[k], w), False),
-                "fused1_bf16": (lambda k: run_plan(Plan(ONE_SHOT, "fused-1", True), emit=True)(xs[k], ress[k], w),
-                                False),
-                "fused1_twoshot": (lambda k: run_plan(Plan(TWO_SHOT, "fused-1", True))(xs[k], ress[k], w), False),
-                "nccl_fused": (lambda k: run_plan(Plan(SPLIT, "fused-2", True))(xs[k], ress[k], w), True),
-                "chain_compiled_nccl_static": (
-                    lambda k: as_outputs(static_fn(nccl_ar(xs[k], scratch[k]), ress[k], w, EPS)), True),
-                "chain_compiled_nccl_dynamic": (
-                    lambda k: as_outputs(dynamic_fn(nccl_ar(xs[k], scratch[k]), ress[k], w, EPS)), True),
+                "ar_nccl": (nccl_ar, None),
+                "ar_torch_symm": (torch_symm_ar, None),
+                "ar_oneshot": (lambda r: oneshot_all_reduce(r.x, peers), None),
+                "split3_nccl": (lambda r: norm_then_quant(nccl_ar(r), r), True),
+                "split3_torch_symm": (lambda r: norm_then_quant(torch_symm_ar(r), r), True),
+                "split3_oneshot": (lambda r: norm_then_quant(oneshot_all_reduce(r.x, peers), r), True),
+                "ar_oneshot_ll": (lambda r: oneshot_ll_all_reduce(r.x, peers), None),
+                "split3_oneshot_ll": (lambda r: norm_then_quant(oneshot_ll_all_reduce(r.x, peers), r), True),
+                "split2_ll": (run_plan(DispatchPlan(ONE_SHOT_LL, "fused-2", False)), False),
+                "fused1_ll": (run_plan(DispatchPlan(ONE_SHOT_LL, "fused-1", True)), False),
+                "fused1_ll_bf16": (run_plan(DispatchPlan(ONE_SHOT_LL, "fused-1", True), emit=True), False),
+                "split2": (run_plan(DispatchPlan(ONE_SHOT, "fused-2", False)), False),
+                "fused1": (run_plan(DispatchPlan(ONE_SHOT, "fused-1", True)), False),
+                "fused1_bf16": (run_plan(DispatchPlan(ONE_SHOT, "fused-1", True), emit=True), False),
+                "fused1_twoshot": (run_plan(DispatchPlan(TWO_SHOT, "fused-1", True)), False),
+                "nccl_fused": (run_plan(DispatchPlan(SPLIT, "fused-2", True)), True),
+                "chain_compiled_nccl_static": (lambda r: as_outputs(static_fn(nccl_ar(r), r.res, r.w, EPS)), True),
+                "chain_compiled_nccl_dynamic": (lambda r: as_outputs(dynamic_fn(nccl_ar(r), r.res, r.w, EPS)), True),
                 "chain_compiled_torch_symm_static": (
-                    lambda k: as_outputs(static_fn(torch_symm_ar(xs[k], k), ress[k], w, EPS)), True),
+                    lambda r: as_outputs(static_fn(torch_symm_ar(r), r.res, r.w, EPS)), True),
                 "chain_compiled_torch_symm_dynamic": (
-                    lambda k: as_outputs(dynamic_fn(torch_symm_ar(xs[k], k), ress[k], w, EPS)), True),
-                "dispatched": (lambda k: tuple(fused_allreduce_rmsnorm_quant(xs[k], ress[k], w, EPS, group=group,
+                    lambda r: as_outputs(dynamic_fn(torch_symm_ar(r), r.res, r.w, EPS)), True),
+                "dispatched": (lambda r: tuple(fused_allreduce_rmsnorm_quant(r.x, r.res, r.w, EPS, group=group,
                                                                              weight_offset=1.0)), None),
             }
-            plan = backend.plan(spec_for(xs[0], ress[0]), comm)
+            plan = backend.plan(spec_for(rotations[0].x, rotations[0].res), comm)
             shape_records = []
             for name in args.variants:
                 fn, bf16_sum = variants[name]
@@ -334,31 +343,22 @@ def rank_main(rank, world, port, args, out_path, report):
                     shape_records.append(rec)
                     continue
                 try:
-                    us = time_graph([lambda k=k: fn(k) for k in range(ROTATIONS)], args.replays)
+                    us = time_graph([lambda r=r: fn(r) for r in rotations], args.replays)
                     rec.update(median_us=statistics.median(us), min_us=min(us), max_us=max(us),
                                p10_us=statistics.quantiles(us, n=10)[0], p90_us=statistics.quantiles(us, n=10)[-1],
                                replays=len(us))
-                    # correctness on fresh inputs (nccl_ar mutates its scratch: reset it first)
+                    # correctness on fresh inputs, in rotation 0's symmetric buffer (refilled after)
                     fx, fres, fw = make_inputs(world, t, hidden, seed + 999, dev)
-                    xs_saved, ress_saved = xs[0], ress[0]
-                    xs[0], ress[0] = fx[rank], fres
-                    scratch[0].copy_(fx[rank])
-                    symm_in[0][: t * hidden].view(t, hidden).copy_(fx[rank])
-                    w_saved = w
+                    out = fn(Rotation(fx[rank], fres, fw, symm_in[0]))
                     if name.startswith("ar_"):
-                        out = fn(0)
                         rec.update(check_outputs(out, fx, fres, fw, bf16_sum=True, ar_only=True))
                     else:
-                        w = fw
-                        out = fn(0)
                         if bf16_sum is None:
                             bf16_sum = plan.algo == SPLIT
                         q_steps = INDUCTOR_Q_STEPS if name.startswith("chain_compiled") else 1.0
                         rec.update(check_outputs(out, fx, fres, fw, bf16_sum=bf16_sum, q_steps=q_steps))
                     torch.cuda.synchronize()
-                    xs[0], ress[0], w = xs_saved, ress_saved, w_saved
-                    scratch[0].copy_(xs[0])
-                    symm_in[0][: t * hidden].view(t, hidden).copy_(xs[0])
+                    rotations[0].refill()
                 except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                     rec["error"] = f"{type(e).__name__}: {e}"
                     if rank == 0:
@@ -380,7 +380,7 @@ def rank_main(rank, world, port, args, out_path, report):
                 Path(out_path).write_text(json.dumps(report, indent=1))
                 print(f"H={hidden} T={t}: " + ", ".join(f"{r['variant']} {r['median_us']:.1f}" for r in merged
                                                         if "median_us" in r), flush=True)
-            del sets, xs, ress, scratch
+            del sets, rotations
     dist.barrier()
     dist.destroy_process_group()
 
@@ -540,7 +540,7 @@ def poisoned_outputs(tokens: int, hidden: int, *, emit: bool = False):
     from vllm_rocm_fused.kernels.launch import empty_outputs
 
     outs = empty_outputs(tokens, hidden, torch.bfloat16, torch.device("cuda"), group_size=128, quantize=True,
-                         emit_normed=emit, scale_layout="row", quant_dtype=FP8)
+                         emit_bf16=emit, scale_layout="row", quant_dtype=FP8)
     for t in outs:
         if t is not None:
             (t.view(torch.uint8).fill_(0xFF) if t.dtype == FP8 else t.fill_(float("nan")))
@@ -563,7 +563,6 @@ def copy_bandwidth(nbytes: int = 1 << 30, replays: int = 20) -> float:
     kernel_us = statistics.median(time_graph([lambda: torch.mul(src, 1.0, out=dst)], replays, repeat=1))
     print(f"copy of {nbytes >> 20} MiB: memcpy {memcpy_us:.0f} us, elementwise kernel {kernel_us:.0f} us",
           flush=True)
-    del src, dst
     return 2 * nbytes / (min(memcpy_us, kernel_us) * 1e-6)
 
 
@@ -571,6 +570,7 @@ def run_tp1(args, out_path: Path, report: dict) -> None:
     """Time the TP=1 variants at every (hidden, tokens), check each against the reference,
     and rewrite ``out_path`` after every point."""
     from compiled_baseline import compiled, configure_dynamo
+
     from vllm_rocm_fused.backends.cuda.backend import CudaBackend
     from vllm_rocm_fused.kernels import local_launch_table
     from vllm_rocm_fused.kernels.launch import local_launch, row_tile
@@ -631,7 +631,7 @@ def run_tp1(args, out_path: Path, report: dict) -> None:
                 fn = fns[name]
                 rec = {"hidden": hidden, "tokens": t, "variant": name}
                 try:
-                    us = time_graph([lambda k=k: fn(sets[k][0][0], sets[k][1], sets[k][2]) for k in range(ROTATIONS)],
+                    us = time_graph([lambda x=x, res=res, w=w: fn(x[0], res, w) for x, res, w in sets],
                                     args.replays)
                     rec.update(median_us=statistics.median(us), min_us=min(us), max_us=max(us),
                                p10_us=statistics.quantiles(us, n=10)[0], p90_us=statistics.quantiles(us, n=10)[-1],

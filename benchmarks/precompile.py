@@ -66,7 +66,7 @@ def run_job(job: tuple) -> tuple[tuple, float, str | None]:
 
             _, hidden, warps, rows, quantize, emit = job
             x, res, w = _inputs(2 * rows, hidden)
-            add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, quantize=quantize, emit_normed=emit,
+            add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, quantize=quantize, emit_bf16=emit,
                               num_warps=warps, rows_per_program=rows)
         elif job[0] == "inductor":
             from compiled_baseline import compiled, configure_dynamo

@@ -100,6 +100,7 @@ def main(argv=None) -> int:
 
     from bench_fused_ar_rms_quant import check_outputs, machine_info, make_inputs, poisoned_outputs, time_graph
     from precompile import default_workers, warm
+
     from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
     from vllm_rocm_fused.kernels.launch import local_launch, row_tile
 
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
         "machine": machine_info(1),
         "settings": {"rotations": ROTATIONS, "replays": args.replays, "eps": EPS, "dtype": "bfloat16",
                      "group_size": 128, "scale_layout": "row", "weight_offset": 1.0, "residual": True,
-                     "emit_normed": False, "candidates": {str(h): c for h, c in plan.items()}},
+                     "emit_bf16": False, "candidates": {str(h): c for h, c in plan.items()}},
         "results": [],
     }
     workers = default_workers() if args.precompile_workers is None else args.precompile_workers
@@ -154,12 +155,12 @@ def main(argv=None) -> int:
             for warps, rows in plan[hidden]:
                 rec = {"hidden": hidden, "tokens": t, "num_warps": warps, "rows": rows}
                 try:
-                    def run(k, warps=warps, rows=rows):
-                        xs, res, w = sets[k]
+                    def run(inputs, warps=warps, rows=rows):
+                        xs, res, w = inputs
                         return add_rmsnorm_quant(xs[0], res, w, EPS, weight_offset=1.0,
                                                  num_warps=warps, rows_per_program=rows)
 
-                    us = time_graph([lambda k=k: run(k) for k in range(ROTATIONS)], args.replays)
+                    us = time_graph([lambda inputs=inputs: run(inputs) for inputs in sets], args.replays)
                     rec.update(median_us=statistics.median(us), min_us=min(us),
                                p10_us=statistics.quantiles(us, n=10)[0], p90_us=statistics.quantiles(us, n=10)[-1])
                     fx, fres, fw = fresh

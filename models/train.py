@@ -411,6 +411,7 @@ def main(argv=None) -> int:
     print(f"train: {n_params / 1e6:.2f} M parameters, batch {args.batch} x {args.seq_len}", flush=True)
 
     t0 = time.time()
+    t_mark = t0  # reset at step 30, where the rate measurement starts
     ema = ema_mtp = None
     step = 0
     stopped_early = False

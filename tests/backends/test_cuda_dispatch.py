@@ -235,7 +235,7 @@ def test_staging_is_sized_by_the_declared_max_tokens(monkeypatch):
     assert stage_bytes_for(world_size=2, hidden=4096, elem_bytes=2, max_tokens=16,
                            symm_max_bytes=dispatch.symm_max_bytes(2), needed_bytes=64 * 4096 * 2) == 64 * 4096 * 2
     monkeypatch.setenv("VLLM_ROCM_FUSED_MAX_TOKENS", "32")
-    assert cuda_backend._desired_stage_bytes(spec(4)) == 32 * 4096 * 2
+    assert cuda_backend.wanted_size(spec(4)).stage_bytes == 32 * 4096 * 2
 
 
 def test_layout_rejects_bad_world_sizes():

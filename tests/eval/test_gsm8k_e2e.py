@@ -18,8 +18,8 @@ import time
 import uuid
 
 import pytest
-from support.markers import requires_vllm
 
+from support.markers import requires_vllm
 from vllm_rocm_fused.eval.gate import judge
 from vllm_rocm_fused.eval.harness import FilterScore
 from vllm_rocm_fused.tiny_models import tiny_gsm8k

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from vllm_rocm_fused.eval.gsm8k import Gsm8kRun, format_command, run_gsm8k  # noqa: E402
+from vllm_rocm_fused.eval.gsm8k import Gsm8kRun, format_command, run_gsm8k
 
 
 def _run(tmp_path, mini_gsm8k, tokenizer_dir, factory, monkeypatch, **overrides):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from gsm8k_fakes import MINI_TEST, SHARED_GSM8K
 
 from vllm_rocm_fused.eval.gsm8k_task import LOCAL_TASK, STOCK_TASK, check_data_dir, resolve_task, stock_task_yaml
-
-from gsm8k_fakes import MINI_TEST, SHARED_GSM8K
 
 lm_eval = pytest.importorskip("lm_eval")
 

@@ -8,17 +8,16 @@ import pytest
 import torch
 
 from support.cuda_workers import poison
-from support.gpu import cuda_only, gpu  # noqa: F401 - cuda_only is a fixture
+from support.gpu import gpu
 from support.oracle import assert_matches_oracle
 from vllm_rocm_fused.backends.cuda.backend import execute
-from vllm_rocm_fused.backends.cuda.dispatch import LOCAL, Plan
+from vllm_rocm_fused.backends.cuda.dispatch import LOCAL, DispatchPlan
 from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
 from vllm_rocm_fused.kernels.group_quant import group_quant
 from vllm_rocm_fused.kernels.launch import empty_outputs
 from vllm_rocm_fused.ops import backends, fused_allreduce_rmsnorm_quant
 from vllm_rocm_fused.ops.fused import make_spec
-from vllm_rocm_fused.ops.reference import FusedNormQuantOutput, group_quant as ref_group_quant
-from vllm_rocm_fused.ops.reference import norm_quant_reference
+from vllm_rocm_fused.ops.reference import FusedNormQuantOutput, group_quant_reference, norm_quant_reference
 
 pytestmark = gpu
 
@@ -84,9 +83,9 @@ def test_op_matches_oracle(cuda_only, t, h, layout, emit, has_res, offset, dtype
 def test_every_output_element_is_written(t, h, layout):
     x, res, w = inputs(t, h)
     for quantize, emit in [(True, True), (True, False), (False, True)]:
-        outs = poisoned(t, h, torch.bfloat16, group_size=128, quantize=quantize, emit_normed=emit,
+        outs = poisoned(t, h, torch.bfloat16, group_size=128, quantize=quantize, emit_bf16=emit,
                         scale_layout=layout, quant_dtype=FP8)
-        add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, quantize=quantize, emit_normed=emit,
+        add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, quantize=quantize, emit_bf16=emit,
                           scale_layout=layout, outputs=outs)
         assert all_written(outs)
         assert_matches_oracle(FusedNormQuantOutput(*outs), x, res, w, EPS, out_dtype=torch.bfloat16,
@@ -104,7 +103,7 @@ def test_every_launch_shape_the_sweep_times(h):
     for warps, rows in candidates(h):
         for t in (1, 7, 130):
             x, res, w = inputs(t, h)
-            outs = poisoned(t, h, torch.bfloat16, group_size=128, quantize=True, emit_normed=False,
+            outs = poisoned(t, h, torch.bfloat16, group_size=128, quantize=True, emit_bf16=False,
                             scale_layout="row", quant_dtype=FP8)
             add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, outputs=outs, num_warps=warps, rows_per_program=rows)
             assert all_written(outs), (warps, rows, t)
@@ -121,7 +120,7 @@ def test_norm_only_and_two_kernel_paths(cuda_only):
     for emit in (False, True):
         spec = make_spec(x, res, world_size=1, group_size=128, weight_offset=1.0, emit_bf16=emit,
                          scale_layout="col", quant_dtype=FP8, quantize=True)
-        q, s, r, n = execute(Plan(LOCAL, "fused-2", False), x, res, w, EPS, None, spec, None)
+        q, s, r, n = execute(DispatchPlan(LOCAL, "fused-2", False), x, res, w, EPS, None, spec, None)
         assert_matches_oracle(FusedNormQuantOutput(q, s, r, n), x, res, w, EPS, out_dtype=torch.bfloat16,
                               group_size=128, weight_offset=1.0, fp8_dtype=FP8, emit_bf16=emit, scale_layout="col")
 
@@ -131,7 +130,7 @@ def test_norm_only_and_two_kernel_paths(cuda_only):
 def test_group_quant_kernel_matches_reference(t, h, gs, layout):
     x = (torch.randn(t, h, device=DEV) * 3).to(torch.bfloat16)
     q, s = group_quant(x, group_size=gs, scale_layout=layout)
-    rq, rs = ref_group_quant(x, gs, FP8, layout)
+    rq, rs = group_quant_reference(x, gs, FP8, layout)
     assert s.stride() == rs.stride()
     # torch on CUDA divides by a scalar as a multiplication by its reciprocal (one ulp off
     # the IEEE quotient the kernel computes, as the CPU reference does)

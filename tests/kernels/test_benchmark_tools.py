@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_fused_ar_rms_quant as bench  # noqa: E402
 import compiled_baseline  # noqa: E402
 import derive_launch_table  # noqa: E402
+
 from vllm_rocm_fused.kernels import local_launch_table  # noqa: E402
 from vllm_rocm_fused.ops.reference import norm_quant_reference  # noqa: E402
 

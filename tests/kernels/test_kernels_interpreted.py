@@ -1,6 +1,10 @@
-"""The Triton kernels' logic on CPU: interpret_cases.py under the Triton interpreter,
-world sizes 1, 2, 4 and 8 (ranks emulated), in a subprocess (see its docstring)."""
+"""The Triton kernels' logic on CPU: every case of interpret_cases.py is a test of its own.
 
+The selected cases run in one Triton-interpreter process per session (starting one per case
+would cost more than the cases); it reports each case as it finishes, and each test here
+checks its own case's report, so a failing case does not hide the others."""
+
+import json
 import os
 import subprocess
 import sys
@@ -10,13 +14,39 @@ import pytest
 
 pytest.importorskip("triton")
 
+import interpret_cases
+
 ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(interpret_cases.__file__)
+TIMEOUT_S = 1100
 
 
-def test_kernels_match_the_reference_under_the_interpreter():
+@pytest.fixture(scope="module")
+def interpreted(request) -> dict:
+    """case id -> its report, for the cases of this module that the session runs."""
+    ids = [item.callspec.params["case_id"] for item in request.session.items
+           if item.path == request.path and hasattr(item, "callspec")]
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("interpret_cases.py"))],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "interpreted cases ok" in proc.stdout
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *ids], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        err += f"\n(the interpreter process was stopped after {TIMEOUT_S} s)"
+    reports = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            report = json.loads(line)
+            reports[report["id"]] = report
+    reports["__stderr__"] = err
+    return reports
+
+
+@pytest.mark.parametrize("case_id", list(interpret_cases.CASES))
+def test_kernel_matches_the_reference_under_the_interpreter(case_id, interpreted):
+    report = interpreted.get(case_id)
+    assert report is not None, f"no report for {case_id}: {interpreted['__stderr__'][-6000:]}"
+    assert report["ok"], report["error"]

@@ -4,8 +4,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from vllm_rocm_fused.kernels import launch, local_launch_table  # noqa: E402
-from vllm_rocm_fused.kernels.launch import MAX_PARTS, MAX_TILE, local_launch, norm_tile, row_parts, row_tile  # noqa: E402
+from vllm_rocm_fused.kernels import launch, local_launch_table
+from vllm_rocm_fused.kernels.launch import MAX_PARTS, MAX_TILE, local_launch, norm_tile, row_parts, row_tile
 
 
 def _is_pow2(n):

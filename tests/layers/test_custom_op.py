@@ -2,8 +2,8 @@
 
 import torch
 
-from support.markers import requires_vllm
 from support.dist import run_ranks
+from support.markers import requires_vllm
 from support.op_workers import rank_inputs, vllm_custom_op_rank
 from vllm_rocm_fused.ops.reference import norm_quant_reference
 

@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from support.markers import requires_vllm
 from support.engine_runs import agreement, probe, task_accuracy
+from support.markers import requires_vllm
 
 pytestmark = [requires_vllm, pytest.mark.slow]
 

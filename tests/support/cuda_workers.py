@@ -66,7 +66,7 @@ def multi_gpu_rank(rank, world_size, port, quick):
                             device_id=dev)
     from support.oracle import assert_matches_oracle
     from vllm_rocm_fused.backends.cuda import backend as cb
-    from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, Plan
+    from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, DispatchPlan
     from vllm_rocm_fused.kernels.launch import empty_outputs
     from vllm_rocm_fused.kernels.oneshot_ar_norm_quant import oneshot_all_reduce, oneshot_ar_norm_quant
     from vllm_rocm_fused.kernels.oneshot_ll_ar_norm_quant import oneshot_ll_all_reduce, oneshot_ll_ar_norm_quant
@@ -151,13 +151,13 @@ def multi_gpu_rank(rank, world_size, port, quick):
         run_case(f"auto {t}x{h}", case)
 
     # 2. every algorithm and path forced, both layouts, norm-only too
-    forced = [(Plan(ONE_SHOT_LL, "fused-1", True), True), (Plan(ONE_SHOT_LL, "fused-2", False), True),
-              (Plan(ONE_SHOT_LL, "fused-1", False), False),
-              (Plan(ONE_SHOT, "fused-1", True), True), (Plan(ONE_SHOT, "fused-2", False), True),
-              (Plan(TWO_SHOT, "fused-1", True), True), (Plan(TWO_SHOT, "fused-2", False), True),
-              (Plan(SPLIT, "fused-2", True), True), (Plan(SPLIT, "generic", False), True),
-              (Plan(ONE_SHOT, "fused-1", False), False), (Plan(TWO_SHOT, "fused-1", False), False),
-              (Plan(SPLIT, "fused-2", False), False)]
+    forced = [(DispatchPlan(ONE_SHOT_LL, "fused-1", True), True), (DispatchPlan(ONE_SHOT_LL, "fused-2", False), True),
+              (DispatchPlan(ONE_SHOT_LL, "fused-1", False), False),
+              (DispatchPlan(ONE_SHOT, "fused-1", True), True), (DispatchPlan(ONE_SHOT, "fused-2", False), True),
+              (DispatchPlan(TWO_SHOT, "fused-1", True), True), (DispatchPlan(TWO_SHOT, "fused-2", False), True),
+              (DispatchPlan(SPLIT, "fused-2", True), True), (DispatchPlan(SPLIT, "generic", False), True),
+              (DispatchPlan(ONE_SHOT, "fused-1", False), False), (DispatchPlan(TWO_SHOT, "fused-1", False), False),
+              (DispatchPlan(SPLIT, "fused-2", False), False)]
     for t in ((1, 33) if quick else (1, 3, 33, 700)):
         for j, (plan, quantize) in enumerate(forced):
             def case(t=t, j=j, plan=plan, quantize=quantize):
@@ -181,7 +181,7 @@ def multi_gpu_rank(rank, world_size, port, quick):
         for k, t in enumerate([33, 33, 17, 3, 33, 130, 1, 33, 65, 2] * (2 if quick else 4)):
             xs, res, w = rank_inputs(world_size, t, 4096, fresh())
             quantize, emit, layout = k % 3 != 2, k % 4 == 0, "col" if k % 5 == 0 else "row"
-            plan = Plan(TWO_SHOT, "fused-1" if k % 2 else "fused-2", quantize and k % 2 == 1)
+            plan = DispatchPlan(TWO_SHOT, "fused-1" if k % 2 else "fused-2", quantize and k % 2 == 1)
             spec = make_spec(xs[rank], res, world_size=world_size, group_size=128, weight_offset=1.0,
                              emit_bf16=emit, scale_layout=layout, quant_dtype=FP8, quantize=quantize)
             out = FusedNormQuantOutput(*cb.execute(plan, xs[rank], res, w, EPS, comm, spec, ws))
@@ -196,9 +196,9 @@ def multi_gpu_rank(rank, world_size, port, quick):
                 xs, res, w = rank_inputs(world_size, t, hp, fresh())
                 for quantize, emit, layout in [(True, True, "row"), (True, False, "col"), (False, True, "row")]:
                     outs = poison(empty_outputs(t, hp, torch.bfloat16, dev, group_size=128, quantize=quantize,
-                                                emit_normed=emit, scale_layout=layout, quant_dtype=FP8))
+                                                emit_bf16=emit, scale_layout=layout, quant_dtype=FP8))
                     kernel(xs[rank], res, w, EPS, ws.peers(torch.bfloat16), weight_offset=1.0, quantize=quantize,
-                           emit_normed=emit, scale_layout=layout, outputs=outs)
+                           emit_bf16=emit, scale_layout=layout, outputs=outs)
                     for o in outs:
                         assert o is None or not o.float().isnan().any(), "an output element was not written"
                     oracle_check(FusedNormQuantOutput(*outs), xs, res, w, algo=ONE_SHOT, offset=1.0, emit=emit,
@@ -307,7 +307,7 @@ def multi_gpu_rank(rank, world_size, port, quick):
             if it % 3 == 2:
                 spec = make_spec(xs[rank], res, world_size=world_size, group_size=128, weight_offset=1.0,
                                  emit_bf16=False, scale_layout="row", quant_dtype=FP8, quantize=True)
-                out = FusedNormQuantOutput(*cb.execute(Plan(TWO_SHOT, "fused-1", True), xs[rank], res, w, EPS, comm,
+                out = FusedNormQuantOutput(*cb.execute(DispatchPlan(TWO_SHOT, "fused-1", True), xs[rank], res, w, EPS, comm,
                                                        spec, ws))
                 oracle_check(out, xs, res, w, algo=TWO_SHOT, offset=1.0, emit=False, layout="row")
                 continue

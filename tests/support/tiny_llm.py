@@ -30,6 +30,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 PROMPT = "Question: Tom has 3 apples and buys 5 more. How many apples does Tom have?"
 NEW_TOKENS = 32
@@ -75,9 +76,9 @@ def _run_job(job: dict, results: dict, references: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    jobs = json.load(open(argv[0]))
+    jobs = json.loads(Path(argv[0]).read_text())
     out_path = argv[1]
-    references = json.load(open(argv[2])) if len(argv) > 2 else {}
+    references = json.loads(Path(argv[2]).read_text()) if len(argv) > 2 else {}
     tps = {job["tp"] for job in jobs}
     if len(tps) != 1:
         raise SystemExit(f"all jobs of a run need the same tp, got {sorted(tps)}")

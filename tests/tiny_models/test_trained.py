@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vllm_rocm_fused.tiny_models import PresetError, build_tiny_model, resolve, tiny_gsm8k
-from vllm_rocm_fused.tiny_models import builder
+from vllm_rocm_fused.tiny_models import PresetError, build_tiny_model, builder, resolve, tiny_gsm8k
 from vllm_rocm_fused.tiny_models.train import make_task_tokenizer
 
 CHECKPOINTS = {"dense": "trained-dense", "moe": "trained-moe"}

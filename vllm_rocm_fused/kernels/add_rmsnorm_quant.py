@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import empty_outputs, local_launch, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
+from .launch import Outputs, local_launch, prepare_rows, tile_reason
 from .row_math import finish_part, inv_rms, part_tile, sum_sq
 
 
@@ -95,16 +95,6 @@ def _add_rmsnorm_quant_kernel(
                         scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
 
 
-def fits(hidden: int, group_size: int) -> str | None:
-    """Why this kernel cannot take the shape (None = it can)."""
-    if hidden % group_size:
-        return f"hidden {hidden} is not a multiple of group_size {group_size}"
-    reason = tile_reason(hidden, group_size)
-    if reason is not None:
-        return reason
-    return None
-
-
 def add_rmsnorm_quant(
     h: torch.Tensor,
     residual: torch.Tensor | None,
@@ -115,13 +105,13 @@ def add_rmsnorm_quant(
     weight_offset: float = 0.0,
     group_size: int = 128,
     quantize: bool = True,
-    emit_normed: bool = False,
+    emit_bf16: bool = False,
     scale_layout: str = "row",
     quant_dtype: torch.dtype = torch.float8_e4m3fn,
-    outputs=None,
+    outputs: Outputs | None = None,
     num_warps: int | None = None,
     rows_per_program: int | None = None,
-):
+) -> Outputs:
     """s = h + residual (float32); r = round(s); normed = round(RMSNorm(s)); (q, scale) = group quant(normed).
 
     Args:
@@ -138,27 +128,21 @@ def add_rmsnorm_quant(
         with quantize=False: (None, None, residual, normed).
     """
     tokens, hidden = h.shape
-    out_dtype = out_dtype or h.dtype
-    if outputs is None:
-        outputs = empty_outputs(tokens, hidden, out_dtype, h.device, group_size=group_size, quantize=quantize,
-                                emit_normed=emit_normed, scale_layout=scale_layout, quant_dtype=quant_dtype)
-    q, scale, res_out, normed = outputs
-    tile = row_tile(hidden, group_size) if quantize else norm_tile(hidden)
-    reason = tile_reason(hidden, tile.group)
+    run = prepare_rows(tokens, hidden, out_dtype or h.dtype, h.device, group_size=group_size, quantize=quantize,
+                       emit_bf16=emit_bf16, scale_layout=scale_layout, quant_dtype=quant_dtype, outputs=outputs)
+    q, scale, res_out, normed = run.outputs
+    reason = tile_reason(hidden, run.tile.group)
     if reason is not None:
         raise ValueError(reason)
     if tokens == 0:
-        return outputs
-    shape = local_launch(hidden, tokens, tile)
-    num_warps = num_warps or shape.num_warps
+        return run.outputs
+    shape = local_launch(hidden, tokens, run.tile)
     rows = rows_per_program or shape.rows
-    st, sg = scale_strides(scale) if quantize else (0, 0)
     _add_rmsnorm_quant_kernel[(triton.cdiv(tokens, rows),)](
         h, residual, weight, res_out, normed, q, scale,
-        tokens, float(eps), float(weight_offset), st, sg,
-        HIDDEN=hidden, **tile.constexprs(), ROWS=rows,
-        HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
-        FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0,
-        num_warps=num_warps,
+        tokens, float(eps), float(weight_offset), run.scale_st, run.scale_sg,
+        HIDDEN=hidden, **run.tile.constexprs(), ROWS=rows,
+        HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None, FP8_MAX=run.fp8_max,
+        num_warps=num_warps or shape.num_warps,
     )
-    return outputs
+    return run.outputs

@@ -5,7 +5,7 @@ Algorithm: program (t, c) loads groups [c * CHUNK, (c + 1) * CHUNK) of row t as 
 largest power of two dividing the group count, at most 8192 / GS, so no tile is padded:
 hidden 5120 in 128-groups is 5 programs of 8 groups per row), then
 scale = max(amax, 1e-10) / fp8_max and q = clamp(x / scale) per group, as
-ops/reference.group_quant does (NaN-propagating amax, IEEE divisions).
+ops/reference.group_quant_reference does (NaN-propagating amax, IEEE divisions).
 
 Memory traffic: reads x once (2 bytes/element for bf16), writes q (1 byte/element) and
 one float32 scale per group. This is the second kernel of the 2-kernel path and the
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import quant_constants, scale_strides
-from .row_math import group_quant as quant_tile
+from ..platform_info import fp8_max
+from .row_math import quant_tile
 
 # Most elements a program holds.
 _TILE = 8192
@@ -66,10 +66,9 @@ def group_quant(
         return q, scale
     gs = triton.next_power_of_2(group_size)
     chunk = min(groups & -groups, max(1, _TILE // gs))
-    st, sg = scale_strides(scale)
     _group_quant_kernel[(tokens, triton.cdiv(groups, chunk))](
-        x, q, scale, hidden, groups, st, sg,
-        CHUNK=chunk, GS=gs, GROUP=group_size, FP8_MAX=quant_constants(quant_dtype),
+        x, q, scale, hidden, groups, scale.stride(0), scale.stride(1),
+        CHUNK=chunk, GS=gs, GROUP=group_size, FP8_MAX=fp8_max(quant_dtype),
         num_warps=4 if chunk * gs <= 2048 else 8,
     )
     return q, scale

@@ -1,4 +1,5 @@
-"""Host-side helpers shared by the kernel launchers: tile shapes, warps, outputs.
+"""Host-side helpers shared by the kernel launchers: tile shapes, warps, outputs, and the
+preamble every row-kernel launcher starts with (``prepare_rows``).
 
 torch + Triton only; no vLLM.
 """
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..ops.backend_api import Outputs
 from ..platform_info import fp8_max
 from . import local_launch_table
 
@@ -26,7 +28,7 @@ def row_parts(n_groups: int) -> tuple[int, int, int, int]:
     """``n_groups`` as at most MAX_PARTS powers of two, largest first, 0-padded to four:
     40 -> (32, 8, 0, 0). With more binary ones than parts, the last part is the rest rounded
     up to a power of two (its surplus groups are masked): 127 -> (64, 32, 16, 16)."""
-    parts = []
+    parts: list[int] = []
     rest = n_groups
     while rest:
         if len(parts) == MAX_PARTS - 1:
@@ -35,7 +37,8 @@ def row_parts(n_groups: int) -> tuple[int, int, int, int]:
         top = 1 << (rest.bit_length() - 1)
         parts.append(top)
         rest -= top
-    return tuple(parts + [0] * (MAX_PARTS - len(parts)))
+    p0, p1, p2, p3 = parts + [0] * (MAX_PARTS - len(parts))
+    return p0, p1, p2, p3
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,11 @@ def row_tile(hidden: int, group: int) -> RowTile:
 
 def tile_reason(hidden: int, group: int) -> str | None:
     """Why a row of ``hidden`` in groups of ``group`` does not fit a program's registers
-    (None = it fits); every fused kernel's ``fits`` starts here."""
-    if row_tile(hidden, group).elements > MAX_TILE:
-        return f"a row of {hidden} in groups of {group} exceeds the {MAX_TILE}-element register tile"
+    (None = it fits); the launchers' and the CUDA dispatch's shape checks start here."""
+    lanes = row_tile(hidden, group).elements
+    if lanes > MAX_TILE:
+        return (f"a row of {hidden} in groups of {group} takes {lanes} register lanes, "
+                f"more than the {MAX_TILE}-element register tile")
     return None
 
 
@@ -122,17 +127,13 @@ def local_launch(hidden: int, tokens: int, tile: RowTile) -> LocalLaunch:
     return LocalLaunch(tile.num_warps, 1, False)
 
 
-def scale_strides(scale: torch.Tensor) -> tuple[int, int]:
-    return scale.stride(0), scale.stride(1)
-
-
-def empty_outputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device, *,
-                  group_size: int, quantize: bool, emit_normed: bool, scale_layout: str,
-                  quant_dtype: torch.dtype):
+def empty_outputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device | str, *,
+                  group_size: int, quantize: bool, emit_bf16: bool, scale_layout: str,
+                  quant_dtype: torch.dtype) -> Outputs:
     """(q, scale, residual, normed) as the op returns them (None where not asked).
-    ``normed`` is allocated when emit_normed or not quantize (then it is the output)."""
+    ``normed`` is allocated when emit_bf16 or not quantize (then it is the output)."""
     residual = torch.empty((tokens, hidden), dtype=dtype, device=device)
-    normed = torch.empty_like(residual) if (emit_normed or not quantize) else None
+    normed = torch.empty_like(residual) if (emit_bf16 or not quantize) else None
     if not quantize:
         return None, None, residual, normed
     q = torch.empty((tokens, hidden), dtype=quant_dtype, device=device)
@@ -144,8 +145,30 @@ def empty_outputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.de
     return q, scale, residual, normed
 
 
-def quant_constants(quant_dtype: torch.dtype) -> float:
-    return fp8_max(quant_dtype)
+@dataclass(frozen=True)
+class RowLaunch:
+    """What a row-kernel launcher passes its kernel besides the inputs."""
+
+    outputs: Outputs  # (q, scale, residual, normed), None where not asked
+    tile: RowTile  # the quant groups' tile, or the norm-only tile without quant
+    scale_st: int  # scale strides (token, group); 0 without quant
+    scale_sg: int
+    fp8_max: float  # the quant dtype's largest value; 1.0 without quant
+
+
+def prepare_rows(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device, *, group_size: int,
+                 quantize: bool, emit_bf16: bool, scale_layout: str, quant_dtype: torch.dtype,
+                 outputs: Outputs | None = None) -> RowLaunch:
+    """The launchers' common preamble: ``outputs`` (allocated by ``empty_outputs`` when None),
+    the row's tile, the scale's strides and the FP8 max. Checks nothing: each launcher checks
+    the shape against its own limits."""
+    if outputs is None:
+        outputs = empty_outputs(tokens, hidden, dtype, device, group_size=group_size, quantize=quantize,
+                                emit_bf16=emit_bf16, scale_layout=scale_layout, quant_dtype=quant_dtype)
+    scale = outputs[1]
+    if not quantize or scale is None:
+        return RowLaunch(outputs, norm_tile(hidden), 0, 0, 1.0)
+    return RowLaunch(outputs, row_tile(hidden, group_size), scale.stride(0), scale.stride(1), fp8_max(quant_dtype))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
+from .launch import Outputs, SymmPeers, norm_tile, prepare_rows, tile_reason
 from .row_math import finish_part, inv_rms, part_tile, sum_sq
 from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
 
@@ -166,13 +166,13 @@ def oneshot_ar_norm_quant(
     weight_offset: float = 0.0,
     group_size: int = 128,
     quantize: bool = True,
-    emit_normed: bool = False,
+    emit_bf16: bool = False,
     scale_layout: str = "row",
     quant_dtype: torch.dtype = torch.float8_e4m3fn,
     phase: int = 0,
-    outputs=None,
+    outputs: Outputs | None = None,
     num_warps: int | None = None,
-):
+) -> Outputs:
     """All-reduce of x over ``peers`` + add + RMSNorm (+ group quant), one kernel.
 
     Args:
@@ -185,31 +185,28 @@ def oneshot_ar_norm_quant(
         (q, scale, residual, normed) as ops.reference defines them (None where not asked).
     """
     tokens, hidden = x.shape
-    if outputs is None:
-        outputs = empty_outputs(tokens, hidden, x.dtype, x.device, group_size=group_size,
-                                quantize=quantize, emit_normed=emit_normed,
-                                scale_layout=scale_layout, quant_dtype=quant_dtype)
-    q, scale, res_out, normed = outputs
+    run = prepare_rows(tokens, hidden, x.dtype, x.device, group_size=group_size, quantize=quantize,
+                       emit_bf16=emit_bf16, scale_layout=scale_layout, quant_dtype=quant_dtype, outputs=outputs)
+    q, scale, res_out, normed = run.outputs
     if tokens == 0:
-        return outputs
-    tile = row_tile(hidden, group_size) if quantize else norm_tile(hidden)
-    reason = fits(tokens, hidden, tile.group, peers.stage_cap)
+        return run.outputs
+    reason = fits(tokens, hidden, run.tile.group, peers.stage_cap)
     if reason is not None:
         raise ValueError(reason)
-    st, sg = scale_strides(scale) if quantize else (0, 0)
     _oneshot_kernel[(peers.grid(tokens),)](
         x, residual, weight, res_out, normed, q, scale,
         peers.stage, peers.flags, peers.ctl,
-        tokens, peers.stage_cap, float(eps), float(weight_offset), st, sg,
-        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **tile.constexprs(),
+        tokens, peers.stage_cap, float(eps), float(weight_offset), run.scale_st, run.scale_sg,
+        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **run.tile.constexprs(),
         NORM=True, HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
-        FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0, PHASE=phase,
-        num_warps=num_warps or (tile.quant_num_warps if quantize else tile.num_warps),
+        FP8_MAX=run.fp8_max, PHASE=phase,
+        num_warps=num_warps or (run.tile.quant_num_warps if quantize else run.tile.num_warps),
     )
-    return outputs
+    return run.outputs
 
 
-def oneshot_all_reduce(x: torch.Tensor, peers: SymmPeers, *, phase: int = 0, out=None) -> torch.Tensor:
+def oneshot_all_reduce(x: torch.Tensor, peers: SymmPeers, *, phase: int = 0,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """The bare one-shot all-reduce (float32 sum, rounded to x.dtype) with the fused
     kernel's skeleton: the benchmark's floor and an unfused-chain candidate."""
     tokens, hidden = x.shape

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
+from .launch import Outputs, RowLaunch, SymmPeers, prepare_rows, tile_reason
 from .row_math import CTL_ERRORS, finish_part, inv_rms, part_tile, sum_sq
 from .symm_sync import WAIT_TIMEOUT_NS, call_parity, finish_call, global_timer_ns
 
@@ -205,21 +205,21 @@ def fits(tokens: int, hidden: int, group: int, ll_cap_words: int) -> str | None:
     return None
 
 
-def _launch(x, residual, weight, eps, peers, outputs, tile, *, norm, quantize, emit, weight_offset, quant_dtype,
-            phase, num_warps=None):
-    q, scale, res_out, normed = outputs
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+            peers: SymmPeers, run: RowLaunch, *, norm: bool, quantize: bool, weight_offset: float, phase: int,
+            num_warps: int | None = None) -> None:
+    q, scale, res_out, normed = run.outputs
     tokens, hidden = x.shape
-    reason = fits(tokens, hidden, tile.group, peers.ll_cap)
+    reason = fits(tokens, hidden, run.tile.group, peers.ll_cap)
     if reason is not None:
         raise ValueError(reason)
-    st, sg = scale_strides(scale) if quantize else (0, 0)
     _oneshot_ll_kernel[(peers.grid(tokens),)](
         x, residual, weight, res_out, normed, q, scale, peers.ll, peers.ctl,
-        tokens, peers.ll_cap, float(eps), float(weight_offset), st, sg,
-        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **tile.constexprs(),
-        NORM=norm, HAS_RES=residual is not None, QUANT=quantize, EMIT=emit,
-        FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0, PHASE=phase,
-        num_warps=num_warps or (tile.quant_num_warps if quantize else tile.num_warps),
+        tokens, peers.ll_cap, float(eps), float(weight_offset), run.scale_st, run.scale_sg,
+        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **run.tile.constexprs(),
+        NORM=norm, HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
+        FP8_MAX=run.fp8_max, PHASE=phase,
+        num_warps=num_warps or (run.tile.quant_num_warps if quantize else run.tile.num_warps),
     )
 
 
@@ -233,35 +233,34 @@ def oneshot_ll_ar_norm_quant(
     weight_offset: float = 0.0,
     group_size: int = 128,
     quantize: bool = True,
-    emit_normed: bool = False,
+    emit_bf16: bool = False,
     scale_layout: str = "row",
     quant_dtype: torch.dtype = torch.float8_e4m3fn,
     phase: int = 0,
-    outputs=None,
+    outputs: Outputs | None = None,
     num_warps: int | None = None,
-):
+) -> Outputs:
     """Same contract as oneshot_ar_norm_quant.oneshot_ar_norm_quant (the peers need the LL region)."""
     tokens, hidden = x.shape
     if peers.ll is None:
         raise ValueError("this workspace has no LL region")
-    if outputs is None:
-        outputs = empty_outputs(tokens, hidden, x.dtype, x.device, group_size=group_size, quantize=quantize,
-                                emit_normed=emit_normed, scale_layout=scale_layout, quant_dtype=quant_dtype)
+    run = prepare_rows(tokens, hidden, x.dtype, x.device, group_size=group_size, quantize=quantize,
+                       emit_bf16=emit_bf16, scale_layout=scale_layout, quant_dtype=quant_dtype, outputs=outputs)
     if tokens == 0:
-        return outputs
-    tile = row_tile(hidden, group_size) if quantize else norm_tile(hidden)
-    _launch(x, residual, weight, eps, peers, outputs, tile, norm=True, quantize=quantize,
-            emit=outputs[3] is not None, weight_offset=weight_offset, quant_dtype=quant_dtype, phase=phase,
-            num_warps=num_warps)
-    return outputs
+        return run.outputs
+    _launch(x, residual, weight, eps, peers, run, norm=True, quantize=quantize, weight_offset=weight_offset,
+            phase=phase, num_warps=num_warps)
+    return run.outputs
 
 
-def oneshot_ll_all_reduce(x: torch.Tensor, peers: SymmPeers, *, phase: int = 0, out=None) -> torch.Tensor:
+def oneshot_ll_all_reduce(x: torch.Tensor, peers: SymmPeers, *, phase: int = 0,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """The bare LL one-shot all-reduce (float32 sum rounded to x.dtype)."""
     tokens, hidden = x.shape
     out = torch.empty_like(x) if out is None else out
     if tokens == 0:
         return out
-    _launch(x, None, None, 0.0, peers, (None, None, out, None), norm_tile(hidden), norm=False, quantize=False,
-            emit=False, weight_offset=0.0, quant_dtype=torch.float8_e4m3fn, phase=phase)
+    run = prepare_rows(tokens, hidden, x.dtype, x.device, group_size=hidden, quantize=False, emit_bf16=False,
+                       scale_layout="row", quant_dtype=torch.float8_e4m3fn, outputs=(None, None, out, None))
+    _launch(x, None, None, 0.0, peers, run, norm=False, quantize=False, weight_offset=0.0, phase=phase)
     return out

@@ -82,7 +82,7 @@ def norm_part(s, inv, w, weight_offset, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def group_quant(normed, FP8_MAX: tl.constexpr):
+def quant_tile(normed, FP8_MAX: tl.constexpr):
     """Per-row-of-the-tile (= per group) dynamic symmetric quant of ``normed``.
     Returns (q as float32 already clamped to +-FP8_MAX, scale [rows of the tile] float32)."""
     nf = normed.to(tl.float32)
@@ -107,6 +107,6 @@ def finish_part(s, w, inv, row, offs, mask, g, gmask, weight_offset,
     if EMIT:
         tl.store(normed_ptr + base + offs, normed, mask=mask)
     if QUANT:
-        q, scale = group_quant(normed, FP8_MAX)
+        q, scale = quant_tile(normed, FP8_MAX)
         tl.store(q_ptr + base + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g * scale_sg, scale, mask=gmask)

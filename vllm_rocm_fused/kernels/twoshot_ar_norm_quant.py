@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SymmPeers, empty_outputs, norm_tile, quant_constants, row_tile, scale_strides, tile_reason
-from .row_math import CTL_EPOCHS, group_quant, inv_rms, norm_part, part_tile, sum_sq
+from .launch import Outputs, SymmPeers, prepare_rows, tile_reason
+from .row_math import CTL_EPOCHS, inv_rms, norm_part, part_tile, quant_tile, sum_sq
 from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
 
 # PHASE: 0 = the whole kernel (GPU); emulation on one device (Triton interpreter):
@@ -81,7 +81,7 @@ def _publish_part(s, w, inv, row, j, offs, mask, g, gmask, weight_offset,
         tl.store(normed_ptr + base + offs, normed, mask=mask)
         tl.store(o_normed[RANK] + ohalf + slot + offs, normed, mask=mask)
     if QUANT:
-        q, scale = group_quant(normed, FP8_MAX)
+        q, scale = quant_tile(normed, FP8_MAX)
         q8 = q.to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + base + offs, q8, mask=mask)
         tl.store(o_q[RANK] + ohalf + slot + offs, q8, mask=mask)
@@ -235,37 +235,33 @@ def twoshot_ar_norm_quant(
     weight_offset: float = 0.0,
     group_size: int = 128,
     quantize: bool = True,
-    emit_normed: bool = False,
+    emit_bf16: bool = False,
     scale_layout: str = "row",
     quant_dtype: torch.dtype = torch.float8_e4m3fn,
     phase: int = 0,
-    outputs=None,
-):
+    outputs: Outputs | None = None,
+) -> Outputs:
     """Same contract as oneshot_ar_norm_quant (the peers need the output region)."""
     tokens, hidden = x.shape
     if peers.out_res is None:
         raise ValueError("this workspace has no two-shot output region")
-    if outputs is None:
-        outputs = empty_outputs(tokens, hidden, x.dtype, x.device, group_size=group_size,
-                                quantize=quantize, emit_normed=emit_normed,
-                                scale_layout=scale_layout, quant_dtype=quant_dtype)
-    q, scale, res_out, normed = outputs
+    run = prepare_rows(tokens, hidden, x.dtype, x.device, group_size=group_size, quantize=quantize,
+                       emit_bf16=emit_bf16, scale_layout=scale_layout, quant_dtype=quant_dtype, outputs=outputs)
+    q, scale, res_out, normed = run.outputs
     if tokens == 0:
-        return outputs
-    tile = row_tile(hidden, group_size) if quantize else norm_tile(hidden)
-    reason = fits(tokens, hidden, tile.group, peers.world_size, peers.stage_cap, peers.out_cap)
+        return run.outputs
+    reason = fits(tokens, hidden, run.tile.group, peers.world_size, peers.stage_cap, peers.out_cap)
     if reason is not None:
         raise ValueError(reason)
     chunk = -(-tokens // peers.world_size)
-    st, sg = scale_strides(scale) if quantize else (0, 0)
     _twoshot_kernel[(peers.grid(chunk),)](
         x, residual, weight, res_out, normed, q, scale,
         peers.stage, peers.flags, peers.ctl, peers.out_q, peers.out_res, peers.out_normed, peers.out_scale,
         tokens, chunk, peers.stage_cap, peers.out_cap, peers.scale_cap,
-        float(eps), float(weight_offset), st, sg,
-        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **tile.constexprs(),
+        float(eps), float(weight_offset), run.scale_st, run.scale_sg,
+        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **run.tile.constexprs(),
         HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
-        FP8_MAX=quant_constants(quant_dtype) if quantize else 1.0, PHASE=phase,
-        num_warps=tile.num_warps,
+        FP8_MAX=run.fp8_max, PHASE=phase,
+        num_warps=run.tile.num_warps,
     )
-    return outputs
+    return run.outputs

@@ -3,7 +3,7 @@
 without AMX).
 
 Numerics follow the GPU kernels: the activation is quantized per 1x128 group to
-FP8 with a float32 scale (the same ``group_quant`` the fused op uses, so an
+FP8 with a float32 scale (the same ``group_quant_reference`` the fused op uses, so an
 activation quantized by the fused norm and one quantized here are bit-identical),
 then ``out = sum_k (A_q * As) (W_q * Ws)^T`` rounded to the output dtype once.
 The sum runs in float64, where every dequantized value is exact: GPU kernels
@@ -31,13 +31,13 @@ from vllm.model_executor.layers.fusion.quant_activation import (
 from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8Dynamic128Sym
 from vllm.platforms import current_platform
 
-from ..ops.reference import group_quant
+from ..ops.reference import group_quant_reference
 
 BLOCK = 128
 
 
 class PortableFp8BlockScaledMMKernel(Fp8BlockScaledMMLinearKernel):
-    """W8A8 block-FP8 GEMM in plain torch (float32 accumulation)."""
+    """W8A8 block-FP8 GEMM in plain torch, summed in float64 (see the module docstring)."""
 
     @classmethod
     def is_supported(cls, compute_capability: int | None = None) -> tuple[bool, str | None]:
@@ -77,7 +77,7 @@ class PortableFp8BlockScaledMMKernel(Fp8BlockScaledMMLinearKernel):
             orig_shape, out_dtype = qa.orig_shape, qa.orig_dtype
         else:
             k = x.shape[-1]
-            q_input, input_scale = group_quant(x.reshape(-1, k), BLOCK, weight.dtype)
+            q_input, input_scale = group_quant_reference(x.reshape(-1, k), BLOCK, weight.dtype)
             orig_shape, out_dtype = x.shape, x.dtype
         if self.config.out_dtype is not None:
             out_dtype = self.config.out_dtype

@@ -2,7 +2,7 @@
 (x86 without AMX), so FP8 MoE checkpoints (Qwen3.5-MoE FP8) load and run.
 
 Numerics follow vLLM's GPU Triton MoE for block FP8 (W8A8): per expert, the
-token activations are quantized per 1x128 group (the same ``group_quant`` as the
+token activations are quantized per 1x128 group (the same ``group_quant_reference`` as the
 fused op), multiplied by the 128x128-block dequantized ``w13`` (summed in float64, for the
 batch-shape independence explained in ``block_fp8_linear``), rounded to bf16,
 SiLU-and-mul, quantized per 1x128 group again, multiplied by ``w2``, weighted by
@@ -32,7 +32,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
 from vllm.platforms import current_platform
 
 from ..log import get_logger, log_once
-from ..ops.reference import group_quant
+from ..ops.reference import group_quant_reference
 from .block_fp8_linear import block_fp8_matmul
 
 logger = get_logger("portable_moe")
@@ -42,7 +42,7 @@ BLOCK = 128
 
 def _w8a8_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] bf16, quantized per 1x128 group; w [N, K] fp8 block-scaled -> float64 [M, N]."""
-    q, s = group_quant(x, BLOCK, w.dtype)
+    q, s = group_quant_reference(x, BLOCK, w.dtype)
     return block_fp8_matmul(q, s, w, w_scale)
 
 
@@ -126,7 +126,7 @@ def install() -> None:
     try:
         from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend
         from vllm.model_executor.layers.quantization import fp8 as fp8_method
-    except Exception as e:  # a vLLM without this layout: nothing to enable
+    except Exception as e:  # noqa: BLE001 - a vLLM without this layout: nothing to enable
         log_once(logger, logging.WARNING, "portable-moe-import",
                  "vllm-rocm-fused: portable FP8 MoE not registered (%s: %s)", type(e).__name__, e)
         return

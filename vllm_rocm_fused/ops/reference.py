@@ -79,7 +79,7 @@ def rms_norm(s: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
     return (s * inv_rms * w).to(out_dtype)
 
 
-def group_quant(
+def group_quant_reference(
     normed: torch.Tensor,
     group_size: int,
     quant_dtype: torch.dtype,
@@ -126,5 +126,5 @@ def norm_quant_reference(
     normed = rms_norm(s, weight, eps, weight_offset, out_dtype)
     if not quantize:
         return FusedNormQuantOutput(None, None, r, normed)
-    q, scale = group_quant(normed, group_size, quant_dtype, scale_layout)
+    q, scale = group_quant_reference(normed, group_size, quant_dtype, scale_layout)
     return FusedNormQuantOutput(q, scale, r, normed if emit_bf16 else None)

@@ -20,7 +20,7 @@ def doctor_text(world_size=2, tokens=(1, 64, 8192)) -> str:
 
 def site_block(text: str, title: str) -> str:
     lines = text.splitlines()
-    start = next(i for i, l in enumerate(lines) if l.startswith(f"  {title}:"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {title}:"))
     ends = [i for i in range(start + 1, len(lines)) if not lines[i].startswith("      ")]
     end = ends[0] if ends else len(lines)
     return "\n".join(lines[start:end])
@@ -45,7 +45,7 @@ def test_import_raising_runtime_error_is_unavailable_with_reason(rocm):
     assert reason == f"aiter import failed: RuntimeError: {import_error.MESSAGE}"
     text = doctor_text()
     assert f"rocm: unavailable: aiter import failed: RuntimeError: {import_error.MESSAGE}" in text
-    assert f"backend rocm: aiter: import failed: RuntimeError" in text
+    assert "backend rocm: aiter: import failed: RuntimeError" in text
 
 
 def test_aiter_without_any_fused_api_is_unavailable(rocm):

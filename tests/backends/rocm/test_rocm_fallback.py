@@ -14,7 +14,14 @@ import torch
 from support import fake_aiter
 from support.fake_aiter import base as fake_base
 from support.rocm_harness import (
-    AR_RMS, HIP_QUANT, PER_GROUP, Case, aiter_expected, hip_quant_expected, last_path, run_op,
+    AR_RMS,
+    HIP_QUANT,
+    PER_GROUP,
+    Case,
+    aiter_expected,
+    hip_quant_expected,
+    last_path,
+    run_op,
 )
 from vllm_rocm_fused.ops import backends
 from vllm_rocm_fused.ops.reference import norm_quant_reference

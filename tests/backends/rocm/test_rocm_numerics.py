@@ -11,7 +11,13 @@ import torch
 
 from support.oracle import dequantize, fp8_half_step, rounding_bound
 from support.rocm_harness import (
-    AR_RMS, PER_GROUP, Case, aiter_expected, hip_quant_expected, last_path, run_op,
+    AR_RMS,
+    PER_GROUP,
+    Case,
+    aiter_expected,
+    hip_quant_expected,
+    last_path,
+    run_op,
 )
 from vllm_rocm_fused.ops.backends import notify_weight_updated
 from vllm_rocm_fused.ops.reference import norm_quant_reference

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from support.rocm_harness import (
-    AR_RMS, ARCH_FP8, FN, FNUZ, HIP_QUANT, PER_GROUP, Case, last_path, run_op,
+    AR_RMS,
+    ARCH_FP8,
+    FN,
+    FNUZ,
+    HIP_QUANT,
+    PER_GROUP,
+    Case,
+    last_path,
+    run_op,
 )
 from vllm_rocm_fused.ops import backends
 from vllm_rocm_fused.ops.backends import CallSpec

@@ -55,8 +55,10 @@ def tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group(input_, residu
 
 
 def modules():
-    from .v0_1_13 import tensor_model_parallel_fused_allreduce_rmsnorm, \
-        tensor_model_parallel_fused_allreduce_rmsnorm_quant
+    from .v0_1_13 import (
+        tensor_model_parallel_fused_allreduce_rmsnorm,
+        tensor_model_parallel_fused_allreduce_rmsnorm_quant,
+    )
     return base.package(VERSION, CustomAllreduce, {
         "tensor_model_parallel_fused_allreduce_rmsnorm": tensor_model_parallel_fused_allreduce_rmsnorm,
         "tensor_model_parallel_fused_allreduce_rmsnorm_quant": tensor_model_parallel_fused_allreduce_rmsnorm_quant,

@@ -16,8 +16,7 @@ Signatures traced to ROCm/aiter @ v0.1.18:
          gemma_norm=False)
 """
 
-from . import base
-from . import v0_1_14, v0_1_17
+from . import base, v0_1_14, v0_1_17
 
 VERSION = "0.1.18"
 

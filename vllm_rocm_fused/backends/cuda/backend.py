@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 
 from ... import envs
 from ...log import get_logger, log_once
-from ...ops.backends import Backend, CallSpec
+from ...ops.backend_api import Backend, CallSpec, Outputs
 from ...ops.comm import Communicator, ProcessGroupCommunicator
 from . import dispatch
-from .dispatch import LOCAL, ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, Plan, SymmState
+from .dispatch import LOCAL, ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, DispatchPlan, SymmState
+from .workspace import Layout, SymmWorkspace, WorkspaceSize, size_for_call
 
 logger = get_logger("cuda")
 
@@ -41,9 +43,9 @@ class _CommState:
     """What this backend keeps on a communicator (``comm.extras["cuda"]``)."""
 
     def __init__(self) -> None:
-        self.workspace = None
+        self.workspace: SymmWorkspace | None = None
         self.failed: str | None = None
-        self.retired: list = []  # outgrown workspaces, kept for graphs that captured them
+        self.retired: list[SymmWorkspace] = []  # outgrown workspaces, kept for graphs that captured them
         self.pg_backend: str | None = None
 
 
@@ -61,8 +63,7 @@ def _probe() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device visible"
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        pass  # whether it imports is the question
     except Exception as e:  # noqa: BLE001
         return f"Triton is not importable ({type(e).__name__}: {e})"
     return None
@@ -73,95 +74,61 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _is_hypothetical(comm: Communicator | None) -> bool:
-    return bool(getattr(comm, "hypothetical", False))
-
-
 def _elem_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
-def _desired_stage_bytes(spec: CallSpec) -> int:
-    from .workspace import stage_bytes_for
-
-    symm_max = dispatch.symm_max_bytes(spec.world_size)
-    nbytes = spec.input_bytes
-    return stage_bytes_for(world_size=spec.world_size, hidden=spec.hidden, elem_bytes=_elem_bytes(spec.dtype),
-                           max_tokens=envs.max_tokens(), symm_max_bytes=symm_max,
-                           needed_bytes=nbytes if nbytes <= symm_max else 0)
-
-
-def _with_twoshot(world_size: int) -> bool:
-    return dispatch.TWOSHOT_MAX_BYTES.get(world_size, 0) > 0
-
-
-def _ll_bytes(spec: CallSpec) -> int:
-    """LL region size: what the dispatch sends through it, capped by the declared max tokens."""
-    return min(dispatch.ll_max_bytes(spec.world_size), envs.max_tokens() * spec.hidden * _elem_bytes(spec.dtype))
+def wanted_size(spec: CallSpec) -> WorkspaceSize:
+    """The workspace ``spec``'s communicator should have (workspace.size_for_call)."""
+    return size_for_call(world_size=spec.world_size, hidden=spec.hidden, elem_bytes=_elem_bytes(spec.dtype),
+                         input_bytes=spec.input_bytes, max_tokens=envs.max_tokens())
 
 
 def symm_state(spec: CallSpec, comm: Communicator) -> SymmState:
     """The planner's view of the communicator's workspace for this call."""
-    from .workspace import layout
-
     elem = _elem_bytes(spec.dtype)
-    if _is_hypothetical(comm):
-        lay = layout(spec.world_size, _desired_stage_bytes(spec), max_grid=132,
-                     with_twoshot=_with_twoshot(spec.world_size), ll_bytes=_ll_bytes(spec))
-        return _symm(lay, elem)
+    if comm.hypothetical:
+        return _symm(wanted_size(spec).layout(spec.world_size, max_grid=132), elem)
     st = _state(comm)
     if st.failed is not None:
         return SymmState(f"symmetric memory setup failed: {st.failed}", 0, 0)
     ws = st.workspace
-    if ws is not None and not _too_small(ws, spec):
+    if ws is not None and wanted_size(spec).fits_in(ws.layout):
         return _symm(ws.layout, elem)
     if spec.capturing:
         if ws is None:
             return SymmState("no symmetric workspace yet (the group's first call was under CUDA-graph capture)", 0, 0)
         return _symm(ws.layout, elem)
     # an eager call creates (or grows) the workspace before it runs
-    lay = layout(spec.world_size, _desired_stage_bytes(spec), max_grid=1, with_twoshot=_with_twoshot(spec.world_size),
-                 ll_bytes=_ll_bytes(spec))
-    return _symm(lay, elem)
+    return _symm(wanted_size(spec).layout(spec.world_size, max_grid=1), elem)
 
 
-def _symm(lay, elem: int) -> SymmState:
+def _symm(lay: Layout, elem: int) -> SymmState:
     return SymmState(None, lay.stage_bytes // elem, lay.out_elems, 4 * lay.ll_words // elem)
 
 
-def _too_small(ws, spec: CallSpec, *, stage_bytes: int | None = None, with_twoshot: bool | None = None,
-               ll_bytes: int | None = None) -> bool:
-    lay = ws.layout
-    want_stage = stage_bytes if stage_bytes is not None else _desired_stage_bytes(spec)
-    want_two = _with_twoshot(spec.world_size) if with_twoshot is None else with_twoshot
-    want_ll = _ll_bytes(spec) if ll_bytes is None else ll_bytes
-    return lay.stage_bytes < want_stage or (want_two and lay.out_elems == 0) or 4 * lay.ll_words < want_ll
-
-
 def ensure_workspace(comm: Communicator, spec: CallSpec, *, stage_bytes: int | None = None,
-                     with_twoshot: bool | None = None, ll_bytes: int | None = None):
+                     with_twoshot: bool | None = None, ll_bytes: int | None = None) -> SymmWorkspace | None:
     """Create (or grow) the communicator's workspace; collective, eager only. Returns it,
-    or None if setup failed (then ``failed`` holds why, on every rank alike)."""
-    from .workspace import SymmWorkspace
-
+    or None if setup failed (then ``failed`` holds why, on every rank alike). The keyword
+    arguments replace parts of ``wanted_size(spec)`` (tests and benchmarks size it themselves)."""
     st = _state(comm)
     if st.failed is not None:
         return None
+    want = wanted_size(spec)
+    want = WorkspaceSize(stage_bytes=want.stage_bytes if stage_bytes is None else stage_bytes,
+                         with_twoshot=want.with_twoshot if with_twoshot is None else with_twoshot,
+                         ll_bytes=want.ll_bytes if ll_bytes is None else ll_bytes)
     ws = st.workspace
-    if ws is not None and not _too_small(ws, spec, stage_bytes=stage_bytes, with_twoshot=with_twoshot,
-                                         ll_bytes=ll_bytes):
+    if ws is not None and want.fits_in(ws.layout):
         return ws
     if spec.capturing:
         return ws
-    want = stage_bytes if stage_bytes is not None else _desired_stage_bytes(spec)
-    two = _with_twoshot(spec.world_size) if with_twoshot is None else with_twoshot
-    ll = _ll_bytes(spec) if ll_bytes is None else ll_bytes
-    if ws is not None:  # grow: never smaller than what the old one had
-        want = max(want, ws.layout.stage_bytes)
-        two = two or ws.layout.out_elems > 0
-        ll = max(ll, 4 * ws.layout.ll_words)
+    if ws is not None:
+        want = want.grown_over(ws.layout)
     try:
-        new = SymmWorkspace.create(comm.process_group, spec.device, stage_bytes=want, with_twoshot=two, ll_bytes=ll)
+        new = SymmWorkspace.create(comm.process_group, spec.device, stage_bytes=want.stage_bytes,
+                                   with_twoshot=want.with_twoshot, ll_bytes=want.ll_bytes)
     except Exception as e:  # noqa: BLE001 - the same on every rank (create agrees first)
         st.failed = f"{type(e).__name__}: {e}"
         log_once(logger, logging.WARNING, f"cuda-symm-failed:{comm.name}",
@@ -199,7 +166,7 @@ class CudaBackend(Backend):
                 return f"world size {spec.world_size} > 8 (the kernels unroll over at most 8 peers)"
             if comm is None:
                 return "no communicator"
-            if not _is_hypothetical(comm):
+            if not comm.hypothetical:
                 pg = comm.process_group
                 if pg is None:
                     return "the communicator has no torch ProcessGroup"
@@ -212,12 +179,11 @@ class CudaBackend(Backend):
                     return f"the process group's backend is {st.pg_backend}, not NCCL"
         return None
 
-    def plan(self, spec: CallSpec, comm: Communicator | None) -> Plan:
-        grouped = comm is not None and spec.world_size > 1
+    def plan(self, spec: CallSpec, comm: Communicator | None) -> DispatchPlan:
         return dispatch.plan(
             num_tokens=spec.num_tokens, hidden=spec.hidden, elem_bytes=_elem_bytes(spec.dtype),
             world_size=spec.world_size, group_size=spec.group_size, quantize=spec.quantize,
-            symm=symm_state(spec, comm) if grouped else None)
+            symm=symm_state(spec, comm) if comm is not None and spec.world_size > 1 else None)
 
     def describe(self, spec: CallSpec, comm: Communicator | None) -> str:
         return self.plan(spec, comm).describe()
@@ -261,7 +227,8 @@ def _collective_sum(comm: Communicator, x: torch.Tensor) -> torch.Tensor:
     return out.view_as(x)
 
 
-def execute(plan: Plan, x, residual, weight, eps, comm, spec: CallSpec, ws):
+def execute(plan: DispatchPlan, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            comm: Communicator | None, spec: CallSpec, ws: SymmWorkspace | None) -> Outputs:
     """Run ``plan``; returns (q, scale, residual, normed). Tests and the benchmark call it
     with forced plans; the backend's ``run`` with the dispatched one."""
     from ...kernels.add_rmsnorm_quant import add_rmsnorm_quant
@@ -273,32 +240,34 @@ def execute(plan: Plan, x, residual, weight, eps, comm, spec: CallSpec, ws):
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
     weight = weight.contiguous()
-    common = dict(weight_offset=spec.weight_offset, group_size=spec.group_size, scale_layout=spec.scale_layout,
-                  quant_dtype=spec.quant_dtype)
-    fuse = plan.fused_quant or not spec.quantize
+    # the norm kernel quantizes itself (fused-1, or a norm-only site), or leaves it to group_quant
+    in_kernel = plan.fused_quant or not spec.quantize
+    quantize, emit = (spec.quantize, spec.emit_bf16) if in_kernel else (False, False)
 
     if plan.algo in (ONE_SHOT_LL, ONE_SHOT, TWO_SHOT):
-        kernel = {ONE_SHOT_LL: oneshot_ll_ar_norm_quant, ONE_SHOT: oneshot_ar_norm_quant,
-                  TWO_SHOT: twoshot_ar_norm_quant}[plan.algo]
-        peers = ws.peers(x.dtype)
-        if fuse:
-            return kernel(x, residual, weight, eps, peers, quantize=spec.quantize,
-                          emit_normed=spec.emit_bf16, **common)
-        _, _, res, normed = kernel(x, residual, weight, eps, peers, quantize=False, **common)
-        q, scale = group_quant(normed, group_size=spec.group_size, scale_layout=spec.scale_layout,
-                               quant_dtype=spec.quant_dtype)
-        return q, scale, res, normed if spec.emit_bf16 else None
-
-    if plan.algo == SPLIT:
-        h = _collective_sum(comm, x) if spec.num_tokens > 0 else x
-    elif plan.algo == LOCAL:
+        if ws is None:
+            raise ValueError(f"the {plan.algo} algorithm needs a symmetric workspace")
+        kernel: Callable[..., Outputs] = {ONE_SHOT_LL: oneshot_ll_ar_norm_quant, ONE_SHOT: oneshot_ar_norm_quant,
+                                          TWO_SHOT: twoshot_ar_norm_quant}[plan.algo]
+        out = kernel(x, residual, weight, eps, ws.peers(x.dtype), weight_offset=spec.weight_offset,
+                     group_size=spec.group_size, quantize=quantize, emit_bf16=emit, scale_layout=spec.scale_layout,
+                     quant_dtype=spec.quant_dtype)
+    elif plan.algo in (SPLIT, LOCAL):
         h = x
-    else:  # pragma: no cover - the planner returns one of the four
+        if plan.algo == SPLIT and spec.num_tokens > 0:
+            if comm is None:
+                raise ValueError("the split algorithm needs a communicator")
+            h = _collective_sum(comm, x)
+        out = add_rmsnorm_quant(h, residual, weight, eps, out_dtype=x.dtype, weight_offset=spec.weight_offset,
+                                group_size=spec.group_size, quantize=quantize, emit_bf16=emit,
+                                scale_layout=spec.scale_layout, quant_dtype=spec.quant_dtype)
+    else:  # pragma: no cover - the planner returns one of the five
         raise ValueError(f"unknown algorithm {plan.algo!r}")
-    if fuse:
-        return add_rmsnorm_quant(h, residual, weight, eps, out_dtype=x.dtype, quantize=spec.quantize,
-                                 emit_normed=spec.emit_bf16, **common)
-    _, _, res, normed = add_rmsnorm_quant(h, residual, weight, eps, out_dtype=x.dtype, quantize=False, **common)
+    if in_kernel:
+        return out
+    _, _, res, normed = out
+    if normed is None:  # pragma: no cover - a norm-only launch always returns normed
+        raise RuntimeError("the norm kernel returned no normed output")
     q, scale = group_quant(normed, group_size=spec.group_size, scale_layout=spec.scale_layout,
                            quant_dtype=spec.quant_dtype)
     return q, scale, res, normed if spec.emit_bf16 else None

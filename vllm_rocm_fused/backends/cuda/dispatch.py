@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...kernels.launch import MAX_TILE, norm_tile, row_tile
+from ...kernels.launch import MAX_TILE, norm_tile, tile_reason
 
 LOCAL, ONE_SHOT_LL, ONE_SHOT, TWO_SHOT, SPLIT = "local", "one-shot-ll", "one-shot", "two-shot", "split"
 
@@ -57,16 +57,15 @@ ONESHOT_MAX_BYTES: dict[int, int] = {2: 80 << 20, 3: 4 << 20, 4: 2 << 20, 5: 1 <
 # Below the LL limit the LL kernel takes the call anyway. The reason is not world-size
 # specific, so TP 3-8 use the same rule (unmeasured).
 PULL_QUANT_MIN_BYTES: dict[int, int] = {w: 4 << 20 for w in WORLD_SIZES}
-# Hidden 5120 lost at every size in that run (8192 tokens: 585 against 397 us), when its 40
-# groups were padded to a 64-group register tile. The kernels no longer pad (row_math.py:
-# 32 + 8 groups), but no TP>=2 run has measured the in-kernel quant at hidden sizes other
-# than these two since, so elsewhere the quant keeps its own kernel.
+# Hidden 5120 lost at every size in that run (8192 tokens: 585 against 397 us), with its 40
+# groups padded to a 64-group register tile. The kernels hold it unpadded (row_math.py:
+# 32 + 8 groups), and no TP>=2 run has measured the in-kernel quant that way at hidden sizes
+# other than these two, so elsewhere the quant keeps its own kernel.
 PULL_QUANT_HIDDEN: tuple[int, ...] = (2048, 4096)
 # Two-shot is not dispatched at any world size: at TP=2 it lost to the one-shot at every
 # measured size (it moves ~5 bytes per element against the one-shot's 2 (W - 1) and pays two
 # handshakes); TP 4/8, where it should win for large inputs, are not measured yet. It passes
-# the GPU tests (forced plans, back to back at uneven token counts) since the per-block
-# epoch race in symm_sync.next_epoch was fixed.
+# the GPU tests (forced plans, back to back at uneven token counts).
 TWOSHOT_MAX_BYTES: dict[int, int] = {w: 0 for w in WORLD_SIZES}
 # Up to which input size each world size's choices rest on measurements (0 = none).
 MEASURED_UP_TO_BYTES: dict[int, int] = {2: 80 << 20}
@@ -85,7 +84,7 @@ def symm_max_bytes(world_size: int) -> int:
 class SymmState:
     """What the planner knows about a communicator's symmetric workspace.
 
-    usable: None when the workspace exists (or will be created by this eager call, or
+    unusable: None when the workspace exists (or will be created by this eager call, or
     is hypothetical), else the reason it cannot be used now.
     stage_elems / out_elems / ll_elems: its capacities in elements of the call's dtype
     (out_elems 0 = no two-shot region, ll_elems 0 = no LL region)."""
@@ -97,7 +96,7 @@ class SymmState:
 
 
 @dataclass(frozen=True)
-class Plan:
+class DispatchPlan:
     algo: str
     path: str
     fused_quant: bool  # the quant runs inside the same kernel as the norm
@@ -124,14 +123,6 @@ class Plan:
         return text
 
 
-def quant_tile_reason(hidden: int, group_size: int) -> str | None:
-    tile = row_tile(hidden, group_size)
-    if tile.elements > MAX_TILE:
-        return (f"a row of {hidden} in groups of {group_size} pads to {tile.elements} elements, "
-                f"more than the {MAX_TILE}-element register tile")
-    return None
-
-
 def norm_tile_reason(hidden: int) -> str | None:
     if hidden % 16:
         return f"hidden {hidden} is not a multiple of 16"
@@ -141,15 +132,15 @@ def norm_tile_reason(hidden: int) -> str | None:
 
 
 def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, group_size: int,
-         quantize: bool, symm: SymmState | None) -> Plan:
+         quantize: bool, symm: SymmState | None) -> DispatchPlan:
     """The plan for one call. ``symm`` is None when there is no group (world_size 1).
     Assumes the backend is eligible (norm_tile_reason(hidden) is None)."""
     notes: list[str] = []
-    fused_quant = quantize and quant_tile_reason(hidden, group_size) is None
+    fused_quant = quantize and tile_reason(hidden, group_size) is None
     if quantize and not fused_quant:
-        notes.append(f"fused-1 needs the quant in the norm's tile: {quant_tile_reason(hidden, group_size)}")
+        notes.append(f"fused-1 needs the quant in the norm's tile: {tile_reason(hidden, group_size)}")
     if world_size == 1 or symm is None:
-        return Plan(LOCAL, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes),
+        return DispatchPlan(LOCAL, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes),
                     quantize)
 
     nbytes = num_tokens * hidden * elem_bytes
@@ -187,8 +178,8 @@ def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, grou
                      + ("; two-shot is not dispatched (see dispatch.py)" if two_max == 0 and world_size > 2 else ""))
     if algo is None:
         path = "fused-2" if fused_quant or not quantize else "generic"
-        return Plan(SPLIT, path, fused_quant, tuple(notes), quantize)
-    return Plan(algo, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes), quantize)
+        return DispatchPlan(SPLIT, path, fused_quant, tuple(notes), quantize)
+    return DispatchPlan(algo, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes), quantize)
 
 
 def _pull_quant_apart_reason(nbytes: int, hidden: int, group_size: int, world_size: int) -> str | None:

@@ -28,6 +28,7 @@ import torch
 
 from ...kernels.launch import SymmPeers
 from ...log import get_logger
+from . import dispatch
 
 logger = get_logger("cuda.workspace")
 
@@ -97,6 +98,44 @@ def stage_bytes_for(*, world_size: int, hidden: int, elem_bytes: int, max_tokens
     the declared max token count, and at least what the current call needs."""
     want = min(symm_max_bytes, max_tokens * hidden * elem_bytes)
     return _align(max(want, needed_bytes, hidden * elem_bytes))
+
+
+@dataclass(frozen=True)
+class WorkspaceSize:
+    """What a workspace is created with: bytes per staging half, a two-shot output region or
+    not, and the largest input (bytes) its LL region takes."""
+
+    stage_bytes: int
+    with_twoshot: bool
+    ll_bytes: int
+
+    def fits_in(self, lay: Layout) -> bool:
+        """A workspace laid out as ``lay`` holds all of this."""
+        return (lay.stage_bytes >= self.stage_bytes and (lay.out_elems > 0 or not self.with_twoshot)
+                and 4 * lay.ll_words >= self.ll_bytes)
+
+    def grown_over(self, lay: Layout) -> WorkspaceSize:
+        """This, and at least everything ``lay`` had (a replacement workspace never shrinks)."""
+        return WorkspaceSize(max(self.stage_bytes, lay.stage_bytes), self.with_twoshot or lay.out_elems > 0,
+                             max(self.ll_bytes, 4 * lay.ll_words))
+
+    def layout(self, world_size: int, *, max_grid: int) -> Layout:
+        return layout(world_size, self.stage_bytes, max_grid=max_grid, with_twoshot=self.with_twoshot,
+                      ll_bytes=self.ll_bytes)
+
+
+def size_for_call(*, world_size: int, hidden: int, elem_bytes: int, input_bytes: int,
+                  max_tokens: int) -> WorkspaceSize:
+    """The workspace a call of ``input_bytes`` wants: room for every input the dispatch table
+    sends through symmetric memory at this world size, capped by the declared max token count
+    (VLLM_ROCM_FUSED_MAX_TOKENS), and at least this call's input when the table sends it there;
+    a two-shot region where the table dispatches two-shot."""
+    symm_max = dispatch.symm_max_bytes(world_size)
+    stage = stage_bytes_for(world_size=world_size, hidden=hidden, elem_bytes=elem_bytes, max_tokens=max_tokens,
+                            symm_max_bytes=symm_max, needed_bytes=input_bytes if input_bytes <= symm_max else 0)
+    return WorkspaceSize(stage_bytes=stage,
+                         with_twoshot=dispatch.TWOSHOT_MAX_BYTES.get(world_size, 0) > 0,
+                         ll_bytes=min(dispatch.ll_max_bytes(world_size), max_tokens * hidden * elem_bytes))
 
 
 class SymmWorkspace:

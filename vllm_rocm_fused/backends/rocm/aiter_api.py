@@ -322,7 +322,7 @@ def probe_aiter(env: RocmEnvironment) -> AiterProbe:
     ImportError) means "unavailable", with the reason kept."""
     try:
         aiter = env.import_module("aiter")
-    except BaseException as e:  # noqa: BLE001 - includes SystemExit from broken builds
+    except BaseException as e:  # includes SystemExit from broken builds
         if isinstance(e, KeyboardInterrupt):
             raise
         return AiterProbe(error=f"{type(e).__name__}: {e}")
@@ -428,9 +428,17 @@ def call_object_ar_rms(entry: Entry, ca: Any, x, residual, weight, eps, *, use_1
     return fn(x, residual, w=weight, eps=eps, **_kwargs(entry, opts))
 
 
+def _present(entry: Entry | None, what: str) -> Entry:
+    """``entry``; a step is planned only where its entry exists, so None is a planning bug."""
+    if entry is None:
+        raise RuntimeError(f"this aiter has no {what} entry")
+    return entry
+
+
 def call_module_per_group(api: ModuleApi, comm_op: Any, x, residual, weight, eps, *, group_size,
                           emit_bf16, transpose_scale):
-    fn = getattr(comm_op, api.per_group.name)
+    entry = _present(api.per_group, "per-group communication_op")
+    fn = getattr(comm_op, entry.name)
     opts: dict[str, Any] = {"group_size": group_size, "prefill_support": False}
     if emit_bf16:
         opts["emit_bf16"] = True
@@ -438,25 +446,29 @@ def call_module_per_group(api: ModuleApi, comm_op: Any, x, residual, weight, eps
         opts["transpose_scale"] = True
     if api.per_group_form == "quant_type":
         opts["quant_type"] = "per_group"
-        return fn(x, residual, weight, eps, **_kwargs(api.per_group, opts, ("quant_type", "group_size")))
-    return fn(x, residual, weight, eps, **_kwargs(api.per_group, opts, ("group_size",)))
+        return fn(x, residual, weight, eps, **_kwargs(entry, opts, ("quant_type", "group_size")))
+    return fn(x, residual, weight, eps, **_kwargs(entry, opts, ("group_size",)))
 
 
 def call_module_ar_rms(api: ModuleApi, comm_op: Any, x, residual, weight, eps, *, gemma_norm):
-    fn = getattr(comm_op, api.ar_rms.name)
+    entry = _present(api.ar_rms, "all-reduce + RMSNorm communication_op")
+    fn = getattr(comm_op, entry.name)
     opts: dict[str, Any] = {"prefill_support": False}
     if gemma_norm:
         opts["gemma_norm"] = True
-    return fn(x, residual, weight, eps, **_kwargs(api.ar_rms, opts))
+    return fn(x, residual, weight, eps, **_kwargs(entry, opts))
 
 
 def call_group_quant(probe: AiterProbe, x, quant_dtype, *, transpose_scale: bool):
     """``per_1x128`` quant of ``x`` -> (q, scale). With ``transpose_scale`` the
     kernel writes the scales transposed into its ``[M, K/128]`` buffer, returned
     here as the column-major view ``[M, K/128]`` with strides ``(1, M)``."""
+    quant = probe.group_quant
+    if quant is None:
+        raise RuntimeError(probe.group_quant_error or "this aiter has no per_1x128 group quant")
     if not transpose_scale:
-        return probe.group_quant(x, quant_dtype=quant_dtype)
-    q, scale = probe.group_quant(x, quant_dtype=quant_dtype, transpose_scale=True)
+        return quant(x, quant_dtype=quant_dtype)
+    q, scale = quant(x, quant_dtype=quant_dtype, transpose_scale=True)
     if isinstance(scale, torch.Tensor) and scale.dim() == 2 and scale.is_contiguous():
         m, groups = scale.shape
         scale = scale.view(groups, m).t()

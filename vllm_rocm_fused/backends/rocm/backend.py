@@ -56,7 +56,9 @@ from ...ops.backend_api import PATH_FUSED_1, PATH_FUSED_2, PATH_GENERIC, Backend
 from ...ops.backends import get_backend
 from ...ops.comm import Communicator
 from ...ops.reference import as_col_major
-from . import aiter_api, kernel_limits as limits, route as routes
+from . import aiter_api
+from . import kernel_limits as limits
+from . import route as routes
 from .aiter_api import AiterProbe, RocmEnvironment
 from .norm_weight import KernelWeights
 
@@ -181,7 +183,7 @@ class RocmBackend(Backend):
         not fused-1: <why>" -- the step, aiter's kernel variant, the entry, and why
         each higher step is not taken."""
         plan = self.plan(spec, comm)
-        if not plan.steps:
+        if not plan.steps or plan.route is None:
             return f"{PATH_GENERIC}: {plan.summary()}"
         step, api = plan.steps[0], plan.route.api
         kernel = plan.kernels.get(step.key)
@@ -251,8 +253,8 @@ class RocmBackend(Backend):
         """Which steps may run ``spec`` (cheap, host-side). ``build``: allowed to
         build a CustomAllreduce for a plain process group (run, not capturing)."""
         reason = self._call_reason(spec, comm)
-        if reason is not None:
-            return StepPlan(None, why_not={"all": reason})
+        if reason is not None or comm is None:
+            return StepPlan(None, why_not={"all": reason or "no communicator"})
         probe = self.probe()
         route = routes.resolve(comm, probe, self.env)
         if isinstance(route, routes.Route) and route.pending:
@@ -270,11 +272,13 @@ class RocmBackend(Backend):
         arch = self.env.gpu_arch(spec.device)
         for step in self._steps_for(spec):
             why = self._step_reason(step, spec, route, arch, probe)
-            kernel = None
+            kernel: limits.KernelPlan | None = None
             if why is None:
-                kernel = self._kernel_for(step, spec, route, probe)
-                if isinstance(kernel, str):
-                    why, kernel = kernel, None
+                chosen = self._kernel_for(step, spec, route, probe)
+                if isinstance(chosen, str):
+                    why = chosen
+                else:
+                    kernel = chosen
             if why is None and step.key in self._broken:
                 why = f"disabled after an error: {self._broken[step.key]}"
             if why is None:
@@ -346,7 +350,7 @@ class RocmBackend(Backend):
         if step is STEP_PER_GROUP:
             if api.per_group is None:
                 return f"aiter {version} has no per-group fused API for this route (added in aiter 0.1.14)"
-            if route.kind == "module" and route.api.always_two_kernels:
+            if isinstance(api, aiter_api.ModuleApi) and api.always_two_kernels:
                 return (f"aiter {version}'s communication_op passes transpose_scale to a CustomAllreduce method "
                         "without it and so always runs two kernels; fused-2 runs them itself")
             if arch != "gfx950":
@@ -378,10 +382,12 @@ class RocmBackend(Backend):
         plan = self.plan(spec, comm, build=True)
         x = x.contiguous()
         residual = residual.contiguous() if residual is not None else None
+        route = plan.route
         for i, step in enumerate(plan.steps):
+            assert route is not None  # a plan with steps has its route
             fallback = plan.steps[i + 1].path if i + 1 < len(plan.steps) else PATH_GENERIC
             try:
-                out = self._run_step(step, plan.route, plan.kernels.get(step.key), x, residual, weight, eps, spec)
+                out = self._run_step(step, route, plan.kernels.get(step.key), x, residual, weight, eps, spec)
             except Exception as e:  # noqa: BLE001 - the next step takes the call
                 self._mark_broken(step, e, fallback)
                 continue
@@ -390,9 +396,9 @@ class RocmBackend(Backend):
                          "vllm-rocm-fused: aiter declined %s for a %s input; that call used %s",
                          step.path, tuple(x.shape), fallback)
                 continue
-            log_once(logger, logging.INFO, f"rocm-path:{step.key}:{plan.route.source}",
+            log_once(logger, logging.INFO, f"rocm-path:{step.key}:{route.source}",
                      "vllm-rocm-fused: rocm backend runs %s (%s) via %s, aiter %s",
-                     step.path, step.title, plan.route.source, self.probe().version)
+                     step.path, step.title, route.source, self.probe().version)
             return out, step.path
         outputs, _ = get_backend("native").run(x, residual, weight, eps, comm, spec)
         return outputs, PATH_GENERIC

@@ -126,8 +126,8 @@ def _aiter_tp_route(probe: AiterProbe, env, comm: Communicator) -> Route | None:
                  comm_op=comm_op, aiter_comm=getattr(tp, "device_communicator", None))
 
 
-def _vllm_route(comm: Communicator) -> Route | str:
-    dc = getattr(comm.coordinator, "device_communicator", None)
+def _vllm_route(coordinator: Any) -> Route | str:
+    dc = getattr(coordinator, "device_communicator", None)
     disabled = None
     for attr in ("aiter_ar_comm", "ca_comm"):
         candidate = getattr(dc, attr, None)
@@ -155,16 +155,17 @@ def resolve(comm: Communicator, probe: AiterProbe, env) -> Route | str:
         if not probe.class_api.empty:
             return Route("object", probe.class_api, f"vLLM TP group's aiter custom all-reduce (needs: {VLLM_HINT})")
         return "aiter's CustomAllreduce has no fused all-reduce + RMSNorm method"
-    if getattr(comm, "coordinator", None) is not None:
-        route = _vllm_route(comm)
-        if isinstance(route, str):
-            route = _aiter_tp_route(probe, env, comm) or route
-        comm.extras[EXTRAS_KEY] = route
-        return route
-    route = _aiter_tp_route(probe, env, comm)
-    if route is not None:
-        comm.extras[EXTRAS_KEY] = route
-        return route
+    coordinator = getattr(comm, "coordinator", None)  # vLLM's TP group (layers.comm.VllmGroupCommunicator)
+    if coordinator is not None:
+        vllm_route = _vllm_route(coordinator)
+        if isinstance(vllm_route, str):
+            vllm_route = _aiter_tp_route(probe, env, comm) or vllm_route
+        comm.extras[EXTRAS_KEY] = vllm_route
+        return vllm_route
+    aiter_route = _aiter_tp_route(probe, env, comm)
+    if aiter_route is not None:
+        comm.extras[EXTRAS_KEY] = aiter_route
+        return aiter_route
     reason = _own_route_reason(comm, probe)
     if reason is not None:
         comm.extras[EXTRAS_KEY] = reason
@@ -197,13 +198,16 @@ def build_own(comm: Communicator, probe: AiterProbe, device: torch.device) -> Ro
     """Build (collectively, on a non-capturing call) aiter's CustomAllreduce for a
     plain process group; cache the route or the reason it failed."""
     pg = comm.process_group
+    ca_class = probe.ca_class
     try:
+        if ca_class is None:  # resolve() returns no pending route then
+            raise RuntimeError("aiter has no CustomAllreduce class")
         group = pg
         if _is_nccl(pg):
             group = dist.new_group(ranks=dist.get_process_group_ranks(pg), backend="gloo")
-        init = entry_of("CustomAllreduce", probe.ca_class, "__init__")
+        init = entry_of("CustomAllreduce", ca_class, "__init__")
         sized = init is not None and init.accepts("max_size")
-        ca = probe.ca_class(group, device, max_size=OWN_MAX_SIZE) if sized else probe.ca_class(group, device)
+        ca = ca_class(group, device, max_size=OWN_MAX_SIZE) if sized else ca_class(group, device)
     except Exception as e:  # noqa: BLE001 - any failure leaves this group on the portable path
         result: Route | str = f"building aiter's CustomAllreduce failed: {type(e).__name__}: {e}"
     else:
