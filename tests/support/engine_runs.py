@@ -45,13 +45,26 @@ def task_prompts(model: str | Path, n: int = 32, shots: int = 5) -> tuple[list[l
 
 def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, str] | None = None,
           count_collectives: bool = True, skip_tokenizer: bool = False, max_tokens: int | None = None,
-          timeout: float = 900) -> dict:
+          timeout: float = 900, num_prompts: int | None = None, speculative_config: dict | None = None,
+          pipeline_parallel: int = 1, prefix_caching: bool = True) -> dict:
     """Greedy outputs (32 prompts, one at a time) and the plugin's state from one engine.
     A trained model gets tiny-gsm8k prompts and stops after each answer (up to 96
-    tokens); others get random token ids and 32 tokens, EOS ignored."""
+    tokens); others get random token ids and 32 tokens, EOS ignored.
+
+    num_prompts: the first n of those prompts instead of 32.
+    speculative_config: vLLM's speculative config (e.g. an MTP draft); the result then
+        has the draft's fusion state (``drafts``) and vLLM's ``spec_decode`` counters.
+    pipeline_parallel: pipeline stages (each of ``tp`` workers); the result then has
+        every worker's ``stages`` entry (stage, layers, the reduces kept in place).
+    prefix_caching: False turns vLLM's prefix caching off.
+    """
     trained = is_trained(model)
     max_tokens = max_tokens or (96 if trained else 32)
     key = (str(model), tp, eager, tuple(sorted((env or {}).items())), count_collectives, skip_tokenizer, max_tokens)
+    extra = (num_prompts, json.dumps(speculative_config, sort_keys=True) if speculative_config else None,
+             pipeline_parallel, prefix_caching)
+    if extra != (None, None, 1, True):
+        key += extra
     if key in _cache:
         return _cache[key]
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,10 +72,21 @@ def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, 
         cmd = [sys.executable, "-m", "support.engine_probe", "--model", str(model), "--tp", str(tp),
                "--out", str(out), "--max-tokens", str(max_tokens)]
         if trained:
-            prompts, stop_ids = task_prompts(model)
+            prompts, stop_ids = task_prompts(model, **({"n": num_prompts} if num_prompts else {}))
             (Path(tmp) / "prompts.json").write_text(json.dumps(prompts))
             cmd += ["--prompts", str(Path(tmp) / "prompts.json"), "--stop-token-ids", json.dumps(stop_ids),
                     "--max-model-len", "1024"]
+        elif num_prompts:
+            from support.engine_probe import default_prompts
+
+            (Path(tmp) / "prompts.json").write_text(json.dumps(default_prompts(num_prompts)))
+            cmd += ["--prompts", str(Path(tmp) / "prompts.json")]
+        if speculative_config:
+            cmd += ["--speculative-config", json.dumps(speculative_config)]
+        if pipeline_parallel != 1:
+            cmd += ["--pipeline-parallel-size", str(pipeline_parallel)]
+        if not prefix_caching:
+            cmd.append("--no-prefix-caching")
         if eager:
             cmd.append("--eager")
         if count_collectives:
@@ -73,7 +97,7 @@ def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, 
 
         if "--language-model-only" in serve_args(model):  # what the tiny-model builder asks for
             cmd.append("--language-model-only")
-        full_env = {**os.environ, **cpu_env(tp), **(env or {})}
+        full_env = {**os.environ, **cpu_env(tp * pipeline_parallel), **(env or {})}
         full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), full_env.get("PYTHONPATH", "")])
         proc = subprocess.run(cmd, cwd=TESTS_DIR, env=full_env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():

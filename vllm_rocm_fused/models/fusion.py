@@ -100,6 +100,9 @@ class FusionReport:
     tp_size: int
     rank: int
     sites: list[SiteRecord] = field(default_factory=list)
+    pp_size: int = 1
+    pp_rank: int = 0  # this pipeline stage
+    layer_range: tuple[int, int] | None = None  # first and last local decoder layer
     kept_reduces: list[str] = field(default_factory=list)  # "layer.N.mlp: reason"
     disabled: str | None = None
     backends: dict[str, str] = field(default_factory=dict)  # site key -> backend/path picks
@@ -137,7 +140,12 @@ class FusionReport:
             if key in self.backends:
                 desc += f" -> {self.backends[key]}"
             parts.append(desc)
-        text = (f"vllm-rocm-fused: fused sites ({self.where}, TP={self.tp_size}, rank {self.rank}): "
+        stage = ""
+        if self.pp_size > 1:
+            stage = f", PP={self.pp_size} stage {self.pp_rank}"
+            if self.layer_range is not None:
+                stage += f" (layers {self.layer_range[0]}-{self.layer_range[1]})"
+        text = (f"vllm-rocm-fused: fused sites ({self.where}, TP={self.tp_size}, rank {self.rank}{stage}): "
                 + "; ".join(parts))
         if self.kept_reduces:
             text += f" | reduces kept in place: {'; '.join(self.kept_reduces)}"
@@ -248,7 +256,9 @@ def install(
 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    report = FusionReport(where=where, tp_size=tp_size, rank=rank)
+    pp = parallel_state.get_pp_group()
+    report = FusionReport(where=where, tp_size=tp_size, rank=rank, pp_size=pp.world_size, pp_rank=pp.rank_in_group,
+                          layer_range=(layers[0].layer_idx, layers[-1].layer_idx) if layers else None)
     _reports.append(report)
 
     why = _why_stack_not_fused(vllm_config, layers)
