@@ -1,1 +1,2 @@
-"""GSM8K accuracy check, fused vs baseline (installed as vllm_rocm_fused.eval)."""
+"""Ships as ``vllm_rocm_fused.eval``: the GSM8K accuracy check, fused vs baseline
+(``vllm-rocm-fused eval gsm8k``)."""

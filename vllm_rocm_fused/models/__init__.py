@@ -1,4 +1,5 @@
-"""Qwen3.5 layer overrides (vLLM glue).
+"""Qwen3.5 layer overrides (vLLM glue). The tiny test models are another folder, the
+top-level ``models/``, shipped as ``vllm_rocm_fused.tiny_models``.
 
 ``ARCHITECTURES`` maps each vLLM architecture name the plugin overrides to the
 class in ``vllm_rocm_fused.models.qwen3_5`` (registered lazily by name, so the
