@@ -26,6 +26,7 @@ that reduce where vLLM put it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -69,7 +70,8 @@ class FusedNormSite(FusedAllReduceRMSNormQuant):
         self.handoff = handoff
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        out = self._forward_method(x, residual, tag=self.site.key)
+        # CustomOp.forward runs the forward_<platform> vLLM picked at construction
+        out = super().forward(x, residual, tag=self.site.key)
         if not self.quantize:
             act = out.normed
         elif self.emit_bf16:
@@ -218,6 +220,35 @@ def _handoff_for(site: SiteKind, consumer, quant_off: bool) -> Handoff:
     return inspect_consumer(consumer)
 
 
+def _deferred_reduces(report: FusionReport, layers: list, no_deferral: str | None, *, last_output_reduced: bool,
+                      independent_layers: bool) -> tuple[list[bool], list[bool]]:
+    """Per layer, whether its attention and its MLP output reduce can be deferred to the
+    next norm site; each MLP reduce that stays is recorded in ``report.kept_reduces``."""
+    attn_deferred, mlp_deferred = [], []
+    for i, layer in enumerate(layers):
+        a_ok = no_deferral is None and getattr(_attn_out_proj(layer), "reduce_results", False)
+        m_why = no_deferral or _why_mlp_reduce_stays(layer)
+        if m_why is None and last_output_reduced and i == len(layers) - 1 and not independent_layers:
+            m_why = "the last layer of a non-last pipeline stage hands on a reduced output"
+        if m_why is not None and report.tp_size > 1:
+            report.kept_reduces.append(f"layer {layer.layer_idx} mlp: {m_why}")
+        attn_deferred.append(bool(a_ok))
+        mlp_deferred.append(m_why is None)
+    return attn_deferred, mlp_deferred
+
+
+def _install_site(report: FusionReport, owner, attr: str, site: SiteKind, consumer, *, all_reduce: bool,
+                  hidden: int, eps: float, quant_off: bool, prefix: str = "") -> Handoff:
+    """Replace the norm ``owner.<attr>`` with a fused site, switch ``consumer`` to the
+    (fp8, scale) input where it can take it, and record the site as ``prefix + attr``."""
+    handoff = _handoff_for(site, consumer, quant_off)
+    setattr(owner, attr, FusedNormSite(site, hidden, eps, all_reduce=all_reduce, handoff=handoff))
+    if handoff.layout is not None:
+        enable_handoff(consumer, handoff)
+    report.sites.append(SiteRecord(site, prefix + attr, all_reduce, handoff.layout, handoff.reason))
+    return handoff
+
+
 def _why_stack_not_fused(vllm_config, layers) -> str | None:
     if any(getattr(layer, "use_attn_reduce_scatter_for_moe", False) for layer in layers):
         return "sequence-parallel MoE (attention reduce-scatter) is enabled"
@@ -270,58 +301,36 @@ def install(
     quant_off = envs.ar_quant_disabled()
     no_deferral = _why_no_deferral(vllm_config) if tp_size > 1 else "TP=1 (nothing to reduce)"
 
-    # Which output reduces to defer.
-    attn_deferred, mlp_deferred = [], []
-    for i, layer in enumerate(layers):
-        out_proj = _attn_out_proj(layer)
-        a_ok = no_deferral is None and getattr(out_proj, "reduce_results", False)
-        m_why = no_deferral or _why_mlp_reduce_stays(layer)
-        if m_why is None and last_output_reduced and i == len(layers) - 1 and not independent_layers:
-            m_why = "the last layer of a non-last pipeline stage hands on a reduced output"
-        if m_why is not None and tp_size > 1:
-            report.kept_reduces.append(f"layer {layer.layer_idx} mlp: {m_why}")
-        attn_deferred.append(bool(a_ok))
-        mlp_deferred.append(m_why is None)
-
+    attn_deferred, mlp_deferred = _deferred_reduces(report, layers, no_deferral, last_output_reduced=last_output_reduced,
+                                                    independent_layers=independent_layers)
     eps = layers[0].input_layernorm.variance_epsilon if layers else 1e-6
-    hidden = layers[0].input_layernorm.weight.shape[0] if layers else None
+    hidden = layers[0].input_layernorm.weight.shape[0] if layers else 0  # unused without layers
 
+    fuse = functools.partial(_install_site, report, hidden=hidden, eps=eps, quant_off=quant_off)
     for i, layer in enumerate(layers):
         if attn_deferred[i]:
             _attn_out_proj(layer).reduce_results = False
         if mlp_deferred[i]:
             _defer_mlp_reduce(layer)
+        prefix = f"layers.{layer.layer_idx}."
 
         site, consumer = _input_consumer(layer)
-        handoff = _handoff_for(site, consumer, quant_off)
         in_ar = False if (independent_layers or i == 0) else mlp_deferred[i - 1]
-        layer.input_layernorm = FusedNormSite(site, hidden, eps, all_reduce=in_ar, handoff=handoff)
-        if handoff.layout is not None:
-            enable_handoff(consumer, handoff)
-            if site.emit_bf16:
-                accept_fused_input(layer.linear_attn.in_proj_ba)
-        report.sites.append(SiteRecord(site, f"layers.{layer.layer_idx}.input_layernorm", in_ar,
-                                       handoff.layout, handoff.reason))
+        handoff = fuse(layer, "input_layernorm", site, consumer, all_reduce=in_ar, prefix=prefix)
+        if handoff.layout is not None and site.emit_bf16:
+            accept_fused_input(layer.linear_attn.in_proj_ba)
 
         if _mlp_kind(layer) == "dense":
             site, consumer = POST_ATTN_DENSE, layer.mlp.gate_up_proj
         else:
             site, consumer = POST_ATTN_MOE, None
-        handoff = _handoff_for(site, consumer, quant_off)
-        layer.post_attention_layernorm = FusedNormSite(site, hidden, eps, all_reduce=attn_deferred[i],
-                                                       handoff=handoff)
-        if handoff.layout is not None:
-            enable_handoff(consumer, handoff)
-        report.sites.append(SiteRecord(site, f"layers.{layer.layer_idx}.post_attention_layernorm",
-                                       attn_deferred[i], handoff.layout, handoff.reason))
+        fuse(layer, "post_attention_layernorm", site, consumer, all_reduce=attn_deferred[i], prefix=prefix)
 
     if final_norm_owner is not None and layers:
         final_ar = mlp_deferred[-1] if not independent_layers else all(mlp_deferred)
         if independent_layers and any(mlp_deferred) and not all(mlp_deferred):
             raise RuntimeError("MTP layers must defer their MLP reduce all alike")
-        final_norm_owner.norm = FusedNormSite(FINAL_NORM, hidden, eps, all_reduce=final_ar,
-                                              handoff=Handoff(None, FINAL_NORM.consumer, "bf16"))
-        report.sites.append(SiteRecord(FINAL_NORM, "norm", final_ar, None, FINAL_NORM.consumer))
+        fuse(final_norm_owner, "norm", FINAL_NORM, None, all_reduce=final_ar)
 
     report.backends, report.backends_not_used = _backend_summary(report, vllm_config)
     log_once(logger, logging.INFO, f"report:{where}", report.summary())
