@@ -50,6 +50,7 @@ the correctness checks) and <gpu>_tp<W>.png (time vs tokens), and prints a table
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -58,7 +59,10 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
     os.environ[_k] = _v  # NVLink multicast stays off, whatever the caller's environment says
@@ -226,8 +230,26 @@ class Rotation:
         self.symm.copy_(self.x)
 
 
-def rank_main(rank, world, port, args, out_path, report):
-    t0 = time.time()
+@dataclass
+class RankSetup:
+    """What every measurement of one rank shares: the process group and its communicator,
+    the symmetric workspace (sized to force every algorithm at every size) and its peer view,
+    torch's symmetric input buffers (one per rotation), the CUDA backend, and the largest
+    input the LL variants are measured at."""
+
+    rank: int
+    world: int
+    group: Any
+    comm: Any
+    ws: Any
+    peers: Any
+    symm_in: list[torch.Tensor]
+    backend: Any
+    ll_max_elems: int
+
+
+def setup_rank(rank: int, world: int, port: int, args) -> RankSetup:
+    """Join the process group and allocate what every measured shape reuses."""
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -235,14 +257,7 @@ def rank_main(rank, world, port, args, out_path, report):
     import torch.distributed._symmetric_memory as symm_mem
 
     from vllm_rocm_fused.backends.cuda import backend as cb
-    from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, DispatchPlan
-    from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
-    from vllm_rocm_fused.kernels.group_quant import group_quant
-    from vllm_rocm_fused.kernels.oneshot_ar_norm_quant import oneshot_all_reduce
-    from vllm_rocm_fused.kernels.oneshot_ll_ar_norm_quant import oneshot_ll_all_reduce
-    from vllm_rocm_fused.ops import fused_allreduce_rmsnorm_quant
     from vllm_rocm_fused.ops.comm import communicator_for_group
-    from vllm_rocm_fused.ops.fused import make_spec
 
     group = dist.group.WORLD
     comm = communicator_for_group(group)
@@ -250,10 +265,9 @@ def rank_main(rank, world, port, args, out_path, report):
     # A workspace big enough to force every algorithm at every size (the dispatch decides
     # for "dispatched" exactly as it would with the production-sized workspace).
     xs0, r0, _ = make_inputs(world, 1, max(args.hidden), 0, dev)
-    spec0 = make_spec(xs0[rank], r0, world_size=world, group_size=128, weight_offset=1.0, emit_bf16=False,
-                      scale_layout="row", quant_dtype=FP8, quantize=True)
     ll_max_elems = min(max_elems, args.ll_max_tokens * max(args.hidden))
-    ws = cb.ensure_workspace(comm, spec0, stage_bytes=max_elems * 2, with_twoshot=True, ll_bytes=ll_max_elems * 2)
+    ws = cb.ensure_workspace(comm, spec_for(world, xs0[rank], r0), stage_bytes=max_elems * 2, with_twoshot=True,
+                             ll_bytes=ll_max_elems * 2)
     assert ws is not None, cb._state(comm).failed
     peers = ws.peers(torch.bfloat16)
     if hasattr(symm_mem, "enable_symm_mem_for_group"):
@@ -267,120 +281,186 @@ def rank_main(rank, world, port, args, out_path, report):
         b = symm_mem.empty(max_elems, dtype=torch.bfloat16, device=dev)
         symm_mem.rendezvous(b, group)
         symm_in.append(b)
-    backend = cb.CudaBackend()
-    records = []
+    return RankSetup(rank=rank, world=world, group=group, comm=comm, ws=ws, peers=peers,
+                     symm_in=symm_in, backend=cb.CudaBackend(), ll_max_elems=ll_max_elems)
 
-    def spec_for(x, res, emit=False):
-        return make_spec(x, res, world_size=world, group_size=128, weight_offset=1.0, emit_bf16=emit,
-                         scale_layout="row", quant_dtype=FP8, quantize=True)
 
-    def run_plan(plan, emit=False):
-        return lambda r: cb.execute(plan, r.x, r.res, r.w, EPS, comm, spec_for(r.x, r.res, emit), ws)
+def spec_for(world: int, x: torch.Tensor, res: torch.Tensor, emit: bool = False):
+    """The CallSpec of one call as the benchmark makes it (Gemma norm, 1x128 row scales, fp8)."""
+    from vllm_rocm_fused.ops.fused import make_spec
 
-    def torch_symm_ar(r):
-        return torch.ops.symm_mem.one_shot_all_reduce(r.symm, "sum", group.group_name)
+    return make_spec(x, res, world_size=world, group_size=128, weight_offset=1.0, emit_bf16=emit,
+                     scale_layout="row", quant_dtype=FP8, quantize=True)
 
-    def nccl_ar(r):
-        dist.all_reduce(r.scratch, group=group)
-        return r.scratch
 
+# The measured callables. Each takes one Rotation (its inputs and buffers, last argument) and
+# returns (q, scale, residual, normed) or the all-reduced sum; everything else it uses is bound
+# when the variant table is built (functools.partial), never read from an enclosing loop.
+
+def nccl_ar(group, r: Rotation) -> torch.Tensor:
+    dist.all_reduce(r.scratch, group=group)
+    return r.scratch
+
+
+def torch_symm_ar(group_name: str, r: Rotation) -> torch.Tensor:
+    return torch.ops.symm_mem.one_shot_all_reduce(r.symm, "sum", group_name)
+
+
+def bare_ar(kernel: Callable, peers, r: Rotation) -> torch.Tensor:
+    """This project's one-shot all-reduce kernel (the fused kernels' skeleton) alone."""
+    return kernel(r.x, peers)
+
+
+def split3(all_reduce: Callable[[Rotation], torch.Tensor], r: Rotation):
+    """The unfused chain: ``all_reduce``, the add + RMSNorm kernel, the group-quant kernel."""
+    from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
+    from vllm_rocm_fused.kernels.group_quant import group_quant
+
+    _, _, res, n = add_rmsnorm_quant(all_reduce(r), r.res, r.w, EPS, out_dtype=torch.bfloat16, weight_offset=1.0,
+                                     quantize=False)
+    q, s = group_quant(n)
+    return q, s, res, None
+
+
+def chain_compiled(all_reduce: Callable[[Rotation], torch.Tensor], compiled_fn: Callable, r: Rotation):
+    """``all_reduce``, then Inductor's add + RMSNorm + quant (compiled_baseline.py)."""
+    q, scale, res = compiled_fn(all_reduce(r), r.res, r.w, EPS)
+    return q, scale, res, None
+
+
+def forced_plan(setup: RankSetup, plan, r: Rotation, *, emit: bool = False):
+    """The CUDA backend's kernels with the algorithm and path forced (``plan``)."""
+    from vllm_rocm_fused.backends.cuda.backend import execute
+
+    return execute(plan, r.x, r.res, r.w, EPS, setup.comm, spec_for(setup.world, r.x, r.res, emit), setup.ws)
+
+
+def public_op(group, r: Rotation):
+    """The public op, backend "auto"."""
+    from vllm_rocm_fused.ops import fused_allreduce_rmsnorm_quant
+
+    return tuple(fused_allreduce_rmsnorm_quant(r.x, r.res, r.w, EPS, group=group, weight_offset=1.0))
+
+
+def variant_table(setup: RankSetup, static_fn: Callable, dynamic_fn: Callable) -> dict[str, tuple[Callable, bool | None]]:
+    """Every variant's callable, and whether its sum is rounded to bf16 (None: as the dispatch's plan)."""
+    from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, DispatchPlan
+    from vllm_rocm_fused.kernels.oneshot_ar_norm_quant import oneshot_all_reduce
+    from vllm_rocm_fused.kernels.oneshot_ll_ar_norm_quant import oneshot_ll_all_reduce
+
+    nccl = functools.partial(nccl_ar, setup.group)
+    symm = functools.partial(torch_symm_ar, setup.group.group_name)
+    oneshot = functools.partial(bare_ar, oneshot_all_reduce, setup.peers)
+    oneshot_ll = functools.partial(bare_ar, oneshot_ll_all_reduce, setup.peers)
+
+    def plan(algo: str, path: str, fused_quant: bool, emit: bool = False) -> Callable:
+        return functools.partial(forced_plan, setup, DispatchPlan(algo, path, fused_quant), emit=emit)
+
+    return {
+        "ar_nccl": (nccl, None),
+        "ar_torch_symm": (symm, None),
+        "ar_oneshot": (oneshot, None),
+        "split3_nccl": (functools.partial(split3, nccl), True),
+        "split3_torch_symm": (functools.partial(split3, symm), True),
+        "split3_oneshot": (functools.partial(split3, oneshot), True),
+        "ar_oneshot_ll": (oneshot_ll, None),
+        "split3_oneshot_ll": (functools.partial(split3, oneshot_ll), True),
+        "split2_ll": (plan(ONE_SHOT_LL, "fused-2", False), False),
+        "fused1_ll": (plan(ONE_SHOT_LL, "fused-1", True), False),
+        "fused1_ll_bf16": (plan(ONE_SHOT_LL, "fused-1", True, emit=True), False),
+        "split2": (plan(ONE_SHOT, "fused-2", False), False),
+        "fused1": (plan(ONE_SHOT, "fused-1", True), False),
+        "fused1_bf16": (plan(ONE_SHOT, "fused-1", True, emit=True), False),
+        "fused1_twoshot": (plan(TWO_SHOT, "fused-1", True), False),
+        "nccl_fused": (plan(SPLIT, "fused-2", True), True),
+        "chain_compiled_nccl_static": (functools.partial(chain_compiled, nccl, static_fn), True),
+        "chain_compiled_nccl_dynamic": (functools.partial(chain_compiled, nccl, dynamic_fn), True),
+        "chain_compiled_torch_symm_static": (functools.partial(chain_compiled, symm, static_fn), True),
+        "chain_compiled_torch_symm_dynamic": (functools.partial(chain_compiled, symm, dynamic_fn), True),
+        "dispatched": (functools.partial(public_op, setup.group), None),
+    }
+
+
+def measure_shape(setup: RankSetup, args, hidden: int, t: int, variants: dict[str, tuple[Callable, bool | None]]
+                  ) -> list[dict]:
+    """Time every requested variant at one (hidden, tokens) on this rank and check it on
+    fresh inputs; one record per variant."""
+    from vllm_rocm_fused.backends.cuda.dispatch import SPLIT
+
+    rank, world, dev = setup.rank, setup.world, torch.device("cuda", setup.rank)
+    seed = hidden * 100003 + t
+    sets = [make_inputs(world, t, hidden, seed + 7 * k, dev) for k in range(ROTATIONS)]
+    rotations = [Rotation(s[0][rank], s[1], sets[0][2], setup.symm_in[k]) for k, s in enumerate(sets)]
+    plan = setup.backend.plan(spec_for(world, rotations[0].x, rotations[0].res), setup.comm)
+    shape_records = []
+    for name in args.variants:
+        fn, bf16_sum = variants[name]
+        rec = {"hidden": hidden, "tokens": t, "variant": name}
+        if name in LL_VARIANTS and t * hidden > setup.ll_max_elems:
+            rec["skipped"] = "beyond the LL buffer this run allocates"
+            shape_records.append(rec)
+            continue
+        try:
+            us = time_graph([functools.partial(fn, r) for r in rotations], args.replays)
+            rec.update(median_us=statistics.median(us), min_us=min(us), max_us=max(us),
+                       p10_us=statistics.quantiles(us, n=10)[0], p90_us=statistics.quantiles(us, n=10)[-1],
+                       replays=len(us))
+            # correctness on fresh inputs, in rotation 0's symmetric buffer (refilled after)
+            fx, fres, fw = make_inputs(world, t, hidden, seed + 999, dev)
+            out = fn(Rotation(fx[rank], fres, fw, setup.symm_in[0]))
+            if name.startswith("ar_"):
+                rec.update(check_outputs(out, fx, fres, fw, bf16_sum=True, ar_only=True))
+            else:
+                if bf16_sum is None:
+                    bf16_sum = plan.algo == SPLIT
+                q_steps = INDUCTOR_Q_STEPS if name.startswith("chain_compiled") else 1.0
+                rec.update(check_outputs(out, fx, fres, fw, bf16_sum=bf16_sum, q_steps=q_steps))
+            torch.cuda.synchronize()
+            rotations[0].refill()
+        except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+            rec["error"] = f"{type(e).__name__}: {e}"
+            if rank == 0:
+                traceback.print_exc()
+        if name == "dispatched":
+            rec["dispatch"] = plan.describe()
+        shape_records.append(rec)
+    torch.cuda.synchronize()
+    return shape_records
+
+
+def save_shape(setup: RankSetup, args, shape_records: list[dict], records: list[dict], report: dict,
+               out_path, t0: float, hidden: int, t: int) -> None:
+    """Gather every rank's records of one shape; rank 0 adds the slowest rank's to ``records``
+    and rewrites the results file, so a run cut short keeps its data."""
+    gathered: list = [None] * setup.world
+    dist.all_gather_object(gathered, {"records": shape_records, "barrier_errors": setup.ws.barrier_errors()})
+    if setup.rank != 0:
+        return
+    merged = merge(gathered)
+    records.extend(merged)
+    report["results"] = records
+    report["barrier_errors"] = [g["barrier_errors"] for g in gathered]
+    report["summary"] = {str(h): summarize(records, h) for h in args.hidden}
+    report["settings"]["wall_s"] = round(time.time() - t0, 1)
+    Path(out_path).write_text(json.dumps(report, indent=1))
+    print(f"H={hidden} T={t}: " + ", ".join(f"{r['variant']} {r['median_us']:.1f}" for r in merged
+                                            if "median_us" in r), flush=True)
+
+
+def rank_main(rank, world, port, args, out_path, report):
+    """One rank of the TP>1 benchmark: every (hidden, tokens), every variant."""
+    t0 = time.time()
+    setup = setup_rank(rank, world, port, args)
     from compiled_baseline import compiled, configure_dynamo
 
     configure_dynamo()
-
-    def as_outputs(q_scale_res):
-        q, scale, r = q_scale_res
-        return q, scale, r, None
-
-    def norm_then_quant(h, r):
-        _, _, res, n = add_rmsnorm_quant(h, r.res, r.w, EPS, out_dtype=torch.bfloat16, weight_offset=1.0,
-                                         quantize=False)
-        q, s = group_quant(n)
-        return q, s, res, None
-
+    records: list[dict] = []
     for hidden in args.hidden:
         dynamic_fn = compiled("dynamic", tag=f"{hidden}")
         for t in args.tokens:
             static_fn = compiled("static", tag=f"{hidden}_{t}")
-            seed = hidden * 100003 + t
-            sets = [make_inputs(world, t, hidden, seed + 7 * k, dev) for k in range(ROTATIONS)]
-            rotations = [Rotation(s[0][rank], s[1], sets[0][2], symm_in[k]) for k, s in enumerate(sets)]
-            # Each variant maps one Rotation (its inputs and buffers) to (q, scale, residual, normed) or the
-            # all-reduced sum, and says whether its sum is rounded to bf16 (None: as the dispatch's plan).
-            variants = {
-                "ar_nccl": (nccl_ar, None),
-                "ar_torch_symm": (torch_symm_ar, None),
-                "ar_oneshot": (lambda r: oneshot_all_reduce(r.x, peers), None),
-                "split3_nccl": (lambda r: norm_then_quant(nccl_ar(r), r), True),
-                "split3_torch_symm": (lambda r: norm_then_quant(torch_symm_ar(r), r), True),
-                "split3_oneshot": (lambda r: norm_then_quant(oneshot_all_reduce(r.x, peers), r), True),
-                "ar_oneshot_ll": (lambda r: oneshot_ll_all_reduce(r.x, peers), None),
-                "split3_oneshot_ll": (lambda r: norm_then_quant(oneshot_ll_all_reduce(r.x, peers), r), True),
-                "split2_ll": (run_plan(DispatchPlan(ONE_SHOT_LL, "fused-2", False)), False),
-                "fused1_ll": (run_plan(DispatchPlan(ONE_SHOT_LL, "fused-1", True)), False),
-                "fused1_ll_bf16": (run_plan(DispatchPlan(ONE_SHOT_LL, "fused-1", True), emit=True), False),
-                "split2": (run_plan(DispatchPlan(ONE_SHOT, "fused-2", False)), False),
-                "fused1": (run_plan(DispatchPlan(ONE_SHOT, "fused-1", True)), False),
-                "fused1_bf16": (run_plan(DispatchPlan(ONE_SHOT, "fused-1", True), emit=True), False),
-                "fused1_twoshot": (run_plan(DispatchPlan(TWO_SHOT, "fused-1", True)), False),
-                "nccl_fused": (run_plan(DispatchPlan(SPLIT, "fused-2", True)), True),
-                "chain_compiled_nccl_static": (lambda r: as_outputs(static_fn(nccl_ar(r), r.res, r.w, EPS)), True),
-                "chain_compiled_nccl_dynamic": (lambda r: as_outputs(dynamic_fn(nccl_ar(r), r.res, r.w, EPS)), True),
-                "chain_compiled_torch_symm_static": (
-                    lambda r: as_outputs(static_fn(torch_symm_ar(r), r.res, r.w, EPS)), True),
-                "chain_compiled_torch_symm_dynamic": (
-                    lambda r: as_outputs(dynamic_fn(torch_symm_ar(r), r.res, r.w, EPS)), True),
-                "dispatched": (lambda r: tuple(fused_allreduce_rmsnorm_quant(r.x, r.res, r.w, EPS, group=group,
-                                                                             weight_offset=1.0)), None),
-            }
-            plan = backend.plan(spec_for(rotations[0].x, rotations[0].res), comm)
-            shape_records = []
-            for name in args.variants:
-                fn, bf16_sum = variants[name]
-                rec = {"hidden": hidden, "tokens": t, "variant": name}
-                if name in LL_VARIANTS and t * hidden > ll_max_elems:
-                    rec["skipped"] = "beyond the LL buffer this run allocates"
-                    shape_records.append(rec)
-                    continue
-                try:
-                    us = time_graph([lambda r=r: fn(r) for r in rotations], args.replays)
-                    rec.update(median_us=statistics.median(us), min_us=min(us), max_us=max(us),
-                               p10_us=statistics.quantiles(us, n=10)[0], p90_us=statistics.quantiles(us, n=10)[-1],
-                               replays=len(us))
-                    # correctness on fresh inputs, in rotation 0's symmetric buffer (refilled after)
-                    fx, fres, fw = make_inputs(world, t, hidden, seed + 999, dev)
-                    out = fn(Rotation(fx[rank], fres, fw, symm_in[0]))
-                    if name.startswith("ar_"):
-                        rec.update(check_outputs(out, fx, fres, fw, bf16_sum=True, ar_only=True))
-                    else:
-                        if bf16_sum is None:
-                            bf16_sum = plan.algo == SPLIT
-                        q_steps = INDUCTOR_Q_STEPS if name.startswith("chain_compiled") else 1.0
-                        rec.update(check_outputs(out, fx, fres, fw, bf16_sum=bf16_sum, q_steps=q_steps))
-                    torch.cuda.synchronize()
-                    rotations[0].refill()
-                except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                    rec["error"] = f"{type(e).__name__}: {e}"
-                    if rank == 0:
-                        traceback.print_exc()
-                if name == "dispatched":
-                    rec["dispatch"] = plan.describe()
-                shape_records.append(rec)
-            # every shape: gather, and (rank 0) rewrite the results file, so a run cut short keeps its data
-            torch.cuda.synchronize()
-            gathered = [None] * world
-            dist.all_gather_object(gathered, {"records": shape_records, "barrier_errors": ws.barrier_errors()})
-            if rank == 0:
-                merged = merge(gathered)
-                records.extend(merged)
-                report["results"] = records
-                report["barrier_errors"] = [g["barrier_errors"] for g in gathered]
-                report["summary"] = {str(h): summarize(records, h) for h in args.hidden}
-                report["settings"]["wall_s"] = round(time.time() - t0, 1)
-                Path(out_path).write_text(json.dumps(report, indent=1))
-                print(f"H={hidden} T={t}: " + ", ".join(f"{r['variant']} {r['median_us']:.1f}" for r in merged
-                                                        if "median_us" in r), flush=True)
-            del sets, rotations
+            shape_records = measure_shape(setup, args, hidden, t, variant_table(setup, static_fn, dynamic_fn))
+            save_shape(setup, args, shape_records, records, report, out_path, t0, hidden, t)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -631,8 +711,7 @@ def run_tp1(args, out_path: Path, report: dict) -> None:
                 fn = fns[name]
                 rec = {"hidden": hidden, "tokens": t, "variant": name}
                 try:
-                    us = time_graph([lambda x=x, res=res, w=w: fn(x[0], res, w) for x, res, w in sets],
-                                    args.replays)
+                    us = time_graph([functools.partial(fn, x[0], res, w) for x, res, w in sets], args.replays)
                     rec.update(median_us=statistics.median(us), min_us=min(us), max_us=max(us),
                                p10_us=statistics.quantiles(us, n=10)[0], p90_us=statistics.quantiles(us, n=10)[-1],
                                replays=len(us))
