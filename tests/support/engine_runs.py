@@ -28,7 +28,11 @@ def is_trained(model: str | Path) -> bool:
     return stamp.is_file() and bool(json.loads(stamp.read_text()).get("trained_sha256"))
 
 
-def task_prompts(model: str | Path, n: int = 32, shots: int = 5) -> tuple[list[list[int]], list[int]]:
+# Prompts per engine unless a test asks for another count.
+PROMPTS = 12
+
+
+def task_prompts(model: str | Path, n: int = PROMPTS, shots: int = 5) -> tuple[list[list[int]], list[int]]:
     """``n`` tiny-gsm8k test questions as lm-eval's ``shots``-shot GSM8K prompts, tokenized
     with the model's tokenizer, and the stop token ids: the ``Question`` token that a
     trained model writes after its answer (where lm-eval's stop sequence cuts)."""
@@ -45,13 +49,15 @@ def task_prompts(model: str | Path, n: int = 32, shots: int = 5) -> tuple[list[l
 
 def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, str] | None = None,
           count_collectives: bool = True, skip_tokenizer: bool = False, max_tokens: int | None = None,
-          timeout: float = 900, num_prompts: int | None = None, speculative_config: dict | None = None,
+          timeout: float = 900, num_prompts: int = PROMPTS, speculative_config: dict | None = None,
           pipeline_parallel: int = 1, prefix_caching: bool = True) -> dict:
-    """Greedy outputs (32 prompts, one at a time) and the plugin's state from one engine.
-    A trained model gets tiny-gsm8k prompts and stops after each answer (up to 96
-    tokens); others get random token ids and 32 tokens, EOS ignored.
+    """Greedy outputs (``num_prompts`` prompts, one at a time) and the plugin's state from
+    one engine. A trained model gets tiny-gsm8k prompts and stops after each answer (up to
+    96 tokens); others get random token ids and 32 tokens, EOS ignored.
 
-    num_prompts: the first n of those prompts instead of 32.
+    num_prompts: how many prompts (the first n of a fixed list; default PROMPTS). Each
+        engine start costs about a minute on 2 cores and each trained prompt a few
+        seconds, so tests ask for what their check needs.
     speculative_config: vLLM's speculative config (e.g. an MTP draft); the result then
         has the draft's fusion state (``drafts``) and vLLM's ``spec_decode`` counters.
     pipeline_parallel: pipeline stages (each of ``tp`` workers); the result then has
@@ -63,7 +69,7 @@ def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, 
     key = (str(model), tp, eager, tuple(sorted((env or {}).items())), count_collectives, skip_tokenizer, max_tokens)
     extra = (num_prompts, json.dumps(speculative_config, sort_keys=True) if speculative_config else None,
              pipeline_parallel, prefix_caching)
-    if extra != (None, None, 1, True):
+    if extra != (PROMPTS, None, 1, True):
         key += extra
     if key in _cache:
         return _cache[key]
@@ -72,11 +78,11 @@ def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, 
         cmd = [sys.executable, "-m", "support.engine_probe", "--model", str(model), "--tp", str(tp),
                "--out", str(out), "--max-tokens", str(max_tokens)]
         if trained:
-            prompts, stop_ids = task_prompts(model, **({"n": num_prompts} if num_prompts else {}))
+            prompts, stop_ids = task_prompts(model, n=num_prompts)
             (Path(tmp) / "prompts.json").write_text(json.dumps(prompts))
             cmd += ["--prompts", str(Path(tmp) / "prompts.json"), "--stop-token-ids", json.dumps(stop_ids),
                     "--max-model-len", "1024"]
-        elif num_prompts:
+        else:
             from support.engine_probe import default_prompts
 
             (Path(tmp) / "prompts.json").write_text(json.dumps(default_prompts(num_prompts)))
