@@ -81,11 +81,29 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 HIDDEN = (2048, 4096, 5120)
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-VARIANTS = ("ar_nccl", "ar_torch_symm", "ar_oneshot", "ar_oneshot_ll",
-            "split3_nccl", "split3_torch_symm", "split3_oneshot", "split3_oneshot_ll",
-            "split2", "split2_ll", "fused1", "fused1_ll", "fused1_bf16", "fused1_ll_bf16", "fused1_twoshot",
-            "nccl_fused", "chain_compiled_nccl_static", "chain_compiled_nccl_dynamic",
-            "chain_compiled_torch_symm_static", "chain_compiled_torch_symm_dynamic", "dispatched")
+VARIANTS = (
+    "ar_nccl",
+    "ar_torch_symm",
+    "ar_oneshot",
+    "ar_oneshot_ll",
+    "split3_nccl",
+    "split3_torch_symm",
+    "split3_oneshot",
+    "split3_oneshot_ll",
+    "split2",
+    "split2_ll",
+    "fused1",
+    "fused1_ll",
+    "fused1_bf16",
+    "fused1_ll_bf16",
+    "fused1_twoshot",
+    "nccl_fused",
+    "chain_compiled_nccl_static",
+    "chain_compiled_nccl_dynamic",
+    "chain_compiled_torch_symm_static",
+    "chain_compiled_torch_symm_dynamic",
+    "dispatched",
+)
 LL_VARIANTS = ("ar_oneshot_ll", "split3_oneshot_ll", "split2_ll", "fused1_ll", "fused1_ll_bf16")
 # The summary's composite rows: the fastest member at each size.
 COMPOSITES = {
@@ -95,8 +113,12 @@ COMPOSITES = {
     "split2_best": ("split2", "split2_ll"),
     "fused1_best": ("fused1", "fused1_ll", "fused1_twoshot"),
     "fused1_bf16_best": ("fused1_bf16", "fused1_ll_bf16"),
-    "compiled_chain": ("chain_compiled_nccl_static", "chain_compiled_nccl_dynamic",
-                       "chain_compiled_torch_symm_static", "chain_compiled_torch_symm_dynamic"),
+    "compiled_chain": (
+        "chain_compiled_nccl_static",
+        "chain_compiled_nccl_dynamic",
+        "chain_compiled_torch_symm_static",
+        "chain_compiled_torch_symm_dynamic",
+    ),
 }
 TP1_VARIANTS = ("dispatched", "compiled_static", "compiled_dynamic")
 # TP=1: Qwen3.5's hidden sizes first (a run cut short keeps the most useful part)
@@ -191,17 +213,17 @@ def check_outputs(out, xs, res, w, *, bf16_sum: bool, ar_only=False, q_steps: fl
         h = h.to(torch.bfloat16)
     if ar_only:
         err = ((out.float() - h.float()).abs() / h.float().abs().clamp(min=1e-3)).max().item()
-        return {"ok": bool(err <= 2 ** -7 + 1e-6), "rel_err_sum": err}
+        return {"ok": bool(err <= 2**-7 + 1e-6), "rel_err_sum": err}
     q, scale, residual, normed = out
     ref = norm_quant_reference(h, res, w, EPS, out_dtype=torch.bfloat16, weight_offset=1.0, emit_bf16=True)
     t, hid = q.shape
     deq = (q.float().view(t, -1, 128) * scale.unsqueeze(-1)).view(t, hid)
     rdeq = (ref.q.float().view(t, -1, 128) * ref.scale.unsqueeze(-1)).view(t, hid)
-    ulp = 2 ** -7
+    ulp = 2**-7
     r_err = ((residual.float() - ref.residual.float()).abs() / ref.residual.float().abs().clamp(min=1e-2)).max().item()
     s_err = ((scale - ref.scale).abs() / ref.scale).max().item()
     # dequantized q: within one fp8 step (1/8 relative) of the reference's, at the group's scale
-    q_err = ((deq - rdeq).abs() / (rdeq.abs() / 8 + scale.repeat_interleave(128, 1) * 2 ** -9)).max().item()
+    q_err = ((deq - rdeq).abs() / (rdeq.abs() / 8 + scale.repeat_interleave(128, 1) * 2**-9)).max().item()
     ok = r_err <= 2 * ulp and s_err <= 0.01 and q_err <= q_steps + 1e-6
     info = {"rel_err_residual": r_err, "rel_err_scale": s_err, "q_err_in_fp8_steps": q_err}
     if normed is not None:
@@ -252,8 +274,7 @@ def setup_rank(rank: int, world: int, port: int, args) -> RankSetup:
     """Join the process group and allocate what every measured shape reuses."""
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=dev)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, device_id=dev)
     import torch.distributed._symmetric_memory as symm_mem
 
     from vllm_rocm_fused.backends.cuda import backend as cb
@@ -266,12 +287,14 @@ def setup_rank(rank: int, world: int, port: int, args) -> RankSetup:
     # for "dispatched" exactly as it would with the production-sized workspace).
     xs0, r0, _ = make_inputs(world, 1, max(args.hidden), 0, dev)
     ll_max_elems = min(max_elems, args.ll_max_tokens * max(args.hidden))
-    ws = cb.ensure_workspace(comm, spec_for(world, xs0[rank], r0), stage_bytes=max_elems * 2, with_twoshot=True,
-                             ll_bytes=ll_max_elems * 2)
+    ws = cb.ensure_workspace(
+        comm, spec_for(world, xs0[rank], r0), stage_bytes=max_elems * 2, with_twoshot=True, ll_bytes=ll_max_elems * 2
+    )
     assert ws is not None, cb._state(comm).failed
     peers = ws.peers(torch.bfloat16)
     if hasattr(symm_mem, "enable_symm_mem_for_group"):
         import warnings
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             symm_mem.enable_symm_mem_for_group(group.group_name)
@@ -281,21 +304,40 @@ def setup_rank(rank: int, world: int, port: int, args) -> RankSetup:
         b = symm_mem.empty(max_elems, dtype=torch.bfloat16, device=dev)
         symm_mem.rendezvous(b, group)
         symm_in.append(b)
-    return RankSetup(rank=rank, world=world, group=group, comm=comm, ws=ws, peers=peers,
-                     symm_in=symm_in, backend=cb.CudaBackend(), ll_max_elems=ll_max_elems)
+    return RankSetup(
+        rank=rank,
+        world=world,
+        group=group,
+        comm=comm,
+        ws=ws,
+        peers=peers,
+        symm_in=symm_in,
+        backend=cb.CudaBackend(),
+        ll_max_elems=ll_max_elems,
+    )
 
 
 def spec_for(world: int, x: torch.Tensor, res: torch.Tensor, emit: bool = False):
     """The CallSpec of one call as the benchmark makes it (Gemma norm, 1x128 row scales, fp8)."""
     from vllm_rocm_fused.ops.fused import make_spec
 
-    return make_spec(x, res, world_size=world, group_size=128, weight_offset=1.0, emit_bf16=emit,
-                     scale_layout="row", quant_dtype=FP8, quantize=True)
+    return make_spec(
+        x,
+        res,
+        world_size=world,
+        group_size=128,
+        weight_offset=1.0,
+        emit_bf16=emit,
+        scale_layout="row",
+        quant_dtype=FP8,
+        quantize=True,
+    )
 
 
 # The measured callables. Each takes one Rotation (its inputs and buffers, last argument) and
 # returns (q, scale, residual, normed) or the all-reduced sum; everything else it uses is bound
 # when the variant table is built (functools.partial), never read from an enclosing loop.
+
 
 def nccl_ar(group, r: Rotation) -> torch.Tensor:
     dist.all_reduce(r.scratch, group=group)
@@ -316,8 +358,9 @@ def split3(all_reduce: Callable[[Rotation], torch.Tensor], r: Rotation):
     from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
     from vllm_rocm_fused.kernels.group_quant import group_quant
 
-    _, _, res, n = add_rmsnorm_quant(all_reduce(r), r.res, r.w, EPS, out_dtype=torch.bfloat16, weight_offset=1.0,
-                                     quantize=False)
+    _, _, res, n = add_rmsnorm_quant(
+        all_reduce(r), r.res, r.w, EPS, out_dtype=torch.bfloat16, weight_offset=1.0, quantize=False
+    )
     q, s = group_quant(n)
     return q, s, res, None
 
@@ -342,7 +385,9 @@ def public_op(group, r: Rotation):
     return tuple(fused_allreduce_rmsnorm_quant(r.x, r.res, r.w, EPS, group=group, weight_offset=1.0))
 
 
-def variant_table(setup: RankSetup, static_fn: Callable, dynamic_fn: Callable) -> dict[str, tuple[Callable, bool | None]]:
+def variant_table(
+    setup: RankSetup, static_fn: Callable, dynamic_fn: Callable
+) -> dict[str, tuple[Callable, bool | None]]:
     """Every variant's callable, and whether its sum is rounded to bf16 (None: as the dispatch's plan)."""
     from vllm_rocm_fused.backends.cuda.dispatch import ONE_SHOT, ONE_SHOT_LL, SPLIT, TWO_SHOT, DispatchPlan
     from vllm_rocm_fused.kernels.oneshot_ar_norm_quant import oneshot_all_reduce
@@ -381,8 +426,9 @@ def variant_table(setup: RankSetup, static_fn: Callable, dynamic_fn: Callable) -
     }
 
 
-def measure_shape(setup: RankSetup, args, hidden: int, t: int, variants: dict[str, tuple[Callable, bool | None]]
-                  ) -> list[dict]:
+def measure_shape(
+    setup: RankSetup, args, hidden: int, t: int, variants: dict[str, tuple[Callable, bool | None]]
+) -> list[dict]:
     """Time every requested variant at one (hidden, tokens) on this rank and check it on
     fresh inputs; one record per variant."""
     from vllm_rocm_fused.backends.cuda.dispatch import SPLIT
@@ -402,9 +448,14 @@ def measure_shape(setup: RankSetup, args, hidden: int, t: int, variants: dict[st
             continue
         try:
             us = time_graph([functools.partial(fn, r) for r in rotations], args.replays)
-            rec.update(median_us=statistics.median(us), min_us=min(us), max_us=max(us),
-                       p10_us=statistics.quantiles(us, n=10)[0], p90_us=statistics.quantiles(us, n=10)[-1],
-                       replays=len(us))
+            rec.update(
+                median_us=statistics.median(us),
+                min_us=min(us),
+                max_us=max(us),
+                p10_us=statistics.quantiles(us, n=10)[0],
+                p90_us=statistics.quantiles(us, n=10)[-1],
+                replays=len(us),
+            )
             # correctness on fresh inputs, in rotation 0's symmetric buffer (refilled after)
             fx, fres, fw = make_inputs(world, t, hidden, seed + 999, dev)
             out = fn(Rotation(fx[rank], fres, fw, setup.symm_in[0]))
@@ -428,8 +479,17 @@ def measure_shape(setup: RankSetup, args, hidden: int, t: int, variants: dict[st
     return shape_records
 
 
-def save_shape(setup: RankSetup, args, shape_records: list[dict], records: list[dict], report: dict,
-               out_path, t0: float, hidden: int, t: int) -> None:
+def save_shape(
+    setup: RankSetup,
+    args,
+    shape_records: list[dict],
+    records: list[dict],
+    report: dict,
+    out_path,
+    t0: float,
+    hidden: int,
+    t: int,
+) -> None:
     """Gather every rank's records of one shape; rank 0 adds the slowest rank's to ``records``
     and rewrites the results file, so a run cut short keeps its data."""
     gathered: list = [None] * setup.world
@@ -443,8 +503,10 @@ def save_shape(setup: RankSetup, args, shape_records: list[dict], records: list[
     report["summary"] = {str(h): summarize(records, h) for h in args.hidden}
     report["settings"]["wall_s"] = round(time.time() - t0, 1)
     Path(out_path).write_text(json.dumps(report, indent=1))
-    print(f"H={hidden} T={t}: " + ", ".join(f"{r['variant']} {r['median_us']:.1f}" for r in merged
-                                            if "median_us" in r), flush=True)
+    print(
+        f"H={hidden} T={t}: " + ", ".join(f"{r['variant']} {r['median_us']:.1f}" for r in merged if "median_us" in r),
+        flush=True,
+    )
 
 
 def rank_main(rank, world, port, args, out_path, report):
@@ -470,17 +532,34 @@ def machine_info(world) -> dict:
 
     props = torch.cuda.get_device_properties(0)
     info = {
-        "gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count(), "world_size": world,
-        "sm_count": props.multi_processor_count, "capability": f"{props.major}.{props.minor}",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())), "python": platform.python_version(),
-        "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-                                               "NVSHMEM_DISABLE_NVLS")},
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_count": torch.cuda.device_count(),
+        "world_size": world,
+        "sm_count": props.multi_processor_count,
+        "capability": f"{props.major}.{props.minor}",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+        "python": platform.python_version(),
+        "env": {
+            k: os.environ.get(k)
+            for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+        },
     }
     try:
         import subprocess
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip()
+
+        info["driver"] = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            .stdout.split("\n")[0]
+            .strip()
+        )
     except Exception:  # noqa: BLE001
         info["driver"] = None
     return info
@@ -549,9 +628,18 @@ def plot(results, hiddens, path, title):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(hiddens), figsize=(6 * len(hiddens), 4.8), squeeze=False)
-    styles = {"split3": "k-o", "split3_lib": "k--", "split2_best": "c-^", "fused1_best": "r-s",
-              "fused1_bf16_best": "m--s", "dispatched": "g-D", "floor": "b:", "ar_nccl": "y:", "nccl_fused": "g:",
-              "compiled_chain": "k:"}
+    styles = {
+        "split3": "k-o",
+        "split3_lib": "k--",
+        "split2_best": "c-^",
+        "fused1_best": "r-s",
+        "fused1_bf16_best": "m--s",
+        "dispatched": "g-D",
+        "floor": "b:",
+        "ar_nccl": "y:",
+        "nccl_fused": "g:",
+        "compiled_chain": "k:",
+    }
     for ax, h in zip(axes[0], hiddens):
         rows = summarize(results, h)
         ts = sorted(rows)
@@ -573,14 +661,33 @@ def plot(results, hiddens, path, title):
 
 def table(results, hidden) -> str:
     rows = summarize(results, hidden)
-    cols = ["floor", "ar_nccl", "split3", "split3_lib", "split2_best", "fused1_ll", "fused1", "fused1_twoshot",
-            "fused1_bf16_best", "nccl_fused", "compiled_chain", "dispatched"]
-    ratios = [("fused1_over_split3", "f1/split3"), ("fused1_over_split3_lib", "f1/split3_lib"),
-              ("fused1_over_floor", "f1/floor"), ("saving_us_vs_split3", "saved us"),
-              ("bf16_over_fused1", "bf16/f1"), ("dispatched_over_split3", "disp/split3"),
-              ("dispatched_over_compiled_chain", "disp/compiled chain")]
-    lines = ["| tokens | " + " | ".join(cols) + " | " + " | ".join(r[1] for r in ratios) + " | split3 from |",
-             "|" + "---|" * (len(cols) + len(ratios) + 2)]
+    cols = [
+        "floor",
+        "ar_nccl",
+        "split3",
+        "split3_lib",
+        "split2_best",
+        "fused1_ll",
+        "fused1",
+        "fused1_twoshot",
+        "fused1_bf16_best",
+        "nccl_fused",
+        "compiled_chain",
+        "dispatched",
+    ]
+    ratios = [
+        ("fused1_over_split3", "f1/split3"),
+        ("fused1_over_split3_lib", "f1/split3_lib"),
+        ("fused1_over_floor", "f1/floor"),
+        ("saving_us_vs_split3", "saved us"),
+        ("bf16_over_fused1", "bf16/f1"),
+        ("dispatched_over_split3", "disp/split3"),
+        ("dispatched_over_compiled_chain", "disp/compiled chain"),
+    ]
+    lines = [
+        "| tokens | " + " | ".join(cols) + " | " + " | ".join(r[1] for r in ratios) + " | split3 from |",
+        "|" + "---|" * (len(cols) + len(ratios) + 2),
+    ]
     for t, r in rows.items():
         cells = [f"{r[c]:.1f}" if c in r else "-" for c in cols]
         cells += [f"{r[k]:.2f}" if k in r else "-" for k, _ in ratios]
@@ -593,20 +700,42 @@ def finish(report: dict, out_dir: Path, stem: str) -> int:
     results = report["results"]
     hiddens = sorted({r["hidden"] for r in results})
     try:
-        plot(results, hiddens, out_dir / f"{stem}.png",
-             f"{report['machine']['gpu']} x{report['machine']['world_size']}, TP={report['machine']['world_size']}, bf16")
+        plot(
+            results,
+            hiddens,
+            out_dir / f"{stem}.png",
+            f"{report['machine']['gpu']} x{report['machine']['world_size']}, TP={report['machine']['world_size']}, bf16",
+        )
     except Exception as e:  # noqa: BLE001
         print(f"plot failed: {e}", file=sys.stderr)
     bad = [r for r in results if "skipped" not in r and not r.get("ok", False)]
     for h in hiddens:
-        print(f"\nTP={report['machine']['world_size']}, hidden {h}, us per op (median of "
-              f"{report['settings']['replays']} graph replays, slowest rank):")
+        print(
+            f"\nTP={report['machine']['world_size']}, hidden {h}, us per op (median of "
+            f"{report['settings']['replays']} graph replays, slowest rank):"
+        )
         print(table(results, h))
-    print(f"\nchecks: {len(results) - len(bad)} ok or skipped, {len(bad)} failed or errored; barrier errors "
-          f"{report.get('barrier_errors')}")
+    print(
+        f"\nchecks: {len(results) - len(bad)} ok or skipped, {len(bad)} failed or errored; barrier errors "
+        f"{report.get('barrier_errors')}"
+    )
     for r in bad[:20]:
-        print("  FAILED", {k: r.get(k) for k in ("hidden", "tokens", "variant", "error", "q_err_in_fp8_steps",
-                                                 "rel_err_residual", "rel_err_scale", "rel_err_sum")})
+        print(
+            "  FAILED",
+            {
+                k: r.get(k)
+                for k in (
+                    "hidden",
+                    "tokens",
+                    "variant",
+                    "error",
+                    "q_err_in_fp8_steps",
+                    "rel_err_residual",
+                    "rel_err_scale",
+                    "rel_err_sum",
+                )
+            },
+        )
     return 0 if not bad else 1
 
 
@@ -619,8 +748,17 @@ def poisoned_outputs(tokens: int, hidden: int, *, emit: bool = False):
     kernel did not write."""
     from vllm_rocm_fused.kernels.launch import empty_outputs
 
-    outs = empty_outputs(tokens, hidden, torch.bfloat16, torch.device("cuda"), group_size=128, quantize=True,
-                         emit_bf16=emit, scale_layout="row", quant_dtype=FP8)
+    outs = empty_outputs(
+        tokens,
+        hidden,
+        torch.bfloat16,
+        torch.device("cuda"),
+        group_size=128,
+        quantize=True,
+        emit_bf16=emit,
+        scale_layout="row",
+        quant_dtype=FP8,
+    )
     for t in outs:
         if t is not None:
             (t.view(torch.uint8).fill_(0xFF) if t.dtype == FP8 else t.fill_(float("nan")))
@@ -641,8 +779,7 @@ def copy_bandwidth(nbytes: int = 1 << 30, replays: int = 20) -> float:
     dst = torch.empty_like(src)
     memcpy_us = statistics.median(time_graph([lambda: dst.copy_(src)], replays, repeat=1))
     kernel_us = statistics.median(time_graph([lambda: torch.mul(src, 1.0, out=dst)], replays, repeat=1))
-    print(f"copy of {nbytes >> 20} MiB: memcpy {memcpy_us:.0f} us, elementwise kernel {kernel_us:.0f} us",
-          flush=True)
+    print(f"copy of {nbytes >> 20} MiB: memcpy {memcpy_us:.0f} us, elementwise kernel {kernel_us:.0f} us", flush=True)
     return 2 * nbytes / (min(memcpy_us, kernel_us) * 1e-6)
 
 
@@ -676,8 +813,11 @@ def run_tp1(args, out_path: Path, report: dict) -> None:
     report["settings"]["precompile_s"] = round(time.time() - t0, 1)
     bw = copy_bandwidth()
     report["copy_bandwidth_GBps"] = round(bw / 1e9, 1)
-    report["launch_table"] = {"source": local_launch_table.SOURCE, "gpu": local_launch_table.GPU,
-                              "table": {str(h): [list(e) for e in v] for h, v in local_launch_table.TABLE.items()}}
+    report["launch_table"] = {
+        "source": local_launch_table.SOURCE,
+        "gpu": local_launch_table.GPU,
+        "table": {str(h): [list(e) for e in v] for h, v in local_launch_table.TABLE.items()},
+    }
     print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     backend = CudaBackend()
     records = report["results"]
@@ -692,8 +832,17 @@ def run_tp1(args, out_path: Path, report: dict) -> None:
             sets = [make_inputs(1, t, hidden, hidden * 100003 + t + 7 * k, "cuda") for k in range(ROTATIONS)]
             fresh = make_inputs(1, t, hidden, hidden * 100003 + t + 999, "cuda")
             shape = local_launch(hidden, t, row_tile(hidden, 128))
-            spec = make_spec(sets[0][0][0], sets[0][1], world_size=1, group_size=128, weight_offset=1.0,
-                             emit_bf16=False, scale_layout="row", quant_dtype=FP8, quantize=True)
+            spec = make_spec(
+                sets[0][0][0],
+                sets[0][1],
+                world_size=1,
+                group_size=128,
+                weight_offset=1.0,
+                emit_bf16=False,
+                scale_layout="row",
+                quant_dtype=FP8,
+                quantize=True,
+            )
 
             def dispatched(x, res, w):
                 return tuple(fused_allreduce_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0))
@@ -712,9 +861,14 @@ def run_tp1(args, out_path: Path, report: dict) -> None:
                 rec = {"hidden": hidden, "tokens": t, "variant": name}
                 try:
                     us = time_graph([functools.partial(fn, x[0], res, w) for x, res, w in sets], args.replays)
-                    rec.update(median_us=statistics.median(us), min_us=min(us), max_us=max(us),
-                               p10_us=statistics.quantiles(us, n=10)[0], p90_us=statistics.quantiles(us, n=10)[-1],
-                               replays=len(us))
+                    rec.update(
+                        median_us=statistics.median(us),
+                        min_us=min(us),
+                        max_us=max(us),
+                        p10_us=statistics.quantiles(us, n=10)[0],
+                        p90_us=statistics.quantiles(us, n=10)[-1],
+                        replays=len(us),
+                    )
                     fx, fres, fw = fresh
                     q_steps = 1.0 if name == "dispatched" else INDUCTOR_Q_STEPS
                     rec.update(check_outputs(fn(fx[0], fres, fw), fx, fres, fw, bf16_sum=False, q_steps=q_steps))
@@ -738,8 +892,12 @@ def run_tp1(args, out_path: Path, report: dict) -> None:
                     traceback.print_exc()
                 records.append(rec)
             row = {r["variant"]: r.get("median_us") for r in records if r["hidden"] == hidden and r["tokens"] == t}
-            print(f"H={hidden} T={t}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if v is not None)
-                  + f" | floor {op_bytes(t, hidden) / bw * 1e6:.2f}", flush=True)
+            print(
+                f"H={hidden} T={t}: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if v is not None)
+                + f" | floor {op_bytes(t, hidden) / bw * 1e6:.2f}",
+                flush=True,
+            )
             del sets, fresh
             save_tp1(report, records, args.hidden, bw, stopped, t0, out_path)  # a run cut short keeps its data
         if stopped:
@@ -786,8 +944,12 @@ def summarize_tp1(results: list[dict], hidden: int, bw: float) -> dict:
 def tp1_targets(summary: dict) -> dict:
     """The issue's TP=1 targets, point by point: dispatched <= compiled (aim <= 0.8x) everywhere,
     <= 1.3x the byte floor from 1024 tokens, <= 3 us up to 16 tokens. Lists the misses."""
-    misses = {"dispatched_over_compiled_gt_1": [], "dispatched_over_compiled_gt_0.8": [],
-              "dispatched_over_floor_gt_1.3_from_1024_tokens": [], "dispatched_gt_3us_to_16_tokens": []}
+    misses = {
+        "dispatched_over_compiled_gt_1": [],
+        "dispatched_over_compiled_gt_0.8": [],
+        "dispatched_over_floor_gt_1.3_from_1024_tokens": [],
+        "dispatched_gt_3us_to_16_tokens": [],
+    }
     points = 0
     for h, rows in summary.items():
         for t, row in rows.items():
@@ -802,16 +964,24 @@ def tp1_targets(summary: dict) -> dict:
                 misses["dispatched_over_compiled_gt_0.8"].append([int(h), t, round(ratio, 3)])
             if t >= 1024 and row["dispatched_over_floor"] > 1.3:
                 misses["dispatched_over_floor_gt_1.3_from_1024_tokens"].append(
-                    [int(h), t, round(row["dispatched_over_floor"], 3)])
+                    [int(h), t, round(row["dispatched_over_floor"], 3)]
+                )
             if t <= 16 and row["dispatched"] > 3.0:
                 misses["dispatched_gt_3us_to_16_tokens"].append([int(h), t, round(row["dispatched"], 2)])
     return {"points": points, "misses": misses}
 
 
 def table_tp1(summary_h: dict) -> str:
-    cols = [("dispatched", "dispatched"), ("compiled", "compiled"), ("compiled_static", "static"),
-            ("compiled_dynamic", "dynamic"), ("floor", "floor"), ("dispatched_over_compiled", "disp/compiled"),
-            ("dispatched_over_floor", "disp/floor"), ("saved_us", "saved us")]
+    cols = [
+        ("dispatched", "dispatched"),
+        ("compiled", "compiled"),
+        ("compiled_static", "static"),
+        ("compiled_dynamic", "dynamic"),
+        ("floor", "floor"),
+        ("dispatched_over_compiled", "disp/compiled"),
+        ("dispatched_over_floor", "disp/floor"),
+        ("saved_us", "saved us"),
+    ]
     lines = ["| tokens | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for t, r in summary_h.items():
         cells = []
@@ -832,8 +1002,7 @@ def plot_tp1(summary: dict, path: Path, title: str) -> None:
     cols = 4
     nrows = -(-len(hiddens) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
-    styles = {"dispatched": "g-D", "compiled": "k-o", "compiled_static": "k:", "compiled_dynamic": "k--",
-              "floor": "b:"}
+    styles = {"dispatched": "g-D", "compiled": "k-o", "compiled_static": "k:", "compiled_dynamic": "k--", "floor": "b:"}
     for i, h in enumerate(hiddens):
         ax = axes[i // cols][i % cols]
         rows = summary[h]
@@ -859,8 +1028,11 @@ def plot_tp1(summary: dict, path: Path, title: str) -> None:
 def finish_tp1(report: dict, out_dir: Path, stem: str) -> int:
     summary = report.get("summary", {})
     try:
-        plot_tp1(summary, out_dir / f"{stem}.png", f"{report['machine']['gpu']}, TP=1, bf16, "
-                 f"copy {report.get('copy_bandwidth_GBps')} GB/s")
+        plot_tp1(
+            summary,
+            out_dir / f"{stem}.png",
+            f"{report['machine']['gpu']}, TP=1, bf16, copy {report.get('copy_bandwidth_GBps')} GB/s",
+        )
     except Exception as e:  # noqa: BLE001
         print(f"plot failed: {e}", file=sys.stderr)
     for h in sorted(summary, key=int):
@@ -869,13 +1041,29 @@ def finish_tp1(report: dict, out_dir: Path, stem: str) -> int:
     results = report["results"]
     bad = [r for r in results if not r.get("ok", False)]
     targets = report.get("targets", {})
-    print(f"\nchecks: {len(results) - len(bad)} ok, {len(bad)} failed or errored"
-          + ("; stopped at the deadline" if report.get("stopped_early") else ""))
+    print(
+        f"\nchecks: {len(results) - len(bad)} ok, {len(bad)} failed or errored"
+        + ("; stopped at the deadline" if report.get("stopped_early") else "")
+    )
     for key, miss in targets.get("misses", {}).items():
         print(f"target {key}: {len(miss)} of {targets.get('points')} points" + (f": {miss[:12]}" if miss else ""))
     for r in bad[:20]:
-        print("  FAILED", {k: r.get(k) for k in ("hidden", "tokens", "variant", "error", "q_err_in_fp8_steps",
-                                                 "rel_err_residual", "rel_err_scale", "backend_counters")})
+        print(
+            "  FAILED",
+            {
+                k: r.get(k)
+                for k in (
+                    "hidden",
+                    "tokens",
+                    "variant",
+                    "error",
+                    "q_err_in_fp8_steps",
+                    "rel_err_residual",
+                    "rel_err_scale",
+                    "backend_counters",
+                )
+            },
+        )
     return 0 if not bad else 1
 
 
@@ -890,14 +1078,31 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="results file stem (default <gpu>_tp<W>)")
     p.add_argument("--replot", default=None, help="only redo the plot and tables of an existing results file")
-    p.add_argument("--merge", nargs="+", default=None,
-                   help="combine results files of one machine (a run split over several sessions) into --name")
-    p.add_argument("--tp1-variants", nargs="+", default=list(TP1_VARIANTS), choices=TP1_VARIANTS,
-                   help="TP=1 mode: the variants to time")
-    p.add_argument("--deadline-s", type=float, default=None,
-                   help="TP=1 mode: start no new point after this many seconds (the file keeps what was done)")
-    p.add_argument("--precompile-workers", type=int, default=0,
-                   help="TP=1 mode: warm the compile caches in this many processes first (benchmarks/precompile.py)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="combine results files of one machine (a run split over several sessions) into --name",
+    )
+    p.add_argument(
+        "--tp1-variants",
+        nargs="+",
+        default=list(TP1_VARIANTS),
+        choices=TP1_VARIANTS,
+        help="TP=1 mode: the variants to time",
+    )
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="TP=1 mode: start no new point after this many seconds (the file keeps what was done)",
+    )
+    p.add_argument(
+        "--precompile-workers",
+        type=int,
+        default=0,
+        help="TP=1 mode: warm the compile caches in this many processes first (benchmarks/precompile.py)",
+    )
     p.add_argument("--precompile-timeout-s", type=float, default=150)
     args = p.parse_args(argv)
     if args.merge:
@@ -907,10 +1112,14 @@ def main(argv=None) -> int:
         for part in parts:
             for r in part["results"]:
                 seen[(r["hidden"], r["tokens"], r["variant"])] = r
-        merged["results"] = sorted(seen.values(), key=lambda r: (r["hidden"], r["tokens"], VARIANTS.index(r["variant"])))
+        merged["results"] = sorted(
+            seen.values(), key=lambda r: (r["hidden"], r["tokens"], VARIANTS.index(r["variant"]))
+        )
         merged["command"] = [part["command"] for part in parts]
-        merged["parts"] = [{"command": part["command"], "settings": part["settings"],
-                            "barrier_errors": part.get("barrier_errors")} for part in parts]
+        merged["parts"] = [
+            {"command": part["command"], "settings": part["settings"], "barrier_errors": part.get("barrier_errors")}
+            for part in parts
+        ]
         merged["barrier_errors"] = [part.get("barrier_errors") for part in parts]
         hiddens = sorted({r["hidden"] for r in merged["results"]})
         merged["summary"] = {str(h): summarize(merged["results"], h) for h in hiddens}
@@ -939,19 +1148,30 @@ def main(argv=None) -> int:
     shown = [a for a in (sys.argv[1:] if argv is None else argv)]
     if "--out-dir" in shown:  # where the files went on the measuring machine is not a fact about the run
         i = shown.index("--out-dir")
-        del shown[i:i + 2]
+        del shown[i : i + 2]
     if world == 1:
         if "--hidden" not in shown:
             args.hidden = list(TP1_HIDDEN)
         report = {
             "command": "PYTHONPATH=. python benchmarks/bench_fused_ar_rms_quant.py " + " ".join(shown),
             "machine": machine_info(1),
-            "settings": {"rotations": ROTATIONS, "repeat": REPEAT, "warmup_replays": WARMUP, "warmup_s": WARMUP_S,
-                         "replays": args.replays, "eps": EPS,
-                         "dtype": "bfloat16", "group_size": 128, "scale_layout": "row", "weight_offset": 1.0,
-                         "hidden": args.hidden, "tokens": args.tokens, "variants": args.tp1_variants,
-                         "inductor": "torch.compile default mode, fullgraph; static: dynamic=False per token "
-                                     "count; dynamic: token dimension marked dynamic"},
+            "settings": {
+                "rotations": ROTATIONS,
+                "repeat": REPEAT,
+                "warmup_replays": WARMUP,
+                "warmup_s": WARMUP_S,
+                "replays": args.replays,
+                "eps": EPS,
+                "dtype": "bfloat16",
+                "group_size": 128,
+                "scale_layout": "row",
+                "weight_offset": 1.0,
+                "hidden": args.hidden,
+                "tokens": args.tokens,
+                "variants": args.tp1_variants,
+                "inductor": "torch.compile default mode, fullgraph; static: dynamic=False per token "
+                "count; dynamic: token dimension marked dynamic",
+            },
             "results": [],
         }
         run_tp1(args, out_path, report)
@@ -959,16 +1179,28 @@ def main(argv=None) -> int:
     report = {
         "command": "PYTHONPATH=. python benchmarks/bench_fused_ar_rms_quant.py " + " ".join(shown),
         "machine": machine_info(world),
-        "settings": {"rotations": ROTATIONS, "repeat": REPEAT, "warmup_replays": WARMUP, "warmup_s": WARMUP_S,
-                         "replays": args.replays, "eps": EPS,
-                     "dtype": "bfloat16", "group_size": 128, "scale_layout": "row", "weight_offset": 1.0},
-        "dispatch_thresholds": {"ll_max_bytes": dispatch.LL_MAX_BYTES[world],
-                                "oneshot_max_bytes": dispatch.ONESHOT_MAX_BYTES[world],
-                                "twoshot_max_bytes": dispatch.TWOSHOT_MAX_BYTES[world]},
+        "settings": {
+            "rotations": ROTATIONS,
+            "repeat": REPEAT,
+            "warmup_replays": WARMUP,
+            "warmup_s": WARMUP_S,
+            "replays": args.replays,
+            "eps": EPS,
+            "dtype": "bfloat16",
+            "group_size": 128,
+            "scale_layout": "row",
+            "weight_offset": 1.0,
+        },
+        "dispatch_thresholds": {
+            "ll_max_bytes": dispatch.LL_MAX_BYTES[world],
+            "oneshot_max_bytes": dispatch.ONESHOT_MAX_BYTES[world],
+            "twoshot_max_bytes": dispatch.TWOSHOT_MAX_BYTES[world],
+        },
         "results": [],
     }
-    mp.start_processes(rank_main, args=(world, free_port(), args, str(out_path), report), nprocs=world,
-                       start_method="spawn")
+    mp.start_processes(
+        rank_main, args=(world, free_port(), args, str(out_path), report), nprocs=world, start_method="spawn"
+    )
     return finish(json.loads(out_path.read_text()), out_dir, stem)
 
 

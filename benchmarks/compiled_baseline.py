@@ -25,9 +25,15 @@ import torch
 AMAX_FLOOR = 1e-10  # ops.reference.AMAX_FLOOR
 
 
-def add_rmsnorm_group_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                            weight_offset: float = 1.0, group_size: int = 128,
-                            quant_dtype: torch.dtype = torch.float8_e4m3fn):
+def add_rmsnorm_group_quant(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    weight_offset: float = 1.0,
+    group_size: int = 128,
+    quant_dtype: torch.dtype = torch.float8_e4m3fn,
+):
     """(q [T, H] fp8, scale [T, H / group_size] float32 row-major, new residual [T, H] x.dtype).
 
     The spec's arithmetic (ops/reference.py): the norm reads the float32 sum, the residual is
@@ -74,8 +80,11 @@ def compiled(mode: str, tag: str):
     once; a CUDA graph captures only the kernels, not this Python)."""
     if mode not in ("static", "dynamic"):
         raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
-    fn = torch.compile(_fresh_copy(add_rmsnorm_group_quant, f"{mode}_{tag}"), fullgraph=True,
-                       dynamic=False if mode == "static" else None)
+    fn = torch.compile(
+        _fresh_copy(add_rmsnorm_group_quant, f"{mode}_{tag}"),
+        fullgraph=True,
+        dynamic=False if mode == "static" else None,
+    )
     if mode == "static":
         return fn
 

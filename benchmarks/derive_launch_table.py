@@ -105,8 +105,13 @@ def render(table, *, source: str, gpu: str | None, command: str | None) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("sweep", help="sweep_local_launch.py's results JSON")
-    p.add_argument("--write", nargs="?", const=str(TABLE_MODULE), default=None,
-                   help="write the table module (default path: the package's local_launch_table.py)")
+    p.add_argument(
+        "--write",
+        nargs="?",
+        const=str(TABLE_MODULE),
+        default=None,
+        help="write the table module (default path: the package's local_launch_table.py)",
+    )
     p.add_argument("--source", default=None, help="the sweep file's path as the module should name it")
     p.add_argument("--tolerance", type=float, default=TOLERANCE)
     args = p.parse_args(argv)

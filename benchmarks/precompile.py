@@ -66,15 +66,24 @@ def run_job(job: tuple) -> tuple[tuple, float, str | None]:
 
             _, hidden, warps, rows, quantize, emit = job
             x, res, w = _inputs(2 * rows, hidden)
-            add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, quantize=quantize, emit_bf16=emit,
-                              num_warps=warps, rows_per_program=rows)
+            add_rmsnorm_quant(
+                x,
+                res,
+                w,
+                EPS,
+                weight_offset=1.0,
+                quantize=quantize,
+                emit_bf16=emit,
+                num_warps=warps,
+                rows_per_program=rows,
+            )
         elif job[0] == "inductor":
             from compiled_baseline import compiled, configure_dynamo
 
             _, hidden, tokens, mode = job
             configure_dynamo()
             fn = compiled(mode, tag=f"{hidden}" if mode == "dynamic" else f"{hidden}_{tokens}")
-            for t in ((1, 2) if mode == "dynamic" else (tokens,)):
+            for t in (1, 2) if mode == "dynamic" else (tokens,):
                 x, res, w = _inputs(t, hidden)
                 fn(x, res, w, EPS)
         else:
@@ -93,8 +102,7 @@ def warm(jobs: list[tuple], *, workers: int, timeout_s: float, log=print) -> lis
     t0 = time.time()
     workers = max(1, min(workers, len(jobs)))
     done: dict[tuple, dict] = {}
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                  initializer=_init_worker)
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker)
     try:
         futures = [pool.submit(run_job, job) for job in jobs]
         try:

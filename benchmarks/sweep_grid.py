@@ -35,8 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SHAPES = ((4096, 16), (4096, 64), (4096, 256), (4096, 1024), (4096, 8192), (5120, 256), (5120, 2048),
-          (2048, 1024))
+SHAPES = ((4096, 16), (4096, 64), (4096, 256), (4096, 1024), (4096, 8192), (5120, 256), (5120, 2048), (2048, 1024))
 BLOCKS_PER_SM = (1, 2, 4)
 WARPS = (4, 8, 16)
 LL_MAX_TOKENS = 2048
@@ -50,7 +49,9 @@ def registers(fn) -> dict:
             for key, kernel in cache[0].items():
                 kernel._init_handles()
                 out[f"warps={kernel.metadata.num_warps}:{hash(key) & 0xFFFF:04x}"] = {
-                    "regs": kernel.n_regs, "spills": kernel.n_spills}
+                    "regs": kernel.n_regs,
+                    "spills": kernel.n_spills,
+                }
     except Exception as e:  # noqa: BLE001 - introspection only
         out["error"] = f"{type(e).__name__}: {e}"
     return out
@@ -61,8 +62,7 @@ def rank_main(rank, world, port, out_path, replays):
 
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=dev)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, device_id=dev)
     from vllm_rocm_fused.backends.cuda.workspace import SymmWorkspace
     from vllm_rocm_fused.kernels import oneshot_ar_norm_quant as pull
     from vllm_rocm_fused.kernels import oneshot_ll_ar_norm_quant as ll
@@ -73,8 +73,14 @@ def rank_main(rank, world, port, out_path, replays):
     records = []
     t0 = time.time()
     for bps in BLOCKS_PER_SM:
-        ws = SymmWorkspace.create(group, dev, stage_bytes=2 * max_elems, with_twoshot=False,
-                                  ll_bytes=2 * LL_MAX_TOKENS * 5120, blocks_per_sm=bps)
+        ws = SymmWorkspace.create(
+            group,
+            dev,
+            stage_bytes=2 * max_elems,
+            with_twoshot=False,
+            ll_bytes=2 * LL_MAX_TOKENS * 5120,
+            blocks_per_sm=bps,
+        )
         peers = ws.peers(torch.bfloat16)
         for nw in WARPS:
             for h, t in SHAPES:
@@ -85,8 +91,9 @@ def rank_main(rank, world, port, out_path, replays):
                     return kern(sets[k][0][rank], sets[k][1], w, 1e-6, peers, weight_offset=1.0, num_warps=nw)
 
                 def split2(k):
-                    _, _, r, n = pull.oneshot_ar_norm_quant(sets[k][0][rank], sets[k][1], w, 1e-6, peers,
-                                                            weight_offset=1.0, quantize=False, num_warps=nw)
+                    _, _, r, n = pull.oneshot_ar_norm_quant(
+                        sets[k][0][rank], sets[k][1], w, 1e-6, peers, weight_offset=1.0, quantize=False, num_warps=nw
+                    )
                     q, s = group_quant(n)
                     return q, s, r, None
 
@@ -94,8 +101,14 @@ def rank_main(rank, world, port, out_path, replays):
                 if t <= LL_MAX_TOKENS:
                     variants["fused1_ll"] = lambda k: fused(k, ll.oneshot_ll_ar_norm_quant)
                 for name, fn in variants.items():
-                    rec = {"blocks_per_sm": bps, "num_warps": nw, "hidden": h, "tokens": t, "variant": name,
-                           "grid": min(t, peers.max_grid)}
+                    rec = {
+                        "blocks_per_sm": bps,
+                        "num_warps": nw,
+                        "hidden": h,
+                        "tokens": t,
+                        "variant": name,
+                        "grid": min(t, peers.max_grid),
+                    }
                     try:
                         us = time_graph([lambda k=k: fn(k) for k in range(4)], replays)
                         rec["median_us"] = statistics.median(us)
@@ -105,24 +118,37 @@ def rank_main(rank, world, port, out_path, replays):
                     records.append(rec)
                 torch.cuda.synchronize()
                 gathered = [None] * world
-                dist.all_gather_object(gathered, [r.get("median_us") for r in records[-len(variants):]])
+                dist.all_gather_object(gathered, [r.get("median_us") for r in records[-len(variants) :]])
                 if rank == 0:
-                    for i, r in enumerate(records[-len(variants):]):
+                    for i, r in enumerate(records[-len(variants) :]):
                         times = [g[i] for g in gathered]
                         r["median_us"] = None if None in times else max(times)
-                        print(f"bps={bps} warps={nw} H={h} T={t} {r['variant']}: {r['median_us']} "
-                              f"ok={r.get('ok')} {r.get('error', '')}", flush=True)
+                        print(
+                            f"bps={bps} warps={nw} H={h} T={t} {r['variant']}: {r['median_us']} "
+                            f"ok={r.get('ok')} {r.get('error', '')}",
+                            flush=True,
+                        )
         torch.cuda.synchronize()
         if ws.barrier_errors():
             records.append({"blocks_per_sm": bps, "barrier_errors": ws.barrier_errors()})
         dist.barrier()
     if rank == 0:
         regs = {"pull": registers(pull._oneshot_kernel), "ll": registers(ll._oneshot_ll_kernel)}
-        Path(out_path).write_text(json.dumps({
-            "machine": torch.cuda.get_device_name(0), "world_size": world, "replays": replays,
-            "sms": torch.cuda.get_device_properties(0).multi_processor_count,
-            "torch": torch.__version__, "wall_s": round(time.time() - t0, 1),
-            "registers": regs, "results": records}, indent=1))
+        Path(out_path).write_text(
+            json.dumps(
+                {
+                    "machine": torch.cuda.get_device_name(0),
+                    "world_size": world,
+                    "replays": replays,
+                    "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+                    "torch": torch.__version__,
+                    "wall_s": round(time.time() - t0, 1),
+                    "registers": regs,
+                    "results": records,
+                },
+                indent=1,
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -141,8 +167,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0).split()[-1].lower()
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{gpu}_tp{world}_grid_sweep.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(rank_main, args=(world, free_port(), str(out), args.replays), nprocs=world,
-                       start_method="spawn")
+    mp.start_processes(rank_main, args=(world, free_port(), str(out), args.replays), nprocs=world, start_method="spawn")
     return 0
 
 

@@ -76,8 +76,9 @@ def compile_and_describe(run_once) -> list[dict]:
         for key, kernel in _compiled_local_kernels().items():
             if key not in before:
                 kernel._init_handles()
-                described.append({"num_warps": kernel.metadata.num_warps, "regs": kernel.n_regs,
-                                  "spills": kernel.n_spills})
+                described.append(
+                    {"num_warps": kernel.metadata.num_warps, "regs": kernel.n_regs, "spills": kernel.n_spills}
+                )
     except Exception as e:  # noqa: BLE001
         described.append({"error": f"{type(e).__name__}: {e}"})
     return described
@@ -91,8 +92,12 @@ def main(argv=None) -> int:
     p.add_argument("--warps", type=int, nargs="+", default=list(WARPS))
     p.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
     p.add_argument("--replays", type=int, default=50)
-    p.add_argument("--deadline-s", type=float, default=None,
-                   help="stop starting new points after this many seconds (the file keeps what was done)")
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="stop starting new points after this many seconds (the file keeps what was done)",
+    )
     p.add_argument("--precompile-workers", type=int, default=None, help="0: compile in this process only")
     p.add_argument("--precompile-timeout-s", type=float, default=120)
     args = p.parse_args(argv)
@@ -111,13 +116,24 @@ def main(argv=None) -> int:
     report = {
         # the output path as committed: where the file went on the measuring machine is not a
         # fact about the run
-        "command": "PYTHONPATH=. python benchmarks/sweep_local_launch.py " + " ".join(
+        "command": "PYTHONPATH=. python benchmarks/sweep_local_launch.py "
+        + " ".join(
             f"benchmarks/results/{Path(a).name}" if a == args.out else a
-            for a in (sys.argv[1:] if argv is None else argv)),
+            for a in (sys.argv[1:] if argv is None else argv)
+        ),
         "machine": machine_info(1),
-        "settings": {"rotations": ROTATIONS, "replays": args.replays, "eps": EPS, "dtype": "bfloat16",
-                     "group_size": 128, "scale_layout": "row", "weight_offset": 1.0, "residual": True,
-                     "emit_bf16": False, "candidates": {str(h): c for h, c in plan.items()}},
+        "settings": {
+            "rotations": ROTATIONS,
+            "replays": args.replays,
+            "eps": EPS,
+            "dtype": "bfloat16",
+            "group_size": 128,
+            "scale_layout": "row",
+            "weight_offset": 1.0,
+            "residual": True,
+            "emit_bf16": False,
+            "candidates": {str(h): c for h, c in plan.items()},
+        },
         "results": [],
     }
     workers = default_workers() if args.precompile_workers is None else args.precompile_workers
@@ -140,8 +156,10 @@ def main(argv=None) -> int:
             try:
                 xs, res, w = make_inputs(1, 2 * rows, hidden, 1, "cuda")
                 rec["compiled"] = compile_and_describe(
-                    lambda: add_rmsnorm_quant(xs[0], res, w, EPS, weight_offset=1.0, num_warps=warps,
-                                              rows_per_program=rows))
+                    lambda: add_rmsnorm_quant(
+                        xs[0], res, w, EPS, weight_offset=1.0, num_warps=warps, rows_per_program=rows
+                    )
+                )
             except Exception as e:  # noqa: BLE001 - the points of this shape record it again
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             report["kernels"].append(rec)
@@ -155,17 +173,31 @@ def main(argv=None) -> int:
             for warps, rows in plan[hidden]:
                 rec = {"hidden": hidden, "tokens": t, "num_warps": warps, "rows": rows}
                 try:
+
                     def run(inputs, warps=warps, rows=rows):
                         xs, res, w = inputs
-                        return add_rmsnorm_quant(xs[0], res, w, EPS, weight_offset=1.0,
-                                                 num_warps=warps, rows_per_program=rows)
+                        return add_rmsnorm_quant(
+                            xs[0], res, w, EPS, weight_offset=1.0, num_warps=warps, rows_per_program=rows
+                        )
 
                     us = time_graph([lambda inputs=inputs: run(inputs) for inputs in sets], args.replays)
-                    rec.update(median_us=statistics.median(us), min_us=min(us),
-                               p10_us=statistics.quantiles(us, n=10)[0], p90_us=statistics.quantiles(us, n=10)[-1])
+                    rec.update(
+                        median_us=statistics.median(us),
+                        min_us=min(us),
+                        p10_us=statistics.quantiles(us, n=10)[0],
+                        p90_us=statistics.quantiles(us, n=10)[-1],
+                    )
                     fx, fres, fw = fresh
-                    out = add_rmsnorm_quant(fx[0], fres, fw, EPS, weight_offset=1.0, num_warps=warps,
-                                            rows_per_program=rows, outputs=poisoned_outputs(t, hidden))
+                    out = add_rmsnorm_quant(
+                        fx[0],
+                        fres,
+                        fw,
+                        EPS,
+                        weight_offset=1.0,
+                        num_warps=warps,
+                        rows_per_program=rows,
+                        outputs=poisoned_outputs(t, hidden),
+                    )
                     rec.update(check_outputs(out, fx, fres, fw, bf16_sum=False))
                 except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                     rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -175,8 +207,11 @@ def main(argv=None) -> int:
             ok = [r for r in report["results"] if r["hidden"] == hidden and r["tokens"] == t and r.get("ok")]
             if ok:
                 best = min(ok, key=lambda r: r["median_us"])
-                print(f"H={hidden} T={t}: best warps={best['num_warps']} rows={best['rows']} "
-                      f"{best['median_us']:.2f} us of {len(ok)} ok", flush=True)
+                print(
+                    f"H={hidden} T={t}: best warps={best['num_warps']} rows={best['rows']} "
+                    f"{best['median_us']:.2f} us of {len(ok)} ok",
+                    flush=True,
+                )
             save()  # a run cut short keeps its data
         if stopped:
             break
@@ -184,11 +219,27 @@ def main(argv=None) -> int:
     save()
     print(table(report))
     bad = [r for r in report["results"] if not r.get("ok")]
-    print(f"\n{len(report['results'])} points, {len(bad)} failed or errored; {report['settings']['wall_s']} s"
-          + ("; stopped at the deadline" if stopped else ""))
+    print(
+        f"\n{len(report['results'])} points, {len(bad)} failed or errored; {report['settings']['wall_s']} s"
+        + ("; stopped at the deadline" if stopped else "")
+    )
     for r in bad[:10]:
-        print("  FAILED", {k: r.get(k) for k in ("hidden", "tokens", "num_warps", "rows", "error",
-                                                 "q_err_in_fp8_steps", "rel_err_residual", "rel_err_scale")})
+        print(
+            "  FAILED",
+            {
+                k: r.get(k)
+                for k in (
+                    "hidden",
+                    "tokens",
+                    "num_warps",
+                    "rows",
+                    "error",
+                    "q_err_in_fp8_steps",
+                    "rel_err_residual",
+                    "rel_err_scale",
+                )
+            },
+        )
     return 0 if not bad else 1
 
 
@@ -199,8 +250,11 @@ def table(report: dict) -> str:
         if r.get("ok"):
             by.setdefault(r["hidden"], {}).setdefault(r["tokens"], []).append(r)
     tokens = sorted({t for rows in by.values() for t in rows})
-    lines = ["fastest launch shape (warps w, rows per program r) and its median us:",
-             "| hidden | " + " | ".join(str(t) for t in tokens) + " |", "|---" * (len(tokens) + 1) + "|"]
+    lines = [
+        "fastest launch shape (warps w, rows per program r) and its median us:",
+        "| hidden | " + " | ".join(str(t) for t in tokens) + " |",
+        "|---" * (len(tokens) + 1) + "|",
+    ]
     for h in sorted(by):
         cells = []
         for t in tokens:

@@ -59,9 +59,16 @@ def check_thresholds(gate: float | None, max_drop: float | None, metric: str) ->
         raise ValueError(f"--gate-filter must be one of {', '.join(FILTERS)}, got {metric!r}")
 
 
-def judge(baseline: dict[str, FilterScore], fused: dict[str, FilterScore], *,
-          metric: str = "strict-match", gate: float | None = None, max_drop: float | None = None,
-          baseline_unfused: bool | None = None, fused_active: bool | None = None) -> Verdict:
+def judge(
+    baseline: dict[str, FilterScore],
+    fused: dict[str, FilterScore],
+    *,
+    metric: str = "strict-match",
+    gate: float | None = None,
+    max_drop: float | None = None,
+    baseline_unfused: bool | None = None,
+    fused_active: bool | None = None,
+) -> Verdict:
     """The verdict on two servers' scores (as ``harness.extract_scores`` returns them).
 
     ``baseline_unfused`` / ``fused_active``: what the servers' logs showed (None:
@@ -71,21 +78,37 @@ def judge(baseline: dict[str, FilterScore], fused: dict[str, FilterScore], *,
     b = baseline[metric].exact_match
     checks = []
     if baseline_unfused is not None:
-        checks.append(Check("baseline unfused", baseline_unfused,
-                            "baseline server log shows the plugin disabled (VLLM_ROCM_FUSED_DISABLE=1)"
-                            if baseline_unfused else
-                            "baseline server log does not show the plugin disabled: it is not a baseline"))
+        checks.append(
+            Check(
+                "baseline unfused",
+                baseline_unfused,
+                "baseline server log shows the plugin disabled (VLLM_ROCM_FUSED_DISABLE=1)"
+                if baseline_unfused
+                else "baseline server log does not show the plugin disabled: it is not a baseline",
+            )
+        )
     if fused_active is not None:
-        checks.append(Check("fused path active", fused_active,
-                            "fused server log reports fused sites" if fused_active else
-                            "fused server log reports no fused sites: the fused path did not run"))
+        checks.append(
+            Check(
+                "fused path active",
+                fused_active,
+                "fused server log reports fused sites"
+                if fused_active
+                else "fused server log reports no fused sites: the fused path did not run",
+            )
+        )
     if gate is not None:
         ok = f >= gate - _EPS
         checks.append(Check("gate", ok, f"fused {metric} {f:.4f} {'>=' if ok else '<'} gate {gate:.4f}"))
     if max_drop is not None:
         drop = b - f
         ok = drop <= max_drop + _EPS
-        checks.append(Check("max drop", ok,
-                            f"fused {metric} {f:.4f} vs baseline {b:.4f}: drop {drop:+.4f} "
-                            f"{'<=' if ok else '>'} max drop {max_drop:.4f}"))
+        checks.append(
+            Check(
+                "max drop",
+                ok,
+                f"fused {metric} {f:.4f} vs baseline {b:.4f}: drop {drop:+.4f} "
+                f"{'<=' if ok else '>'} max drop {max_drop:.4f}",
+            )
+        )
     return Verdict(metric, checks)

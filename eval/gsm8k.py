@@ -80,8 +80,10 @@ def require_lm_eval() -> None:
     """Fail before any server starts when lm-eval (with its API client) is missing."""
     missing = [name for name in ("lm_eval", "aiohttp", "tenacity") if importlib.util.find_spec(name) is None]
     if missing:
-        raise EvalError(f"missing {', '.join(missing)}: install lm-eval with its API client, "
-                        f"pip install 'vllm-rocm-fused[eval]' (lm-eval[api]==0.4.13)")
+        raise EvalError(
+            f"missing {', '.join(missing)}: install lm-eval with its API client, "
+            f"pip install 'vllm-rocm-fused[eval]' (lm-eval[api]==0.4.13)"
+        )
 
 
 def server_info(base_url: str, timeout_s: float = 30) -> tuple[str, int | None]:
@@ -105,17 +107,33 @@ def default_server(cfg: Gsm8kRun, env: dict[str, str], log_path: Path, progress:
     size and graphs (CUDA/HIP graphs or torch.compile); anything else via ``-- ARGS``."""
     from vllm_rocm_fused.serving import VllmServer
 
-    return VllmServer(cfg.model, tp=cfg.tp, env=env, extra_args=cfg.vllm_args, log_path=log_path,
-                      max_model_len=None, max_num_seqs=None, enforce_eager=False,
-                      startup_timeout_s=cfg.startup_timeout_s, progress=progress)
+    return VllmServer(
+        cfg.model,
+        tp=cfg.tp,
+        env=env,
+        extra_args=cfg.vllm_args,
+        log_path=log_path,
+        max_model_len=None,
+        max_num_seqs=None,
+        enforce_eager=False,
+        startup_timeout_s=cfg.startup_timeout_s,
+        progress=progress,
+    )
 
 
 # (run, env, log path, progress) -> a context manager whose value has ``.url``.
 ServerFactory = Callable[[Gsm8kRun, dict[str, str], Path, Progress], Any]
 
 
-def _serve_and_score(cfg: Gsm8kRun, label: str, env: dict[str, str], task, prompts: list[tuple[int, str]] | None,
-                     progress: Progress, server_factory: ServerFactory) -> dict[str, Any]:
+def _serve_and_score(
+    cfg: Gsm8kRun,
+    label: str,
+    env: dict[str, str],
+    task,
+    prompts: list[tuple[int, str]] | None,
+    progress: Progress,
+    server_factory: ServerFactory,
+) -> dict[str, Any]:
     folder = cfg.out_dir / label
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "server.log"
@@ -125,36 +143,53 @@ def _serve_and_score(cfg: Gsm8kRun, label: str, env: dict[str, str], task, promp
     with server_factory(cfg, env, log_path, lambda msg: progress(f"[{label}] {msg}")) as server:
         startup_s = time.monotonic() - t0
         served, max_len = server_info(server.url)
-        progress(f"[{label}] healthy after {startup_s:.0f} s at {server.url} (context {max_len}); "
-                 f"lm-eval: {cfg.num_fewshot}-shot, {cfg.limit or 'all'} questions, concurrency {cfg.concurrency}")
+        progress(
+            f"[{label}] healthy after {startup_s:.0f} s at {server.url} (context {max_len}); "
+            f"lm-eval: {cfg.num_fewshot}-shot, {cfg.limit or 'all'} questions, concurrency {cfg.concurrency}"
+        )
         t1 = time.monotonic()
         settings = HarnessSettings(
-            tokenizer=cfg.tokenizer or cfg.model, max_length=max_len or DEFAULT_MAX_LENGTH,
-            num_fewshot=cfg.num_fewshot, limit=cfg.limit, max_gen_toks=cfg.max_gen_toks,
-            concurrency=cfg.concurrency)
+            tokenizer=cfg.tokenizer or cfg.model,
+            max_length=max_len or DEFAULT_MAX_LENGTH,
+            num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit,
+            max_gen_toks=cfg.max_gen_toks,
+            concurrency=cfg.concurrency,
+        )
         result = run_lm_eval(server.url, served, task, settings, raw_out=folder / "lm_eval_results.json")
         eval_s = time.monotonic() - t1
         _write_samples(result, folder / "samples.jsonl")
         scores = ", ".join(f"{k} {v.exact_match:.4f}" for k, v in result.scores.items())
         progress(f"[{label}] lm-eval done in {eval_s:.0f} s: {scores} ({result.n_questions} questions)")
         if prompts is None:
-            prompts = [(doc_id, result.prompts[doc_id]) for doc_id in sorted(result.prompts)[:cfg.parity_questions]]
+            prompts = [(doc_id, result.prompts[doc_id]) for doc_id in sorted(result.prompts)[: cfg.parity_questions]]
         completions = []
         if prompts and cfg.parity_tokens > 0:
-            progress(f"[{label}] parity: greedy completions of {len(prompts)} prompts, up to the task's stop "
-                     f"strings or {cfg.parity_tokens} tokens")
+            progress(
+                f"[{label}] parity: greedy completions of {len(prompts)} prompts, up to the task's stop "
+                f"strings or {cfg.parity_tokens} tokens"
+            )
             completions = greedy_completions(server.url, served, prompts, cfg.parity_tokens)
         progress(f"[{label}] stopping the server")
     plugin = read_plugin_report(log_path)
     return {
-        "label": label, "env": env, "log": str(log_path.relative_to(cfg.out_dir)), "served_model": served,
-        "max_model_len": max_len, "startup_s": startup_s, "eval_s": eval_s, "result": result,
-        "prompts": prompts, "completions": completions, "plugin": plugin,
+        "label": label,
+        "env": env,
+        "log": str(log_path.relative_to(cfg.out_dir)),
+        "served_model": served,
+        "max_model_len": max_len,
+        "startup_s": startup_s,
+        "eval_s": eval_s,
+        "result": result,
+        "prompts": prompts,
+        "completions": completions,
+        "plugin": plugin,
     }
 
 
-def run_gsm8k(cfg: Gsm8kRun, progress: Progress | None = None,
-              server_factory: ServerFactory = default_server) -> tuple[int, dict[str, Any]]:
+def run_gsm8k(
+    cfg: Gsm8kRun, progress: Progress | None = None, server_factory: ServerFactory = default_server
+) -> tuple[int, dict[str, Any]]:
     """Run the whole check; return (exit status, report dict). Raises on a failed stage
     (``serving.ServerError`` with the log's tail when a server does not start)."""
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -175,17 +210,28 @@ def run_gsm8k(cfg: Gsm8kRun, progress: Progress | None = None,
     parity = None
     if base["completions"] and fused["completions"]:
         parity = compare(base["completions"], fused["completions"], cfg.parity_tokens)
-        (cfg.out_dir / "parity.json").write_text(json.dumps({
-            "summary": {k: v for k, v in parity.items() if k != "per_question"},
-            "per_question": parity["per_question"],
-            "baseline": completions_to_json(base["completions"]),
-            "fused": completions_to_json(fused["completions"]),
-        }, indent=1) + "\n")
+        (cfg.out_dir / "parity.json").write_text(
+            json.dumps(
+                {
+                    "summary": {k: v for k, v in parity.items() if k != "per_question"},
+                    "per_question": parity["per_question"],
+                    "baseline": completions_to_json(base["completions"]),
+                    "fused": completions_to_json(fused["completions"]),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
-    verdict = judge(base["result"].scores, fused["result"].scores, metric=cfg.gate_filter,
-                    gate=cfg.gate, max_drop=cfg.max_drop,
-                    baseline_unfused=base["plugin"].disabled and not base["plugin"].fused_sites,
-                    fused_active=fused["plugin"].fused_active)
+    verdict = judge(
+        base["result"].scores,
+        fused["result"].scores,
+        metric=cfg.gate_filter,
+        gate=cfg.gate,
+        max_drop=cfg.max_drop,
+        baseline_unfused=base["plugin"].disabled and not base["plugin"].fused_sites,
+        fused_active=fused["plugin"].fused_active,
+    )
     scores = {label: {k: vars(v) for k, v in runs[label]["result"].scores.items()} for label in runs}
     report = {
         "report_version": REPORT_VERSION,
@@ -209,13 +255,23 @@ def run_gsm8k(cfg: Gsm8kRun, progress: Progress | None = None,
             "same_prompts": base["result"].prompts == fused["result"].prompts,
         },
         "versions": versions(),
-        "servers": {label: {
-            "env": r["env"], "log": r["log"], "startup_s": r["startup_s"], "eval_s": r["eval_s"],
-            "max_model_len": r["max_model_len"],
-            "plugin": {"disabled": r["plugin"].disabled, "fused_active": r["plugin"].fused_active,
-                       "fused_sites": r["plugin"].fused_sites, "site_paths": r["plugin"].site_paths,
-                       "lines": r["plugin"].lines},
-        } for label, r in runs.items()},
+        "servers": {
+            label: {
+                "env": r["env"],
+                "log": r["log"],
+                "startup_s": r["startup_s"],
+                "eval_s": r["eval_s"],
+                "max_model_len": r["max_model_len"],
+                "plugin": {
+                    "disabled": r["plugin"].disabled,
+                    "fused_active": r["plugin"].fused_active,
+                    "fused_sites": r["plugin"].fused_sites,
+                    "site_paths": r["plugin"].site_paths,
+                    "lines": r["plugin"].lines,
+                },
+            }
+            for label, r in runs.items()
+        },
         "scores": scores,
         "delta": deltas(scores["baseline"], scores["fused"]),
         "parity": parity,
@@ -223,16 +279,22 @@ def run_gsm8k(cfg: Gsm8kRun, progress: Progress | None = None,
     }
     json_path, md_path = write_report(report, cfg.out_dir)
     m = cfg.gate_filter
-    summary = (f"{m}: baseline {scores['baseline'][m]['exact_match']:.4f}, "
-               f"fused {scores['fused'][m]['exact_match']:.4f} (delta {report['delta'][m]:+.4f})")
+    summary = (
+        f"{m}: baseline {scores['baseline'][m]['exact_match']:.4f}, "
+        f"fused {scores['fused'][m]['exact_match']:.4f} (delta {report['delta'][m]:+.4f})"
+    )
     if parity and parity["token_agreement"] is not None:
-        summary += (f"; parity: {parity['identical']}/{parity['compared']} identical, "
-                    f"{parity['token_agreement']:.1%} of tokens agree")
+        summary += (
+            f"; parity: {parity['identical']}/{parity['compared']} identical, "
+            f"{parity['token_agreement']:.1%} of tokens agree"
+        )
     say(summary)
     for c in verdict.checks:
         say(f"  {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
-    say(f"verdict: {'PASS' if verdict.passed else 'FAIL'} in {report['runtime_s']:.0f} s; "
-        f"report: {md_path}, {json_path}")
+    say(
+        f"verdict: {'PASS' if verdict.passed else 'FAIL'} in {report['runtime_s']:.0f} s; "
+        f"report: {md_path}, {json_path}"
+    )
     return (0 if verdict.passed else 1), report
 
 
@@ -250,9 +312,20 @@ def format_command(cfg: Gsm8kRun) -> str:
         argv += ["--gate", str(cfg.gate)]
     if cfg.max_drop is not None:
         argv += ["--max-drop", str(cfg.max_drop)]
-    argv += ["--gate-filter", cfg.gate_filter, "--concurrency", str(cfg.concurrency),
-             "--max-gen-toks", str(cfg.max_gen_toks), "--parity-questions", str(cfg.parity_questions),
-             "--parity-tokens", str(cfg.parity_tokens), "--out", str(cfg.out_dir)]
+    argv += [
+        "--gate-filter",
+        cfg.gate_filter,
+        "--concurrency",
+        str(cfg.concurrency),
+        "--max-gen-toks",
+        str(cfg.max_gen_toks),
+        "--parity-questions",
+        str(cfg.parity_questions),
+        "--parity-tokens",
+        str(cfg.parity_tokens),
+        "--out",
+        str(cfg.out_dir),
+    ]
     if cfg.vllm_args:
         argv += ["--", *cfg.vllm_args]
     return shlex.join(argv)

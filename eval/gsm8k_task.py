@@ -48,8 +48,9 @@ def stock_task_yaml() -> Path:
     """Path of the installed lm-eval's ``tasks/gsm8k/gsm8k.yaml`` (without importing lm-eval)."""
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("lm-eval is not installed; install this package's `eval` extra "
-                           "(pip install 'vllm-rocm-fused[eval]')")
+        raise RuntimeError(
+            "lm-eval is not installed; install this package's `eval` extra (pip install 'vllm-rocm-fused[eval]')"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "tasks" / "gsm8k" / "gsm8k.yaml"
     if not path.is_file():
         raise RuntimeError(f"this lm-eval has no stock GSM8K task at {path}")
@@ -82,19 +83,21 @@ def check_data_dir(data_dir: str | Path) -> Path:
 def local_task_yaml(data_dir: Path, stock_yaml: Path) -> str:
     """The offline task's YAML text (paths are written as JSON strings, valid YAML)."""
     data_files = {split: str(data_dir / f"{split}.jsonl") for split in ("train", "test")}
-    return "\n".join([
-        "# lm-eval's stock GSM8K task with a local data source (written by vllm-rocm-fused eval gsm8k).",
-        f"include: {json.dumps(str(stock_yaml))}",
-        f"task: {LOCAL_TASK}",
-        "tag: []",
-        "dataset_path: json",
-        "dataset_name: null",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    train: {json.dumps(data_files['train'])}",
-        f"    test: {json.dumps(data_files['test'])}",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# lm-eval's stock GSM8K task with a local data source (written by vllm-rocm-fused eval gsm8k).",
+            f"include: {json.dumps(str(stock_yaml))}",
+            f"task: {LOCAL_TASK}",
+            "tag: []",
+            "dataset_path: json",
+            "dataset_name: null",
+            "dataset_kwargs:",
+            "  data_files:",
+            f"    train: {json.dumps(data_files['train'])}",
+            f"    test: {json.dumps(data_files['test'])}",
+            "",
+        ]
+    )
 
 
 def resolve_task(data_dir: str | Path | None, work_dir: str | Path) -> TaskSpec:

@@ -98,15 +98,16 @@ def extract_scores(results: dict[str, Any], task: str) -> dict[str, FilterScore]
     lm-eval did not produce."""
     per_task = (results or {}).get("results", {}).get(task)
     if not isinstance(per_task, dict):
-        raise ValueError(f"lm-eval results have no entry for task {task!r} "
-                         f"(tasks present: {sorted((results or {}).get('results', {}))})")
+        raise ValueError(
+            f"lm-eval results have no entry for task {task!r} "
+            f"(tasks present: {sorted((results or {}).get('results', {}))})"
+        )
     scores = {}
     for name in FILTERS:
         key = f"exact_match,{name}"
         value = _number(per_task.get(key))
         if value is None:
-            raise ValueError(f"lm-eval results for {task!r} lack a numeric {key!r} "
-                             f"(keys: {sorted(per_task)})")
+            raise ValueError(f"lm-eval results for {task!r} lack a numeric {key!r} (keys: {sorted(per_task)})")
         scores[name] = FilterScore(value, _number(per_task.get(f"exact_match_stderr,{name}")))
     return scores
 
@@ -132,8 +133,9 @@ def collect_samples(results: dict[str, Any], task: str) -> tuple[list[dict[str, 
     prompts: dict[int, str] = {}
     for entry in (results or {}).get("samples", {}).get(task, []):
         doc_id = int(entry["doc_id"])
-        row = rows.setdefault(doc_id, {"doc_id": doc_id, "target": entry.get("target"),
-                                       "response": _first_response(entry.get("resps"))})
+        row = rows.setdefault(
+            doc_id, {"doc_id": doc_id, "target": entry.get("target"), "response": _first_response(entry.get("resps"))}
+        )
         extracted = entry.get("filtered_resps")
         row[entry.get("filter", "?")] = {
             "extracted": extracted[0] if isinstance(extracted, list) and extracted else extracted,
@@ -145,8 +147,9 @@ def collect_samples(results: dict[str, Any], task: str) -> tuple[list[dict[str, 
     return [rows[k] for k in sorted(rows)], prompts
 
 
-def run_lm_eval(base_url: str, served_model: str, task: TaskSpec, settings: HarnessSettings,
-                raw_out: str | Path | None = None) -> TaskResult:
+def run_lm_eval(
+    base_url: str, served_model: str, task: TaskSpec, settings: HarnessSettings, raw_out: str | Path | None = None
+) -> TaskResult:
     """Evaluate ``task`` against the server; return the scores and per-question samples.
 
     ``raw_out``: where to write lm-eval's results dict as JSON (without the

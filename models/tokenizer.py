@@ -38,8 +38,10 @@ EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 # Qwen's pre-tokenization: words with an optional leading non-letter, digits one by
 # one, punctuation runs, newlines, spaces.
-QWEN_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
-                          r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 # ChatML, the markup of Qwen's template, without tool calling or thinking
 # budgets: a system/user/assistant transcript plus the assistant prompt.
@@ -58,27 +60,56 @@ CHAT_TEMPLATE = (
 
 # --- the built-in corpus --------------------------------------------------------------
 
-_NAMES = ("Ada Ben Cleo Dan Eva Finn Gus Hana Ivan Jia Kai Lena Max Nora Omar Pia Raj Sara "
-          "Tom Uma Vik Wen Yara Zoe").split()
-_NOUNS = ("apple book box bird car cat city cloud coin cup day dog door egg field fish flower "
-          "friend garden glass hand hill house idea island key lamp letter light map market "
-          "moon morning mountain night number paper pencil plan river road rock school sea "
-          "ship song star stone story street sun table teacher tree train village water "
-          "window word world year answer question problem model layer token kernel").split()
-_ADJS = ("big small red blue green old new quiet bright dark warm cold fast slow happy tired "
-         "simple strange long short heavy light early late clever gentle").split()
-_VERBS = ("sees finds makes takes gives keeps reads writes opens closes builds paints moves "
-          "carries counts follows helps likes needs wants shares sells buys").split()
-_PLACES = ("in the park", "near the river", "at the market", "on the hill", "by the sea",
-           "in the garden", "at school", "in the city", "under the tree", "on the road")
-_ITEMS = ("apples", "books", "coins", "pencils", "cookies", "stamps", "marbles", "cards",
-          "flowers", "boxes", "eggs", "shells")
+_NAMES = (
+    "Ada Ben Cleo Dan Eva Finn Gus Hana Ivan Jia Kai Lena Max Nora Omar Pia Raj Sara Tom Uma Vik Wen Yara Zoe"
+).split()
+_NOUNS = (
+    "apple book box bird car cat city cloud coin cup day dog door egg field fish flower "
+    "friend garden glass hand hill house idea island key lamp letter light map market "
+    "moon morning mountain night number paper pencil plan river road rock school sea "
+    "ship song star stone story street sun table teacher tree train village water "
+    "window word world year answer question problem model layer token kernel"
+).split()
+_ADJS = (
+    "big small red blue green old new quiet bright dark warm cold fast slow happy tired "
+    "simple strange long short heavy light early late clever gentle"
+).split()
+_VERBS = (
+    "sees finds makes takes gives keeps reads writes opens closes builds paints moves "
+    "carries counts follows helps likes needs wants shares sells buys"
+).split()
+_PLACES = (
+    "in the park",
+    "near the river",
+    "at the market",
+    "on the hill",
+    "by the sea",
+    "in the garden",
+    "at school",
+    "in the city",
+    "under the tree",
+    "on the road",
+)
+_ITEMS = (
+    "apples",
+    "books",
+    "coins",
+    "pencils",
+    "cookies",
+    "stamps",
+    "marbles",
+    "cards",
+    "flowers",
+    "boxes",
+    "eggs",
+    "shells",
+)
 _CODE = (
     "def add(a, b):\n    return a + b\n",
     "for i in range({n}):\n    print(i * {m})\n",
     "x = [{n}, {m}, {k}]\ny = sum(x) / len(x)\n",
     "if value > {n}:\n    value -= {m}\nelse:\n    value += {k}\n",
-    "{{\"id\": {n}, \"name\": \"{name}\", \"count\": {m}}}\n",
+    '{{"id": {n}, "name": "{name}", "count": {m}}}\n',
 )
 
 
@@ -94,30 +125,35 @@ def _sentence(rng: random.Random) -> str:
     kind = rng.random()
     name, other = rng.sample(_NAMES, 2)
     if kind < 0.35:
-        s = (f"The {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} "
-             f"the {rng.choice(_NOUNS)} {rng.choice(_PLACES)}.")
+        s = (
+            f"The {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} "
+            f"the {rng.choice(_NOUNS)} {rng.choice(_PLACES)}."
+        )
         return s if rng.random() < 0.7 else s.lower()
     if kind < 0.55:
         a, b = rng.randint(1, 99), rng.randint(1, 99)
         item = rng.choice(_ITEMS)
         op = rng.choice(("more", "fewer"))
         total = a + b if op == "more" else max(a - b, 0)
-        return (f"Question: {name} has {a} {item}. {other} has {b} {op} {item} than {name}. "
-                f"How many {item} does {other} have?\nAnswer: {a} {'+' if op == 'more' else '-'} {b} "
-                f"= {total}. #### {total}")
+        return (
+            f"Question: {name} has {a} {item}. {other} has {b} {op} {item} than {name}. "
+            f"How many {item} does {other} have?\nAnswer: {a} {'+' if op == 'more' else '-'} {b} "
+            f"= {total}. #### {total}"
+        )
     if kind < 0.70:
         a, b = rng.randint(0, 999), rng.randint(1, 99)
         op = rng.choice("+-*/")
         value = {"+": a + b, "-": a - b, "*": a * b, "/": round(a / b, 2)}[op]
         return f"What is {a} {op} {b}? It is {value}."
     if kind < 0.80:
-        return rng.choice(_CODE).format(n=rng.randint(2, 50), m=rng.randint(2, 9),
-                                        k=rng.randint(10, 99), name=name)
+        return rng.choice(_CODE).format(n=rng.randint(2, 50), m=rng.randint(2, 9), k=rng.randint(10, 99), name=name)
     if kind < 0.92:
         words = " ".join(_pseudo_word(rng) for _ in range(rng.randint(3, 9)))
         return words.capitalize() + rng.choice((".", "!", "?", ","))
-    return (f"{name} said: \"I {rng.choice(_VERBS)[:-1]} the {rng.choice(_ADJS)} "
-            f"{rng.choice(_NOUNS)}.\" {other} answered, \"Yes, {rng.randint(2, 12)} times.\"")
+    return (
+        f'{name} said: "I {rng.choice(_VERBS)[:-1]} the {rng.choice(_ADJS)} '
+        f'{rng.choice(_NOUNS)}." {other} answered, "Yes, {rng.randint(2, 12)} times."'
+    )
 
 
 def generate_corpus(num_lines: int = 20000, seed: int = 0) -> Iterator[str]:
@@ -130,8 +166,8 @@ def generate_corpus(num_lines: int = 20000, seed: int = 0) -> Iterator[str]:
 
 # --- training and files ---------------------------------------------------------------
 
-def train_tokenizer(vocab_size: int, corpus_file: str | Path | None = None, *,
-                    lines: Iterable[str] | None = None):
+
+def train_tokenizer(vocab_size: int, corpus_file: str | Path | None = None, *, lines: Iterable[str] | None = None):
     """Train a byte-level BPE tokenizer with exactly ``vocab_size`` entries.
 
     corpus_file: UTF-8 text to learn merges from; or ``lines``, the text as an
@@ -148,10 +184,12 @@ def train_tokenizer(vocab_size: int, corpus_file: str | Path | None = None, *,
     # vocabulary when it loads a Qwen-family tokenizer, so any other pipeline would
     # tokenize differently depending on which class loaded it).
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(ADDED_TOKENS),

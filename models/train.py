@@ -61,6 +61,7 @@ CHAT_SHARE = 0.15  # rows that are ChatML chats instead of few-shot text
 
 # --- tokenizer --------------------------------------------------------------------------
 
+
 def committed_tokenizer_path() -> Path:
     return Path(str(resources.files(__package__).joinpath("trained", TOKENIZER_FILE)))
 
@@ -88,16 +89,17 @@ def load_tokenizer(path: Path | None, vocab_size: int):
 
 # --- data -----------------------------------------------------------------------------
 
+
 @dataclass
 class Pieces:
     """Token ids of each problem's parts, tokenized once."""
 
-    fewshot_q: list[list[int]]   # "Question: q\nAnswer:"
-    fewshot_a: list[list[int]]   # " a\n\n"
-    chat_q: list[list[int]]      # "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
-    chat_a: list[list[int]]      # "a<|im_end|>"
-    newline: list[int]           # "\n" after a chat turn
-    question_prefix: int         # tokens of "Question:" (learned at the start of each later shot)
+    fewshot_q: list[list[int]]  # "Question: q\nAnswer:"
+    fewshot_a: list[list[int]]  # " a\n\n"
+    chat_q: list[list[int]]  # "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    chat_a: list[list[int]]  # "a<|im_end|>"
+    newline: list[int]  # "\n" after a chat turn
+    question_prefix: int  # tokens of "Question:" (learned at the start of each later shot)
 
 
 def _ids(tok, texts: list[str]) -> list[list[int]]:
@@ -116,11 +118,13 @@ def tokenize_pool(tok, pool: list[dict[str, str]]) -> Pieces:
     # Pieces are concatenated as ids: that must equal tokenizing the joined text.
     for i in range(min(50, len(pool))):
         j = (i + 1) % len(pool)
-        joined = (f"Question: {pool[i]['question']}\nAnswer: {pool[i]['answer']}\n\n"
-                  f"Question: {pool[j]['question']}\nAnswer:")
+        joined = (
+            f"Question: {pool[i]['question']}\nAnswer: {pool[i]['answer']}\n\nQuestion: {pool[j]['question']}\nAnswer:"
+        )
         assert _ids(tok, [joined])[0] == pieces.fewshot_q[i] + pieces.fewshot_a[i] + pieces.fewshot_q[j], i
-        chat = (f"<|im_start|>user\n{pool[i]['question']}<|im_end|>\n<|im_start|>assistant\n"
-                f"{pool[i]['answer']}<|im_end|>\n")
+        chat = (
+            f"<|im_start|>user\n{pool[i]['question']}<|im_end|>\n<|im_start|>assistant\n{pool[i]['answer']}<|im_end|>\n"
+        )
         assert _ids(tok, [chat])[0] == pieces.chat_q[i] + pieces.chat_a[i] + pieces.newline, i
     return pieces
 
@@ -146,7 +150,7 @@ def make_row(p: Pieces, rng: random.Random, length: int, pad_id: int) -> tuple[l
                 break
             q_mask = [0] * len(q)
             if ids:  # after an answer, "Question:" is what the model must write next
-                q_mask[:p.question_prefix] = [1] * p.question_prefix
+                q_mask[: p.question_prefix] = [1] * p.question_prefix
             ids += q + a
             mask += q_mask + [1] * len(a)
     ids += [pad_id] * (length - len(ids))
@@ -162,6 +166,7 @@ def make_batch(p: Pieces, rng: random.Random, batch: int, length: int, pad_id: i
 
 
 # --- the MTP block --------------------------------------------------------------------
+
 
 class MTPBlock(nn.Module):
     """The releases' multi-token-prediction block, computed as vLLM's Qwen3_5MTP does:
@@ -248,6 +253,7 @@ def losses(model: TinyQwen, ids, mask):
 
 # --- checkpoint in the releases' names --------------------------------------------------
 
+
 def release_state_dict(model: TinyQwen, recipe) -> dict[str, torch.Tensor]:
     """The trained tensors under the checkpoint names and dtypes of ``weights.all_specs``
     (MoE experts split per expert as in the FP8 releases); every name checked."""
@@ -271,8 +277,9 @@ def release_state_dict(model: TinyQwen, recipe) -> dict[str, torch.Tensor]:
     specs = {s.name: s for s in all_specs(recipe)}
     missing, extra = sorted(set(specs) - set(out)), sorted(set(out) - set(specs))
     if missing or extra:
-        raise RuntimeError(f"trained tensors do not match the checkpoint layout: missing {missing[:8]}, "
-                           f"unexpected {extra[:8]}")
+        raise RuntimeError(
+            f"trained tensors do not match the checkpoint layout: missing {missing[:8]}, unexpected {extra[:8]}"
+        )
     for name, spec in specs.items():
         if tuple(out[name].shape) != spec.shape:
             raise RuntimeError(f"{name}: trained shape {tuple(out[name].shape)}, checkpoint shape {spec.shape}")
@@ -281,6 +288,7 @@ def release_state_dict(model: TinyQwen, recipe) -> dict[str, torch.Tensor]:
 
 
 # --- the check --------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def teacher_forced_check(model: TinyQwen, tok, count: int, seed: int, device, shots: int = 5) -> dict:
@@ -294,7 +302,7 @@ def teacher_forced_check(model: TinyQwen, tok, count: int, seed: int, device, sh
     mtp_right = mtp_total = 0
     by_template: dict[str, list[int]] = {}
     for start in range(0, len(items), 32):
-        chunk = items[start:start + 32]
+        chunk = items[start : start + 32]
         seqs, spans = [], []
         for item in chunk:
             prompt = tiny_gsm8k.fewshot_prompt(item["question"], rng.sample(train, shots))
@@ -306,40 +314,53 @@ def teacher_forced_check(model: TinyQwen, tok, count: int, seed: int, device, sh
         width = max(len(s) for s in seqs)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
+            ids[i, : len(s)] = torch.tensor(s)
         ids = ids.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits, mtp_logits = model(ids)
         pred = logits.argmax(-1).cpu()
         mtp_pred = mtp_logits.argmax(-1).cpu() if mtp_logits is not None else None
         for i, (a0, a1, s1) in enumerate(spans):
-            ok = bool((pred[i, a0 - 1:a1 - 1] == ids[i, a0:a1].cpu()).all())
+            ok = bool((pred[i, a0 - 1 : a1 - 1] == ids[i, a0:a1].cpu()).all())
             right += ok
-            stops += ok and bool((pred[i, a1 - 1:s1 - 1] == ids[i, a1:s1].cpu()).all())
+            stops += ok and bool((pred[i, a1 - 1 : s1 - 1] == ids[i, a1:s1].cpu()).all())
             template = _template_of(chunk[i]["question"])
             by_template.setdefault(template, [0, 0])
             by_template[template][0] += ok
             by_template[template][1] += 1
             if mtp_pred is not None:  # drafts of answer tokens a0+1..a1-1 (made at a0-1..a1-3)
-                mtp_right += int((mtp_pred[i, a0 - 1:a1 - 2] == ids[i, a0 + 1:a1].cpu()).sum())
+                mtp_right += int((mtp_pred[i, a0 - 1 : a1 - 2] == ids[i, a0 + 1 : a1].cpu()).sum())
                 mtp_total += a1 - a0 - 1
     model.train()
-    out = {"problems": len(items), "exact_match": right / len(items), "exact_match_and_stop": stops / len(items),
-           "by_template": {k: round(v[0] / v[1], 4) for k, v in sorted(by_template.items())}}
+    out = {
+        "problems": len(items),
+        "exact_match": right / len(items),
+        "exact_match_and_stop": stops / len(items),
+        "by_template": {k: round(v[0] / v[1], 4) for k, v in sorted(by_template.items())},
+    }
     if mtp_total:
         out["mtp_draft_accuracy"] = mtp_right / mtp_total
     return out
 
 
 def _template_of(question: str) -> str:
-    keys = (("equally among", "share_then_find"), ("twice as many", "compare_three"), ("change", "change"),
-            ("pages", "pages_left"), ("rows of", "garden_rows"), ("bakes", "half_then_more"),
-            ("bricks", "trips"), ("every day for", "save_spend"), ("boxes with", "boxes_give"),
-            ("gives", "give_away"))
+    keys = (
+        ("equally among", "share_then_find"),
+        ("twice as many", "compare_three"),
+        ("change", "change"),
+        ("pages", "pages_left"),
+        ("rows of", "garden_rows"),
+        ("bakes", "half_then_more"),
+        ("bricks", "trips"),
+        ("every day for", "save_spend"),
+        ("boxes with", "boxes_give"),
+        ("gives", "give_away"),
+    )
     return next((name for key, name in keys if key in question), "buy_more")
 
 
 # --- main ---------------------------------------------------------------------------------
+
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -362,15 +383,21 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--mtp-weight", type=float, default=1.0, help="weight of the MTP loss (its gradients reach "
-                                                                   "only the MTP block)")
+    p.add_argument(
+        "--mtp-weight", type=float, default=1.0, help="weight of the MTP loss (its gradients reach only the MTP block)"
+    )
     p.add_argument("--seed", type=int, default=0, help="model init and row sampling")
-    p.add_argument("--data-seed", type=int, default=tiny_gsm8k.DEFAULT_SEED,
-                   help="tiny-gsm8k seed: the test split excluded from training, and the check")
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=tiny_gsm8k.DEFAULT_SEED,
+        help="tiny-gsm8k seed: the test split excluded from training, and the check",
+    )
     p.add_argument("--pool", type=int, default=200_000, help="distinct training problems")
     p.add_argument("--check-problems", type=int, default=512)
-    p.add_argument("--time-limit", type=float, default=0.0, help="stop (and save) after this many seconds "
-                                                                 "of training (0: none)")
+    p.add_argument(
+        "--time-limit", type=float, default=0.0, help="stop (and save) after this many seconds of training (0: none)"
+    )
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: the committed one)")
     p.add_argument("--device", default="auto")
     p.add_argument("--log-every", type=int, default=100)
@@ -380,8 +407,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     torch.manual_seed(args.seed)
     recipe = resolve(args.preset)
     text = recipe.text
@@ -394,16 +424,20 @@ def main(argv=None) -> int:
     stream = tiny_gsm8k.problems(args.data_seed + 1, exclude=(t["question"] for t in test))
     pool = [next(stream) for _ in range(args.pool)]
     pieces = tokenize_pool(tok, pool)
-    print(f"train: {args.preset} on {device}; {len(pool)} problems tokenized in {time.time() - t_start:.1f} s",
-          flush=True)
+    print(
+        f"train: {args.preset} on {device}; {len(pool)} problems tokenized in {time.time() - t_start:.1f} s", flush=True
+    )
 
     model = TinyQwen(recipe).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
     auto_budget = float(args.steps.split(":", 1)[1]) if args.steps.startswith("auto:") else None
     total = int(args.steps) if auto_budget is None else 10**9
     rng = random.Random(f"train-rows/{args.seed}")
@@ -447,9 +481,12 @@ def main(argv=None) -> int:
                 row["mtp_loss"] = round(ema_mtp, 4)
             log.write(json.dumps(row) + "\n")
             log.flush()
-            print(f"train: step {step}/{total if total < 10**9 else '?'} loss {ema:.4f}"
-                  + (f" mtp {ema_mtp:.4f}" if ema_mtp is not None else "")
-                  + f" lr {lr:.2e} {elapsed:.0f} s", flush=True)
+            print(
+                f"train: step {step}/{total if total < 10**9 else '?'} loss {ema:.4f}"
+                + (f" mtp {ema_mtp:.4f}" if ema_mtp is not None else "")
+                + f" lr {lr:.2e} {elapsed:.0f} s",
+                flush=True,
+            )
         if args.time_limit and time.time() - t0 > args.time_limit:
             print(f"train: time limit reached at step {step}", flush=True)
             stopped_early = True
@@ -472,9 +509,11 @@ def main(argv=None) -> int:
     manifest = {
         "preset": args.preset,
         "architecture": recipe.config["architectures"][0],
-        "command": "python -m vllm_rocm_fused.tiny_models.train " + " ".join(
+        "command": "python -m vllm_rocm_fused.tiny_models.train "
+        + " ".join(
             "OUT" if a == args.out else (str(step) if a.startswith("auto:") else a)
-            for a in (argv if argv is not None else sys.argv[1:])),
+            for a in (argv if argv is not None else sys.argv[1:])
+        ),
         "steps": step,
         "steps_requested": args.steps,
         "stopped_early": stopped_early,
@@ -494,8 +533,10 @@ def main(argv=None) -> int:
         "sha256": {"model.safetensors": sha256(weights_path), TOKENIZER_FILE: sha256(tok_path)},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"train: wrote {weights_path} ({weights_path.stat().st_size / 2**20:.1f} MiB) in "
-          f"{time.time() - t_start:.0f} s", flush=True)
+    print(
+        f"train: wrote {weights_path} ({weights_path.stat().st_size / 2**20:.1f} MiB) in {time.time() - t_start:.0f} s",
+        flush=True,
+    )
     return 0
 
 

@@ -34,18 +34,18 @@ import torch
 from .recipe import Recipe
 
 LOGIT_STD = 3.0
-RESIDUAL_OUT_GAIN = 0.5   # std multiplier of o_proj / out_proj / down_proj
+RESIDUAL_OUT_GAIN = 0.5  # std multiplier of o_proj / out_proj / down_proj
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    key: str                 # layout-independent name ("layers.3.self_attn.q_proj.weight")
-    name: str                # name in the checkpoint
+    key: str  # layout-independent name ("layers.3.self_attn.q_proj.weight")
+    name: str  # name in the checkpoint
     shape: tuple[int, ...]
-    init: str                # see _INITS
+    init: str  # see _INITS
     std: float = 0.0
     dtype: torch.dtype = torch.bfloat16
-    linear: bool = False     # the weight of a Linear (quantizable) module
+    linear: bool = False  # the weight of a Linear (quantizable) module
 
     @property
     def module(self) -> str:
@@ -61,11 +61,11 @@ def _values(spec: TensorSpec, seed: int) -> torch.Tensor:
     g = _gen(seed, spec.key)
     if spec.init == "normal":
         t = torch.randn(spec.shape, generator=g) * spec.std
-    elif spec.init == "one_plus_normal":      # plain-scale norms (x * w)
+    elif spec.init == "one_plus_normal":  # plain-scale norms (x * w)
         t = 1.0 + torch.randn(spec.shape, generator=g) * spec.std
-    elif spec.init == "A_log":                # A ~ U[1, 16], stored as log(A)
+    elif spec.init == "A_log":  # A ~ U[1, 16], stored as log(A)
         t = torch.log(1.0 + 15.0 * torch.rand(spec.shape, generator=g))
-    elif spec.init == "dt_bias":              # softplus^-1(dt), dt log-uniform in [1e-3, 1e-1]
+    elif spec.init == "dt_bias":  # softplus^-1(dt), dt log-uniform in [1e-3, 1e-1]
         dt = torch.exp(math.log(1e-3) + (math.log(1e-1) - math.log(1e-3)) * torch.rand(spec.shape, generator=g))
         t = dt + torch.log(-torch.expm1(-dt))
     else:  # pragma: no cover - specs only use the kinds above
@@ -79,10 +79,12 @@ def make_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
 
 # --- the tensor list -------------------------------------------------------------------
 
-def _lin(key: str, name: str, out_f: int, in_f: int, *, residual_out: bool = False,
-         std: float | None = None) -> TensorSpec:
+
+def _lin(
+    key: str, name: str, out_f: int, in_f: int, *, residual_out: bool = False, std: float | None = None
+) -> TensorSpec:
     if std is None:
-        std = (RESIDUAL_OUT_GAIN if residual_out else 1.0) / in_f ** 0.5
+        std = (RESIDUAL_OUT_GAIN if residual_out else 1.0) / in_f**0.5
     return TensorSpec(key, name, (out_f, in_f), "normal", std, linear=True)
 
 
@@ -99,7 +101,7 @@ def language_model_specs(recipe: Recipe) -> list[TensorSpec]:
     specs = [
         TensorSpec("embed_tokens.weight", f"{lm}embed_tokens.weight", (v, h), "normal", 1.0),
         _norm("norm.weight", f"{lm}norm.weight", h),
-        _lin("lm_head.weight", "lm_head.weight", v, h, std=LOGIT_STD / h ** 0.5),
+        _lin("lm_head.weight", "lm_head.weight", v, h, std=LOGIT_STD / h**0.5),
     ]
     for i, layer_type in enumerate(recipe.layer_types()):
         specs += _decoder_layer_specs(recipe, f"layers.{i}.", f"{lm}layers.{i}.", layer_type)
@@ -115,8 +117,10 @@ def _decoder_layer_specs(recipe: Recipe, k: str, n: str, layer_type: str) -> lis
     nk, nv = t["linear_num_key_heads"], t["linear_num_value_heads"]
     dk, dv = t["linear_key_head_dim"], t["linear_value_head_dim"]
     kd, vd, kernel = nk * dk, nv * dv, t["linear_conv_kernel_dim"]
-    specs = [_norm(k + "input_layernorm.weight", n + "input_layernorm.weight", h),
-             _norm(k + "post_attention_layernorm.weight", n + "post_attention_layernorm.weight", h)]
+    specs = [
+        _norm(k + "input_layernorm.weight", n + "input_layernorm.weight", h),
+        _norm(k + "post_attention_layernorm.weight", n + "post_attention_layernorm.weight", h),
+    ]
     if layer_type == "linear_attention":
         a, an = k + "linear_attn.", n + "linear_attn."
         specs += [
@@ -124,8 +128,7 @@ def _decoder_layer_specs(recipe: Recipe, k: str, n: str, layer_type: str) -> lis
             _lin(a + "in_proj_z.weight", an + "in_proj_z.weight", vd, h),
             _lin(a + "in_proj_b.weight", an + "in_proj_b.weight", nv, h),
             _lin(a + "in_proj_a.weight", an + "in_proj_a.weight", nv, h),
-            TensorSpec(a + "conv1d.weight", an + "conv1d.weight", (2 * kd + vd, 1, kernel), "normal",
-                       kernel ** -0.5),
+            TensorSpec(a + "conv1d.weight", an + "conv1d.weight", (2 * kd + vd, 1, kernel), "normal", kernel**-0.5),
             TensorSpec(a + "dt_bias", an + "dt_bias", (nv,), "dt_bias"),
             TensorSpec(a + "A_log", an + "A_log", (nv,), "A_log", dtype=torch.float32),
             _norm(a + "norm.weight", an + "norm.weight", dv, gemma=False),
@@ -148,19 +151,25 @@ def _decoder_layer_specs(recipe: Recipe, k: str, n: str, layer_type: str) -> lis
         specs.append(_lin(m + "gate.weight", mn + "gate.weight", t["num_experts"], h))
         for e in range(t["num_experts"]):
             x, xn = f"{m}experts.{e}.", f"{mn}experts.{e}."
-            specs += [_lin(x + "gate_proj.weight", xn + "gate_proj.weight", ie, h),
-                      _lin(x + "up_proj.weight", xn + "up_proj.weight", ie, h),
-                      _lin(x + "down_proj.weight", xn + "down_proj.weight", h, ie, residual_out=True)]
+            specs += [
+                _lin(x + "gate_proj.weight", xn + "gate_proj.weight", ie, h),
+                _lin(x + "up_proj.weight", xn + "up_proj.weight", ie, h),
+                _lin(x + "down_proj.weight", xn + "down_proj.weight", h, ie, residual_out=True),
+            ]
         s, sn = m + "shared_expert.", mn + "shared_expert."
-        specs += [_lin(s + "gate_proj.weight", sn + "gate_proj.weight", ish, h),
-                  _lin(s + "up_proj.weight", sn + "up_proj.weight", ish, h),
-                  _lin(s + "down_proj.weight", sn + "down_proj.weight", h, ish, residual_out=True),
-                  _lin(m + "shared_expert_gate.weight", mn + "shared_expert_gate.weight", 1, h)]
+        specs += [
+            _lin(s + "gate_proj.weight", sn + "gate_proj.weight", ish, h),
+            _lin(s + "up_proj.weight", sn + "up_proj.weight", ish, h),
+            _lin(s + "down_proj.weight", sn + "down_proj.weight", h, ish, residual_out=True),
+            _lin(m + "shared_expert_gate.weight", mn + "shared_expert_gate.weight", 1, h),
+        ]
     else:
         inter = t["intermediate_size"]
-        specs += [_lin(m + "gate_proj.weight", mn + "gate_proj.weight", inter, h),
-                  _lin(m + "up_proj.weight", mn + "up_proj.weight", inter, h),
-                  _lin(m + "down_proj.weight", mn + "down_proj.weight", h, inter, residual_out=True)]
+        specs += [
+            _lin(m + "gate_proj.weight", mn + "gate_proj.weight", inter, h),
+            _lin(m + "up_proj.weight", mn + "up_proj.weight", inter, h),
+            _lin(m + "down_proj.weight", mn + "down_proj.weight", h, inter, residual_out=True),
+        ]
     return specs
 
 
@@ -174,10 +183,12 @@ def mtp_specs(recipe: Recipe) -> list[TensorSpec]:
     if not layers:
         return []
     h = t["hidden_size"]
-    specs = [_lin("mtp.fc.weight", "mtp.fc.weight", h, 2 * h),
-             _norm("mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_embedding.weight", h),
-             _norm("mtp.pre_fc_norm_hidden.weight", "mtp.pre_fc_norm_hidden.weight", h),
-             _norm("mtp.norm.weight", "mtp.norm.weight", h)]
+    specs = [
+        _lin("mtp.fc.weight", "mtp.fc.weight", h, 2 * h),
+        _norm("mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_embedding.weight", h),
+        _norm("mtp.pre_fc_norm_hidden.weight", "mtp.pre_fc_norm_hidden.weight", h),
+        _norm("mtp.norm.weight", "mtp.norm.weight", h),
+    ]
     for i in range(layers):
         specs += _decoder_layer_specs(recipe, f"mtp.layers.{i}.", f"mtp.layers.{i}.", "full_attention")
     return specs
@@ -197,14 +208,28 @@ def vision_specs(recipe: Recipe) -> list[TensorSpec]:
         return [_lin(key + ".weight", f"model.{key}.weight", out_f, in_f), bias(key + ".bias", out_f)]
 
     def layer_norm(key: str, size: int) -> list[TensorSpec]:
-        return [TensorSpec(key + ".weight", f"model.{key}.weight", (size,), "one_plus_normal", 0.1),
-                bias(key + ".bias", size)]
+        return [
+            TensorSpec(key + ".weight", f"model.{key}.weight", (size,), "one_plus_normal", 0.1),
+            bias(key + ".bias", size),
+        ]
 
-    specs = [TensorSpec("visual.patch_embed.proj.weight", "model.visual.patch_embed.proj.weight",
-                        (h, c, tp, p, p), "normal", (c * tp * p * p) ** -0.5),
-             bias("visual.patch_embed.proj.bias", h),
-             TensorSpec("visual.pos_embed.weight", "model.visual.pos_embed.weight",
-                        (vc["num_position_embeddings"], h), "normal", 0.02)]
+    specs = [
+        TensorSpec(
+            "visual.patch_embed.proj.weight",
+            "model.visual.patch_embed.proj.weight",
+            (h, c, tp, p, p),
+            "normal",
+            (c * tp * p * p) ** -0.5,
+        ),
+        bias("visual.patch_embed.proj.bias", h),
+        TensorSpec(
+            "visual.pos_embed.weight",
+            "model.visual.pos_embed.weight",
+            (vc["num_position_embeddings"], h),
+            "normal",
+            0.02,
+        ),
+    ]
     for i in range(vc["depth"]):
         b = f"visual.blocks.{i}."
         specs += layer_norm(b + "norm1", h) + layer_norm(b + "norm2", h)

@@ -8,23 +8,29 @@ from vllm_rocm_fused import envs
 
 def test_valid_values_have_no_problems(tmp_path):
     env = {
-        "VLLM_ROCM_FUSED_DISABLE": "1", "VLLM_ROCM_FUSED_DISABLE_AR_QUANT": " Off ",
-        "VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8": "", "VLLM_ROCM_FUSED_BACKEND": "CUDA",
-        "VLLM_ROCM_FUSED_MAX_TOKENS": "16", "VLLM_ROCM_FUSED_CACHE_DIR": str(tmp_path / "not-yet"),
+        "VLLM_ROCM_FUSED_DISABLE": "1",
+        "VLLM_ROCM_FUSED_DISABLE_AR_QUANT": " Off ",
+        "VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8": "",
+        "VLLM_ROCM_FUSED_BACKEND": "CUDA",
+        "VLLM_ROCM_FUSED_MAX_TOKENS": "16",
+        "VLLM_ROCM_FUSED_CACHE_DIR": str(tmp_path / "not-yet"),
         "VLLM_ROCM_FUSED_GSM8K_DIR": str(tmp_path),
     }
     assert envs.problems(env) == []
     assert envs.problems({}) == []
 
 
-@pytest.mark.parametrize("name, value, why", [
-    ("VLLM_ROCM_FUSED_BACKEND", "bogus", "not a backend (one of auto, native, cuda, rocm)"),
-    ("VLLM_ROCM_FUSED_MAX_TOKENS", "abc", "not an integer"),
-    ("VLLM_ROCM_FUSED_MAX_TOKENS", "0", "must be >= 1"),
-    ("VLLM_ROCM_FUSED_DISABLE", "maybe", "not a switch (use 0 or 1)"),
-    ("VLLM_ROCM_FUSED_DISABLE_AR_QUANT", "2", "not a switch (use 0 or 1)"),
-    ("VLLM_ROCM_FUSED_GSM8K_DIR", "/no/such/folder", "no such folder"),
-])
+@pytest.mark.parametrize(
+    "name, value, why",
+    [
+        ("VLLM_ROCM_FUSED_BACKEND", "bogus", "not a backend (one of auto, native, cuda, rocm)"),
+        ("VLLM_ROCM_FUSED_MAX_TOKENS", "abc", "not an integer"),
+        ("VLLM_ROCM_FUSED_MAX_TOKENS", "0", "must be >= 1"),
+        ("VLLM_ROCM_FUSED_DISABLE", "maybe", "not a switch (use 0 or 1)"),
+        ("VLLM_ROCM_FUSED_DISABLE_AR_QUANT", "2", "not a switch (use 0 or 1)"),
+        ("VLLM_ROCM_FUSED_GSM8K_DIR", "/no/such/folder", "no such folder"),
+    ],
+)
 def test_each_invalid_value_is_one_line_naming_it(name, value, why):
     assert envs.problems({name: value}) == [f"{name}={value!r}: {why}"]
 
@@ -33,7 +39,8 @@ def test_a_file_where_a_folder_belongs(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     assert envs.problems({"VLLM_ROCM_FUSED_CACHE_DIR": str(f)}) == [
-        f"VLLM_ROCM_FUSED_CACHE_DIR={str(f)!r}: exists and is not a folder"]
+        f"VLLM_ROCM_FUSED_CACHE_DIR={str(f)!r}: exists and is not a folder"
+    ]
 
 
 def test_server_only_leaves_out_what_only_the_cli_reads():
@@ -48,8 +55,13 @@ def test_problems_reads_the_process_environment_by_default(monkeypatch):
 
 
 def test_misspelled_names_are_pointed_out():
-    env = {"VLLM_ROCM_FUSED_DISABLED": "1", "VLLM_ROCM_FUSED_MAX_TOKEN": "8",
-           "VLLM_ROCM_FUSED_TEST_MARKER": "x", "VLLM_ROCM_FUSED_DISABLE": "1", "OTHER": "1"}
+    env = {
+        "VLLM_ROCM_FUSED_DISABLED": "1",
+        "VLLM_ROCM_FUSED_MAX_TOKEN": "8",
+        "VLLM_ROCM_FUSED_TEST_MARKER": "x",
+        "VLLM_ROCM_FUSED_DISABLE": "1",
+        "OTHER": "1",
+    }
     assert envs.unknown_names(env) == [
         "VLLM_ROCM_FUSED_DISABLED is not a setting of the plugin (did you mean VLLM_ROCM_FUSED_DISABLE?)",
         "VLLM_ROCM_FUSED_MAX_TOKEN is not a setting of the plugin (did you mean VLLM_ROCM_FUSED_MAX_TOKENS?)",

@@ -42,16 +42,19 @@ print(json.dumps({
 
 
 def _run(env):
-    proc = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_registers_overrides_op_and_portable_fp8_once():
     out = _run({"VLLM_ROCM_FUSED_DISABLE": "0"})
-    assert out["qwen"] == {"Qwen3_5ForCausalLM": "vllm_rocm_fused.models.qwen3_5",
-                           "Qwen3_5MoeMTP": "vllm_rocm_fused.models.qwen3_5"}
+    assert out["qwen"] == {
+        "Qwen3_5ForCausalLM": "vllm_rocm_fused.models.qwen3_5",
+        "Qwen3_5MoeMTP": "vllm_rocm_fused.models.qwen3_5",
+    }
     assert out["llama"].startswith("vllm.")
     assert out["custom_op"] is True
     assert out["portable_fp8"] == 1

@@ -65,12 +65,18 @@ def test_environment_and_command(monkeypatch, tmp_path):
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.setenv("VLLM_PLUGINS", "vllm_rocm_fused")
     monkeypatch.setattr(serving, "usable_cpus", lambda: [0, 1])
-    server = VllmServer(tmp_path / "model", tp=2, env={"VLLM_ROCM_FUSED_DISABLE": "1"}, cpu=True,
-                        extra_args=["--language-model-only"], port=1234)
+    server = VllmServer(
+        tmp_path / "model",
+        tp=2,
+        env={"VLLM_ROCM_FUSED_DISABLE": "1"},
+        cpu=True,
+        extra_args=["--language-model-only"],
+        port=1234,
+    )
     env = server.environment()
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
     assert env["VLLM_ROCM_FUSED_DISABLE"] == "1"
-    assert env["VLLM_PLUGINS"] == "vllm_rocm_fused"     # passed through, never set by us
+    assert env["VLLM_PLUGINS"] == "vllm_rocm_fused"  # passed through, never set by us
     cmd = server.command()
     assert cmd[1:4] == ["-m", "vllm_rocm_fused.cli.vllm_serve", str(tmp_path / "model")]
     for flag, value in (("--tensor-parallel-size", "2"), ("--port", "1234"), ("--served-model-name", "model")):
@@ -87,10 +93,9 @@ def test_environment_and_command(monkeypatch, tmp_path):
 def test_healthy_server_serves_and_stops_with_its_group(tmp_path):
     marker = new_marker()
     messages = []
-    with FakeServer("ok", delay=1.5, env=marker, log_path=tmp_path / "serve.log",
-                    progress=messages.append) as server:
+    with FakeServer("ok", delay=1.5, env=marker, log_path=tmp_path / "serve.log", progress=messages.append) as server:
         assert server.alive()
-        assert len(processes_with(marker)) == 2        # the server and its child
+        assert len(processes_with(marker)) == 2  # the server and its child
         assert server.completion("x", max_tokens=1)["choices"][0]["text"] == "hi"
     assert processes_with(marker) == []
     assert not server.alive()
@@ -108,7 +113,7 @@ def test_server_that_exits_raises_with_the_log_tail(tmp_path):
     assert "ValueError: the model is broken" in err.value.log_tail
     assert "--- last lines of the vllm serve log ---" in str(err.value)
     assert str(tmp_path / "serve.log") in str(err.value)
-    assert processes_left(marker) == []     # its orphaned child was stopped too
+    assert processes_left(marker) == []  # its orphaned child was stopped too
 
 
 def test_timeout_stops_the_server(tmp_path):
@@ -125,7 +130,7 @@ def test_stubborn_server_is_killed(tmp_path):
     with server:
         pass
     assert processes_with(marker) == []
-    assert server.proc.returncode == -9       # SIGINT and SIGTERM were ignored
+    assert server.proc.returncode == -9  # SIGINT and SIGTERM were ignored
 
 
 def test_stop_is_idempotent_and_safe_before_start(tmp_path):
@@ -185,7 +190,7 @@ def test_ctrl_c_while_stopping_takes_the_next_step_at_once(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         server.stop(grace=(60.0, 60.0))
-    assert time.monotonic() - t0 < 15        # not the 120 s of grace
+    assert time.monotonic() - t0 < 15  # not the 120 s of grace
     assert server.proc.returncode == -9
     assert processes_with(marker) == []
 
@@ -197,26 +202,34 @@ def test_invalid_plugin_setting_starts_nothing(tmp_path, monkeypatch):
     assert server.proc is None
     monkeypatch.setenv("VLLM_ROCM_FUSED_BACKEND", "bogus")
     assert VllmServer.settings_problems() == [
-        "VLLM_ROCM_FUSED_BACKEND='bogus': not a backend (one of auto, native, cuda, rocm)"]
+        "VLLM_ROCM_FUSED_BACKEND='bogus': not a backend (one of auto, native, cuda, rocm)"
+    ]
     assert VllmServer.settings_problems({"VLLM_ROCM_FUSED_BACKEND": "native"}) == []
 
 
 def test_progress_shows_the_last_info_line_of_vllms_log(tmp_path):
     log = tmp_path / "serve.log"
-    log.write_text("\n".join([
-        "(APIServer pid=1) INFO 12-01 23:41:36 [api_utils.py:347]  ▄▄ ▄█ █     █     █ ▀▄▀ █  version 0.32.0",
-        "(APIServer pid=1) INFO 12-01 23:41:36 [api_utils.py:286] non-default args: {'model': 'm'}",
-        "(APIServer pid=1) WARNING 12-01 23:41:36 [system_utils.py:255] Found ulimit of 20000 and failed to "
-        "automatically increase with error current limit exceeds maximum limit.",
-        "some line a library printed",
-    ]) + "\n")
+    log.write_text(
+        "\n".join(
+            [
+                "(APIServer pid=1) INFO 12-01 23:41:36 [api_utils.py:347]  ▄▄ ▄█ █     █     █ ▀▄▀ █  version 0.32.0",
+                "(APIServer pid=1) INFO 12-01 23:41:36 [api_utils.py:286] non-default args: {'model': 'm'}",
+                "(APIServer pid=1) WARNING 12-01 23:41:36 [system_utils.py:255] Found ulimit of 20000 and failed to "
+                "automatically increase with error current limit exceeds maximum limit.",
+                "some line a library printed",
+            ]
+        )
+        + "\n"
+    )
     assert serving._last_log_message(str(log)) == "non-default args: {'model': 'm'}"
     with log.open("a") as f:
         f.write("(Worker_TP0 pid=2) INFO 12-01 23:42:52 [cpu_model_runner.py:68] Starting to load model m...\n")
     assert serving._last_log_message(str(log)) == "Starting to load model m..."
     with log.open("a") as f:
-        f.write("(EngineCore pid=3) INFO 12-01 23:42:20 [ompmultiprocessing.py:185] OpenMP thread binding info: \n"
-                "(EngineCore pid=3) INFO 12-01 23:42:20 [ompmultiprocessing.py:185] \treserved_cpus=[]\n")
+        f.write(
+            "(EngineCore pid=3) INFO 12-01 23:42:20 [ompmultiprocessing.py:185] OpenMP thread binding info: \n"
+            "(EngineCore pid=3) INFO 12-01 23:42:20 [ompmultiprocessing.py:185] \treserved_cpus=[]\n"
+        )
     assert serving._last_log_message(str(log)) == "OpenMP thread binding info:"
     assert serving._last_log_message(str(tmp_path / "missing.log")) == ""
 

@@ -32,29 +32,58 @@ class EnvVar:
     # How problems() checks a set value: "switch", "backend", "positive int", "folder"
     # (created when missing, so only a file is wrong), "existing folder", "text" (any).
     kind: str = "text"
-    server: bool = True       # read inside the vLLM processes (False: by the CLI only)
+    server: bool = True  # read inside the vLLM processes (False: by the CLI only)
 
 
 ENV_VARS: tuple[EnvVar, ...] = (
-    EnvVar("VLLM_ROCM_FUSED_DISABLE", "0",
-           "1: the plugin registers nothing (vLLM runs as if it were not installed).", "switch"),
-    EnvVar("VLLM_ROCM_FUSED_DISABLE_AR_QUANT", "0",
-           "1: keep the all-reduce + add + RMSNorm fusion, drop the FP8 quant handoff "
-           "(consumer GEMMs quantize their own input).", "switch"),
-    EnvVar("VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8", "0",
-           "1: do not register the portable block-FP8 linear kernel (CPU without AMX).", "switch"),
-    EnvVar("VLLM_ROCM_FUSED_BACKEND", "auto",
-           "Force a backend for the fused op: auto, native, or a registered fast backend "
-           "(cuda, rocm). An ineligible forced backend still falls back to native.", "backend"),
-    EnvVar("VLLM_ROCM_FUSED_MAX_TOKENS", "8192",
-           "Largest token count the symmetric-memory buffers of the CUDA backend are sized for; "
-           "larger calls use the split path.", "positive int"),
-    EnvVar("VLLM_ROCM_FUSED_CACHE_DIR", "~/.cache/vllm-rocm-fused",
-           "Where `vllm-rocm-fused demo` keeps the tiny models it builds.", "folder", server=False),
-    EnvVar("VLLM_ROCM_FUSED_GSM8K_DIR", "",
-           "Folder with GSM8K's train.jsonl and test.jsonl: `vllm-rocm-fused eval gsm8k` reads "
-           "them offline when --data-dir is not given (empty: lm-eval's stock task, from the Hub).",
-           "existing folder", server=False),
+    EnvVar(
+        "VLLM_ROCM_FUSED_DISABLE",
+        "0",
+        "1: the plugin registers nothing (vLLM runs as if it were not installed).",
+        "switch",
+    ),
+    EnvVar(
+        "VLLM_ROCM_FUSED_DISABLE_AR_QUANT",
+        "0",
+        "1: keep the all-reduce + add + RMSNorm fusion, drop the FP8 quant handoff "
+        "(consumer GEMMs quantize their own input).",
+        "switch",
+    ),
+    EnvVar(
+        "VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8",
+        "0",
+        "1: do not register the portable block-FP8 linear kernel (CPU without AMX).",
+        "switch",
+    ),
+    EnvVar(
+        "VLLM_ROCM_FUSED_BACKEND",
+        "auto",
+        "Force a backend for the fused op: auto, native, or a registered fast backend "
+        "(cuda, rocm). An ineligible forced backend still falls back to native.",
+        "backend",
+    ),
+    EnvVar(
+        "VLLM_ROCM_FUSED_MAX_TOKENS",
+        "8192",
+        "Largest token count the symmetric-memory buffers of the CUDA backend are sized for; "
+        "larger calls use the split path.",
+        "positive int",
+    ),
+    EnvVar(
+        "VLLM_ROCM_FUSED_CACHE_DIR",
+        "~/.cache/vllm-rocm-fused",
+        "Where `vllm-rocm-fused demo` keeps the tiny models it builds.",
+        "folder",
+        server=False,
+    ),
+    EnvVar(
+        "VLLM_ROCM_FUSED_GSM8K_DIR",
+        "",
+        "Folder with GSM8K's train.jsonl and test.jsonl: `vllm-rocm-fused eval gsm8k` reads "
+        "them offline when --data-dir is not given (empty: lm-eval's stock task, from the Hub).",
+        "existing folder",
+        server=False,
+    ),
 )
 
 _BY_NAME = {v.name: v for v in ENV_VARS}
@@ -153,12 +182,12 @@ def unknown_names(environ: Mapping[str, str] | None = None) -> list[str]:
     """``VLLM_ROCM_FUSED_*`` names in ``environ`` that the plugin does not read but that
     look like one it does (a misspelling), each with the name it resembles."""
     environ = os.environ if environ is None else environ
-    known = {v.name[len(PREFIX):]: v.name for v in ENV_VARS}
+    known = {v.name[len(PREFIX) :]: v.name for v in ENV_VARS}
     out = []
     for name in sorted(environ):
         if not name.startswith(PREFIX) or name in _BY_NAME:
             continue
-        close = difflib.get_close_matches(name[len(PREFIX):], list(known), n=1, cutoff=0.8)
+        close = difflib.get_close_matches(name[len(PREFIX) :], list(known), n=1, cutoff=0.8)
         if close:
             out.append(f"{name} is not a setting of the plugin (did you mean {known[close[0]]}?)")
     return out

@@ -24,7 +24,7 @@ def is_cuda() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def gpu_arch(device_index: int = 0) -> str | None:
-    """"gfx942", "gfx950", "sm90", ... or None without a visible GPU."""
+    """ "gfx942", "gfx950", "sm90", ... or None without a visible GPU."""
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(device_index)

@@ -28,8 +28,9 @@ def _once(key: str, fn: Callable[[], None]) -> None:
 
 def _register_fusion() -> None:
     if envs.plugin_disabled():
-        log_once(logger, logging.INFO, "disabled",
-                 "vllm-rocm-fused: VLLM_ROCM_FUSED_DISABLE=1, the plugin registers nothing")
+        log_once(
+            logger, logging.INFO, "disabled", "vllm-rocm-fused: VLLM_ROCM_FUSED_DISABLE=1, the plugin registers nothing"
+        )
         return
     from vllm import ModelRegistry
 
@@ -38,9 +39,13 @@ def _register_fusion() -> None:
 
     for arch, cls_name in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, f"vllm_rocm_fused.models.qwen3_5:{cls_name}")
-    log_once(logger, logging.INFO, "registered",
-             "vllm-rocm-fused: registered the fused all-reduce + RMSNorm + FP8 quant op and "
-             "Qwen3.5 overrides for %s", ", ".join(ARCHITECTURES))
+    log_once(
+        logger,
+        logging.INFO,
+        "registered",
+        "vllm-rocm-fused: registered the fused all-reduce + RMSNorm + FP8 quant op and Qwen3.5 overrides for %s",
+        ", ".join(ARCHITECTURES),
+    )
 
 
 def _register_portable_fp8() -> None:

@@ -51,8 +51,7 @@ STOP_GRACE_S = (20.0, 10.0)  # SIGINT -> SIGTERM after the first, -> SIGKILL aft
 class ServerError(RuntimeError):
     """``vllm serve`` failed to start (or a request to it failed); ``log_tail`` holds its last lines."""
 
-    def __init__(self, message: str, log_tail: str = "", log_path: str | None = None,
-                 returncode: int | None = None):
+    def __init__(self, message: str, log_tail: str = "", log_path: str | None = None, returncode: int | None = None):
         self.log_tail = log_tail
         self.log_path = log_path
         self.returncode = returncode
@@ -110,7 +109,7 @@ def cpu_thread_binding(tp: int, cpus: Sequence[int] | None = None) -> str:
     if len(cpus) < tp:
         return "|".join(str(cpus[r % len(cpus)]) for r in range(tp))
     share = len(cpus) // tp
-    return "|".join(_cpu_list(cpus[r * share:(r + 1) * share]) for r in range(tp))
+    return "|".join(_cpu_list(cpus[r * share : (r + 1) * share]) for r in range(tp))
 
 
 def log_tail(path: str | os.PathLike | None, lines: int = 40) -> str:
@@ -152,14 +151,16 @@ def http_json(url: str, payload: Mapping[str, Any] | None = None, timeout: float
     """GET (payload None) or POST JSON; return the decoded JSON body. Raises
     ``ServerError`` with the server's error body on an HTTP error."""
     data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="GET" if data is None else "POST")
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method="GET" if data is None else "POST"
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             body = resp.read()
     except urllib.error.HTTPError as e:
-        raise ServerError(f"{req.method} {url} -> HTTP {e.code}: "
-                          f"{e.read().decode('utf-8', errors='replace')[:2000]}") from None
+        raise ServerError(
+            f"{req.method} {url} -> HTTP {e.code}: {e.read().decode('utf-8', errors='replace')[:2000]}"
+        ) from None
     return json.loads(body) if body else {}
 
 
@@ -187,13 +188,26 @@ class VllmServer:
     progress:         called with a short status line while waiting (about every 10 s)
     """
 
-    def __init__(self, model: str | os.PathLike, *, tp: int = 1, env: Mapping[str, str] | None = None,
-                 extra_args: Sequence[str] = (), log_path: str | os.PathLike | None = None,
-                 served_model_name: str | None = None, host: str = "127.0.0.1", port: int | None = None,
-                 max_model_len: int | None = 1024, max_num_seqs: int | None = 4, enforce_eager: bool = True,
-                 seed: int = 0, kv_cache_bytes: int | None = DEFAULT_KV_CACHE_BYTES,
-                 startup_timeout_s: float = 900.0, progress: Callable[[str], None] | None = None,
-                 cpu: bool | None = None):
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        tp: int = 1,
+        env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+        log_path: str | os.PathLike | None = None,
+        served_model_name: str | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        max_model_len: int | None = 1024,
+        max_num_seqs: int | None = 4,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        kv_cache_bytes: int | None = DEFAULT_KV_CACHE_BYTES,
+        startup_timeout_s: float = 900.0,
+        progress: Callable[[str], None] | None = None,
+        cpu: bool | None = None,
+    ):
         if tp < 1:
             raise ValueError(f"tp must be >= 1, got {tp}")
         self.model = str(model)
@@ -222,11 +236,22 @@ class VllmServer:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        args = [sys.executable, "-m", "vllm_rocm_fused.cli.vllm_serve", self.model,
-                "--host", self.host, "--port", str(self.port),
-                "--tensor-parallel-size", str(self.tp),
-                "--served-model-name", self.served_model_name,
-                "--seed", str(self.seed)]
+        args = [
+            sys.executable,
+            "-m",
+            "vllm_rocm_fused.cli.vllm_serve",
+            self.model,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--tensor-parallel-size",
+            str(self.tp),
+            "--served-model-name",
+            self.served_model_name,
+            "--seed",
+            str(self.seed),
+        ]
         # None: vLLM's own default (the model's context length; its batch size).
         if self.max_model_len is not None:
             args += ["--max-model-len", str(self.max_model_len)]
@@ -269,8 +294,14 @@ class VllmServer:
             os.close(fd)
         Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=self.environment(),
+            start_new_session=True,
+        )
         return self
 
     def wait_ready(self) -> None:
@@ -280,14 +311,21 @@ class VllmServer:
         t0 = last = time.monotonic()
         while True:
             if self.proc.poll() is not None:
-                raise ServerError(f"vllm serve exited with code {self.proc.returncode} before it was ready",
-                                  log_tail(self.log_path), self.log_path, self.proc.returncode)
+                raise ServerError(
+                    f"vllm serve exited with code {self.proc.returncode} before it was ready",
+                    log_tail(self.log_path),
+                    self.log_path,
+                    self.proc.returncode,
+                )
             if _healthy(self.url):
                 return
             now = time.monotonic()
             if now - t0 > self.startup_timeout_s:
-                raise ServerError(f"vllm serve was not healthy after {self.startup_timeout_s:.0f} s",
-                                  log_tail(self.log_path), self.log_path)
+                raise ServerError(
+                    f"vllm serve was not healthy after {self.startup_timeout_s:.0f} s",
+                    log_tail(self.log_path),
+                    self.log_path,
+                )
             if now - last >= 10.0:
                 last = now
                 note = _last_log_message(self.log_path)
@@ -322,8 +360,10 @@ class VllmServer:
                 if not self.alive():
                     break
                 if i == 0:
-                    self.progress(f"stopping vllm serve (SIGINT to its processes; SIGTERM after {grace[0]:.0f} s, "
-                                  f"SIGKILL {grace[1]:.0f} s later)...")
+                    self.progress(
+                        f"stopping vllm serve (SIGINT to its processes; SIGTERM after {grace[0]:.0f} s, "
+                        f"SIGKILL {grace[1]:.0f} s later)..."
+                    )
                 else:
                     self.progress(f"vllm serve still running: sending {signal.Signals(sig).name}")
                 try:
@@ -369,8 +409,9 @@ class VllmServer:
 
     def chat(self, messages: list[dict[str, Any]], timeout: float = 300.0, **params: Any) -> dict[str, Any]:
         """POST /v1/chat/completions."""
-        return self._post("/v1/chat/completions",
-                          {"model": self.served_model_name, "messages": messages, **params}, timeout)
+        return self._post(
+            "/v1/chat/completions", {"model": self.served_model_name, "messages": messages, **params}, timeout
+        )
 
     def _post(self, path: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
         try:

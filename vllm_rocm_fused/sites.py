@@ -19,12 +19,11 @@ class SiteKind:
 
 
 ATTENTION_INPUT = SiteKind("attn_input", "attention input", True, False, "self_attn.qkv_proj (FP8 block GEMM)")
-GDN_INPUT = SiteKind("gdn_input", "GDN input", True, True,
-                     "linear_attn.in_proj_qkvz (FP8) + in_proj_ba (bf16)")
-POST_ATTN_DENSE = SiteKind("post_attn_dense", "post-attention (dense MLP)", True, False,
-                           "mlp.gate_up_proj (FP8 block GEMM)")
-POST_ATTN_MOE = SiteKind("post_attn_moe", "post-attention (MoE)", False, False,
-                         "router + experts (bf16 input)")
+GDN_INPUT = SiteKind("gdn_input", "GDN input", True, True, "linear_attn.in_proj_qkvz (FP8) + in_proj_ba (bf16)")
+POST_ATTN_DENSE = SiteKind(
+    "post_attn_dense", "post-attention (dense MLP)", True, False, "mlp.gate_up_proj (FP8 block GEMM)"
+)
+POST_ATTN_MOE = SiteKind("post_attn_moe", "post-attention (MoE)", False, False, "router + experts (bf16 input)")
 FINAL_NORM = SiteKind("final_norm", "final norm", False, False, "lm_head (bf16)")
 
 SITE_KINDS: tuple[SiteKind, ...] = (ATTENTION_INPUT, GDN_INPUT, POST_ATTN_DENSE, POST_ATTN_MOE, FINAL_NORM)

@@ -17,12 +17,34 @@ TOKENS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 READY = SymmState(None, stage_elems=1 << 40, out_elems=1 << 40, ll_elems=1 << 40)
 
 
-def spec(tokens=64, hidden=4096, world_size=2, *, quantize=True, dtype=torch.bfloat16, group_size=128,
-         quant_dtype=torch.float8_e4m3fn, device="cuda:0", capturing=False, emit=False):
-    return CallSpec(num_tokens=tokens, hidden=hidden, dtype=dtype, device=torch.device(device),
-                    world_size=world_size, group_size=group_size, weight_offset=1.0, emit_bf16=emit,
-                    scale_layout="row", quant_dtype=quant_dtype, has_residual=True, quantize=quantize,
-                    capturing=capturing)
+def spec(
+    tokens=64,
+    hidden=4096,
+    world_size=2,
+    *,
+    quantize=True,
+    dtype=torch.bfloat16,
+    group_size=128,
+    quant_dtype=torch.float8_e4m3fn,
+    device="cuda:0",
+    capturing=False,
+    emit=False,
+):
+    return CallSpec(
+        num_tokens=tokens,
+        hidden=hidden,
+        dtype=dtype,
+        device=torch.device(device),
+        world_size=world_size,
+        group_size=group_size,
+        weight_offset=1.0,
+        emit_bf16=emit,
+        scale_layout="row",
+        quant_dtype=quant_dtype,
+        has_residual=True,
+        quantize=quantize,
+        capturing=capturing,
+    )
 
 
 @pytest.fixture
@@ -59,8 +81,15 @@ def test_dispatch_by_size_for_every_world_size(world_size):
     order = [LOCAL] if world_size == 1 else [ONE_SHOT_LL, ONE_SHOT, TWO_SHOT, SPLIT]
     for hidden in (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192):
         for t in TOKENS:
-            p = plan(num_tokens=t, hidden=hidden, elem_bytes=2, world_size=world_size, group_size=128,
-                     quantize=True, symm=None if world_size == 1 else READY)
+            p = plan(
+                num_tokens=t,
+                hidden=hidden,
+                elem_bytes=2,
+                world_size=world_size,
+                group_size=128,
+                quantize=True,
+                symm=None if world_size == 1 else READY,
+            )
             nbytes = t * hidden * 2
             if world_size == 1:
                 assert p.algo == LOCAL
@@ -97,7 +126,8 @@ def test_two_shot_is_not_dispatched_past_the_one_shot_limit_at_any_world_size():
     assert cuda_backend.dispatch_summary()["dispatch TP=2"] == (
         "LL one-shot <= 1 MiB, one-shot <= 80 MiB (quant in the kernel from 4 MiB at hidden 2048/4096, else its "
         "own kernel), NCCL + fused norm/quant above "
-        "(measured up to 80 MiB, estimates above)")
+        "(measured up to 80 MiB, estimates above)"
+    )
 
 
 def test_a_row_that_does_not_fit_the_fused_tile_takes_the_two_kernel_path():
@@ -115,8 +145,15 @@ def test_norm_only_sites_are_one_kernel_and_not_described_as_quantizing():
     p = plan(num_tokens=8, hidden=4096, elem_bytes=2, world_size=2, group_size=128, quantize=False, symm=READY)
     assert (p.algo, p.path) == (ONE_SHOT_LL, "fused-1")
     for world_size, t in [(1, 8), (2, 8), (2, 1024), (2, 16384), (8, 8192)]:
-        p = plan(num_tokens=t, hidden=4096, elem_bytes=2, world_size=world_size, group_size=128, quantize=False,
-                 symm=None if world_size == 1 else READY)
+        p = plan(
+            num_tokens=t,
+            hidden=4096,
+            elem_bytes=2,
+            world_size=world_size,
+            group_size=128,
+            quantize=False,
+            symm=None if world_size == 1 else READY,
+        )
         text = p.describe()
         assert "quant" not in text.replace("(bf16 out, no quant)", ""), text
         assert text.endswith("(bf16 out, no quant)") or "(bf16 out, no quant) (" in text, text
@@ -125,8 +162,15 @@ def test_norm_only_sites_are_one_kernel_and_not_described_as_quantizing():
 
 
 def test_unusable_or_small_workspace_falls_back_to_split_with_the_reason():
-    p = plan(num_tokens=8, hidden=4096, elem_bytes=2, world_size=2, group_size=128, quantize=True,
-             symm=SymmState("no symmetric workspace yet (capture)", 0, 0))
+    p = plan(
+        num_tokens=8,
+        hidden=4096,
+        elem_bytes=2,
+        world_size=2,
+        group_size=128,
+        quantize=True,
+        symm=SymmState("no symmetric workspace yet (capture)", 0, 0),
+    )
     assert p.algo == SPLIT and "symmetric memory: no symmetric workspace yet" in p.describe()
     t_one = dispatch.LL_MAX_BYTES[2] // (4096 * 2) * 2  # past the LL threshold, within one-shot's
     small = SymmState(None, stage_elems=16 * 4096, out_elems=0, ll_elems=1 << 30)
@@ -137,14 +181,17 @@ def test_unusable_or_small_workspace_falls_back_to_split_with_the_reason():
     assert p.algo == ONE_SHOT and "LL buffer" in p.describe()
 
 
-@pytest.mark.parametrize("case, reason", [
-    (dict(device="cpu"), "not a CUDA device"),
-    (dict(dtype=torch.float32), "not bfloat16/float16"),
-    (dict(quant_dtype=torch.float8_e4m3fnuz), "not float8_e4m3fn"),
-    (dict(hidden=32768), "register tile"),
-    (dict(hidden=4104, group_size=8), "not a multiple of 16"),
-    (dict(world_size=16), "world size 16 > 8"),
-])
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        (dict(device="cpu"), "not a CUDA device"),
+        (dict(dtype=torch.float32), "not bfloat16/float16"),
+        (dict(quant_dtype=torch.float8_e4m3fnuz), "not float8_e4m3fn"),
+        (dict(hidden=32768), "register tile"),
+        (dict(hidden=4104, group_size=8), "not a multiple of 16"),
+        (dict(world_size=16), "world size 16 > 8"),
+    ],
+)
 def test_ineligible_reasons(sm90, case, reason):
     s = spec(**case)
     comm = HypotheticalCommunicator("doctor", s.world_size, 0)
@@ -200,15 +247,24 @@ def test_workspace_state_decides_capture_behaviour(sm90):
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 @pytest.mark.parametrize("with_twoshot", [False, True])
 def test_workspace_layout(world_size, with_twoshot):
-    stage = stage_bytes_for(world_size=world_size, hidden=4096, elem_bytes=2, max_tokens=8192,
-                            symm_max_bytes=dispatch.symm_max_bytes(world_size))
-    lay = layout(world_size, stage, max_grid=132, with_twoshot=with_twoshot,
-                 ll_bytes=dispatch.LL_MAX_BYTES[world_size])
+    stage = stage_bytes_for(
+        world_size=world_size,
+        hidden=4096,
+        elem_bytes=2,
+        max_tokens=8192,
+        symm_max_bytes=dispatch.symm_max_bytes(world_size),
+    )
+    lay = layout(world_size, stage, max_grid=132, with_twoshot=with_twoshot, ll_bytes=dispatch.LL_MAX_BYTES[world_size])
     assert 2 * lay.ll_words * 2 >= dispatch.LL_MAX_BYTES[world_size]  # LL words hold every input it is sent
-    regions = [(lay.flags_off, 132 * world_size * 4), (lay.ll_off, 2 * world_size * lay.ll_words * 8),
-               (lay.stage_off, 2 * lay.stage_bytes),
-               (lay.out_q_off, 2 * lay.out_elems), (lay.out_res_off, 4 * lay.out_elems),
-               (lay.out_normed_off, 4 * lay.out_elems), (lay.out_scale_off, 2 * (lay.out_elems // 16) * 4)]
+    regions = [
+        (lay.flags_off, 132 * world_size * 4),
+        (lay.ll_off, 2 * world_size * lay.ll_words * 8),
+        (lay.stage_off, 2 * lay.stage_bytes),
+        (lay.out_q_off, 2 * lay.out_elems),
+        (lay.out_res_off, 4 * lay.out_elems),
+        (lay.out_normed_off, 4 * lay.out_elems),
+        (lay.out_scale_off, 2 * (lay.out_elems // 16) * 4),
+    ]
     end = 0
     for off, size in regions:
         assert off % ALIGN == 0 and off >= end, "regions overlap or are misaligned"
@@ -225,15 +281,26 @@ def test_workspace_layout(world_size, with_twoshot):
 
 
 def test_staging_is_sized_by_the_declared_max_tokens(monkeypatch):
-    small = stage_bytes_for(world_size=2, hidden=4096, elem_bytes=2, max_tokens=16,
-                            symm_max_bytes=dispatch.symm_max_bytes(2))
+    small = stage_bytes_for(
+        world_size=2, hidden=4096, elem_bytes=2, max_tokens=16, symm_max_bytes=dispatch.symm_max_bytes(2)
+    )
     assert small == 16 * 4096 * 2
-    big = stage_bytes_for(world_size=2, hidden=4096, elem_bytes=2, max_tokens=1 << 20,
-                          symm_max_bytes=dispatch.symm_max_bytes(2))
+    big = stage_bytes_for(
+        world_size=2, hidden=4096, elem_bytes=2, max_tokens=1 << 20, symm_max_bytes=dispatch.symm_max_bytes(2)
+    )
     assert big == dispatch.symm_max_bytes(2)
     # a call larger than the declared size still gets room when the dispatch wants symmetric memory
-    assert stage_bytes_for(world_size=2, hidden=4096, elem_bytes=2, max_tokens=16,
-                           symm_max_bytes=dispatch.symm_max_bytes(2), needed_bytes=64 * 4096 * 2) == 64 * 4096 * 2
+    assert (
+        stage_bytes_for(
+            world_size=2,
+            hidden=4096,
+            elem_bytes=2,
+            max_tokens=16,
+            symm_max_bytes=dispatch.symm_max_bytes(2),
+            needed_bytes=64 * 4096 * 2,
+        )
+        == 64 * 4096 * 2
+    )
     monkeypatch.setenv("VLLM_ROCM_FUSED_MAX_TOKENS", "32")
     assert cuda_backend.wanted_size(spec(4)).stage_bytes == 32 * 4096 * 2
 
@@ -272,15 +339,27 @@ def test_measured_thresholds_match_the_committed_results():
     report = json.loads(path.read_text())
     assert report["barrier_errors"] == [0, 0]
     assert all(r.get("ok") or "skipped" in r for r in report["results"])
-    variant_of = {(ONE_SHOT_LL, True): "fused1_ll", (ONE_SHOT, True): "fused1", (ONE_SHOT, False): "split2",
-                  (SPLIT, True): "nccl_fused", (TWO_SHOT, True): "fused1_twoshot"}
+    variant_of = {
+        (ONE_SHOT_LL, True): "fused1_ll",
+        (ONE_SHOT, True): "fused1",
+        (ONE_SHOT, False): "split2",
+        (SPLIT, True): "nccl_fused",
+        (TWO_SHOT, True): "fused1_twoshot",
+    }
     checked = 0
     for hidden, rows in report["summary"].items():
         for t, row in rows.items():
             nbytes = int(t) * int(hidden) * 2
             assert nbytes <= dispatch.MEASURED_UP_TO_BYTES[2]
-            p = plan(num_tokens=int(t), hidden=int(hidden), elem_bytes=2, world_size=2, group_size=128,
-                     quantize=True, symm=READY)
+            p = plan(
+                num_tokens=int(t),
+                hidden=int(hidden),
+                elem_bytes=2,
+                world_size=2,
+                group_size=128,
+                quantize=True,
+                symm=READY,
+            )
             chosen = row[variant_of[(p.algo, p.fused_quant)]]
             best = min(row[v] for v in set(variant_of.values()) if v in row)
             assert chosen <= row["split3"], (hidden, t, p.describe())

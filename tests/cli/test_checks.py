@@ -8,23 +8,31 @@ import pytest
 from vllm_rocm_fused.cli import checks
 
 
-@pytest.mark.parametrize("fn, text, expected", [
-    (checks.positive_int, "3", 3), (checks.non_negative_int, "0", 0),
-    (checks.positive_float, "0.5", 0.5), (checks.fraction, "1", 1.0),
-])
+@pytest.mark.parametrize(
+    "fn, text, expected",
+    [
+        (checks.positive_int, "3", 3),
+        (checks.non_negative_int, "0", 0),
+        (checks.positive_float, "0.5", 0.5),
+        (checks.fraction, "1", 1.0),
+    ],
+)
 def test_types_accept_good_values(fn, text, expected):
     assert fn(text) == expected
 
 
-@pytest.mark.parametrize("fn, text, message", [
-    (checks.positive_int, "0", "must be >= 1, got 0"),
-    (checks.positive_int, "-1", "must be >= 1, got -1"),
-    (checks.positive_int, "two", "expected an integer, got 'two'"),
-    (checks.non_negative_int, "-1", "must be >= 0, got -1"),
-    (checks.positive_float, "0", "must be > 0, got 0.0"),
-    (checks.positive_float, "nan", "must be > 0, got nan"),
-    (checks.fraction, "1.5", "must be in [0, 1], got 1.5"),
-])
+@pytest.mark.parametrize(
+    "fn, text, message",
+    [
+        (checks.positive_int, "0", "must be >= 1, got 0"),
+        (checks.positive_int, "-1", "must be >= 1, got -1"),
+        (checks.positive_int, "two", "expected an integer, got 'two'"),
+        (checks.non_negative_int, "-1", "must be >= 0, got -1"),
+        (checks.positive_float, "0", "must be > 0, got 0.0"),
+        (checks.positive_float, "nan", "must be > 0, got nan"),
+        (checks.fraction, "1.5", "must be in [0, 1], got 1.5"),
+    ],
+)
 def test_types_reject_bad_values_with_the_reason(fn, text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message.replace("[", r"\[").replace("]", r"\]")):
         fn(text)
@@ -54,11 +62,13 @@ def _model(tmp_path, **config):
 
 
 def test_tp_against_the_heads_of_a_local_checkpoint(tmp_path):
-    model = _model(tmp_path, num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=2,
-                   linear_num_value_heads=4)
+    model = _model(
+        tmp_path, num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=2, linear_num_value_heads=4
+    )
     assert checks.tp_problem(model, 1) is None and checks.tp_problem(model, 2) is None
-    assert checks.tp_problem(model, 3) == (f"--tp 3: {model} has num_attention_heads = 4, which vLLM "
-                                           "cannot split across 3 ranks")
+    assert checks.tp_problem(model, 3) == (
+        f"--tp 3: {model} has num_attention_heads = 4, which vLLM cannot split across 3 ranks"
+    )
     # TP=4: KV heads would be replicated, but Qwen3.5's 2 linear-attention key heads cannot be split
     assert "linear_num_key_heads = 2" in checks.tp_problem(model, 4)
 
@@ -66,12 +76,13 @@ def test_tp_against_the_heads_of_a_local_checkpoint(tmp_path):
 def test_kv_heads_fewer_than_ranks_are_replicated(tmp_path):
     model = _model(tmp_path, text_config={"num_attention_heads": 8, "num_key_value_heads": 2})
     assert checks.tp_problem(model, 4) is None and checks.tp_problem(model, 8) is None
-    assert "num_key_value_heads = 2" in checks.tp_problem(_model(tmp_path, num_attention_heads=6,
-                                                                 num_key_value_heads=2), 3)
+    assert "num_key_value_heads = 2" in checks.tp_problem(
+        _model(tmp_path, num_attention_heads=6, num_key_value_heads=2), 3
+    )
 
 
 def test_tp_check_passes_what_it_cannot_read(tmp_path):
     assert checks.tp_problem("Qwen/Qwen3.5-397B-A17B-FP8", 3) is None
-    assert checks.tp_problem(str(tmp_path), 3) is None           # no config.json
+    assert checks.tp_problem(str(tmp_path), 3) is None  # no config.json
     (tmp_path / "config.json").write_text("{not json")
     assert checks.tp_problem(str(tmp_path), 3) is None

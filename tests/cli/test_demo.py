@@ -15,7 +15,7 @@ from support.processes import new_marker, processes_left, processes_with
 from vllm_rocm_fused.cli import demo
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["--requests", "2"]   # the default, trained model: one chat and one 5-shot completion
+FAST = ["--requests", "2"]  # the default, trained model: one chat and one 5-shot completion
 
 
 def test_plugin_report_shows_each_message_once():
@@ -33,7 +33,7 @@ def test_plugin_report_shows_each_message_once():
     assert demo.plugin_report(lines) == [
         "vllm-rocm-fused: registered the op   [3 processes]",
         "vllm-rocm-fused: fused sites (TP=2, rank 0,1): 5/6   [2 processes]",
-        "vllm-rocm-fused: site x ran fused (12 tokens)",       # ranks that disagree stay apart
+        "vllm-rocm-fused: site x ran fused (12 tokens)",  # ranks that disagree stay apart
         "vllm-rocm-fused: site x ran generic (12 tokens)",
         "vllm-rocm-fused: a line without vLLM's prefix",
     ]
@@ -54,8 +54,14 @@ def test_model_cache_is_reused_until_the_recipe_changes(tmp_path, capsys):
 
 def _run_demo(args, tmp_path, marker, timeout=900):
     env = {**os.environ, **marker, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "vllm_rocm_fused.cli", "demo", "--cache-dir", str(tmp_path),
-                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_rocm_fused.cli", "demo", "--cache-dir", str(tmp_path), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_demo_questions_are_unseen_test_questions_with_their_answers():
@@ -98,13 +104,16 @@ def _demo_error(argv, tmp_path, capsys):
     return status, err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--max-tokens", "-1"], "argument --max-tokens: must be >= 1, got -1"),
-    (["--requests", "0"], "argument --requests: must be >= 1, got 0"),
-    (["--tp", "0"], "argument --tp: must be >= 1, got 0"),
-    (["--seed", "-3"], "argument --seed: must be >= 0, got -3"),
-    (["--startup-timeout", "0"], "argument --startup-timeout: must be > 0, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-tokens", "-1"], "argument --max-tokens: must be >= 1, got -1"),
+        (["--requests", "0"], "argument --requests: must be >= 1, got 0"),
+        (["--tp", "0"], "argument --tp: must be >= 1, got 0"),
+        (["--seed", "-3"], "argument --seed: must be >= 0, got -3"),
+        (["--startup-timeout", "0"], "argument --startup-timeout: must be > 0, got 0.0"),
+    ],
+)
 def test_bad_numbers_are_usage_errors(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _demo_error(argv, tmp_path, capsys)
@@ -114,17 +123,20 @@ def test_bad_numbers_are_usage_errors(argv, message, tmp_path, capsys):
 def test_tp_the_model_cannot_be_split_into_is_refused_before_building(tmp_path, capsys):
     status, err = _demo_error(["--preset", "dense-bf16", "--tp", "3"], tmp_path, capsys)
     assert status == 2
-    line, = err.strip().splitlines()   # one line: the first reason and how many more
-    assert line.startswith("demo: error: --tp 3: dense-bf16 cannot be split across 3 ranks: "
-                           "num_attention_heads = 4 does not split across TP=3 (and ")
+    (line,) = err.strip().splitlines()  # one line: the first reason and how many more
+    assert line.startswith(
+        "demo: error: --tp 3: dense-bf16 cannot be split across 3 ranks: "
+        "num_attention_heads = 4 does not split across TP=3 (and "
+    )
 
 
 def test_invalid_plugin_setting_is_refused_before_building(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VLLM_ROCM_FUSED_BACKEND", "bogus")
     status, err = _demo_error(["--preset", "dense-bf16"], tmp_path, capsys)
     assert status == 2
-    assert err.strip() == ("demo: error: invalid setting VLLM_ROCM_FUSED_BACKEND='bogus': "
-                           "not a backend (one of auto, native, cuda, rocm)")
+    assert err.strip() == (
+        "demo: error: invalid setting VLLM_ROCM_FUSED_BACKEND='bogus': not a backend (one of auto, native, cuda, rocm)"
+    )
 
 
 def test_cache_dir_that_is_a_file_is_refused(tmp_path, capsys):
@@ -150,7 +162,7 @@ def test_demo_end_to_end(tmp_path):
     assert "server stopped (exit code 0)" in out
     report = out.split("plugin report", 1)[1]
     assert "vllm-rocm-fused: registered" in report
-    assert "TP=2" in report          # the per-rank fused-sites report of both workers
+    assert "TP=2" in report  # the per-rank fused-sites report of both workers
     assert processes_with(marker) == []
     # the cached model is reused the second time (and served again: a short run)
     assert demo.model_folder(tmp_path, "trained-dense-fp8", 0, {}).is_dir()
@@ -171,8 +183,14 @@ def test_demo_server_that_fails_to_start(tmp_path):
 def test_demo_ctrl_c_while_waiting(tmp_path):
     marker = new_marker()
     env = {**os.environ, **marker, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_rocm_fused.cli", "demo", "--cache-dir", str(tmp_path),
-                             *FAST], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_rocm_fused.cli", "demo", "--cache-dir", str(tmp_path), *FAST],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 600
         logs = tmp_path / "logs"
@@ -184,7 +202,7 @@ def test_demo_ctrl_c_while_waiting(tmp_path):
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.5)
         assert len(processes_with(marker)) >= 3
-        proc.send_signal(signal.SIGINT)   # what a Ctrl-C in the terminal sends the demo
+        proc.send_signal(signal.SIGINT)  # what a Ctrl-C in the terminal sends the demo
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

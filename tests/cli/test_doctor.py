@@ -10,8 +10,9 @@ from vllm_rocm_fused.sites import SITE_KINDS
 
 
 def _doctor(*args):
-    proc = subprocess.run([sys.executable, "-m", "vllm_rocm_fused.cli", "doctor", *args],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_rocm_fused.cli", "doctor", *args], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
@@ -51,15 +52,21 @@ def test_invalid_settings_are_flagged_and_fail(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "INVALID SETTING: VLLM_ROCM_FUSED_BACKEND='bogus': not a backend" in out
     assert "INVALID SETTING: VLLM_ROCM_FUSED_MAX_TOKENS='abc': not an integer" in out
-    assert "note: VLLM_ROCM_FUSED_DISABLED is not a setting of the plugin (did you mean VLLM_ROCM_FUSED_DISABLE?)" in out
-    assert err.splitlines() == ["doctor: error: invalid setting VLLM_ROCM_FUSED_BACKEND='bogus': not a backend "
-                                "(one of auto, native, cuda, rocm)",
-                                "doctor: error: invalid setting VLLM_ROCM_FUSED_MAX_TOKENS='abc': not an integer"]
+    assert (
+        "note: VLLM_ROCM_FUSED_DISABLED is not a setting of the plugin (did you mean VLLM_ROCM_FUSED_DISABLE?)" in out
+    )
+    assert err.splitlines() == [
+        "doctor: error: invalid setting VLLM_ROCM_FUSED_BACKEND='bogus': not a backend "
+        "(one of auto, native, cuda, rocm)",
+        "doctor: error: invalid setting VLLM_ROCM_FUSED_MAX_TOKENS='abc': not an integer",
+    ]
 
     assert main(["doctor", "--json", "--tokens", "1"]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert [p.split("=")[0] for p in report["env_problems"]] == ["VLLM_ROCM_FUSED_BACKEND",
-                                                               "VLLM_ROCM_FUSED_MAX_TOKENS"]
+    assert [p.split("=")[0] for p in report["env_problems"]] == [
+        "VLLM_ROCM_FUSED_BACKEND",
+        "VLLM_ROCM_FUSED_MAX_TOKENS",
+    ]
 
 
 def test_valid_settings_pass(monkeypatch, capsys):

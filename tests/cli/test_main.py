@@ -24,13 +24,22 @@ sys.exit(status)
 def _heavy_imports(*argv):
     proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
     line = [x for x in proc.stdout.splitlines() if x.startswith("HEAVY:")][-1]
-    return proc.returncode, line[len("HEAVY:"):], proc.stdout + proc.stderr
+    return proc.returncode, line[len("HEAVY:") :], proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["eval", "gsm8k", "--help"],
-                                  ["tiny-model", "--help"], ["tiny-model", "--list"], ["tiny-gsm8k", "--help"],
-                                  ["demo", "--max-tokens", "-1"],
-                                  ["eval", "gsm8k", "--model", "/nonexistent"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["demo", "--help"],
+        ["eval", "gsm8k", "--help"],
+        ["tiny-model", "--help"],
+        ["tiny-model", "--list"],
+        ["tiny-gsm8k", "--help"],
+        ["demo", "--max-tokens", "-1"],
+        ["eval", "gsm8k", "--model", "/nonexistent"],
+    ],
+)
 def test_light_commands_import_no_heavy_module(argv):
     status, heavy, out = _heavy_imports(*argv)
     assert heavy == "", f"{argv} imported {heavy}"

@@ -30,11 +30,16 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(lines * 4, trainer)
     out = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(out)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(
+        out
+    )
     return out
 
 
@@ -44,8 +49,10 @@ def fake_servers(tokenizer_dir):
     ``run_gsm8k`` that serves a FakeBrain per label (and logs like the plugin)."""
 
     def make(baseline: dict | None = None, fused: dict | None = None, fused_log: list[str] | None = None):
-        brains = {"baseline": FakeBrain(tokenizer_dir, **(baseline or {})),
-                  "fused": FakeBrain(tokenizer_dir, **(fused or {}))}
+        brains = {
+            "baseline": FakeBrain(tokenizer_dir, **(baseline or {})),
+            "fused": FakeBrain(tokenizer_dir, **(fused or {})),
+        }
 
         def factory(cfg, env, log_path, progress):
             label = "baseline" if env.get("VLLM_ROCM_FUSED_DISABLE") == "1" else "fused"

@@ -19,10 +19,14 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 
 # (question, first operand, second operand): test questions ask "a plus b".
-MINI_TEST = [(f"Sam has {a} apples and buys {b} more. How many apples does Sam have now?", a, b)
-             for a, b in ((3, 4), (12, 30), (7, 8), (100, 23), (5, 5), (41, 1))]
-MINI_TRAIN = [(f"A box holds {a} pens and {b} pencils. How many items are in the box?", a, b)
-              for a, b in ((2, 2), (6, 1), (10, 20), (9, 9), (14, 3), (1, 50))]
+MINI_TEST = [
+    (f"Sam has {a} apples and buys {b} more. How many apples does Sam have now?", a, b)
+    for a, b in ((3, 4), (12, 30), (7, 8), (100, 23), (5, 5), (41, 1))
+]
+MINI_TRAIN = [
+    (f"A box holds {a} pens and {b} pencils. How many items are in the box?", a, b)
+    for a, b in ((2, 2), (6, 1), (10, 20), (9, 9), (14, 3), (1, 50))
+]
 
 
 def row(question: str, a: int, b: int) -> dict:
@@ -86,9 +90,17 @@ class FakeBrain:
             text = p if isinstance(p, str) else self.tok.decode(p)
             if body.get("return_token_ids"):
                 ids = self.tokens(text, int(body["max_tokens"]))
-                choices.append({"index": i, "text": self.tok.decode(ids), "finish_reason": "length", "token_ids": ids,
-                                "logprobs": {"top_logprobs": [{f"token_id:{t}": -0.5, f"token_id:{(t + 1) % 390}": -0.9}
-                                                              for t in ids]}})
+                choices.append(
+                    {
+                        "index": i,
+                        "text": self.tok.decode(ids),
+                        "finish_reason": "length",
+                        "token_ids": ids,
+                        "logprobs": {
+                            "top_logprobs": [{f"token_id:{t}": -0.5, f"token_id:{(t + 1) % 390}": -0.9} for t in ids]
+                        },
+                    }
+                )
             else:
                 choices.append({"index": i, "text": self.answer(text), "finish_reason": "stop"})
         return {"id": "cmpl-fake", "object": "text_completion", "model": body.get("model"), "choices": choices}

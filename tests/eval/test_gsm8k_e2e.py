@@ -72,9 +72,32 @@ def test_trained_fp8_tp2_end_to_end(tiny_models, tmp_path):
     tiny_gsm8k.write_dataset(data)
     out = tmp_path / "out"
     marker = uuid.uuid4().hex
-    res = run_cli(["--model", str(model), "--tp", "2", "--limit", "24", "--data-dir", str(data),
-                   "--max-gen-toks", "96", "--concurrency", "8", "--parity-questions", "4", "--parity-tokens", "96",
-                   "--out", str(out), "--", "--enforce-eager"], marker, timeout_s=1200)
+    res = run_cli(
+        [
+            "--model",
+            str(model),
+            "--tp",
+            "2",
+            "--limit",
+            "24",
+            "--data-dir",
+            str(data),
+            "--max-gen-toks",
+            "96",
+            "--concurrency",
+            "8",
+            "--parity-questions",
+            "4",
+            "--parity-tokens",
+            "96",
+            "--out",
+            str(out),
+            "--",
+            "--enforce-eager",
+        ],
+        marker,
+        timeout_s=1200,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     assert processes_with(marker) == []
     assert "[baseline] lm-eval done" in res.stderr and "[fused] lm-eval done" in res.stderr
@@ -140,8 +163,24 @@ def test_server_that_fails_to_start(tiny_models, tmp_path):
     data = one_question_gsm8k(tmp_path)
     out = tmp_path / "out"
     marker = uuid.uuid4().hex
-    res = run_cli(["--model", str(broken), "--tp", "2", "--limit", "1", "--data-dir", str(data),
-                   "--out", str(out), "--", "--enforce-eager"], marker, timeout_s=600)
+    res = run_cli(
+        [
+            "--model",
+            str(broken),
+            "--tp",
+            "2",
+            "--limit",
+            "1",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+            "--",
+            "--enforce-eager",
+        ],
+        marker,
+        timeout_s=600,
+    )
     assert res.returncode == 2, res.stderr[-4000:]
     assert processes_with(marker) == []
     assert "vllm serve exited with code" in res.stderr
@@ -161,10 +200,31 @@ def test_ctrl_c_while_the_server_starts(tiny_models, tmp_path):
     log = out / "baseline" / "server.log"
     marker = uuid.uuid4().hex
     env = dict(os.environ, **{MARKER_VAR: marker})
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_rocm_fused.cli", "eval", "gsm8k", "--model", str(model),
-                             "--tp", "2", "--limit", "1", "--data-dir", str(data), "--out", str(out),
-                             "--", "--enforce-eager"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm_rocm_fused.cli",
+            "eval",
+            "gsm8k",
+            "--model",
+            str(model),
+            "--tp",
+            "2",
+            "--limit",
+            "1",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+            "--",
+            "--enforce-eager",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while "(EngineCore" not in (log.read_text(errors="replace") if log.is_file() else ""):

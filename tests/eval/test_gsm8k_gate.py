@@ -13,11 +13,15 @@ def lm_eval_results(strict: float, flexible: float, n: int = 1319, task: str = "
         return (p * (1 - p) / (n - 1)) ** 0.5 if n > 1 else "N/A"
 
     return {
-        "results": {task: {
-            "alias": task,
-            "exact_match,strict-match": strict, "exact_match_stderr,strict-match": se(strict),
-            "exact_match,flexible-extract": flexible, "exact_match_stderr,flexible-extract": se(flexible),
-        }},
+        "results": {
+            task: {
+                "alias": task,
+                "exact_match,strict-match": strict,
+                "exact_match_stderr,strict-match": se(strict),
+                "exact_match,flexible-extract": flexible,
+                "exact_match_stderr,flexible-extract": se(flexible),
+            }
+        },
         "n-samples": {task: {"original": 1319, "effective": n}},
     }
 
@@ -93,11 +97,14 @@ def test_log_checks_fail_the_verdict():
     assert v.to_dict()["passed"] is False
 
 
-@pytest.mark.parametrize("gate, max_drop, metric, match", [
-    (1.5, None, "strict-match", "--gate"),
-    (None, -0.1, "strict-match", "--max-drop"),
-    (None, None, "exact", "--gate-filter"),
-])
+@pytest.mark.parametrize(
+    "gate, max_drop, metric, match",
+    [
+        (1.5, None, "strict-match", "--gate"),
+        (None, -0.1, "strict-match", "--max-drop"),
+        (None, None, "exact", "--gate-filter"),
+    ],
+)
 def test_bad_thresholds(gate, max_drop, metric, match):
     with pytest.raises(ValueError, match=match):
         check_thresholds(gate, max_drop, metric)

@@ -46,9 +46,15 @@ def test_questions_must_match():
 
 
 def test_parse_choice_vllm_shape():
-    choice = {"index": 0, "text": " 18", "finish_reason": "length", "token_ids": [220, 972],
-              "logprobs": {"top_logprobs": [{"token_id:220": -0.01, "token_id:15": -5.2},
-                                            {"token_id:972": -0.3, "token_id:1": -1.5}]}}
+    choice = {
+        "index": 0,
+        "text": " 18",
+        "finish_reason": "length",
+        "token_ids": [220, 972],
+        "logprobs": {
+            "top_logprobs": [{"token_id:220": -0.01, "token_id:15": -5.2}, {"token_id:972": -0.3, "token_id:1": -1.5}]
+        },
+    }
     c = parse_choice(7, choice)
     assert c.doc_id == 7 and c.token_ids == [220, 972] and c.top_logprobs[0] == {220: -0.01, 15: -5.2}
     with pytest.raises(ValueError, match="token_ids"):

@@ -15,8 +15,16 @@ from vllm_rocm_fused.eval.gsm8k import Gsm8kRun, format_command, run_gsm8k
 
 def _run(tmp_path, mini_gsm8k, tokenizer_dir, factory, monkeypatch, **overrides):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    cfg = Gsm8kRun(model=str(tokenizer_dir), out_dir=tmp_path / "out", tp=2, data_dir=str(mini_gsm8k),
-                   concurrency=2, max_gen_toks=32, parity_questions=3, parity_tokens=12)
+    cfg = Gsm8kRun(
+        model=str(tokenizer_dir),
+        out_dir=tmp_path / "out",
+        tp=2,
+        data_dir=str(mini_gsm8k),
+        concurrency=2,
+        max_gen_toks=32,
+        parity_questions=3,
+        parity_tokens=12,
+    )
     for k, v in overrides.items():
         setattr(cfg, k, v)
     cfg.command = format_command(cfg)
@@ -40,7 +48,12 @@ def test_pass_scores_parity_and_files(tmp_path, mini_gsm8k, tokenizer_dir, fake_
             assert report["scores"][label][name]["exact_match"] == pytest.approx(5 / 6)
             assert report["scores"][label][name]["stderr"] > 0
     assert report["delta"] == {"strict-match": 0.0, "flexible-extract": 0.0}
-    assert [c["name"] for c in report["verdict"]["checks"]] == ["baseline unfused", "fused path active", "gate", "max drop"]
+    assert [c["name"] for c in report["verdict"]["checks"]] == [
+        "baseline unfused",
+        "fused path active",
+        "gate",
+        "max drop",
+    ]
 
     parity = report["parity"]
     assert parity["questions"] == parity["compared"] == 3
@@ -53,9 +66,11 @@ def test_pass_scores_parity_and_files(tmp_path, mini_gsm8k, tokenizer_dir, fake_
     fused_plugin = report["servers"]["fused"]["plugin"]
     assert fused_plugin["fused_active"] and len(fused_plugin["fused_sites"]) == 2
     assert fused_plugin["site_paths"] == [
-        "vllm-rocm-fused: site attn_input ran generic via backend native (first such call: 7 tokens)"]
+        "vllm-rocm-fused: site attn_input ran generic via backend native (first such call: 7 tokens)"
+    ]
     assert report["servers"]["baseline"]["plugin"]["lines"] == [
-        "vllm-rocm-fused: VLLM_ROCM_FUSED_DISABLE=1, the plugin registers nothing"]
+        "vllm-rocm-fused: VLLM_ROCM_FUSED_DISABLE=1, the plugin registers nothing"
+    ]
 
     # Files: the report pair, the offline task, per-server logs/results/samples, parity tokens.
     assert json.loads((out / "report.json").read_text())["scores"] == report["scores"]
@@ -79,10 +94,12 @@ def test_pass_scores_parity_and_files(tmp_path, mini_gsm8k, tokenizer_dir, fake_
 
 def test_fail_by_drop_and_fused_path_missing(tmp_path, mini_gsm8k, tokenizer_dir, fake_servers, monkeypatch):
     # Fused gets 2 more wrong (4/6 vs 6/6: drop 0.333 > 0.02) and its log shows no fused sites.
-    factory = fake_servers(fused={"wrong": {0, 3}},
-                           fused_log=["(APIServer pid=1) INFO vllm-rocm-fused: registered the fused op"])
-    status, report, out, _ = _run(tmp_path, mini_gsm8k, tokenizer_dir, factory, monkeypatch, limit=6,
-                                  parity_questions=0)
+    factory = fake_servers(
+        fused={"wrong": {0, 3}}, fused_log=["(APIServer pid=1) INFO vllm-rocm-fused: registered the fused op"]
+    )
+    status, report, out, _ = _run(
+        tmp_path, mini_gsm8k, tokenizer_dir, factory, monkeypatch, limit=6, parity_questions=0
+    )
     assert status == 1
     assert report["scores"]["baseline"]["strict-match"]["exact_match"] == pytest.approx(1.0)
     assert report["scores"]["fused"]["strict-match"]["exact_match"] == pytest.approx(4 / 6)

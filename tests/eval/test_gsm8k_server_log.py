@@ -35,7 +35,8 @@ def test_fused_report(tmp_path):
 
 def test_baseline_and_missing_log(tmp_path):
     (tmp_path / "server.log").write_text(
-        "(APIServer pid=1) INFO [log.py:27] vllm-rocm-fused: VLLM_ROCM_FUSED_DISABLE=1, the plugin registers nothing\n")
+        "(APIServer pid=1) INFO [log.py:27] vllm-rocm-fused: VLLM_ROCM_FUSED_DISABLE=1, the plugin registers nothing\n"
+    )
     r = read_plugin_report(tmp_path / "server.log")
     assert r.disabled and not r.fused_active
     missing = read_plugin_report(tmp_path / "nothing.log")
@@ -44,7 +45,8 @@ def test_baseline_and_missing_log(tmp_path):
 
 def test_not_fused_model_is_not_active(tmp_path):
     (tmp_path / "server.log").write_text(
-        "INFO vllm-rocm-fused: Qwen3_5ForCausalLM: not fused: tensor-parallel size 1 has no all-reduce\n")
+        "INFO vllm-rocm-fused: Qwen3_5ForCausalLM: not fused: tensor-parallel size 1 has no all-reduce\n"
+    )
     r = read_plugin_report(tmp_path / "server.log")
     assert not r.fused_active and len(r.not_fused) == 1
 
@@ -59,7 +61,8 @@ def test_first_error_is_the_root_cause(tmp_path):
         "(Worker_TP0 pid=3) ERROR 11-29 23:25:25 [multiproc_executor.py:953]     raise RuntimeError(\n"
         "(Worker_TP0 pid=3) ERROR 11-29 23:25:25 [multiproc_executor.py:953] RuntimeError: Cannot find any "
         "model weights with `/m`\n"
-        "RuntimeError: Engine core initialization failed. See root cause above.\n")
+        "RuntimeError: Engine core initialization failed. See root cause above.\n"
+    )
     assert first_error(log) == "RuntimeError: Cannot find any model weights with `/m`"
     log.write_text("INFO all good\n")
     assert first_error(log) is None

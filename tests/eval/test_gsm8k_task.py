@@ -49,8 +49,10 @@ def test_local_task_is_the_stock_task_on_local_files(tmp_path, mini_gsm8k, monke
     assert prompt.count("Question: ") == 6 and prompt.endswith(f"Question: {MINI_TEST[0][0]}\nAnswer:")
 
 
-@pytest.mark.skipif(not (SHARED_GSM8K / "test.jsonl").is_file(),
-                    reason=f"GSM8K data not found at {SHARED_GSM8K} (a checkout beside ../shared/data/gsm8k)")
+@pytest.mark.skipif(
+    not (SHARED_GSM8K / "test.jsonl").is_file(),
+    reason=f"GSM8K data not found at {SHARED_GSM8K} (a checkout beside ../shared/data/gsm8k)",
+)
 def test_shared_gsm8k_loads_offline(tmp_path, monkeypatch):
     task = load_task(resolve_task(SHARED_GSM8K, tmp_path), monkeypatch)
     assert len(list(task.test_docs())) == 1319

@@ -70,27 +70,59 @@ def test_op_matches_oracle(cuda_only, t, h, layout, emit, has_res, offset, dtype
     for _ in range(2):  # fresh inputs each time
         x, res, w = inputs(t, h, dtype=dtype, w_dtype=w_dtype)
         res = res if has_res else None
-        out = fused_allreduce_rmsnorm_quant(x, res, w, EPS, weight_offset=offset, emit_bf16=emit,
-                                            scale_layout=layout, backend="cuda")
-        assert_matches_oracle(out, x, res, w, EPS, out_dtype=dtype, group_size=128, weight_offset=offset,
-                              fp8_dtype=FP8, emit_bf16=emit, scale_layout=layout)
+        out = fused_allreduce_rmsnorm_quant(
+            x, res, w, EPS, weight_offset=offset, emit_bf16=emit, scale_layout=layout, backend="cuda"
+        )
+        assert_matches_oracle(
+            out,
+            x,
+            res,
+            w,
+            EPS,
+            out_dtype=dtype,
+            group_size=128,
+            weight_offset=offset,
+            fp8_dtype=FP8,
+            emit_bf16=emit,
+            scale_layout=layout,
+        )
     assert backends.backend_counters() == {"cuda/fused-1": 2}
 
 
-@pytest.mark.parametrize("t, h", [(1, 4096), (33, 5120), (300, 2048), (3, 2560), (17, 3072), (2, 6144),
-                                  (65, 7168), (5, 8192)])
+@pytest.mark.parametrize(
+    "t, h", [(1, 4096), (33, 5120), (300, 2048), (3, 2560), (17, 3072), (2, 6144), (65, 7168), (5, 8192)]
+)
 @pytest.mark.parametrize("layout", ["row", "col"])
 def test_every_output_element_is_written(t, h, layout):
     x, res, w = inputs(t, h)
     for quantize, emit in [(True, True), (True, False), (False, True)]:
-        outs = poisoned(t, h, torch.bfloat16, group_size=128, quantize=quantize, emit_bf16=emit,
-                        scale_layout=layout, quant_dtype=FP8)
-        add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, quantize=quantize, emit_bf16=emit,
-                          scale_layout=layout, outputs=outs)
+        outs = poisoned(
+            t,
+            h,
+            torch.bfloat16,
+            group_size=128,
+            quantize=quantize,
+            emit_bf16=emit,
+            scale_layout=layout,
+            quant_dtype=FP8,
+        )
+        add_rmsnorm_quant(
+            x, res, w, EPS, weight_offset=1.0, quantize=quantize, emit_bf16=emit, scale_layout=layout, outputs=outs
+        )
         assert all_written(outs)
-        assert_matches_oracle(FusedNormQuantOutput(*outs), x, res, w, EPS, out_dtype=torch.bfloat16,
-                              group_size=128, weight_offset=1.0, fp8_dtype=FP8, emit_bf16=emit,
-                              scale_layout=layout)
+        assert_matches_oracle(
+            FusedNormQuantOutput(*outs),
+            x,
+            res,
+            w,
+            EPS,
+            out_dtype=torch.bfloat16,
+            group_size=128,
+            weight_offset=1.0,
+            fp8_dtype=FP8,
+            emit_bf16=emit,
+            scale_layout=layout,
+        )
 
 
 @pytest.mark.parametrize("h", [5120, 7168])
@@ -103,26 +135,65 @@ def test_every_launch_shape_the_sweep_times(h):
     for warps, rows in candidates(h):
         for t in (1, 7, 130):
             x, res, w = inputs(t, h)
-            outs = poisoned(t, h, torch.bfloat16, group_size=128, quantize=True, emit_bf16=False,
-                            scale_layout="row", quant_dtype=FP8)
+            outs = poisoned(
+                t,
+                h,
+                torch.bfloat16,
+                group_size=128,
+                quantize=True,
+                emit_bf16=False,
+                scale_layout="row",
+                quant_dtype=FP8,
+            )
             add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, outputs=outs, num_warps=warps, rows_per_program=rows)
             assert all_written(outs), (warps, rows, t)
-            assert_matches_oracle(FusedNormQuantOutput(*outs), x, res, w, EPS, out_dtype=torch.bfloat16,
-                                  group_size=128, weight_offset=1.0, fp8_dtype=FP8, emit_bf16=False)
+            assert_matches_oracle(
+                FusedNormQuantOutput(*outs),
+                x,
+                res,
+                w,
+                EPS,
+                out_dtype=torch.bfloat16,
+                group_size=128,
+                weight_offset=1.0,
+                fp8_dtype=FP8,
+                emit_bf16=False,
+            )
 
 
 def test_norm_only_and_two_kernel_paths(cuda_only):
     x, res, w = inputs(9, 4096)
     out = fused_allreduce_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, quantize=False, backend="cuda")
     assert out.q is None and out.scale is None
-    assert_matches_oracle(out, x, res, w, EPS, out_dtype=torch.bfloat16, group_size=128, weight_offset=1.0,
-                          fp8_dtype=FP8, emit_bf16=False)
+    assert_matches_oracle(
+        out, x, res, w, EPS, out_dtype=torch.bfloat16, group_size=128, weight_offset=1.0, fp8_dtype=FP8, emit_bf16=False
+    )
     for emit in (False, True):
-        spec = make_spec(x, res, world_size=1, group_size=128, weight_offset=1.0, emit_bf16=emit,
-                         scale_layout="col", quant_dtype=FP8, quantize=True)
+        spec = make_spec(
+            x,
+            res,
+            world_size=1,
+            group_size=128,
+            weight_offset=1.0,
+            emit_bf16=emit,
+            scale_layout="col",
+            quant_dtype=FP8,
+            quantize=True,
+        )
         q, s, r, n = execute(DispatchPlan(LOCAL, "fused-2", False), x, res, w, EPS, None, spec, None)
-        assert_matches_oracle(FusedNormQuantOutput(q, s, r, n), x, res, w, EPS, out_dtype=torch.bfloat16,
-                              group_size=128, weight_offset=1.0, fp8_dtype=FP8, emit_bf16=emit, scale_layout="col")
+        assert_matches_oracle(
+            FusedNormQuantOutput(q, s, r, n),
+            x,
+            res,
+            w,
+            EPS,
+            out_dtype=torch.bfloat16,
+            group_size=128,
+            weight_offset=1.0,
+            fp8_dtype=FP8,
+            emit_bf16=emit,
+            scale_layout="col",
+        )
 
 
 @pytest.mark.parametrize("t, h, gs", [(7, 4096, 128), (5, 288, 96), (3, 4032, 96), (2, 256, 16)])
@@ -134,7 +205,7 @@ def test_group_quant_kernel_matches_reference(t, h, gs, layout):
     assert s.stride() == rs.stride()
     # torch on CUDA divides by a scalar as a multiplication by its reciprocal (one ulp off
     # the IEEE quotient the kernel computes, as the CPU reference does)
-    torch.testing.assert_close(s, rs, rtol=2 ** -23, atol=0)
+    torch.testing.assert_close(s, rs, rtol=2**-23, atol=0)
     same = (s == rs).repeat_interleave(gs, dim=1)
     assert torch.equal(q.view(torch.uint8)[same], rq.view(torch.uint8)[same])
     want = (x.float().view(t, -1, gs) / s.unsqueeze(-1)).clamp(-448, 448).view(t, h).to(FP8)
@@ -164,9 +235,10 @@ def test_saturating_and_all_zero_groups(cuda_only):
     assert out.scale[0, 0].item() == floor.item() and (out.q[0, :128].float() == 0).all()
     assert out.q[0, 128:256].float().abs().max().item() == 448.0
     assert (out.scale[1] == floor.item()).all() and (out.q[1].float() == 0).all()
-    torch.testing.assert_close(out.scale, ref.scale, rtol=2 ** -8, atol=0)
-    assert_matches_oracle(out, x, res, w, EPS, out_dtype=torch.bfloat16, group_size=128, weight_offset=0.0,
-                          fp8_dtype=FP8, emit_bf16=False)
+    torch.testing.assert_close(out.scale, ref.scale, rtol=2**-8, atol=0)
+    assert_matches_oracle(
+        out, x, res, w, EPS, out_dtype=torch.bfloat16, group_size=128, weight_offset=0.0, fp8_dtype=FP8, emit_bf16=False
+    )
 
 
 def test_nan_and_inf_propagate_as_specified(cuda_only):
@@ -179,8 +251,12 @@ def test_nan_and_inf_propagate_as_specified(cuda_only):
     x[2, 300] = float("inf")
     out = fused_allreduce_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, emit_bf16=True, backend="cuda")
     ref = norm_quant_reference(x, res, w, EPS, out_dtype=torch.bfloat16, weight_offset=1.0, emit_bf16=True)
-    for got, want in [(out.normed, ref.normed), (out.scale, ref.scale), (out.q.float(), ref.q.float()),
-                      (out.residual, ref.residual)]:
+    for got, want in [
+        (out.normed, ref.normed),
+        (out.scale, ref.scale),
+        (out.q.float(), ref.q.float()),
+        (out.residual, ref.residual),
+    ]:
         assert torch.equal(got.float().isnan(), want.float().isnan())
         assert torch.equal(got.float().isinf(), want.float().isinf())
     assert out.normed[1].float().isnan().all() and out.scale[1].isnan().all() and out.q[1].float().isnan().all()
@@ -188,9 +264,18 @@ def test_nan_and_inf_propagate_as_specified(cuda_only):
     assert out.scale[2, 2].isnan() and out.scale[2, 0].item() == (torch.tensor(1e-10) / 448.0).item()
     assert out.residual[1, 5].isnan() and out.residual[2, 300].isinf()
     good = [0, 3]
-    assert_matches_oracle(FusedNormQuantOutput(out.q[good], out.scale[good], out.residual[good], out.normed[good]),
-                          x[good], res[good], w, EPS, out_dtype=torch.bfloat16, group_size=128,
-                          weight_offset=1.0, fp8_dtype=FP8, emit_bf16=True)
+    assert_matches_oracle(
+        FusedNormQuantOutput(out.q[good], out.scale[good], out.residual[good], out.normed[good]),
+        x[good],
+        res[good],
+        w,
+        EPS,
+        out_dtype=torch.bfloat16,
+        group_size=128,
+        weight_offset=1.0,
+        fp8_dtype=FP8,
+        emit_bf16=True,
+    )
 
 
 def test_graph_capture_and_replay_with_changing_inputs(cuda_only):
@@ -206,5 +291,16 @@ def test_graph_capture_and_replay_with_changing_inputs(cuda_only):
         res.copy_(nres)
         graph.replay()
         torch.cuda.synchronize()
-        assert_matches_oracle(out, x, res, w, EPS, out_dtype=torch.bfloat16, group_size=128, weight_offset=1.0,
-                              fp8_dtype=FP8, emit_bf16=False, scale_layout="col")
+        assert_matches_oracle(
+            out,
+            x,
+            res,
+            w,
+            EPS,
+            out_dtype=torch.bfloat16,
+            group_size=128,
+            weight_offset=1.0,
+            fp8_dtype=FP8,
+            emit_bf16=False,
+            scale_layout="col",
+        )

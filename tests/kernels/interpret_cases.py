@@ -53,7 +53,7 @@ def carry_positions(v: torch.Tensor) -> torch.Tensor:
     in the top half-step below a power of two round up onto it (and values just above one
     may fall into that zone after a one-ulp change of normed); margins included. Ties it
     rounds away from zero: at most one step off, which the check allows."""
-    lg = torch.log2(v.abs().clamp(min=2 ** -9))
+    lg = torch.log2(v.abs().clamp(min=2**-9))
     return (torch.ceil(lg) - lg < 0.1) | (lg - torch.floor(lg) < 0.03)
 
 
@@ -75,12 +75,12 @@ def check(out, ref, *, quantize, emit, group_size, what):
     assert torch.equal(res, ref.residual), f"{what}: residual differs"
     if not quantize:
         assert q is None and scale is None
-        torch.testing.assert_close(normed, ref.normed, rtol=2 ** -10, atol=1e-6, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(normed, ref.normed, rtol=2**-10, atol=1e-6, msg=lambda m: f"{what}: {m}")
         return
     assert scale.stride() == ref.scale.stride(), f"{what}: scale strides {scale.stride()} != {ref.scale.stride()}"
-    torch.testing.assert_close(scale, ref.scale, rtol=2 ** -9, atol=0, msg=lambda m: f"{what}: scale {m}")
+    torch.testing.assert_close(scale, ref.scale, rtol=2**-9, atol=0, msg=lambda m: f"{what}: scale {m}")
     if emit:
-        torch.testing.assert_close(normed, ref.normed, rtol=2 ** -10, atol=1e-6, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(normed, ref.normed, rtol=2**-10, atol=1e-6, msg=lambda m: f"{what}: {m}")
     else:
         assert normed is None
     t, h = q.shape
@@ -88,10 +88,12 @@ def check(out, ref, *, quantize, emit, group_size, what):
     v = (ref_n.float().view(t, h // group_size, group_size) / ref.scale.unsqueeze(-1)).clamp(-448, 448).view(t, h)
     keep = ~carry_positions(v)
     diff = (q.float() - v.to(FP8).float()).abs()
-    step = torch.exp2(torch.floor(torch.log2(v.abs().clamp(min=2 ** -6)))) / 8
+    step = torch.exp2(torch.floor(torch.log2(v.abs().clamp(min=2**-6)))) / 8
     bad = keep & (diff > step * 1.001)
-    assert not bad.any(), (f"{what}: {int(bad.sum())} q elements off by more than one fp8 step: v {v[bad][:3]}, "
-                           f"q {q.float()[bad][:3]}, want {v.to(FP8).float()[bad][:3]}")
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} q elements off by more than one fp8 step: v {v[bad][:3]}, "
+        f"q {q.float()[bad][:3]}, want {v.to(FP8).float()[bad][:3]}"
+    )
 
 
 def inputs(world, t, h, seed, *, w_dtype=DT):
@@ -106,8 +108,19 @@ def reference(xs, res, w, *, offset, group_size, layout, quantize):
     h = xs[0].float()
     for x in xs[1:]:
         h = h + x.float()
-    return norm_quant_reference(h, res, w, EPS, out_dtype=DT, group_size=group_size, weight_offset=offset,
-                                emit_bf16=True, scale_layout=layout, quant_dtype=FP8, quantize=quantize)
+    return norm_quant_reference(
+        h,
+        res,
+        w,
+        EPS,
+        out_dtype=DT,
+        group_size=group_size,
+        weight_offset=offset,
+        emit_bf16=True,
+        scale_layout=layout,
+        quant_dtype=FP8,
+        quantize=quantize,
+    )
 
 
 # case id -> the check; filled below in the order the cases run
@@ -123,11 +136,23 @@ def single(t, h, gs, layout, emit, has_res, quantize, w_dtype, seed):
     xs, res, w = inputs(1, t, h, seed=seed, w_dtype=w_dtype)
     res = res if has_res else None
     ref = reference(xs, res, w, offset=1.0, group_size=gs, layout=layout, quantize=quantize)
-    out = empty_outputs(t, h, DT, "cpu", group_size=gs, quantize=quantize, emit_bf16=emit,
-                        scale_layout=layout, quant_dtype=FP8)
+    out = empty_outputs(
+        t, h, DT, "cpu", group_size=gs, quantize=quantize, emit_bf16=emit, scale_layout=layout, quant_dtype=FP8
+    )
     poison(out)
-    add_rmsnorm_quant(xs[0], res, w, EPS, weight_offset=1.0, group_size=gs, quantize=quantize,
-                      emit_bf16=emit, scale_layout=layout, quant_dtype=FP8, outputs=out)
+    add_rmsnorm_quant(
+        xs[0],
+        res,
+        w,
+        EPS,
+        weight_offset=1.0,
+        group_size=gs,
+        quantize=quantize,
+        emit_bf16=emit,
+        scale_layout=layout,
+        quant_dtype=FP8,
+        outputs=out,
+    )
     check(out, ref, quantize=quantize, emit=emit, group_size=gs, what=f"single {t}x{h}/{gs} {layout}")
 
 
@@ -135,25 +160,56 @@ def _single_cases():
     n = 0
     for t, h, gs in [(5, 256, 128), (3, 384, 128), (4, 192, 64), (2, 288, 96), (1, 128, 128), (0, 256, 128)]:
         for layout in ("row", "col"):
-            for emit, has_res, quantize, w_dtype in [(True, True, True, DT), (False, False, True, torch.float32),
-                                                     (False, True, False, DT)]:
-                _case(f"single-{t}x{h}-g{gs}-{layout}-emit{int(emit)}-res{int(has_res)}-quant{int(quantize)}",
-                      single, t=t, h=h, gs=gs, layout=layout, emit=emit, has_res=has_res, quantize=quantize,
-                      w_dtype=w_dtype, seed=n)
+            for emit, has_res, quantize, w_dtype in [
+                (True, True, True, DT),
+                (False, False, True, torch.float32),
+                (False, True, False, DT),
+            ]:
+                _case(
+                    f"single-{t}x{h}-g{gs}-{layout}-emit{int(emit)}-res{int(has_res)}-quant{int(quantize)}",
+                    single,
+                    t=t,
+                    h=h,
+                    gs=gs,
+                    layout=layout,
+                    emit=emit,
+                    has_res=has_res,
+                    quantize=quantize,
+                    w_dtype=w_dtype,
+                    seed=n,
+                )
                 n += 1
 
 
 def single_hidden_size(t, h, layout, emit, quantize, rows, seed):
     xs, res, w = inputs(1, t, h, seed=seed)
     ref = reference(xs, res, w, offset=1.0, group_size=128, layout=layout, quantize=quantize)
-    out = empty_outputs(t, h, DT, "cpu", group_size=128, quantize=quantize, emit_bf16=emit,
-                        scale_layout=layout, quant_dtype=FP8)
+    out = empty_outputs(
+        t, h, DT, "cpu", group_size=128, quantize=quantize, emit_bf16=emit, scale_layout=layout, quant_dtype=FP8
+    )
     poison(out)
-    add_rmsnorm_quant(xs[0], res, w, EPS, weight_offset=1.0, group_size=128, quantize=quantize,
-                      emit_bf16=emit, scale_layout=layout, quant_dtype=FP8, outputs=out,
-                      rows_per_program=rows)
-    check(out, ref, quantize=quantize, emit=emit, group_size=128,
-          what=f"single {t}x{h} {layout} emit={emit} quantize={quantize} rows={rows}")
+    add_rmsnorm_quant(
+        xs[0],
+        res,
+        w,
+        EPS,
+        weight_offset=1.0,
+        group_size=128,
+        quantize=quantize,
+        emit_bf16=emit,
+        scale_layout=layout,
+        quant_dtype=FP8,
+        outputs=out,
+        rows_per_program=rows,
+    )
+    check(
+        out,
+        ref,
+        quantize=quantize,
+        emit=emit,
+        group_size=128,
+        what=f"single {t}x{h} {layout} emit={emit} quantize={quantize} rows={rows}",
+    )
 
 
 def _single_hidden_size_cases():
@@ -162,12 +218,20 @@ def _single_hidden_size_cases():
     both scale layouts, normed emitted or not, quantize off, 1 and 2 rows per program."""
     n = 0
     combos = [("row", False, True, 1), ("col", True, True, 2), ("row", True, False, 2)]
-    sizes = [(1, 2048), (3, 2560), (2, 3072), (3, 5120), (1, 6144), (2, 7168),
-             (3, 640), (2, 896), (3, 1920), (2, 3968)]
+    sizes = [(1, 2048), (3, 2560), (2, 3072), (3, 5120), (1, 6144), (2, 7168), (3, 640), (2, 896), (3, 1920), (2, 3968)]
     for t, h in sizes:
         for layout, emit, quantize, rows in combos:
-            _case(f"hidden-{t}x{h}-{layout}-emit{int(emit)}-quant{int(quantize)}-rows{rows}", single_hidden_size,
-                  t=t, h=h, layout=layout, emit=emit, quantize=quantize, rows=rows, seed=1000 + n)
+            _case(
+                f"hidden-{t}x{h}-{layout}-emit{int(emit)}-quant{int(quantize)}-rows{rows}",
+                single_hidden_size,
+                t=t,
+                h=h,
+                layout=layout,
+                emit=emit,
+                quantize=quantize,
+                rows=rows,
+                seed=1000 + n,
+            )
             n += 1
 
 
@@ -179,7 +243,7 @@ def group_quant_case(t, h, gs, layout, seed):
     torch.testing.assert_close(s, rs, rtol=0, atol=0)
     v = (x.float().view(t, h // gs, gs) / rs.unsqueeze(-1)).clamp(-448, 448).view(t, h)
     keep = ~carry_positions(v)
-    step = torch.exp2(torch.floor(torch.log2(v.abs().clamp(min=2 ** -6)))) / 8
+    step = torch.exp2(torch.floor(torch.log2(v.abs().clamp(min=2**-6)))) / 8
     bad = keep & ((q.float() - rq.float()).abs() > step * 1.001)  # ties: one step
     assert not bad.any(), f"group quant {t}x{h}/{gs}: {v[bad][:4]} {q.float()[bad][:4]} {rq.float()[bad][:4]}"
 
@@ -205,8 +269,7 @@ _workspaces: dict[tuple[str, int], list] = {}
 def _peers(family: str, world: int):
     if (family, world) not in _workspaces:
         if family == "twoshot":
-            peers = emulated_peers(world, stage_cap=17 * 256, out_cap=(17 * 256) // world + 640, dtype=DT,
-                                   max_grid=2)
+            peers = emulated_peers(world, stage_cap=17 * 256, out_cap=(17 * 256) // world + 640, dtype=DT, max_grid=2)
         else:
             peers = emulated_peers(world, stage_cap=16384, ll_cap=8192, dtype=DT, max_grid=4)
         _workspaces[(family, world)] = peers
@@ -226,19 +289,40 @@ def oneshot(kernel_name, world, t, h, layout, emit, has_res, quantize, seed):
     xs, res, w = inputs(world, t, h, seed=seed)
     res = res if has_res else None
     ref = reference(xs, res, w, offset=1.0, group_size=128, layout=layout, quantize=quantize)
-    outs = [empty_outputs(t, h, DT, "cpu", group_size=128, quantize=quantize, emit_bf16=emit,
-                          scale_layout=layout, quant_dtype=FP8) for _ in range(world)]
+    outs = [
+        empty_outputs(
+            t, h, DT, "cpu", group_size=128, quantize=quantize, emit_bf16=emit, scale_layout=layout, quant_dtype=FP8
+        )
+        for _ in range(world)
+    ]
     for o in outs:
         poison(o)
 
     def step(r, ph):
-        kernel(xs[r], res, w, EPS, peers[r], weight_offset=1.0, quantize=quantize,
-               emit_bf16=emit, scale_layout=layout, phase=ph, outputs=outs[r])
+        kernel(
+            xs[r],
+            res,
+            w,
+            EPS,
+            peers[r],
+            weight_offset=1.0,
+            quantize=quantize,
+            emit_bf16=emit,
+            scale_layout=layout,
+            phase=ph,
+            outputs=outs[r],
+        )
 
     advanced = _run_counted(peers, world, step, (1, 2))
     for r in range(world):
-        check(outs[r], ref, quantize=quantize, emit=emit, group_size=128,
-              what=f"{kernel.__name__} W={world} rank {r} {t}x{h} {layout}")
+        check(
+            outs[r],
+            ref,
+            quantize=quantize,
+            emit=emit,
+            group_size=128,
+            what=f"{kernel.__name__} W={world} rank {r} {t}x{h} {layout}",
+        )
         assert advanced[r] == 1, "call counter did not advance once per call"
         assert int(peers[r].ctl[1]) == 0, "ticket not reset"
         assert int(peers[r].ctl[2]) == 0, "a wait found data missing"
@@ -259,21 +343,42 @@ def bare_all_reduce(kernel_name, world, t, h):
 def _oneshot_cases(kernel_name):
     n = 0
     for world in (2, 4, 8):
-        cases = [(1, 256, "row", True, True, True), (5, 128, "col", False, True, True),
-                 (9, 256, "row", False, False, True), (7, 256, "col", True, True, False),
-                 (4, 256, "row", True, True, True)]
+        cases = [
+            (1, 256, "row", True, True, True),
+            (5, 128, "col", False, True, True),
+            (9, 256, "row", False, False, True),
+            (7, 256, "col", True, True, False),
+            (4, 256, "row", True, True, True),
+        ]
         # rows in several parts: 640 = 4 + 1 groups of 128, 1920 = 8 + 4 + 2 + 1, 5120 = 32 + 8
-        cases += {2: [(3, 640, "col", True, True, True), (2, 1920, "row", False, True, True),
-                      (3, 5120, "row", False, True, True)],
-                  4: [(2, 1920, "col", True, True, False)], 8: []}[world]
+        cases += {
+            2: [
+                (3, 640, "col", True, True, True),
+                (2, 1920, "row", False, True, True),
+                (3, 5120, "row", False, True, True),
+            ],
+            4: [(2, 1920, "col", True, True, False)],
+            8: [],
+        }[world]
         for i, (t, h, layout, emit, has_res, quantize) in enumerate(cases):
-            _case(f"{kernel_name}-W{world}-{i}-{t}x{h}-{layout}-emit{int(emit)}-res{int(has_res)}-quant{int(quantize)}",
-                  oneshot, kernel_name=kernel_name, world=world, t=t, h=h, layout=layout, emit=emit,
-                  has_res=has_res, quantize=quantize, seed=100 + n)
+            _case(
+                f"{kernel_name}-W{world}-{i}-{t}x{h}-{layout}-emit{int(emit)}-res{int(has_res)}-quant{int(quantize)}",
+                oneshot,
+                kernel_name=kernel_name,
+                world=world,
+                t=t,
+                h=h,
+                layout=layout,
+                emit=emit,
+                has_res=has_res,
+                quantize=quantize,
+                seed=100 + n,
+            )
             n += 1
         for t, h in [(6, 256)] + ([(2, 1920)] if world == 2 else []):
-            _case(f"{kernel_name}-W{world}-bare-{t}x{h}", bare_all_reduce, kernel_name=kernel_name, world=world,
-                  t=t, h=h)
+            _case(
+                f"{kernel_name}-W{world}-bare-{t}x{h}", bare_all_reduce, kernel_name=kernel_name, world=world, t=t, h=h
+            )
             n += 1
 
 
@@ -282,35 +387,70 @@ def twoshot(world, t, h, layout, emit, has_res, quantize, offset, seed):
     xs, res, w = inputs(world, t, h, seed=seed)
     res = res if has_res else None
     ref = reference(xs, res, w, offset=offset, group_size=128, layout=layout, quantize=quantize)
-    outs = [empty_outputs(t, h, DT, "cpu", group_size=128, quantize=quantize, emit_bf16=emit,
-                          scale_layout=layout, quant_dtype=FP8) for _ in range(world)]
+    outs = [
+        empty_outputs(
+            t, h, DT, "cpu", group_size=128, quantize=quantize, emit_bf16=emit, scale_layout=layout, quant_dtype=FP8
+        )
+        for _ in range(world)
+    ]
     for o in outs:  # poison: every element must be written
         poison(o)
 
     def step(r, ph):
-        twoshot_ar_norm_quant(xs[r], res, w, EPS, peers[r], weight_offset=offset,
-                              quantize=quantize, emit_bf16=emit, scale_layout=layout, phase=ph,
-                              outputs=outs[r])
+        twoshot_ar_norm_quant(
+            xs[r],
+            res,
+            w,
+            EPS,
+            peers[r],
+            weight_offset=offset,
+            quantize=quantize,
+            emit_bf16=emit,
+            scale_layout=layout,
+            phase=ph,
+            outputs=outs[r],
+        )
 
     advanced = _run_counted(peers, world, step, (1, 2, 3))
     for r in range(world):
-        check(outs[r], ref, quantize=quantize, emit=emit, group_size=128,
-              what=f"two-shot W={world} rank {r} {t}x{h} {layout}")
+        check(
+            outs[r],
+            ref,
+            quantize=quantize,
+            emit=emit,
+            group_size=128,
+            what=f"two-shot W={world} rank {r} {t}x{h} {layout}",
+        )
         assert advanced[r] == 1
 
 
 def _twoshot_cases():
     n = 0
     for world in (2, 4, 8):
-        cases = [(1, 256, "row", True, True, True), (5, 256, "col", False, True, True),
-                 (17, 256, "row", True, False, True), (16, 128, "col", False, True, True),
-                 (7, 256, "row", True, True, False), (3, 256, "col", True, True, True)]
+        cases = [
+            (1, 256, "row", True, True, True),
+            (5, 256, "col", False, True, True),
+            (17, 256, "row", True, False, True),
+            (16, 128, "col", False, True, True),
+            (7, 256, "row", True, True, False),
+            (3, 256, "col", True, True, True),
+        ]
         if world == 2:
             cases.append((5, 640, "row", True, True, True))  # 4 + 1 groups: a row in two parts
         for i, (t, h, layout, emit, has_res, quantize) in enumerate(cases):
-            _case(f"twoshot-W{world}-{i}-{t}x{h}-{layout}-emit{int(emit)}-res{int(has_res)}-quant{int(quantize)}",
-                  twoshot, world=world, t=t, h=h, layout=layout, emit=emit, has_res=has_res, quantize=quantize,
-                  offset=0.0 if n % 2 else 1.0, seed=200 + n)
+            _case(
+                f"twoshot-W{world}-{i}-{t}x{h}-{layout}-emit{int(emit)}-res{int(has_res)}-quant{int(quantize)}",
+                twoshot,
+                world=world,
+                t=t,
+                h=h,
+                layout=layout,
+                emit=emit,
+                has_res=has_res,
+                quantize=quantize,
+                offset=0.0 if n % 2 else 1.0,
+                seed=200 + n,
+            )
             n += 1
 
 

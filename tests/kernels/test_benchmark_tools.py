@@ -52,8 +52,11 @@ def test_compiled_variants_get_code_objects_of_their_own():
 
 def _sweep(points):
     """Sweep records from {(hidden, tokens): {(warps, rows): us}}."""
-    return [{"hidden": h, "tokens": t, "num_warps": w, "rows": r, "median_us": us, "ok": True}
-            for (h, t), shapes in points.items() for (w, r), us in shapes.items()]
+    return [
+        {"hidden": h, "tokens": t, "num_warps": w, "rows": r, "median_us": us, "ok": True}
+        for (h, t), shapes in points.items()
+        for (w, r), us in shapes.items()
+    ]
 
 
 def test_derived_table_follows_the_fastest_shape_without_chasing_noise():
@@ -78,15 +81,20 @@ def test_derived_table_follows_the_fastest_shape_without_chasing_noise():
 
 def test_rendered_table_module_is_what_was_derived(tmp_path):
     table = derive_launch_table.derive(_sweep({(3072, 1): {(8, 1): 2.0}, (3072, 16): {(16, 1): 1.0, (8, 1): 2.0}}))
-    text = derive_launch_table.render(table, source="benchmarks/results/x.json", gpu="NVIDIA H200",
-                                      command="PYTHONPATH=. python benchmarks/sweep_local_launch.py --out X")
+    text = derive_launch_table.render(
+        table,
+        source="benchmarks/results/x.json",
+        gpu="NVIDIA H200",
+        command="PYTHONPATH=. python benchmarks/sweep_local_launch.py --out X",
+    )
     namespace = {}
     exec(compile(text, "local_launch_table.py", "exec"), namespace)
     assert namespace["TABLE"] == table == {3072: ((1, 8, 1), (None, 16, 1))}
     assert namespace["SOURCE"] == "benchmarks/results/x.json" and namespace["GPU"] == "NVIDIA H200"
     sweep = tmp_path / "sweep.json"
-    sweep.write_text(json.dumps({"machine": {"gpu": "NVIDIA H200"}, "command": "c",
-                                 "results": _sweep({(3072, 1): {(8, 1): 2.0}})}))
+    sweep.write_text(
+        json.dumps({"machine": {"gpu": "NVIDIA H200"}, "command": "c", "results": _sweep({(3072, 1): {(8, 1): 2.0}})})
+    )
     out = tmp_path / "table.py"
     assert derive_launch_table.main([str(sweep), "--write", str(out), "--source", "s.json"]) == 0
     assert "3072: ((None, 8, 1),)," in out.read_text()
@@ -120,9 +128,15 @@ def test_tp1_summary_ratios_floor_and_target_misses():
 
 
 def test_tp2_summary_has_the_compiled_chain():
-    recs = [{"hidden": 4096, "tokens": 8, "variant": v, "median_us": us, "ok": True}
-            for v, us in [("chain_compiled_nccl_static", 12.0), ("chain_compiled_torch_symm_dynamic", 10.0),
-                          ("dispatched", 7.0), ("split3_oneshot_ll", 9.0)]]
+    recs = [
+        {"hidden": 4096, "tokens": 8, "variant": v, "median_us": us, "ok": True}
+        for v, us in [
+            ("chain_compiled_nccl_static", 12.0),
+            ("chain_compiled_torch_symm_dynamic", 10.0),
+            ("dispatched", 7.0),
+            ("split3_oneshot_ll", 9.0),
+        ]
+    ]
     row = bench.summarize(recs, 4096)[8]
     assert row["compiled_chain"] == 10.0 and row["compiled_chain_from"] == "chain_compiled_torch_symm_dynamic"
     assert row["dispatched_over_compiled_chain"] == pytest.approx(0.7)
@@ -156,8 +170,14 @@ def test_kernels_and_benchmarks_import_without_vllm():
         "assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules)\n"
         "print('imports ok')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )
     assert proc.returncode == 0 and "imports ok" in proc.stdout, proc.stderr[-3000:]
 
 

@@ -24,12 +24,19 @@ TIMEOUT_S = 1100
 @pytest.fixture(scope="module")
 def interpreted(request) -> dict:
     """case id -> its report, for the cases of this module that the session runs."""
-    ids = [item.callspec.params["case_id"] for item in request.session.items
-           if item.path == request.path and hasattr(item, "callspec")]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *ids], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    ids = [
+        item.callspec.params["case_id"]
+        for item in request.session.items
+        if item.path == request.path and hasattr(item, "callspec")
+    ]
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *ids], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:

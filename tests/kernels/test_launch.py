@@ -18,7 +18,7 @@ def test_row_parts_cover_the_groups_with_few_powers_of_two():
         assert len(parts) == MAX_PARTS
         used = [p for p in parts if p]
         assert all(_is_pow2(p) for p in used)
-        assert used == sorted(used, reverse=True) and parts[len(used):] == (0,) * (MAX_PARTS - len(used))
+        assert used == sorted(used, reverse=True) and parts[len(used) :] == (0,) * (MAX_PARTS - len(used))
         assert sum(used) >= n_groups
         if bin(n_groups).count("1") <= MAX_PARTS:
             assert sum(used) == n_groups, parts  # no padding at all
@@ -27,8 +27,16 @@ def test_row_parts_cover_the_groups_with_few_powers_of_two():
 
 
 def test_every_multiple_of_128_up_to_16384_fits_without_padding_in_128_groups():
-    qwen = {2048: (16, 0, 0, 0), 2560: (16, 4, 0, 0), 3072: (16, 8, 0, 0), 4096: (32, 0, 0, 0),
-            5120: (32, 8, 0, 0), 6144: (32, 16, 0, 0), 7168: (32, 16, 8, 0), 8192: (64, 0, 0, 0)}
+    qwen = {
+        2048: (16, 0, 0, 0),
+        2560: (16, 4, 0, 0),
+        3072: (16, 8, 0, 0),
+        4096: (32, 0, 0, 0),
+        5120: (32, 8, 0, 0),
+        6144: (32, 16, 0, 0),
+        7168: (32, 16, 8, 0),
+        8192: (64, 0, 0, 0),
+    }
     for hidden in range(128, 16384 + 1, 128):
         tile = row_tile(hidden, 128)
         assert tile.elements <= MAX_TILE and launch.tile_reason(hidden, 128) is None
@@ -53,7 +61,13 @@ def test_local_launch_uses_the_measured_table_and_a_rule_elsewhere(monkeypatch):
     tile = row_tile(5120, 128)
     got = [(t, local_launch(5120, t, tile)) for t in (1, 16, 17, 1024, 1025, 8192)]
     assert [(g.num_warps, g.rows, g.measured) for _, g in got] == [
-        (16, 1, True), (16, 1, True), (8, 1, True), (8, 1, True), (8, 2, True), (8, 2, True)]
+        (16, 1, True),
+        (16, 1, True),
+        (8, 1, True),
+        (8, 1, True),
+        (8, 2, True),
+        (8, 2, True),
+    ]
     other = local_launch(3072, 64, row_tile(3072, 128))
     assert (other.num_warps, other.rows, other.measured) == (row_tile(3072, 128).num_warps, 1, False)
 

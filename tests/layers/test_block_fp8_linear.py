@@ -19,7 +19,9 @@ def _kernel(n, k):
     kernel = init_fp8_linear_kernel(
         activation_quant_key=create_fp8_quant_key(static=False, group_shape=GroupShape(1, 128)),
         weight_quant_key=create_fp8_quant_key(static=True, group_shape=GroupShape(128, 128)),
-        input_dtype=torch.bfloat16, out_dtype=torch.bfloat16, weight_shape=(n, k),
+        input_dtype=torch.bfloat16,
+        out_dtype=torch.bfloat16,
+        weight_shape=(n, k),
         force_kernel=PortableFp8BlockScaledMMKernel,
     )
     assert isinstance(kernel, PortableFp8BlockScaledMMKernel)
@@ -65,7 +67,7 @@ def test_matches_float64_oracle(vllm_cfg, m, n, k):
     xq = (xg / xs[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).double() * xs[..., None]
     wd = qw.double() * ws.double().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
     ref = xq.view(m, k) @ wd.t() + bias.double()
-    torch.testing.assert_close(out.double(), ref, rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(out.double(), ref, rtol=2**-7, atol=1e-3)
     # and it is a good approximation of the bf16 GEMM (FP8 resolution)
     full = x.double() @ w.double().t() + bias.double()
     assert ((out.double() - full).norm() / full.norm()) < 0.05
@@ -95,7 +97,7 @@ def test_quantized_activation_input_is_used_as_given(vllm_cfg):
     assert torch.equal(from_qa, from_bf16)
     # a tampered scale changes the output: the given scale is really used
     qa2 = QuantizedActivation(fused.q, fused.scale * 2, torch.bfloat16, fused.normed.shape, kFp8Dynamic128Sym)
-    torch.testing.assert_close(kernel.apply_weights(layer, qa2).float(), 2 * from_qa.float(), rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(kernel.apply_weights(layer, qa2).float(), 2 * from_qa.float(), rtol=2**-7, atol=1e-2)
 
 
 def test_registered_after_vllm_cpu_kernels(vllm_cfg):

@@ -22,9 +22,17 @@ def test_custom_op_reduces_over_vllm_tp_group():
         x0, residual, weight = ins[0]
         # vLLM's CPU all-reduce sums in bf16; with two ranks that is one rounding of the exact sum
         total = (ins[0][0].float() + ins[1][0].float()).to(torch.bfloat16)
-        ref = norm_quant_reference(total, residual, weight, 1e-6, out_dtype=torch.bfloat16,
-                                   weight_offset=1.0, emit_bf16=emit, scale_layout=layout,
-                                   quantize=quantize)
+        ref = norm_quant_reference(
+            total,
+            residual,
+            weight,
+            1e-6,
+            out_dtype=torch.bfloat16,
+            weight_offset=1.0,
+            emit_bf16=emit,
+            scale_layout=layout,
+            quantize=quantize,
+        )
         for rank in range(2):
             (q, scale, res, normed), counters, method = results[rank][i]
             assert method == "forward_cpu"

@@ -16,7 +16,9 @@ def _config(n, k):
     return FP8ScaledMMLinearLayerConfig(
         weight_quant_key=create_fp8_quant_key(static=True, group_shape=GroupShape(128, 128)),
         activation_quant_key=create_fp8_quant_key(static=False, group_shape=GroupShape(1, 128)),
-        input_dtype=torch.bfloat16, out_dtype=torch.bfloat16, weight_shape=(n, k),
+        input_dtype=torch.bfloat16,
+        out_dtype=torch.bfloat16,
+        weight_shape=(n, k),
     )
 
 
@@ -76,14 +78,17 @@ class _Linear(torch.nn.Module):
         return self.quant_method.apply(self, x)
 
 
-@pytest.mark.parametrize("flags,layout,why", [
-    ({}, "row", None),
-    ({"column_major": True}, "col", None),
-    ({"ue8m0": True}, None, "power-of-two"),
-    ({"tma": True}, None, "TMA-aligned"),
-    ({"bf16_input": True}, None, "bf16 input"),
-    ({"padding": 16}, None, "pads"),
-])
+@pytest.mark.parametrize(
+    "flags,layout,why",
+    [
+        ({}, "row", None),
+        ({"column_major": True}, "col", None),
+        ({"ue8m0": True}, None, "power-of-two"),
+        ({"tma": True}, None, "TMA-aligned"),
+        ({"bf16_input": True}, None, "bf16 input"),
+        ({"padding": 16}, None, "pads"),
+    ],
+)
 def test_consumer_inspection(vllm_cfg, flags, layout, why):
     from vllm_rocm_fused.layers.quant_handoff import inspect_consumer
 
@@ -125,8 +130,15 @@ def test_handoff_hands_the_fused_q_and_scale_to_the_gemm(vllm_cfg, column_major)
     assert lin._input_quant_key == kFp8Dynamic128Sym
 
     x = torch.randn(m, k).to(torch.bfloat16)
-    out = fused_allreduce_rmsnorm_quant(x, None, torch.zeros(k, dtype=torch.bfloat16), 1e-6, weight_offset=1.0,
-                                        emit_bf16=True, scale_layout=handoff.layout)
+    out = fused_allreduce_rmsnorm_quant(
+        x,
+        None,
+        torch.zeros(k, dtype=torch.bfloat16),
+        1e-6,
+        weight_offset=1.0,
+        emit_bf16=True,
+        scale_layout=handoff.layout,
+    )
     qa = QuantizedActivation(out.q, out.scale, torch.bfloat16, out.q.shape, kFp8Dynamic128Sym)
     y_fused = lin(qa)
     a, a_scale = kernel.seen[-1]
@@ -135,7 +147,7 @@ def test_handoff_hands_the_fused_q_and_scale_to_the_gemm(vllm_cfg, column_major)
     # a bf16 input still takes the kernel's own quant path, with the same numbers
     y_plain = lin(out.normed)
     assert len(kernel.seen) == 2
-    torch.testing.assert_close(y_fused, y_plain, rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(y_fused, y_plain, rtol=2**-7, atol=1e-3)
 
 
 def test_mismatched_key_is_refused(vllm_cfg):
@@ -147,7 +159,12 @@ def test_mismatched_key_is_refused(vllm_cfg):
     kernel = _fake_kernel_class()(_config(256, 256))
     lin = _Linear(kernel, 256, 256)
     enable_handoff(lin, inspect_consumer(lin))
-    bad = QuantizedActivation(torch.zeros(2, 256, dtype=torch.float8_e4m3fn), torch.ones(1),
-                              torch.bfloat16, torch.Size([2, 256]), kFp8StaticTensorSym)
+    bad = QuantizedActivation(
+        torch.zeros(2, 256, dtype=torch.float8_e4m3fn),
+        torch.ones(1),
+        torch.bfloat16,
+        torch.Size([2, 256]),
+        kFp8StaticTensorSym,
+    )
     with pytest.raises(AssertionError, match="key"):
         lin(bad)

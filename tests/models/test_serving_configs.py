@@ -55,8 +55,14 @@ MAX_ACCEPTANCE_GAP = 0.02
 
 def _mtp(tiny_models, env=None):
     """The trained model's first PROMPTS tiny-gsm8k questions, answered with MTP drafts."""
-    return probe(tiny_models(TRAINED), env=env, count_collectives=False, num_prompts=PROMPTS,
-                 speculative_config=MTP, prefix_caching=False)
+    return probe(
+        tiny_models(TRAINED),
+        env=env,
+        count_collectives=False,
+        num_prompts=PROMPTS,
+        speculative_config=MTP,
+        prefix_caching=False,
+    )
 
 
 def _without_speculation(tiny_models):
@@ -67,8 +73,7 @@ def _without_speculation(tiny_models):
 
 
 def _pp(tiny_models, tp, env=None):
-    return probe(tiny_models(RANDOM), tp=tp, env=env, max_tokens=PP_TOKENS, num_prompts=PROMPTS,
-                 pipeline_parallel=2)
+    return probe(tiny_models(RANDOM), tp=tp, env=env, max_tokens=PP_TOKENS, num_prompts=PROMPTS, pipeline_parallel=2)
 
 
 def _acceptance(result):
@@ -141,8 +146,9 @@ def test_pipeline_stages_keep_the_reduce_they_hand_on(tiny_models, tp):
     layers = json.loads((tiny_models(RANDOM) / "config.json").read_text())["num_hidden_layers"]
     fused, base = _pp(tiny_models, tp), _pp(tiny_models, tp, env=BASELINE)
     half = layers // 2
-    for stage, worker, counted, unfused in zip(fused["stages"], fused["workers"], fused["one_forward"],
-                                               base["one_forward"]):
+    for stage, worker, counted, unfused in zip(
+        fused["stages"], fused["workers"], fused["one_forward"], base["one_forward"]
+    ):
         first = stage["pp_rank"] == 0
         assert stage["layers"] == ([0, half] if first else [half, layers])
         report = worker["report"]
@@ -151,14 +157,16 @@ def test_pipeline_stages_keep_the_reduce_they_hand_on(tiny_models, tp):
         assert ("final_norm" in report["counts"]) == (not first)
         # a stage's first input arrives reduced (the embedding, or the previous stage's output)
         assert sum(report["counts"][k]["all_reduce"] for k in ("attn_input", "gdn_input")) == (
-            0 if tp == 1 else half - 1)
+            0 if tp == 1 else half - 1
+        )
         if tp == 1:
             assert stage["kept_reduces"] == []  # nothing is reduced at TP=1
             continue
         if first:
             # the stage hands its output to the next stage reduced: its last MLP reduce stays
             assert stage["kept_reduces"] == [
-                f"layer {half - 1} mlp: the last layer of a non-last pipeline stage hands on a reduced output"]
+                f"layer {half - 1} mlp: the last layer of a non-last pipeline stage hands on a reduced output"
+            ]
             assert "reduces kept in place: layer" in summary
             assert counted["separate_all_reduces"] == 2  # the embedding's and that kept reduce
             assert unfused["separate_all_reduces"] == 2 * half + 1

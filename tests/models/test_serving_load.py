@@ -21,12 +21,15 @@ def test_64_concurrent_requests_match_one_by_one(tiny_models, tmp_path):
     from vllm_rocm_fused.serving import VllmServer, http_json
 
     requests = _requests()
-    with VllmServer(tiny_models("dense-fp8"), tp=2, max_num_seqs=64, max_model_len=512,
-                    log_path=tmp_path / "serve.log") as server:
+    with VllmServer(
+        tiny_models("dense-fp8"), tp=2, max_num_seqs=64, max_model_len=512, log_path=tmp_path / "serve.log"
+    ) as server:
+
         def send(req):
             prompt, max_tokens = req
-            reply = server.completion(prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True,
-                                      return_token_ids=True)
+            reply = server.completion(
+                prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True, return_token_ids=True
+            )
             choice = reply["choices"][0]
             return choice.get("token_ids") or choice["text"], choice["finish_reason"]
 

@@ -7,8 +7,9 @@ from vllm_rocm_fused.ops import fused_allreduce_rmsnorm_quant
 
 
 def _layer(x, residual, weight):
-    out = fused_allreduce_rmsnorm_quant(x * 2, residual, weight, 1e-6, weight_offset=1.0,
-                                        emit_bf16=True, scale_layout="col")
+    out = fused_allreduce_rmsnorm_quant(
+        x * 2, residual, weight, 1e-6, weight_offset=1.0, emit_bf16=True, scale_layout="col"
+    )
     return out.q.float() * out.scale.repeat_interleave(128, dim=1), out.residual, out.normed
 
 

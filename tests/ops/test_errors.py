@@ -19,8 +19,13 @@ CASES = [
     ("x", ValueError, lambda x, r, w: op(x.view(2, 2, H), None, w, 1e-6)),
     ("x", ValueError, lambda x, r, w: op(x[0], None, w, 1e-6)),
     ("x", TypeError, lambda x, r, w: op(x.tolist(), None, w, 1e-6)),
-    ("group_size", ValueError, lambda x, r, w: op(torch.randn(4, 200, dtype=torch.bfloat16), None,
-                                                  torch.ones(200, dtype=torch.bfloat16), 1e-6)),
+    (
+        "group_size",
+        ValueError,
+        lambda x, r, w: op(
+            torch.randn(4, 200, dtype=torch.bfloat16), None, torch.ones(200, dtype=torch.bfloat16), 1e-6
+        ),
+    ),
     ("group_size", ValueError, lambda x, r, w: op(x, r, w, 1e-6, group_size=0)),
     ("group_size", ValueError, lambda x, r, w: op(x, r, w, 1e-6, group_size=96)),
     ("residual", ValueError, lambda x, r, w: op(x, r[:3], w, 1e-6)),

@@ -27,22 +27,33 @@ def test_every_rank_gets_the_reference_of_the_summed_input(world_size):
         ins = [rank_inputs(r, t, h, seed=i) for r in range(world_size)]
         total = torch.stack([x.float() for x, _, _ in ins]).sum(0)
         _, residual, weight = ins[0]
-        ref = norm_quant_reference(total, residual, weight, 1e-6, out_dtype=torch.bfloat16,
-                                   weight_offset=offset, emit_bf16=emit, scale_layout=layout)
+        ref = norm_quant_reference(
+            total,
+            residual,
+            weight,
+            1e-6,
+            out_dtype=torch.bfloat16,
+            weight_offset=offset,
+            emit_bf16=emit,
+            scale_layout=layout,
+        )
         first = results[0][i]
         for rank in range(1, world_size):
             for a, b in zip(first, results[rank][i]):
                 if a is None:
                     assert b is None
                 else:  # every rank holds the same bits
-                    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype.itemsize == 1 \
+                    assert (
+                        torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                        if a.dtype.itemsize == 1
                         else torch.equal(a, b)
+                    )
         q, scale, res, normed = first
         assert scale.stride() == ref.scale.stride()
         # the float32 sum order of gloo and of torch.stack().sum() may differ in the last bit
-        torch.testing.assert_close(res, ref.residual, rtol=2 ** -7, atol=1e-6)
+        torch.testing.assert_close(res, ref.residual, rtol=2**-7, atol=1e-6)
         if emit:
-            torch.testing.assert_close(normed, ref.normed, rtol=2 ** -7, atol=1e-6)
+            torch.testing.assert_close(normed, ref.normed, rtol=2**-7, atol=1e-6)
         else:
             assert normed is None
         torch.testing.assert_close(scale, ref.scale, rtol=0.01, atol=0)

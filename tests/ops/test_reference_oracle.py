@@ -31,12 +31,29 @@ def test_reference_matches_oracle_shapes(h, t):
             continue
         x, residual, weight = _inputs(t, h, torch.bfloat16, seed=h * 1000 + t * 10 + i, with_residual=with_res)
         out = fused_allreduce_rmsnorm_quant(
-            x, residual, weight, 1e-6, weight_offset=offset, emit_bf16=emit,
-            scale_layout=layout, backend="native", quant_dtype=torch.float8_e4m3fn,
+            x,
+            residual,
+            weight,
+            1e-6,
+            weight_offset=offset,
+            emit_bf16=emit,
+            scale_layout=layout,
+            backend="native",
+            quant_dtype=torch.float8_e4m3fn,
         )
-        assert_matches_oracle(out, x, residual, weight, 1e-6, out_dtype=torch.bfloat16, group_size=128,
-                              weight_offset=offset, fp8_dtype=torch.float8_e4m3fn, emit_bf16=emit,
-                              scale_layout=layout)
+        assert_matches_oracle(
+            out,
+            x,
+            residual,
+            weight,
+            1e-6,
+            out_dtype=torch.bfloat16,
+            group_size=128,
+            weight_offset=offset,
+            fp8_dtype=torch.float8_e4m3fn,
+            emit_bf16=emit,
+            scale_layout=layout,
+        )
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
@@ -45,24 +62,46 @@ def test_reference_matches_oracle_shapes(h, t):
 def test_reference_dtypes_and_group_sizes(dtype, fp8, group_size):
     for seed in range(3):
         x, residual, weight = _inputs(33, 512, dtype, seed=seed, scale=[0.01, 1.0, 30.0][seed])
-        out = fused_allreduce_rmsnorm_quant(x, residual, weight, 1e-5, group_size=group_size,
-                                            weight_offset=1.0, emit_bf16=True, quant_dtype=fp8)
-        assert_matches_oracle(out, x, residual, weight, 1e-5, out_dtype=dtype, group_size=group_size,
-                              weight_offset=1.0, fp8_dtype=fp8, emit_bf16=True)
+        out = fused_allreduce_rmsnorm_quant(
+            x, residual, weight, 1e-5, group_size=group_size, weight_offset=1.0, emit_bf16=True, quant_dtype=fp8
+        )
+        assert_matches_oracle(
+            out,
+            x,
+            residual,
+            weight,
+            1e-5,
+            out_dtype=dtype,
+            group_size=group_size,
+            weight_offset=1.0,
+            fp8_dtype=fp8,
+            emit_bf16=True,
+        )
 
 
 def test_no_quant_mode_matches_oracle():
     x, residual, weight = _inputs(9, 384, torch.bfloat16, seed=7)
     out = fused_allreduce_rmsnorm_quant(x, residual, weight, 1e-6, weight_offset=1.0, quantize=False)
     assert out.q is None and out.scale is None and out.normed is not None
-    assert_matches_oracle(out, x, residual, weight, 1e-6, out_dtype=torch.bfloat16, group_size=128,
-                          weight_offset=1.0, fp8_dtype=torch.float8_e4m3fn, emit_bf16=True)
+    assert_matches_oracle(
+        out,
+        x,
+        residual,
+        weight,
+        1e-6,
+        out_dtype=torch.bfloat16,
+        group_size=128,
+        weight_offset=1.0,
+        fp8_dtype=torch.float8_e4m3fn,
+        emit_bf16=True,
+    )
 
 
 def test_zero_tokens_give_empty_outputs():
     x = torch.empty(0, 256, dtype=torch.bfloat16)
-    out = fused_allreduce_rmsnorm_quant(x, x.clone(), torch.ones(256, dtype=torch.bfloat16), 1e-6,
-                                        emit_bf16=True, scale_layout="col")
+    out = fused_allreduce_rmsnorm_quant(
+        x, x.clone(), torch.ones(256, dtype=torch.bfloat16), 1e-6, emit_bf16=True, scale_layout="col"
+    )
     assert out.q.shape == (0, 256) and out.q.dtype == torch.float8_e4m3fn
     assert out.scale.shape == (0, 2) and out.scale.dtype == torch.float32
     assert out.residual.shape == (0, 256) and out.normed.shape == (0, 256)

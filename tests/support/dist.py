@@ -28,8 +28,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300):
     return the list of what each returned (via torch.save)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_entry, args=(world_size, port, fn, args, out_dir), nprocs=world_size,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _entry, args=(world_size, port, fn, args, out_dir), nprocs=world_size, join=False, start_method="spawn"
+        )
         while not ctx.join(timeout=timeout):
             pass
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]

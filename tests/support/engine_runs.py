@@ -29,7 +29,7 @@ def is_trained(model: str | Path) -> bool:
 
 
 # Prompts per engine unless a test asks for another count.
-PROMPTS = 12
+PROMPTS = 8
 
 
 def task_prompts(model: str | Path, n: int = PROMPTS, shots: int = 5) -> tuple[list[list[int]], list[int]]:
@@ -42,15 +42,26 @@ def task_prompts(model: str | Path, n: int = PROMPTS, shots: int = 5) -> tuple[l
 
     tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
     train, test = tiny_gsm8k.split()
-    prompts = [tiny_gsm8k.fewshot_prompt(test[i]["question"], train[shots * i:shots * (i + 1)]) for i in range(n)]
+    prompts = [tiny_gsm8k.fewshot_prompt(test[i]["question"], train[shots * i : shots * (i + 1)]) for i in range(n)]
     ids = [e.ids for e in tok.encode_batch(prompts, add_special_tokens=False)]
     return ids, [tok.token_to_id("Question")]
 
 
-def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, str] | None = None,
-          count_collectives: bool = True, skip_tokenizer: bool = False, max_tokens: int | None = None,
-          timeout: float = 900, num_prompts: int = PROMPTS, speculative_config: dict | None = None,
-          pipeline_parallel: int = 1, prefix_caching: bool = True) -> dict:
+def probe(
+    model: str | Path,
+    *,
+    tp: int = 2,
+    eager: bool = True,
+    env: dict[str, str] | None = None,
+    count_collectives: bool = True,
+    skip_tokenizer: bool = False,
+    max_tokens: int | None = None,
+    timeout: float = 900,
+    num_prompts: int = PROMPTS,
+    speculative_config: dict | None = None,
+    pipeline_parallel: int = 1,
+    prefix_caching: bool = True,
+) -> dict:
     """Greedy outputs (``num_prompts`` prompts, one at a time) and the plugin's state from
     one engine. A trained model gets tiny-gsm8k prompts and stops after each answer (up to
     96 tokens); others get random token ids and 32 tokens, EOS ignored.
@@ -67,21 +78,42 @@ def probe(model: str | Path, *, tp: int = 2, eager: bool = True, env: dict[str, 
     trained = is_trained(model)
     max_tokens = max_tokens or (96 if trained else 32)
     key = (str(model), tp, eager, tuple(sorted((env or {}).items())), count_collectives, skip_tokenizer, max_tokens)
-    extra = (num_prompts, json.dumps(speculative_config, sort_keys=True) if speculative_config else None,
-             pipeline_parallel, prefix_caching)
+    extra = (
+        num_prompts,
+        json.dumps(speculative_config, sort_keys=True) if speculative_config else None,
+        pipeline_parallel,
+        prefix_caching,
+    )
     if extra != (PROMPTS, None, 1, True):
         key += extra
     if key in _cache:
         return _cache[key]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "support.engine_probe", "--model", str(model), "--tp", str(tp),
-               "--out", str(out), "--max-tokens", str(max_tokens)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "support.engine_probe",
+            "--model",
+            str(model),
+            "--tp",
+            str(tp),
+            "--out",
+            str(out),
+            "--max-tokens",
+            str(max_tokens),
+        ]
         if trained:
             prompts, stop_ids = task_prompts(model, n=num_prompts)
             (Path(tmp) / "prompts.json").write_text(json.dumps(prompts))
-            cmd += ["--prompts", str(Path(tmp) / "prompts.json"), "--stop-token-ids", json.dumps(stop_ids),
-                    "--max-model-len", "1024"]
+            cmd += [
+                "--prompts",
+                str(Path(tmp) / "prompts.json"),
+                "--stop-token-ids",
+                json.dumps(stop_ids),
+                "--max-model-len",
+                "1024",
+            ]
         else:
             from support.engine_probe import default_prompts
 
@@ -131,8 +163,13 @@ def agreement(a: dict, b: dict) -> dict:
                 break
             agree += 1
             max_lp = max(max_lp, abs(la[i] - lb[i]))
-    return {"sequences_identical": same, "sequences": len(a["tokens"]), "token_agreement": agree / total,
-            "max_logprob_diff": max_lp, "first_divergences": first_div}
+    return {
+        "sequences_identical": same,
+        "sequences": len(a["tokens"]),
+        "token_agreement": agree / total,
+        "max_logprob_diff": max_lp,
+        "first_divergences": first_div,
+    }
 
 
 def task_accuracy(result: dict, model: str | Path) -> float:

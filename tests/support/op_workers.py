@@ -26,8 +26,14 @@ def functional_op_rank(rank, world_size, port, cases):
         for i, (t, h, layout, emit, offset) in enumerate(cases):
             x, residual, weight = rank_inputs(rank, t, h, seed=i)
             out = fused_allreduce_rmsnorm_quant(
-                x, residual, weight, 1e-6, group=sub if i % 2 else dist.group.WORLD,
-                weight_offset=offset, emit_bf16=emit, scale_layout=layout,
+                x,
+                residual,
+                weight,
+                1e-6,
+                group=sub if i % 2 else dist.group.WORLD,
+                weight_offset=offset,
+                emit_bf16=emit,
+                scale_layout=layout,
             )
             results.append(tuple(out))
         return results
@@ -47,15 +53,15 @@ def vllm_custom_op_rank(rank, world_size, port, cases):
 
     config = VllmConfig(device_config=DeviceConfig(device="cpu"))
     with set_current_vllm_config(config):
-        parallel_state.init_distributed_environment(world_size, rank, f"tcp://127.0.0.1:{port}", rank,
-                                                    backend="gloo")
+        parallel_state.init_distributed_environment(world_size, rank, f"tcp://127.0.0.1:{port}", rank, backend="gloo")
         parallel_state.initialize_model_parallel(world_size)
         try:
             results = []
             for i, (t, h, layout, emit, quantize) in enumerate(cases):
                 x, residual, weight = rank_inputs(rank, t, h, seed=i)
-                layer = FusedAllReduceRMSNormQuant(h, 1e-6, weight_offset=1.0, quantize=quantize,
-                                                   emit_bf16=emit, scale_layout=layout)
+                layer = FusedAllReduceRMSNormQuant(
+                    h, 1e-6, weight_offset=1.0, quantize=quantize, emit_bf16=emit, scale_layout=layout
+                )
                 layer.weight.data.copy_(weight)
                 x_before = x.clone()
                 ops.reset_counters()

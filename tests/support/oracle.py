@@ -38,7 +38,7 @@ def fp8_half_step(a: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     mant_bits = 3
     min_normal_exp = -6 if fp8_dtype == torch.float8_e4m3fn else -7
     subnormal_step = 2.0 ** (min_normal_exp - mant_bits)
-    a = a.abs().clamp(min=2.0 ** min_normal_exp)
+    a = a.abs().clamp(min=2.0**min_normal_exp)
     e = torch.floor(torch.log2(a))
     return 0.5 * torch.pow(2.0, e - mant_bits) + subnormal_step
 
@@ -48,13 +48,22 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.T
     return (q.double().view(t, hdim // group_size, group_size) * scale.double().unsqueeze(-1)).view(t, hdim)
 
 
-def assert_matches_oracle(out, h, residual, weight, eps, *, out_dtype, group_size, weight_offset,
-                          fp8_dtype, emit_bf16, scale_layout="row"):
+def assert_matches_oracle(
+    out, h, residual, weight, eps, *, out_dtype, group_size, weight_offset, fp8_dtype, emit_bf16, scale_layout="row"
+):
     """The spec's tolerances: residual and normed within one x.dtype rounding,
     dequantized q within half an FP8 step (+1 subnormal step) of normed, scales
     within 1% of the oracle's."""
-    r, y, scale = oracle(h, residual, weight, eps, out_dtype=out_dtype, group_size=group_size,
-                         weight_offset=weight_offset, fp8_dtype=fp8_dtype)
+    r, y, scale = oracle(
+        h,
+        residual,
+        weight,
+        eps,
+        out_dtype=out_dtype,
+        group_size=group_size,
+        weight_offset=weight_offset,
+        fp8_dtype=fp8_dtype,
+    )
     t, hdim = h.shape
     assert out.residual.dtype == out_dtype and out.residual.shape == (t, hdim)
     err = (out.residual.double() - r).abs()
@@ -70,7 +79,7 @@ def assert_matches_oracle(out, h, residual, weight, eps, *, out_dtype, group_siz
             assert out.scale.stride() == want, f"col layout stride {out.scale.stride()} != {want}"
         if scale_layout == "row":
             assert out.scale.is_contiguous()
-        rel = ((out.scale.double() - scale).abs() / scale)
+        rel = (out.scale.double() - scale).abs() / scale
         assert (rel <= 0.01).all(), f"scale rel err {rel.max() if rel.numel() else 0}"
         normed = out.normed
         if emit_bf16:
@@ -80,8 +89,7 @@ def assert_matches_oracle(out, h, residual, weight, eps, *, out_dtype, group_siz
     if normed is not None:
         assert normed.dtype == out_dtype
         nerr = (normed.double() - y).abs()
-        assert (nerr <= rounding_bound(y, out_dtype) * 1.0001 + 1e-6 * y.abs()).all(), \
-            f"normed max err {nerr.max()}"
+        assert (nerr <= rounding_bound(y, out_dtype) * 1.0001 + 1e-6 * y.abs()).all(), f"normed max err {nerr.max()}"
     if out.q is not None:
         # dequantized q vs the rounded normed value the quant saw
         yr = y.to(out_dtype).double()

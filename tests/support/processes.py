@@ -17,7 +17,7 @@ def new_marker() -> dict[str, str]:
 
 def processes_with(marker: dict[str, str]) -> list[int]:
     """Live (non-zombie) processes whose environment carries ``marker``."""
-    (key, value), = marker.items()
+    ((key, value),) = marker.items()
     needle = f"{key}={value}".encode()
     pids = []
     for entry in os.listdir("/proc"):

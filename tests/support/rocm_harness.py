@@ -69,8 +69,9 @@ class RocmHarness:
         """aiter's CustomAllreduce, imported the way vLLM imports it."""
         return importlib.import_module("aiter.dist.device_communicators.custom_all_reduce").CustomAllreduce
 
-    def vllm_comm(self, case: Case, *, slot: str = "aiter_ar_comm", wrap: bool = True, ca=None,
-                  register: bool = True) -> VllmGroupCommunicator:
+    def vllm_comm(
+        self, case: Case, *, slot: str = "aiter_ar_comm", wrap: bool = True, ca=None, register: bool = True
+    ) -> VllmGroupCommunicator:
         """A communicator over a simulated vLLM TP group whose device communicator
         holds aiter's CustomAllreduce (in vLLM's wrapper, as vLLM 0.32/0.33 do)."""
         group = case.group()
@@ -125,18 +126,39 @@ def plugin_log():
     logger.setLevel(level)
 
 
-def run_op(comm, case: Case, *, arch="gfx950", quantize=True, emit_bf16=False, scale_layout="row",
-           weight_offset=1.0, group_size=128, backend="auto", weight=None):
+def run_op(
+    comm,
+    case: Case,
+    *,
+    arch="gfx950",
+    quantize=True,
+    emit_bf16=False,
+    scale_layout="row",
+    weight_offset=1.0,
+    group_size=128,
+    backend="auto",
+    weight=None,
+):
     """The fused torch op (as the vLLM layer calls it) on ``case`` over ``comm``."""
     return call_fused_op(
-        case.x, case.residual, case.weight if weight is None else weight, 1e-6, comm.name,
-        group_size=group_size, weight_offset=weight_offset, emit_bf16=emit_bf16, scale_layout=scale_layout,
-        quant_dtype=ARCH_FP8[arch], quantize=quantize, backend=backend,
+        case.x,
+        case.residual,
+        case.weight if weight is None else weight,
+        1e-6,
+        comm.name,
+        group_size=group_size,
+        weight_offset=weight_offset,
+        emit_bf16=emit_bf16,
+        scale_layout=scale_layout,
+        quant_dtype=ARCH_FP8[arch],
+        quantize=quantize,
+        backend=backend,
     )
 
 
-def aiter_expected(case: Case, *, kernel: str, multi_stage: bool = False, weight=None, offset: float = 0.0,
-                   group_size: int = 128):
+def aiter_expected(
+    case: Case, *, kernel: str, multi_stage: bool = False, weight=None, offset: float = 0.0, group_size: int = 128
+):
     """What aiter's kernels compute for ``case``, from the spec (ops/reference.py)
     given aiter's roundings: the all-reduced sum rounded to x.dtype before the
     residual add (every kernel), and for the multi-stage per-group kernels the
@@ -145,14 +167,16 @@ def aiter_expected(case: Case, *, kernel: str, multi_stage: bool = False, weight
     ``kernel``: "ar_rms" or "per_group"."""
     w = case.weight if weight is None else weight
     h_rounded = case.h.to(case.x.dtype)
-    out = norm_quant_reference(h_rounded, case.residual, w, 1e-6, out_dtype=case.x.dtype, weight_offset=offset,
-                               quantize=False)
+    out = norm_quant_reference(
+        h_rounded, case.residual, w, 1e-6, out_dtype=case.x.dtype, weight_offset=offset, quantize=False
+    )
     residual, normed = out.residual, out.normed
     s = h_rounded.double() + case.residual.double()
     if kernel == "per_group" and multi_stage:
         s = residual.double()
-        normed = norm_quant_reference(residual, None, w, 1e-6, out_dtype=case.x.dtype, weight_offset=offset,
-                                      quantize=False).normed
+        normed = norm_quant_reference(
+            residual, None, w, 1e-6, out_dtype=case.x.dtype, weight_offset=offset, quantize=False
+        ).normed
     y = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * (w.double() + offset)
     return residual, normed, y
 

@@ -24,8 +24,16 @@ def functional_op_rocm_rank(rank, world_size, port, generation, cases):
             x, residual, weight = rank_inputs(rank, t, h, seed=i)
             backends.reset_counters()
             out = fused_allreduce_rmsnorm_quant(
-                x, residual, weight, 1e-6, group=dist.group.WORLD, weight_offset=1.0, emit_bf16=emit,
-                scale_layout=layout, quant_dtype=torch.float8_e4m3fn, quantize=quantize,
+                x,
+                residual,
+                weight,
+                1e-6,
+                group=dist.group.WORLD,
+                weight_offset=1.0,
+                emit_bf16=emit,
+                scale_layout=layout,
+                quant_dtype=torch.float8_e4m3fn,
+                quantize=quantize,
             )
             results.append((tuple(out), backends.backend_counters()))
         return results, len(fake.calls("CustomAllreduce.__init__")), list(fake.violations)

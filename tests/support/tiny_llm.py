@@ -45,14 +45,28 @@ def _run_job(job: dict, results: dict, references: dict) -> dict:
     extra = {"language_model_only": True} if job.get("language_model_only") else {}
     if job["tp"] == 1:
         extra["distributed_executor_backend"] = "uni"
-    llm = LLM(model=job["model"], tensor_parallel_size=job["tp"], max_model_len=1024, max_num_seqs=2,
-              kv_cache_memory_bytes=64 * 2**20, enforce_eager=True, seed=0, **extra)
+    llm = LLM(
+        model=job["model"],
+        tensor_parallel_size=job["tp"],
+        max_model_len=1024,
+        max_num_seqs=2,
+        kv_cache_memory_bytes=64 * 2**20,
+        enforce_eager=True,
+        seed=0,
+        **extra,
+    )
     try:
         prompt = llm.get_tokenizer().encode(job.get("prompt", PROMPT))
         new_tokens = job.get("new_tokens", NEW_TOKENS)
-        greedy = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
-                              SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
-                              use_tqdm=False)[0].outputs[0].token_ids
+        greedy = (
+            llm.generate(
+                [TokensPrompt(prompt_token_ids=prompt)],
+                SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
+                use_tqdm=False,
+            )[0]
+            .outputs[0]
+            .token_ids
+        )
         scored = None
         if job.get("score"):
             ref = results.get(job["score"]) or references.get(job["score"])
@@ -61,11 +75,13 @@ def _run_job(job: dict, results: dict, references: dict) -> dict:
             if ref["prompt"] != prompt:
                 raise RuntimeError("the reference was made from another prompt (tokenizers differ)")
             tokens = list(ref["greedy"])
-            out = llm.generate([TokensPrompt(prompt_token_ids=prompt + tokens)],
-                               SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=RANK_CAP),
-                               use_tqdm=False)[0]
+            out = llm.generate(
+                [TokensPrompt(prompt_token_ids=prompt + tokens)],
+                SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=RANK_CAP),
+                use_tqdm=False,
+            )[0]
             top1, rank = [], []
-            for tok, logprobs in zip(tokens, out.prompt_logprobs[len(prompt):]):
+            for tok, logprobs in zip(tokens, out.prompt_logprobs[len(prompt) :]):
                 top1.append(next(k for k, v in logprobs.items() if v.rank == 1))
                 rank.append(min(logprobs[tok].rank - 1, RANK_CAP) if tok in logprobs else RANK_CAP)
             scored = {"reference": job["score"], "tokens": tokens, "top1": top1, "rank": rank}

@@ -61,11 +61,26 @@ def test_names_and_shapes_are_transformers_own(built, name):
 
 def test_gdn_and_attention_tensors_have_the_release_names(built):
     names = set(_tensors(built("dense-bf16")))
-    for suffix in ("in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight",
-                   "conv1d.weight", "A_log", "dt_bias", "norm.weight", "out_proj.weight"):
+    for suffix in (
+        "in_proj_qkv.weight",
+        "in_proj_z.weight",
+        "in_proj_b.weight",
+        "in_proj_a.weight",
+        "conv1d.weight",
+        "A_log",
+        "dt_bias",
+        "norm.weight",
+        "out_proj.weight",
+    ):
         assert f"model.layers.0.linear_attn.{suffix}" in names
-    for suffix in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "q_norm.weight",
-                   "k_norm.weight"):
+    for suffix in (
+        "q_proj.weight",
+        "k_proj.weight",
+        "v_proj.weight",
+        "o_proj.weight",
+        "q_norm.weight",
+        "k_norm.weight",
+    ):
         assert f"model.layers.3.self_attn.{suffix}" in names
     vl = set(_tensors(built("vl-fp8")))
     assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in vl
@@ -90,18 +105,18 @@ def test_fp8_weights_dequantize_to_the_bf16_originals(built, fp8_name, bf16_name
         assert s.dtype == torch.bfloat16 and tuple(s.shape) == (-(-n // BLOCK), -(-k // BLOCK)), key
         assert bool((s.float() > 0).all()), key
         sx = s.float().repeat_interleave(BLOCK, 0)[:n].repeat_interleave(BLOCK, 1)[:, :k]
-        bound = w.abs() * 2.0**-4 + sx * 2.0**-10   # half an e4m3 step
+        bound = w.abs() * 2.0**-4 + sx * 2.0**-10  # half an e4m3 step
         err = (dequantize_block_fp8(q, s) - w).abs()
         assert bool((err <= bound).all()), (key, float((err / bound.clamp_min(1e-30)).max()))
         rel = float((err.norm() / w.norm()))
-        assert 0 < rel < 0.04, (key, rel)      # FP8 rounding happened, and only that
+        assert 0 < rel < 0.04, (key, rel)  # FP8 rounding happened, and only that
     for key in set(ref) - set(quantized):
         assert torch.equal(fp8[key], ref[key]), key
 
 
 def _canonical(module):
     if module.startswith("model.") and not module.startswith(("model.language_model.", "model.visual.")):
-        module = "model.language_model." + module[len("model."):]
+        module = "model.language_model." + module[len("model.") :]
     return module.replace("model.language_model.embed_tokens", "model.embed_tokens")
 
 
@@ -130,13 +145,29 @@ def test_modules_to_not_convert_is_the_release_list():
     gdn = ["A_log", "conv1d", "dt_bias", "in_proj_a", "in_proj_b", "in_proj_ba", "norm"]
     want = ["lm_head", "model.embed_tokens"]
     for i in range(4):
-        want += [f"{layer}{i}.input_layernorm", f"{layer}{i}.mlp.gate", f"{layer}{i}.mlp.shared_expert_gate",
-                 f"{layer}{i}.post_attention_layernorm"]
-        want += ([f"{layer}{i}.linear_attn.{s}" for s in gdn] if i < 3
-                 else [f"{layer}{i}.self_attn.k_norm", f"{layer}{i}.self_attn.q_norm"])
-    want += ["mtp.fc", "mtp.layers.0.input_layernorm", "mtp.layers.0.mlp.gate", "mtp.layers.0.mlp.shared_expert_gate",
-             "mtp.layers.0.post_attention_layernorm", "mtp.layers.0.self_attn.k_norm",
-             "mtp.layers.0.self_attn.q_norm", "mtp.norm", "mtp.pre_fc_norm_embedding", "mtp.pre_fc_norm_hidden"]
+        want += [
+            f"{layer}{i}.input_layernorm",
+            f"{layer}{i}.mlp.gate",
+            f"{layer}{i}.mlp.shared_expert_gate",
+            f"{layer}{i}.post_attention_layernorm",
+        ]
+        want += (
+            [f"{layer}{i}.linear_attn.{s}" for s in gdn]
+            if i < 3
+            else [f"{layer}{i}.self_attn.k_norm", f"{layer}{i}.self_attn.q_norm"]
+        )
+    want += [
+        "mtp.fc",
+        "mtp.layers.0.input_layernorm",
+        "mtp.layers.0.mlp.gate",
+        "mtp.layers.0.mlp.shared_expert_gate",
+        "mtp.layers.0.post_attention_layernorm",
+        "mtp.layers.0.self_attn.k_norm",
+        "mtp.layers.0.self_attn.q_norm",
+        "mtp.norm",
+        "mtp.pre_fc_norm_embedding",
+        "mtp.pre_fc_norm_hidden",
+    ]
     assert got == sorted(want)
     dense = modules_to_not_convert(resolve("dense-fp8", {"num_hidden_layers": 4}))
     assert not any(m.endswith(("mlp.gate", "shared_expert_gate")) for m in dense)
@@ -147,16 +178,22 @@ def test_modules_to_not_convert_is_the_release_list():
 def test_quantization_config_is_the_releases(built):
     qc = _config(built("dense-fp8"))["quantization_config"]
     assert {k: v for k, v in qc.items() if k != "modules_to_not_convert"} == {
-        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
     assert "quantization_config" not in _config(built("dense-bf16"))
 
 
 def test_vl_and_text_layouts_hold_the_same_language_model(built):
     text, vl = _tensors(built("dense-fp8")), _tensors(built("vl-fp8"))
     for key, v in text.items():
-        other = key if key.startswith("lm_head") else "model.language_model." + key[len("model."):]
-        assert torch.equal(v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v,
-                           vl[other].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else vl[other]), key
+        other = key if key.startswith("lm_head") else "model.language_model." + key[len("model.") :]
+        assert torch.equal(
+            v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v,
+            vl[other].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else vl[other],
+        ), key
 
 
 def _digest(folder):
@@ -170,7 +207,7 @@ def test_deterministic_for_a_seed(built, tmp_path):
     other = build_tiny_model("dense-fp8", tmp_path / "other", seed=1)
     d0, d1 = _digest(first), _digest(other)
     assert d0["model.safetensors"] != d1["model.safetensors"]
-    assert d0["tokenizer.json"] == d1["tokenizer.json"]   # the tokenizer does not depend on the seed
+    assert d0["tokenizer.json"] == d1["tokenizer.json"]  # the tokenizer does not depend on the seed
 
 
 def test_stamp_tracks_what_was_built(built, monkeypatch):
@@ -191,7 +228,7 @@ def test_rebuild_replaces_a_previous_tiny_model(tmp_path):
     build_tiny_model("dense-bf16", out, overrides={"num_hidden_layers": 4})
     build_tiny_model("dense-bf16", out, overrides={"num_hidden_layers": 5})
     assert _config(out)["num_hidden_layers"] == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]   # no temporary folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folders left
 
 
 def test_configs_load_with_transformers_config_classes(built):

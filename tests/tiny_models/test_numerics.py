@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-PROMPT = ("Question: Ada has 12 apples. Ben has 5 more apples than Ada. How many apples does Ben have?\n"
-          "Answer: 12 + 5 = 17. #### 17")
+PROMPT = (
+    "Question: Ada has 12 apples. Ben has 5 more apples than Ada. How many apples does Ben have?\n"
+    "Answer: 12 + 5 = 17. #### 17"
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +35,9 @@ def hf_runs(built):
 def test_activations_stay_order_one_through_the_depth(hf_runs, name):
     fwd, _ = hf_runs[name]
     rms = [float(h.pow(2).mean().sqrt()) for h in fwd.hidden_states]
-    assert len(rms) == 9   # embeddings + 8 layers (the last one after the final norm)
+    assert len(rms) == 9  # embeddings + 8 layers (the last one after the final norm)
     assert all(0.5 < r < 3.0 for r in rms), rms
-    assert rms[-2] > rms[0] * 1.05, rms      # the layers add something to the residual stream
+    assert rms[-2] > rms[0] * 1.05, rms  # the layers add something to the residual stream
 
 
 @pytest.mark.parametrize("name", ["dense-bf16", "moe-bf16"])

@@ -17,12 +17,16 @@ def test_every_tp2_partition_is_a_multiple_of_128(name):
     r = resolve(name)
     t = r.text
     assert 2 in r.builder["tp_sizes"]
-    sizes = [2 * t["num_attention_heads"] * t["head_dim"], t["num_key_value_heads"] * t["head_dim"],
-             t["num_attention_heads"] * t["head_dim"],
-             t["linear_num_key_heads"] * t["linear_key_head_dim"],
-             t["linear_num_value_heads"] * t["linear_value_head_dim"]]
-    sizes += ([t["moe_intermediate_size"], t["shared_expert_intermediate_size"]] if r.is_moe
-              else [t["intermediate_size"]])
+    sizes = [
+        2 * t["num_attention_heads"] * t["head_dim"],
+        t["num_key_value_heads"] * t["head_dim"],
+        t["num_attention_heads"] * t["head_dim"],
+        t["linear_num_key_heads"] * t["linear_key_head_dim"],
+        t["linear_num_value_heads"] * t["linear_value_head_dim"],
+    ]
+    sizes += (
+        [t["moe_intermediate_size"], t["shared_expert_intermediate_size"]] if r.is_moe else [t["intermediate_size"]]
+    )
     for size in sizes:
         assert size % 2 == 0 and (size // 2) % PARTITION == 0, (name, size)
     assert t["hidden_size"] % PARTITION == 0
@@ -54,10 +58,15 @@ def test_vl_preset_nests_the_dense_language_model():
 
 
 def test_overrides_parse_json_values():
-    assert parse_overrides(["num_hidden_layers=4", "quantization=none", "tp_sizes=[1,2,4]",
-                            "rms_norm_eps=1e-5", "attn_output_gate=true"]) == {
-        "num_hidden_layers": 4, "quantization": "none", "tp_sizes": [1, 2, 4], "rms_norm_eps": 1e-5,
-        "attn_output_gate": True}
+    assert parse_overrides(
+        ["num_hidden_layers=4", "quantization=none", "tp_sizes=[1,2,4]", "rms_norm_eps=1e-5", "attn_output_gate=true"]
+    ) == {
+        "num_hidden_layers": 4,
+        "quantization": "none",
+        "tp_sizes": [1, 2, 4],
+        "rms_norm_eps": 1e-5,
+        "attn_output_gate": True,
+    }
     with pytest.raises(PresetError, match="key=value"):
         parse_overrides(["hidden_size"])
 
@@ -72,20 +81,23 @@ def test_override_changes_depth_and_layer_types():
     assert r.config["vision_config"]["depth"] == 2
 
 
-@pytest.mark.parametrize("preset, overrides, message", [
-    ("dense-fp8", {"hidden_size": 320}, "hidden_size = 320 must be a multiple of 128"),
-    ("dense-fp8", {"intermediate_size": 1152}, "intermediate_size = 1152 gives a TP=2 partition of 576"),
-    ("dense-fp8", {"num_key_value_heads": 1}, "num_key_value_heads = 1 does not split across TP=2"),
-    ("dense-fp8", {"linear_value_head_dim": 96}, "GDN value dim .* partition of 192"),
-    ("moe-fp8", {"moe_intermediate_size": 384}, "moe_intermediate_size = 384 gives a TP=2 partition of 192"),
-    ("moe-fp8", {"num_experts_per_tok": 9}, "exceeds num_experts"),
-    ("dense-fp8", {"tp_sizes": [1, 2, 4]}, "TP=4"),
-    ("dense-fp8", {"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
-    ("dense-fp8", {"layer_types": ["linear_attention"]}, "layer_types must list 8 entries"),
-    ("dense-fp8", {"quantization": "int4"}, "quantization must be one of"),
-    ("dense-fp8", {"rms_norm_eps": "small"}, "transformers rejects the config"),
-    ("vl-fp8", {"vision_config.num_position_embeddings": 50}, "must be a square"),
-])
+@pytest.mark.parametrize(
+    "preset, overrides, message",
+    [
+        ("dense-fp8", {"hidden_size": 320}, "hidden_size = 320 must be a multiple of 128"),
+        ("dense-fp8", {"intermediate_size": 1152}, "intermediate_size = 1152 gives a TP=2 partition of 576"),
+        ("dense-fp8", {"num_key_value_heads": 1}, "num_key_value_heads = 1 does not split across TP=2"),
+        ("dense-fp8", {"linear_value_head_dim": 96}, "GDN value dim .* partition of 192"),
+        ("moe-fp8", {"moe_intermediate_size": 384}, "moe_intermediate_size = 384 gives a TP=2 partition of 192"),
+        ("moe-fp8", {"num_experts_per_tok": 9}, "exceeds num_experts"),
+        ("dense-fp8", {"tp_sizes": [1, 2, 4]}, "TP=4"),
+        ("dense-fp8", {"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+        ("dense-fp8", {"layer_types": ["linear_attention"]}, "layer_types must list 8 entries"),
+        ("dense-fp8", {"quantization": "int4"}, "quantization must be one of"),
+        ("dense-fp8", {"rms_norm_eps": "small"}, "transformers rejects the config"),
+        ("vl-fp8", {"vision_config.num_position_embeddings": 50}, "must be a square"),
+    ],
+)
 def test_bad_overrides_are_rejected_before_writing(tmp_path, preset, overrides, message):
     out = tmp_path / "model"
     with pytest.raises(PresetError, match=message.replace("[", r"\[")):

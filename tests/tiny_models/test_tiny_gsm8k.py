@@ -85,21 +85,42 @@ def test_fewshot_prompt_is_lm_evals_gsm8k_format(splits):
     train, test = splits
     prompt = tiny_gsm8k.fewshot_prompt(test[0]["question"], train[:2])
     # doc_to_text "Question: {{question}}\nAnswer:", target " {{answer}}", shots joined by "\n\n"
-    assert prompt == (f"Question: {train[0]['question']}\nAnswer: {train[0]['answer']}\n\n"
-                      f"Question: {train[1]['question']}\nAnswer: {train[1]['answer']}\n\n"
-                      f"Question: {test[0]['question']}\nAnswer:")
+    assert prompt == (
+        f"Question: {train[0]['question']}\nAnswer: {train[0]['answer']}\n\n"
+        f"Question: {train[1]['question']}\nAnswer: {train[1]['answer']}\n\n"
+        f"Question: {test[0]['question']}\nAnswer:"
+    )
 
 
 def test_cli_writes_the_dataset(tmp_path):
     out = tmp_path / "data"
-    res = subprocess.run([sys.executable, "-m", "vllm_rocm_fused.cli", "tiny-gsm8k", "--out", str(out),
-                          "--train-size", "30", "--test-size", "12"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vllm_rocm_fused.cli",
+            "tiny-gsm8k",
+            "--out",
+            str(out),
+            "--train-size",
+            "30",
+            "--test-size",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     test = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert (len(train), len(test)) == (30, 12)
     assert (train, test) == tiny_gsm8k.split(0, 30, 12)
-    bad = subprocess.run([sys.executable, "-m", "vllm_rocm_fused.cli", "tiny-gsm8k", "--out", str(tmp_path / "x"),
-                          "--test-size", "-3"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "vllm_rocm_fused.cli", "tiny-gsm8k", "--out", str(tmp_path / "x"), "--test-size", "-3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "--test-size must be >= 0" in bad.stderr
     assert not (tmp_path / "x").exists()

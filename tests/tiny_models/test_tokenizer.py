@@ -7,8 +7,12 @@ import pytest
 from vllm_rocm_fused.tiny_models import PresetError, build_tiny_model
 from vllm_rocm_fused.tiny_models.tokenizer import SPECIAL_TOKENS, generate_corpus, train_tokenizer
 
-TEXTS = ["Question: Tom has 12 apples and buys 5 more. How many apples does Tom have?",
-         "def add(a, b):\n    return a + b\n", "ünïcödé 你好 🙂 \t tabs  and  spaces", ""]
+TEXTS = [
+    "Question: Tom has 12 apples and buys 5 more. How many apples does Tom have?",
+    "def add(a, b):\n    return a + b\n",
+    "ünïcödé 你好 🙂 \t tabs  and  spaces",
+    "",
+]
 
 
 @pytest.mark.parametrize("name", ["dense-fp8", "vl-fp8"])
@@ -17,16 +21,22 @@ def test_transformers_loads_it_with_the_chat_template(built, name):
 
     folder = built(name)
     tok = AutoTokenizer.from_pretrained(folder)
-    vocab_size = json.loads((folder / "config.json").read_text()).get("vocab_size") or \
-        json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
+    vocab_size = (
+        json.loads((folder / "config.json").read_text()).get("vocab_size")
+        or json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
+    )
     assert len(tok) == vocab_size
     for text in TEXTS:
         assert tok.decode(tok.encode(text)) == text
-    chat = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
-                                    {"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert chat == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-                                  tokenize=True, add_generation_prompt=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], tokenize=True, add_generation_prompt=True
+    )
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert tok.convert_ids_to_tokens(ids[0]) == "<|im_start|>"
     assert tok.eos_token == "<|im_end|>"
@@ -75,9 +85,12 @@ def test_user_corpus_file(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("zebra quokka axolotl\n" * 200 + "quokka axolotl zebra\n" * 200)
     tok = train_tokenizer(512, corpus)
-    assert len(tok.encode(" quokka").ids) == 1   # learned from the file
-    build_tiny_model("dense-bf16", tmp_path / "m", overrides={"num_hidden_layers": 4, "vocab_size": 512,
-                                                               "tokenizer_corpus": str(corpus)})
+    assert len(tok.encode(" quokka").ids) == 1  # learned from the file
+    build_tiny_model(
+        "dense-bf16",
+        tmp_path / "m",
+        overrides={"num_hidden_layers": 4, "vocab_size": 512, "tokenizer_corpus": str(corpus)},
+    )
     stamp = json.loads((tmp_path / "m" / "tiny_model.json").read_text())
     assert stamp["tokenizer_corpus_sha256"]
     with pytest.raises(PresetError, match="tokenizer_corpus must be an existing text file"):

@@ -23,8 +23,10 @@ def _sha(path: Path) -> str:
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_manifest_describes_the_committed_files(name):
     files, manifest = builder.trained_files(name), builder.trained_manifest(name)
-    assert manifest["sha256"] == {"model.safetensors": _sha(files["weights"]),
-                                  "tokenizer.json": _sha(files["tokenizer"])}
+    assert manifest["sha256"] == {
+        "model.safetensors": _sha(files["weights"]),
+        "tokenizer.json": _sha(files["tokenizer"]),
+    }
     assert manifest["preset"] == f"{CHECKPOINTS[name]}-bf16"
     assert manifest["command"].startswith("python -m vllm_rocm_fused.tiny_models.train ")
     assert f"--steps {manifest['steps']}" in manifest["command"] and not manifest["stopped_early"]
@@ -79,7 +81,7 @@ def test_fp8_build_quantizes_the_trained_weights(built):
     deq = q.float() * scale.float().repeat_interleave(128, 0).repeat_interleave(128, 1)
     ref = committed[name].float()
     assert ((deq - ref).norm() / ref.norm()).item() < 0.05  # e4m3 rounding, not a different tensor
-    assert written["mtp.fc.weight"].dtype == torch.bfloat16              # kept bf16, as in the releases
+    assert written["mtp.fc.weight"].dtype == torch.bfloat16  # kept bf16, as in the releases
     assert written["mtp.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
     config = json.loads((out / "config.json").read_text())
     assert config["mtp_num_hidden_layers"] == 1 and "mtp.fc" in config["quantization_config"]["modules_to_not_convert"]
@@ -118,9 +120,9 @@ def test_the_trained_weights_know_the_task(built):
     train, test = tiny_gsm8k.split()
     right = 0
     for i, item in enumerate(test[:8]):
-        prompt = tok.encode(tiny_gsm8k.fewshot_prompt(item["question"], train[5 * i:5 * i + 5])).ids
+        prompt = tok.encode(tiny_gsm8k.fewshot_prompt(item["question"], train[5 * i : 5 * i + 5])).ids
         answer = tok.encode(" " + item["answer"]).ids
         ids = torch.tensor([prompt + answer])
-        pred = model(ids).logits[0, len(prompt) - 1:-1].argmax(-1)
-        right += torch.equal(pred, ids[0, len(prompt):])
+        pred = model(ids).logits[0, len(prompt) - 1 : -1].argmax(-1)
+        right += torch.equal(pred, ids[0, len(prompt) :])
     assert right >= 7, right

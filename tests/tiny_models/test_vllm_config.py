@@ -8,12 +8,15 @@ import pytest
 pytest.importorskip("vllm")
 
 
-@pytest.mark.parametrize("name, arch, text_type", [
-    ("dense-fp8", "Qwen3_5ForCausalLM", "qwen3_5_text"),
-    ("dense-bf16", "Qwen3_5ForCausalLM", "qwen3_5_text"),
-    ("moe-fp8", "Qwen3_5MoeForCausalLM", "qwen3_5_moe_text"),
-    ("vl-fp8", "Qwen3_5ForConditionalGeneration", "qwen3_5_text"),
-])
+@pytest.mark.parametrize(
+    "name, arch, text_type",
+    [
+        ("dense-fp8", "Qwen3_5ForCausalLM", "qwen3_5_text"),
+        ("dense-bf16", "Qwen3_5ForCausalLM", "qwen3_5_text"),
+        ("moe-fp8", "Qwen3_5MoeForCausalLM", "qwen3_5_moe_text"),
+        ("vl-fp8", "Qwen3_5ForConditionalGeneration", "qwen3_5_text"),
+    ],
+)
 def test_vllm_model_config(built, name, arch, text_type):
     from vllm.config import ModelConfig
 
@@ -25,11 +28,14 @@ def test_vllm_model_config(built, name, arch, text_type):
     assert mc.hf_text_config.layer_types.count("full_attention") == 2
 
 
-@pytest.mark.parametrize("name, model_cls, lm", [
-    ("dense-fp8", "Qwen3_5ForCausalLM", "model."),
-    ("moe-fp8", "Qwen3_5MoeForCausalLM", "model."),
-    ("vl-fp8", "Qwen3_5ForConditionalGeneration", "language_model.model."),
-])
+@pytest.mark.parametrize(
+    "name, model_cls, lm",
+    [
+        ("dense-fp8", "Qwen3_5ForCausalLM", "model."),
+        ("moe-fp8", "Qwen3_5MoeForCausalLM", "model."),
+        ("vl-fp8", "Qwen3_5ForConditionalGeneration", "language_model.model."),
+    ],
+)
 def test_release_module_list_maps_onto_vllm_modules(built, name, model_cls, lm):
     # The list keeps the releases' spelling ("model.language_model.layers.N...");
     # vLLM's weight-name mapper must turn it into its own module names, and the

@@ -28,14 +28,23 @@ TESTS = Path(__file__).resolve().parents[1]
 RUNNER = TESTS / "support" / "tiny_llm.py"
 
 TP1_JOBS = [
-    ("dense-bf16", None), ("dense-fp8", "dense-bf16"), ("moe-bf16", None), ("moe-fp8", "moe-bf16"),
+    ("dense-bf16", None),
+    ("dense-fp8", "dense-bf16"),
+    ("moe-bf16", None),
+    ("moe-fp8", "moe-bf16"),
     ("vl-fp8", "dense-fp8"),
-    ("trained-dense-bf16", None), ("trained-dense-fp8", "trained-dense-bf16"),
-    ("trained-moe-bf16", None), ("trained-moe-fp8", "trained-moe-bf16"),
+    ("trained-dense-bf16", None),
+    ("trained-dense-fp8", "trained-dense-bf16"),
+    ("trained-moe-bf16", None),
+    ("trained-moe-fp8", "trained-moe-bf16"),
 ]
+# TP=2 against TP=1 is judged on the trained model (its margins make every flip a
+# fault); the random presets at TP=2 check loading and the VL layout. (Each TP=2 job
+# costs about a minute on 2 cores.)
 TP2_JOBS = [
-    ("dense-bf16", "tp1/dense-bf16"), ("dense-fp8", "dense-bf16"), ("moe-fp8", "tp1/moe-fp8"),
-    ("vl-fp8", "dense-fp8"), ("trained-dense-fp8", "tp1/trained-dense-bf16"),
+    ("dense-fp8", None),
+    ("vl-fp8", "dense-fp8"),
+    ("trained-dense-fp8", "tp1/trained-dense-bf16"),
 ]
 
 
@@ -48,8 +57,13 @@ def task_prompt() -> str:
 
 
 def _job(name, score, tp, built):
-    job = {"name": name, "model": str(built(name)), "tp": tp, "language_model_only": name.startswith("vl"),
-           "score": score}
+    job = {
+        "name": name,
+        "model": str(built(name)),
+        "tp": tp,
+        "language_model_only": name.startswith("vl"),
+        "score": score,
+    }
     if name.startswith("trained-"):
         job.update(prompt=task_prompt(), new_tokens=64)
     return job
@@ -65,8 +79,10 @@ def _run(jobs, tp, built, tmp, references=None):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=1500, env=dict(os.environ))
     out = tmp / f"results{tp}.json"
     if not out.exists():
-        raise AssertionError(f"the TP={tp} runner wrote nothing (rc={proc.returncode}):\n"
-                             + "\n".join((proc.stdout + proc.stderr).splitlines()[-60:]))
+        raise AssertionError(
+            f"the TP={tp} runner wrote nothing (rc={proc.returncode}):\n"
+            + "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        )
     return json.loads(out.read_text())
 
 
@@ -117,19 +133,13 @@ def test_vllm_matches_transformers_reference(runs, built):
     model = AutoModelForCausalLM.from_pretrained(built("dense-bf16"), dtype=torch.float32).eval()
     ids = result["prompt"] + result["greedy"]
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, len(result["prompt"]) - 1:-1]
+        logits = model(torch.tensor([ids])).logits[0, len(result["prompt"]) - 1 : -1]
     tokens = torch.tensor(result["greedy"])
     top1 = float((logits.argmax(-1) == tokens).float().mean())
     rank = (logits > logits.gather(1, tokens[:, None])).sum(-1)
     print(f"\nvLLM bf16 TP=1 vs transformers float32: top-1 {top1:.3f}, ranks {rank.tolist()}")
     assert top1 >= 0.9, (top1, rank.tolist())
     assert int(rank.max()) < 5, rank.tolist()
-
-
-@pytest.mark.parametrize("name, min_top1", [("dense-bf16", 0.9), ("moe-fp8", 0.75)])
-def test_tp2_agrees_with_tp1(runs, name, min_top1):
-    top1, top5 = agreement(_result(runs, 2, name))
-    assert top1 >= min_top1 and top5 >= 0.95, (top1, top5)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -142,10 +152,16 @@ def test_vl_layout_served_text_only_matches_text_layout(runs, tp):
     assert top1 >= 0.75 and top5 >= 0.95, (top1, top5)
 
 
-@pytest.mark.parametrize("tp, fp8, bf16, min_top1", [
-    (1, "dense-fp8", "dense-bf16", 0.6), (2, "dense-fp8", "dense-bf16", 0.6), (1, "moe-fp8", "moe-bf16", 0.6),
-    (1, "trained-dense-fp8", "trained-dense-bf16", 0.95), (2, "trained-dense-fp8", "tp1/trained-dense-bf16", 0.95),
-    (1, "trained-moe-fp8", "trained-moe-bf16", 0.95)])
+@pytest.mark.parametrize(
+    "tp, fp8, bf16, min_top1",
+    [
+        (1, "dense-fp8", "dense-bf16", 0.6),
+        (1, "moe-fp8", "moe-bf16", 0.6),
+        (1, "trained-dense-fp8", "trained-dense-bf16", 0.95),
+        (2, "trained-dense-fp8", "tp1/trained-dense-bf16", 0.95),
+        (1, "trained-moe-fp8", "trained-moe-bf16", 0.95),
+    ],
+)
 def test_fp8_greedy_agrees_with_bf16_of_the_same_seed(runs, tp, fp8, bf16, min_top1):
     q = _result(runs, tp, fp8)
     ref = _result(runs, 1, bf16[4:]) if bf16.startswith("tp1/") else _result(runs, tp, bf16)
@@ -153,8 +169,10 @@ def test_fp8_greedy_agrees_with_bf16_of_the_same_seed(runs, tp, fp8, bf16, min_t
     n = len(ref["greedy"])
     common = prefix(q["greedy"], ref["greedy"])
     same = sum(a == b for a, b in zip(q["greedy"], ref["greedy"]))
-    print(f"\nTP={tp} {fp8} vs {bf16}: greedy prefix agreement {common}/{n}, positional {same}/{n}; "
-          f"teacher-forced top-1 {top1:.3f}, bf16 token in FP8 top-5 {top5:.3f}, ranks {q['scored']['rank']}")
+    print(
+        f"\nTP={tp} {fp8} vs {bf16}: greedy prefix agreement {common}/{n}, positional {same}/{n}; "
+        f"teacher-forced top-1 {top1:.3f}, bf16 token in FP8 top-5 {top5:.3f}, ranks {q['scored']['rank']}"
+    )
     assert top1 >= min_top1 and top5 >= 0.9, (top1, top5, q["scored"]["rank"])
 
 

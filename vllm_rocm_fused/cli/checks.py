@@ -23,8 +23,9 @@ def _number(text: str, kind: type):
     try:
         return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
 
 
 def positive_int(text: str) -> int:
@@ -80,8 +81,9 @@ def model_problem(value: str, flag: str = "--model") -> str | None:
 def _heads(config: dict) -> dict[str, int]:
     text = config.get("text_config") or config  # multimodal checkpoints nest the language model
     keys = ("num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads")
-    return {k: text[k] for k in keys if isinstance(text.get(k), int) and not isinstance(text.get(k), bool)
-            and text[k] > 0}
+    return {
+        k: text[k] for k in keys if isinstance(text.get(k), int) and not isinstance(text.get(k), bool) and text[k] > 0
+    }
 
 
 def tp_problem(model: str, tp: int) -> str | None:

@@ -41,10 +41,10 @@ FEWSHOT = 5  # shots in a completion prompt, as lm-eval's gsm8k task sends
 class Question:
     """One demo request: a tiny-gsm8k test question, how it is asked, what must come back."""
 
-    kind: str            # "chat" or "completion"
+    kind: str  # "chat" or "completion"
     question: str
-    prompt: str          # the chat message, or the whole 5-shot completion prompt
-    expected: int        # the number after "####"
+    prompt: str  # the chat message, or the whole 5-shot completion prompt
+    expected: int  # the number after "####"
 
 
 def demo_questions(count: int) -> list[Question]:
@@ -60,9 +60,10 @@ def demo_questions(count: int) -> list[Question]:
         if i % 2 == 0:
             out.append(Question("chat", item["question"], item["question"], expected))
         else:
-            shots = train[FEWSHOT * i:FEWSHOT * (i + 1)]
-            out.append(Question("completion", item["question"],
-                                tiny_gsm8k.fewshot_prompt(item["question"], shots), expected))
+            shots = train[FEWSHOT * i : FEWSHOT * (i + 1)]
+            out.append(
+                Question("completion", item["question"], tiny_gsm8k.fewshot_prompt(item["question"], shots), expected)
+            )
     return out
 
 
@@ -78,25 +79,51 @@ def reply_answer(text: str) -> int | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=DEFAULT_PRESET,
-                   help=f"tiny model to serve (default {DEFAULT_PRESET}, trained; see `vllm-rocm-fused tiny-model "
-                        "--list`)")
+    p.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help=f"tiny model to serve (default {DEFAULT_PRESET}, trained; see `vllm-rocm-fused tiny-model --list`)",
+    )
     p.add_argument("--seed", type=non_negative_int, default=0, help="weights seed (default 0)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a preset key, as for tiny-model (e.g. num_hidden_layers=4)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset key, as for tiny-model (e.g. num_hidden_layers=4)",
+    )
     p.add_argument("--tp", type=positive_int, default=2, help="tensor-parallel size (default 2)")
     p.add_argument("--max-tokens", type=positive_int, default=96, help="tokens per reply at most (default 96)")
-    p.add_argument("--requests", type=positive_int, default=4,
-                   help="how many requests, alternating chat and completion (default 4)")
-    p.add_argument("--compile", action="store_true",
-                   help="let vLLM torch.compile the model (default: --enforce-eager, faster to start)")
-    p.add_argument("--cache-dir", default=None,
-                   help="where built models and server logs go (default: VLLM_ROCM_FUSED_CACHE_DIR)")
+    p.add_argument(
+        "--requests",
+        type=positive_int,
+        default=4,
+        help="how many requests, alternating chat and completion (default 4)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="let vLLM torch.compile the model (default: --enforce-eager, faster to start)",
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="where built models and server logs go (default: VLLM_ROCM_FUSED_CACHE_DIR)"
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the model even if the cached one is current")
-    p.add_argument("--startup-timeout", type=positive_float, default=900.0,
-                   help="seconds to wait for the server to be healthy (default 900)")
-    p.add_argument("--serve-arg", dest="serve_args", action="append", default=[], metavar="ARG",
-                   help="one more `vllm serve` argument (repeatable; e.g. --serve-arg=--max-num-seqs=8)")
+    p.add_argument(
+        "--startup-timeout",
+        type=positive_float,
+        default=900.0,
+        help="seconds to wait for the server to be healthy (default 900)",
+    )
+    p.add_argument(
+        "--serve-arg",
+        dest="serve_args",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more `vllm serve` argument (repeatable; e.g. --serve-arg=--max-num-seqs=8)",
+    )
 
 
 def _say(msg: str) -> None:
@@ -159,6 +186,7 @@ def plugin_report(lines: list[str]) -> list[str]:
 
 # --- requests ----------------------------------------------------------------------------
 
+
 def _show(q: Question, reply: dict[str, Any], seconds: float) -> bool:
     """Print one exchange; True if the reply's final answer is the expected one."""
     choice = reply["choices"][0]
@@ -169,8 +197,11 @@ def _show(q: Question, reply: dict[str, Any], seconds: float) -> bool:
     print(f"\n[{q.kind}] {q.question}{shots}", flush=True)
     print("  -> " + text.strip().replace("\n", "\n     "))
     verdict = "right" if got == q.expected else "WRONG"
-    print(f"     expected #### {q.expected}: {verdict} ({usage.get('completion_tokens', '?')} tokens, "
-          f"finish: {choice.get('finish_reason')}, {seconds:.1f} s)", flush=True)
+    print(
+        f"     expected #### {q.expected}: {verdict} ({usage.get('completion_tokens', '?')} tokens, "
+        f"finish: {choice.get('finish_reason')}, {seconds:.1f} s)",
+        flush=True,
+    )
     return got == q.expected
 
 
@@ -222,10 +253,15 @@ def run(args: argparse.Namespace) -> int:
     except PresetError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
-    problem = (recipe_tp_problem(recipe, args.tp)
-               or (f"--cache-dir {cache_dir}: exists and is not a folder"
-                   if cache_dir.exists() and not cache_dir.is_dir() else None)
-               or next((f"invalid setting {p}" for p in VllmServer.settings_problems()), None))
+    problem = (
+        recipe_tp_problem(recipe, args.tp)
+        or (
+            f"--cache-dir {cache_dir}: exists and is not a folder"
+            if cache_dir.exists() and not cache_dir.is_dir()
+            else None
+        )
+        or next((f"invalid setting {p}" for p in VllmServer.settings_problems()), None)
+    )
     if problem:
         print(f"demo: error: {problem}", file=sys.stderr)
         return 2
@@ -240,26 +276,40 @@ def run(args: argparse.Namespace) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
     # The server says when it stops (also on Ctrl-C: stopping takes up to half a minute).
-    server = VllmServer(folder, tp=args.tp, extra_args=serve_args(folder) + list(args.serve_args),
-                        log_path=log_path, served_model_name=f"tiny-{args.preset}",
-                        enforce_eager=not args.compile, startup_timeout_s=args.startup_timeout,
-                        progress=_say)
+    server = VllmServer(
+        folder,
+        tp=args.tp,
+        extra_args=serve_args(folder) + list(args.serve_args),
+        log_path=log_path,
+        served_model_name=f"tiny-{args.preset}",
+        enforce_eager=not args.compile,
+        startup_timeout_s=args.startup_timeout,
+        progress=_say,
+    )
     mode = "torch.compile" if args.compile else "eager"
     _say(f"starting vllm serve (TP={args.tp}, {mode}, log: {log_path})")
     t0 = time.monotonic()
     exit_code = 0
     try:
         with server:
-            _say(f"server healthy at {server.url} after {time.monotonic() - t0:.0f} s; asking "
-                 f"{args.requests} tiny-gsm8k test questions (greedy, up to {args.max_tokens} tokens)"
-                 + ("" if trained else "; the weights are random, so expect gibberish"))
+            _say(
+                f"server healthy at {server.url} after {time.monotonic() - t0:.0f} s; asking "
+                f"{args.requests} tiny-gsm8k test questions (greedy, up to {args.max_tokens} tokens)"
+                + ("" if trained else "; the weights are random, so expect gibberish")
+            )
             right = send_requests(server, args.requests, args.max_tokens)
             print(flush=True)
-            _say(f"{right}/{args.requests} answers right"
-                 + ("" if trained else " (random weights: not expected to be right)"))
+            _say(
+                f"{right}/{args.requests} answers right"
+                + ("" if trained else " (random weights: not expected to be right)")
+            )
             if trained and right < args.requests:
-                print(f"demo: error: the trained model answered {args.requests - right} of {args.requests} "
-                      "questions wrong", file=sys.stderr, flush=True)
+                print(
+                    f"demo: error: the trained model answered {args.requests - right} of {args.requests} "
+                    "questions wrong",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 exit_code = 1
     except ServerError as e:
         print(f"demo: error: {e}", file=sys.stderr, flush=True)
@@ -272,6 +322,9 @@ def run(args: argparse.Namespace) -> int:
         for line in report:
             print(f"  {line}")
     elif exit_code == 0:
-        print(f"\ndemo: no {PLUGIN_TAG!r} lines in the server log: the plugin did not load "
-              "(is VLLM_PLUGINS excluding it?)", flush=True)
+        print(
+            f"\ndemo: no {PLUGIN_TAG!r} lines in the server log: the plugin did not load "
+            "(is VLLM_PLUGINS excluding it?)",
+            flush=True,
+        )
     return exit_code

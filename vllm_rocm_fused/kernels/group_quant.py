@@ -30,8 +30,17 @@ _TILE = 8192
 
 @triton.jit(do_not_specialize=["scale_st", "scale_sg"])
 def _group_quant_kernel(
-    x_ptr, q_ptr, scale_ptr, hidden, n_groups, scale_st, scale_sg,
-    CHUNK: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    hidden,
+    n_groups,
+    scale_st,
+    scale_sg,
+    CHUNK: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     row = tl.program_id(0)
     g = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
@@ -67,8 +76,17 @@ def group_quant(
     gs = triton.next_power_of_2(group_size)
     chunk = min(groups & -groups, max(1, _TILE // gs))
     _group_quant_kernel[(tokens, triton.cdiv(groups, chunk))](
-        x, q, scale, hidden, groups, scale.stride(0), scale.stride(1),
-        CHUNK=chunk, GS=gs, GROUP=group_size, FP8_MAX=fp8_max(quant_dtype),
+        x,
+        q,
+        scale,
+        hidden,
+        groups,
+        scale.stride(0),
+        scale.stride(1),
+        CHUNK=chunk,
+        GS=gs,
+        GROUP=group_size,
+        FP8_MAX=fp8_max(quant_dtype),
         num_warps=4 if chunk * gs <= 2048 else 8,
     )
     return q, scale

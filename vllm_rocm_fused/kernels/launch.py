@@ -92,8 +92,10 @@ def tile_reason(hidden: int, group: int) -> str | None:
     (None = it fits); the launchers' and the CUDA dispatch's shape checks start here."""
     lanes = row_tile(hidden, group).elements
     if lanes > MAX_TILE:
-        return (f"a row of {hidden} in groups of {group} takes {lanes} register lanes, "
-                f"more than the {MAX_TILE}-element register tile")
+        return (
+            f"a row of {hidden} in groups of {group} takes {lanes} register lanes, "
+            f"more than the {MAX_TILE}-element register tile"
+        )
     return None
 
 
@@ -127,9 +129,18 @@ def local_launch(hidden: int, tokens: int, tile: RowTile) -> LocalLaunch:
     return LocalLaunch(tile.num_warps, 1, False)
 
 
-def empty_outputs(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device | str, *,
-                  group_size: int, quantize: bool, emit_bf16: bool, scale_layout: str,
-                  quant_dtype: torch.dtype) -> Outputs:
+def empty_outputs(
+    tokens: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    group_size: int,
+    quantize: bool,
+    emit_bf16: bool,
+    scale_layout: str,
+    quant_dtype: torch.dtype,
+) -> Outputs:
     """(q, scale, residual, normed) as the op returns them (None where not asked).
     ``normed`` is allocated when emit_bf16 or not quantize (then it is the output)."""
     residual = torch.empty((tokens, hidden), dtype=dtype, device=device)
@@ -156,15 +167,34 @@ class RowLaunch:
     fp8_max: float  # the quant dtype's largest value; 1.0 without quant
 
 
-def prepare_rows(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device, *, group_size: int,
-                 quantize: bool, emit_bf16: bool, scale_layout: str, quant_dtype: torch.dtype,
-                 outputs: Outputs | None = None) -> RowLaunch:
+def prepare_rows(
+    tokens: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    group_size: int,
+    quantize: bool,
+    emit_bf16: bool,
+    scale_layout: str,
+    quant_dtype: torch.dtype,
+    outputs: Outputs | None = None,
+) -> RowLaunch:
     """The launchers' common preamble: ``outputs`` (allocated by ``empty_outputs`` when None),
     the row's tile, the scale's strides and the FP8 max. Checks nothing: each launcher checks
     the shape against its own limits."""
     if outputs is None:
-        outputs = empty_outputs(tokens, hidden, dtype, device, group_size=group_size, quantize=quantize,
-                                emit_bf16=emit_bf16, scale_layout=scale_layout, quant_dtype=quant_dtype)
+        outputs = empty_outputs(
+            tokens,
+            hidden,
+            dtype,
+            device,
+            group_size=group_size,
+            quantize=quantize,
+            emit_bf16=emit_bf16,
+            scale_layout=scale_layout,
+            quant_dtype=quant_dtype,
+        )
     scale = outputs[1]
     if not quantize or scale is None:
         return RowLaunch(outputs, norm_tile(hidden), 0, 0, 1.0)

@@ -11,8 +11,8 @@ an entry covers the token counts above the previous entry's max_tokens up to its
 per program (launch.local_launch).
 """
 
-SOURCE = 'benchmarks/results/h200_tp1_launch_sweep.json'
-GPU = 'NVIDIA H200'
+SOURCE = "benchmarks/results/h200_tp1_launch_sweep.json"
+GPU = "NVIDIA H200"
 TABLE: dict[int, tuple[tuple[int | None, int, int], ...]] = {
     2048: ((256, 16, 1), (None, 8, 1)),
     2560: ((256, 8, 1), (None, 4, 1)),

@@ -44,16 +44,36 @@ from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
 
 
 @triton.jit
-def _copy_part(x_ptr, dst, base, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
-               N_GROUPS: tl.constexpr):
+def _copy_part(
+    x_ptr,
+    dst,
+    base,
+    G_OFF: tl.constexpr,
+    NGP: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+):
     offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
     tl.store(dst + base + offs, tl.load(x_ptr + base + offs, mask=mask), mask=mask)
 
 
 @triton.jit
-def _sum_part(stage, half, base, res_ptr, w_ptr, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
-              GROUP: tl.constexpr, N_GROUPS: tl.constexpr, W: tl.constexpr, HAS_RES: tl.constexpr,
-              NORM: tl.constexpr):
+def _sum_part(
+    stage,
+    half,
+    base,
+    res_ptr,
+    w_ptr,
+    G_OFF: tl.constexpr,
+    NGP: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    W: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    NORM: tl.constexpr,
+):
     """(s = the W staged rows' float32 sum in rank order (+ residual) of one part, its weights,
     offsets, masks)."""
     offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
@@ -71,13 +91,37 @@ def _sum_part(stage, half, base, res_ptr, w_ptr, G_OFF: tl.constexpr, NGP: tl.co
 
 @triton.jit(do_not_specialize=["n_rows", "scale_st", "scale_sg"])
 def _oneshot_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, normed_ptr, q_ptr, scale_ptr,
-    stage, flags, ctl_ptr,
-    n_rows, stage_cap, eps, weight_offset, scale_st, scale_sg,
-    W: tl.constexpr, RANK: tl.constexpr, HIDDEN: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
-    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
-    NORM: tl.constexpr, HAS_RES: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr,
-    FP8_MAX: tl.constexpr, PHASE: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    normed_ptr,
+    q_ptr,
+    scale_ptr,
+    stage,
+    flags,
+    ctl_ptr,
+    n_rows,
+    stage_cap,
+    eps,
+    weight_offset,
+    scale_st,
+    scale_sg,
+    W: tl.constexpr,
+    RANK: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    QUANT: tl.constexpr,
+    EMIT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    PHASE: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = HIDDEN // GROUP
     O1: tl.constexpr = P0
@@ -104,17 +148,21 @@ def _oneshot_kernel(
     if PHASE != 1:
         for row in range(pid, n_rows, nprog):
             base = tl.cast(row, tl.int64) * HIDDEN
-            s0, w0, o0, m0, g0, gm0 = _sum_part(stage, half, base, res_ptr, w_ptr, 0, P0, GS, GROUP,
-                                                N_GROUPS, W, HAS_RES, NORM)
+            s0, w0, o0, m0, g0, gm0 = _sum_part(
+                stage, half, base, res_ptr, w_ptr, 0, P0, GS, GROUP, N_GROUPS, W, HAS_RES, NORM
+            )
             if P1 > 0:
-                s1, w1, o1, m1, g1, gm1 = _sum_part(stage, half, base, res_ptr, w_ptr, O1, P1, GS, GROUP,
-                                                    N_GROUPS, W, HAS_RES, NORM)
+                s1, w1, o1, m1, g1, gm1 = _sum_part(
+                    stage, half, base, res_ptr, w_ptr, O1, P1, GS, GROUP, N_GROUPS, W, HAS_RES, NORM
+                )
             if P2 > 0:
-                s2, w2, o2, m2, g2, gm2 = _sum_part(stage, half, base, res_ptr, w_ptr, O2, P2, GS, GROUP,
-                                                    N_GROUPS, W, HAS_RES, NORM)
+                s2, w2, o2, m2, g2, gm2 = _sum_part(
+                    stage, half, base, res_ptr, w_ptr, O2, P2, GS, GROUP, N_GROUPS, W, HAS_RES, NORM
+                )
             if P3 > 0:
-                s3, w3, o3, m3, g3, gm3 = _sum_part(stage, half, base, res_ptr, w_ptr, O3, P3, GS, GROUP,
-                                                    N_GROUPS, W, HAS_RES, NORM)
+                s3, w3, o3, m3, g3, gm3 = _sum_part(
+                    stage, half, base, res_ptr, w_ptr, O3, P3, GS, GROUP, N_GROUPS, W, HAS_RES, NORM
+                )
             if NORM:
                 ss = sum_sq(s0)
                 if P1 > 0:
@@ -124,17 +172,93 @@ def _oneshot_kernel(
                 if P3 > 0:
                     ss += sum_sq(s3)
                 inv = inv_rms(ss, HIDDEN, eps)
-                finish_part(s0, w0, inv, row, o0, m0, g0, gm0, weight_offset, out_ptr, normed_ptr, q_ptr,
-                            scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                finish_part(
+                    s0,
+                    w0,
+                    inv,
+                    row,
+                    o0,
+                    m0,
+                    g0,
+                    gm0,
+                    weight_offset,
+                    out_ptr,
+                    normed_ptr,
+                    q_ptr,
+                    scale_ptr,
+                    scale_st,
+                    scale_sg,
+                    HIDDEN,
+                    QUANT,
+                    EMIT,
+                    FP8_MAX,
+                )
                 if P1 > 0:
-                    finish_part(s1, w1, inv, row, o1, m1, g1, gm1, weight_offset, out_ptr, normed_ptr, q_ptr,
-                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                    finish_part(
+                        s1,
+                        w1,
+                        inv,
+                        row,
+                        o1,
+                        m1,
+                        g1,
+                        gm1,
+                        weight_offset,
+                        out_ptr,
+                        normed_ptr,
+                        q_ptr,
+                        scale_ptr,
+                        scale_st,
+                        scale_sg,
+                        HIDDEN,
+                        QUANT,
+                        EMIT,
+                        FP8_MAX,
+                    )
                 if P2 > 0:
-                    finish_part(s2, w2, inv, row, o2, m2, g2, gm2, weight_offset, out_ptr, normed_ptr, q_ptr,
-                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                    finish_part(
+                        s2,
+                        w2,
+                        inv,
+                        row,
+                        o2,
+                        m2,
+                        g2,
+                        gm2,
+                        weight_offset,
+                        out_ptr,
+                        normed_ptr,
+                        q_ptr,
+                        scale_ptr,
+                        scale_st,
+                        scale_sg,
+                        HIDDEN,
+                        QUANT,
+                        EMIT,
+                        FP8_MAX,
+                    )
                 if P3 > 0:
-                    finish_part(s3, w3, inv, row, o3, m3, g3, gm3, weight_offset, out_ptr, normed_ptr, q_ptr,
-                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                    finish_part(
+                        s3,
+                        w3,
+                        inv,
+                        row,
+                        o3,
+                        m3,
+                        g3,
+                        gm3,
+                        weight_offset,
+                        out_ptr,
+                        normed_ptr,
+                        q_ptr,
+                        scale_ptr,
+                        scale_st,
+                        scale_sg,
+                        HIDDEN,
+                        QUANT,
+                        EMIT,
+                        FP8_MAX,
+                    )
             else:
                 tl.store(out_ptr + base + o0, s0.to(out_ptr.dtype.element_ty), mask=m0)
                 if P1 > 0:
@@ -185,8 +309,18 @@ def oneshot_ar_norm_quant(
         (q, scale, residual, normed) as ops.reference defines them (None where not asked).
     """
     tokens, hidden = x.shape
-    run = prepare_rows(tokens, hidden, x.dtype, x.device, group_size=group_size, quantize=quantize,
-                       emit_bf16=emit_bf16, scale_layout=scale_layout, quant_dtype=quant_dtype, outputs=outputs)
+    run = prepare_rows(
+        tokens,
+        hidden,
+        x.dtype,
+        x.device,
+        group_size=group_size,
+        quantize=quantize,
+        emit_bf16=emit_bf16,
+        scale_layout=scale_layout,
+        quant_dtype=quant_dtype,
+        outputs=outputs,
+    )
     q, scale, res_out, normed = run.outputs
     if tokens == 0:
         return run.outputs
@@ -194,19 +328,40 @@ def oneshot_ar_norm_quant(
     if reason is not None:
         raise ValueError(reason)
     _oneshot_kernel[(peers.grid(tokens),)](
-        x, residual, weight, res_out, normed, q, scale,
-        peers.stage, peers.flags, peers.ctl,
-        tokens, peers.stage_cap, float(eps), float(weight_offset), run.scale_st, run.scale_sg,
-        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **run.tile.constexprs(),
-        NORM=True, HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
-        FP8_MAX=run.fp8_max, PHASE=phase,
+        x,
+        residual,
+        weight,
+        res_out,
+        normed,
+        q,
+        scale,
+        peers.stage,
+        peers.flags,
+        peers.ctl,
+        tokens,
+        peers.stage_cap,
+        float(eps),
+        float(weight_offset),
+        run.scale_st,
+        run.scale_sg,
+        W=peers.world_size,
+        RANK=peers.rank,
+        HIDDEN=hidden,
+        **run.tile.constexprs(),
+        NORM=True,
+        HAS_RES=residual is not None,
+        QUANT=quantize,
+        EMIT=normed is not None,
+        FP8_MAX=run.fp8_max,
+        PHASE=phase,
         num_warps=num_warps or (run.tile.quant_num_warps if quantize else run.tile.num_warps),
     )
     return run.outputs
 
 
-def oneshot_all_reduce(x: torch.Tensor, peers: SymmPeers, *, phase: int = 0,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+def oneshot_all_reduce(
+    x: torch.Tensor, peers: SymmPeers, *, phase: int = 0, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The bare one-shot all-reduce (float32 sum, rounded to x.dtype) with the fused
     kernel's skeleton: the benchmark's floor and an unfused-chain candidate."""
     tokens, hidden = x.shape
@@ -218,11 +373,32 @@ def oneshot_all_reduce(x: torch.Tensor, peers: SymmPeers, *, phase: int = 0,
     if reason is not None:
         raise ValueError(reason)
     _oneshot_kernel[(peers.grid(tokens),)](
-        x, None, None, out, None, None, None,
-        peers.stage, peers.flags, peers.ctl,
-        tokens, peers.stage_cap, 0.0, 0.0, 0, 0,
-        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **tile.constexprs(),
-        NORM=False, HAS_RES=False, QUANT=False, EMIT=False, FP8_MAX=1.0, PHASE=phase,
+        x,
+        None,
+        None,
+        out,
+        None,
+        None,
+        None,
+        peers.stage,
+        peers.flags,
+        peers.ctl,
+        tokens,
+        peers.stage_cap,
+        0.0,
+        0.0,
+        0,
+        0,
+        W=peers.world_size,
+        RANK=peers.rank,
+        HIDDEN=hidden,
+        **tile.constexprs(),
+        NORM=False,
+        HAS_RES=False,
+        QUANT=False,
+        EMIT=False,
+        FP8_MAX=1.0,
+        PHASE=phase,
         num_warps=tile.num_warps,
     )
     return out

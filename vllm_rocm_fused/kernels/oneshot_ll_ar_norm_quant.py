@@ -62,8 +62,19 @@ def _word_offsets(g, GS: tl.constexpr):
 
 
 @triton.jit
-def _push_part(x_ptr, ll, base, wbase, flag_hi, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
-               N_GROUPS: tl.constexpr, W: tl.constexpr, RANK: tl.constexpr):
+def _push_part(
+    x_ptr,
+    ll,
+    base,
+    wbase,
+    flag_hi,
+    G_OFF: tl.constexpr,
+    NGP: tl.constexpr,
+    GS: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    W: tl.constexpr,
+    RANK: tl.constexpr,
+):
     """Pack one part of this rank's row and store it into every peer's slot for this rank."""
     offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GS, N_GROUPS)
     words = _pack(tl.load(x_ptr + base + offs, mask=mask, other=0.0), flag_hi, NGP, GS)
@@ -74,10 +85,26 @@ def _push_part(x_ptr, ll, base, wbase, flag_hi, G_OFF: tl.constexpr, NGP: tl.con
 
 
 @triton.jit
-def _receive_part(x_ptr, res_ptr, w_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
-                  G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr, N_GROUPS: tl.constexpr,
-                  W: tl.constexpr, RANK: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-                  PHASE: tl.constexpr):
+def _receive_part(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    ll,
+    ctl_ptr,
+    base,
+    rbase,
+    ll_cap,
+    flag,
+    G_OFF: tl.constexpr,
+    NGP: tl.constexpr,
+    GS: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    W: tl.constexpr,
+    RANK: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    NORM: tl.constexpr,
+    PHASE: tl.constexpr,
+):
     """(s = the W ranks' float32 sum in rank order (+ residual) of one part, its weights,
     offsets, masks): own values from x, every peer's from this rank's receive buffer once each
     word carries this call's flag (``rbase``: the row's word offset within a source slot of
@@ -116,13 +143,36 @@ def _receive_part(x_ptr, res_ptr, w_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
 
 @triton.jit(do_not_specialize=["n_rows", "scale_st", "scale_sg"])
 def _oneshot_ll_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, normed_ptr, q_ptr, scale_ptr,
-    ll, ctl_ptr,
-    n_rows, ll_cap, eps, weight_offset, scale_st, scale_sg,
-    W: tl.constexpr, RANK: tl.constexpr, HIDDEN: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
-    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
-    NORM: tl.constexpr, HAS_RES: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr,
-    FP8_MAX: tl.constexpr, PHASE: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    normed_ptr,
+    q_ptr,
+    scale_ptr,
+    ll,
+    ctl_ptr,
+    n_rows,
+    ll_cap,
+    eps,
+    weight_offset,
+    scale_st,
+    scale_sg,
+    W: tl.constexpr,
+    RANK: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    QUANT: tl.constexpr,
+    EMIT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    PHASE: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = HIDDEN // GS
     ROW_WORDS: tl.constexpr = HIDDEN // 2
@@ -151,17 +201,89 @@ def _oneshot_ll_kernel(
         for row in range(pid, n_rows, nprog):
             base = tl.cast(row, tl.int64) * HIDDEN
             rbase = half + tl.cast(row, tl.int64) * ROW_WORDS
-            s0, w0, o0, m0, g0, gm0 = _receive_part(x_ptr, res_ptr, w_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
-                                                    0, P0, GS, N_GROUPS, W, RANK, HAS_RES, NORM, PHASE)
+            s0, w0, o0, m0, g0, gm0 = _receive_part(
+                x_ptr,
+                res_ptr,
+                w_ptr,
+                ll,
+                ctl_ptr,
+                base,
+                rbase,
+                ll_cap,
+                flag,
+                0,
+                P0,
+                GS,
+                N_GROUPS,
+                W,
+                RANK,
+                HAS_RES,
+                NORM,
+                PHASE,
+            )
             if P1 > 0:
-                s1, w1, o1, m1, g1, gm1 = _receive_part(x_ptr, res_ptr, w_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
-                                                        O1, P1, GS, N_GROUPS, W, RANK, HAS_RES, NORM, PHASE)
+                s1, w1, o1, m1, g1, gm1 = _receive_part(
+                    x_ptr,
+                    res_ptr,
+                    w_ptr,
+                    ll,
+                    ctl_ptr,
+                    base,
+                    rbase,
+                    ll_cap,
+                    flag,
+                    O1,
+                    P1,
+                    GS,
+                    N_GROUPS,
+                    W,
+                    RANK,
+                    HAS_RES,
+                    NORM,
+                    PHASE,
+                )
             if P2 > 0:
-                s2, w2, o2, m2, g2, gm2 = _receive_part(x_ptr, res_ptr, w_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
-                                                        O2, P2, GS, N_GROUPS, W, RANK, HAS_RES, NORM, PHASE)
+                s2, w2, o2, m2, g2, gm2 = _receive_part(
+                    x_ptr,
+                    res_ptr,
+                    w_ptr,
+                    ll,
+                    ctl_ptr,
+                    base,
+                    rbase,
+                    ll_cap,
+                    flag,
+                    O2,
+                    P2,
+                    GS,
+                    N_GROUPS,
+                    W,
+                    RANK,
+                    HAS_RES,
+                    NORM,
+                    PHASE,
+                )
             if P3 > 0:
-                s3, w3, o3, m3, g3, gm3 = _receive_part(x_ptr, res_ptr, w_ptr, ll, ctl_ptr, base, rbase, ll_cap, flag,
-                                                        O3, P3, GS, N_GROUPS, W, RANK, HAS_RES, NORM, PHASE)
+                s3, w3, o3, m3, g3, gm3 = _receive_part(
+                    x_ptr,
+                    res_ptr,
+                    w_ptr,
+                    ll,
+                    ctl_ptr,
+                    base,
+                    rbase,
+                    ll_cap,
+                    flag,
+                    O3,
+                    P3,
+                    GS,
+                    N_GROUPS,
+                    W,
+                    RANK,
+                    HAS_RES,
+                    NORM,
+                    PHASE,
+                )
             if NORM:
                 ss = sum_sq(s0)
                 if P1 > 0:
@@ -171,17 +293,93 @@ def _oneshot_ll_kernel(
                 if P3 > 0:
                     ss += sum_sq(s3)
                 inv = inv_rms(ss, HIDDEN, eps)
-                finish_part(s0, w0, inv, row, o0, m0, g0, gm0, weight_offset, out_ptr, normed_ptr, q_ptr,
-                            scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                finish_part(
+                    s0,
+                    w0,
+                    inv,
+                    row,
+                    o0,
+                    m0,
+                    g0,
+                    gm0,
+                    weight_offset,
+                    out_ptr,
+                    normed_ptr,
+                    q_ptr,
+                    scale_ptr,
+                    scale_st,
+                    scale_sg,
+                    HIDDEN,
+                    QUANT,
+                    EMIT,
+                    FP8_MAX,
+                )
                 if P1 > 0:
-                    finish_part(s1, w1, inv, row, o1, m1, g1, gm1, weight_offset, out_ptr, normed_ptr, q_ptr,
-                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                    finish_part(
+                        s1,
+                        w1,
+                        inv,
+                        row,
+                        o1,
+                        m1,
+                        g1,
+                        gm1,
+                        weight_offset,
+                        out_ptr,
+                        normed_ptr,
+                        q_ptr,
+                        scale_ptr,
+                        scale_st,
+                        scale_sg,
+                        HIDDEN,
+                        QUANT,
+                        EMIT,
+                        FP8_MAX,
+                    )
                 if P2 > 0:
-                    finish_part(s2, w2, inv, row, o2, m2, g2, gm2, weight_offset, out_ptr, normed_ptr, q_ptr,
-                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                    finish_part(
+                        s2,
+                        w2,
+                        inv,
+                        row,
+                        o2,
+                        m2,
+                        g2,
+                        gm2,
+                        weight_offset,
+                        out_ptr,
+                        normed_ptr,
+                        q_ptr,
+                        scale_ptr,
+                        scale_st,
+                        scale_sg,
+                        HIDDEN,
+                        QUANT,
+                        EMIT,
+                        FP8_MAX,
+                    )
                 if P3 > 0:
-                    finish_part(s3, w3, inv, row, o3, m3, g3, gm3, weight_offset, out_ptr, normed_ptr, q_ptr,
-                                scale_ptr, scale_st, scale_sg, HIDDEN, QUANT, EMIT, FP8_MAX)
+                    finish_part(
+                        s3,
+                        w3,
+                        inv,
+                        row,
+                        o3,
+                        m3,
+                        g3,
+                        gm3,
+                        weight_offset,
+                        out_ptr,
+                        normed_ptr,
+                        q_ptr,
+                        scale_ptr,
+                        scale_st,
+                        scale_sg,
+                        HIDDEN,
+                        QUANT,
+                        EMIT,
+                        FP8_MAX,
+                    )
             else:
                 tl.store(out_ptr + base + o0, s0.to(out_ptr.dtype.element_ty), mask=m0)
                 if P1 > 0:
@@ -205,20 +403,51 @@ def fits(tokens: int, hidden: int, group: int, ll_cap_words: int) -> str | None:
     return None
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
-            peers: SymmPeers, run: RowLaunch, *, norm: bool, quantize: bool, weight_offset: float, phase: int,
-            num_warps: int | None = None) -> None:
+def _launch(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    eps: float,
+    peers: SymmPeers,
+    run: RowLaunch,
+    *,
+    norm: bool,
+    quantize: bool,
+    weight_offset: float,
+    phase: int,
+    num_warps: int | None = None,
+) -> None:
     q, scale, res_out, normed = run.outputs
     tokens, hidden = x.shape
     reason = fits(tokens, hidden, run.tile.group, peers.ll_cap)
     if reason is not None:
         raise ValueError(reason)
     _oneshot_ll_kernel[(peers.grid(tokens),)](
-        x, residual, weight, res_out, normed, q, scale, peers.ll, peers.ctl,
-        tokens, peers.ll_cap, float(eps), float(weight_offset), run.scale_st, run.scale_sg,
-        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **run.tile.constexprs(),
-        NORM=norm, HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
-        FP8_MAX=run.fp8_max, PHASE=phase,
+        x,
+        residual,
+        weight,
+        res_out,
+        normed,
+        q,
+        scale,
+        peers.ll,
+        peers.ctl,
+        tokens,
+        peers.ll_cap,
+        float(eps),
+        float(weight_offset),
+        run.scale_st,
+        run.scale_sg,
+        W=peers.world_size,
+        RANK=peers.rank,
+        HIDDEN=hidden,
+        **run.tile.constexprs(),
+        NORM=norm,
+        HAS_RES=residual is not None,
+        QUANT=quantize,
+        EMIT=normed is not None,
+        FP8_MAX=run.fp8_max,
+        PHASE=phase,
         num_warps=num_warps or (run.tile.quant_num_warps if quantize else run.tile.num_warps),
     )
 
@@ -244,23 +473,55 @@ def oneshot_ll_ar_norm_quant(
     tokens, hidden = x.shape
     if peers.ll is None:
         raise ValueError("this workspace has no LL region")
-    run = prepare_rows(tokens, hidden, x.dtype, x.device, group_size=group_size, quantize=quantize,
-                       emit_bf16=emit_bf16, scale_layout=scale_layout, quant_dtype=quant_dtype, outputs=outputs)
+    run = prepare_rows(
+        tokens,
+        hidden,
+        x.dtype,
+        x.device,
+        group_size=group_size,
+        quantize=quantize,
+        emit_bf16=emit_bf16,
+        scale_layout=scale_layout,
+        quant_dtype=quant_dtype,
+        outputs=outputs,
+    )
     if tokens == 0:
         return run.outputs
-    _launch(x, residual, weight, eps, peers, run, norm=True, quantize=quantize, weight_offset=weight_offset,
-            phase=phase, num_warps=num_warps)
+    _launch(
+        x,
+        residual,
+        weight,
+        eps,
+        peers,
+        run,
+        norm=True,
+        quantize=quantize,
+        weight_offset=weight_offset,
+        phase=phase,
+        num_warps=num_warps,
+    )
     return run.outputs
 
 
-def oneshot_ll_all_reduce(x: torch.Tensor, peers: SymmPeers, *, phase: int = 0,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+def oneshot_ll_all_reduce(
+    x: torch.Tensor, peers: SymmPeers, *, phase: int = 0, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The bare LL one-shot all-reduce (float32 sum rounded to x.dtype)."""
     tokens, hidden = x.shape
     out = torch.empty_like(x) if out is None else out
     if tokens == 0:
         return out
-    run = prepare_rows(tokens, hidden, x.dtype, x.device, group_size=hidden, quantize=False, emit_bf16=False,
-                       scale_layout="row", quant_dtype=torch.float8_e4m3fn, outputs=(None, None, out, None))
+    run = prepare_rows(
+        tokens,
+        hidden,
+        x.dtype,
+        x.device,
+        group_size=hidden,
+        quantize=False,
+        emit_bf16=False,
+        scale_layout="row",
+        quant_dtype=torch.float8_e4m3fn,
+        outputs=(None, None, out, None),
+    )
     _launch(x, None, None, 0.0, peers, run, norm=False, quantize=False, weight_offset=0.0, phase=phase)
     return out

@@ -49,8 +49,7 @@ def nan_max(a, b):
 
 
 @triton.jit
-def part_tile(G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
-              N_GROUPS: tl.constexpr):
+def part_tile(G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr):
     """Part of NGP groups starting at group G_OFF: (offsets within the row [NGP, GS], their
     mask, the groups' indices [NGP], their mask). Lanes past GROUP or N_GROUPS are masked."""
     g = G_OFF + tl.arange(0, NGP)
@@ -95,9 +94,27 @@ def quant_tile(normed, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
-def finish_part(s, w, inv, row, offs, mask, g, gmask, weight_offset,
-                res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
-                HIDDEN: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr):
+def finish_part(
+    s,
+    w,
+    inv,
+    row,
+    offs,
+    mask,
+    g,
+    gmask,
+    weight_offset,
+    res_out_ptr,
+    normed_ptr,
+    q_ptr,
+    scale_ptr,
+    scale_st,
+    scale_sg,
+    HIDDEN: tl.constexpr,
+    QUANT: tl.constexpr,
+    EMIT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+):
     """One part of a row's outputs: residual round(s), (normed), (q, scale) into [T, H]
     outputs (scale at row * scale_st + g * scale_sg, so either layout). ``w``: the part's
     weights, loaded by the caller with its other loads (not after the row's reduction)."""

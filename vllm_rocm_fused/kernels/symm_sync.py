@@ -47,7 +47,12 @@ WAIT_TIMEOUT_NS = 60_000_000_000
 def _store_release_sys(ptr, value):
     return tl.inline_asm_elementwise(
         "st.release.sys.global.b32 [$1], $2; mov.b32 $0, 0;",
-        "=r,l,r", [ptr, value], dtype=tl.int32, is_pure=False, pack=1)
+        "=r,l,r",
+        [ptr, value],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
 
 
 @triton.jit
@@ -74,14 +79,18 @@ def _wait_reach(ptr, epoch):
             mov.b32 $0, %d;
         }
         """,
-        "=r,l,r", [ptr, epoch], dtype=tl.int32, is_pure=False, pack=1)
+        "=r,l,r",
+        [ptr, epoch],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
 
 
 @triton.jit
 def global_timer_ns():
     """%globaltimer (ns), for the time-outs of polling loops."""
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.uint64, is_pure=False,
-                                     pack=1)
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.uint64, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -39,17 +39,38 @@ from .symm_sync import block_barrier, call_parity, finish_call, next_epoch
 
 
 @triton.jit
-def _copy_in_part(x_ptr, dst, base, row_ok, G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr,
-                  GROUP: tl.constexpr, N_GROUPS: tl.constexpr):
+def _copy_in_part(
+    x_ptr,
+    dst,
+    base,
+    row_ok,
+    G_OFF: tl.constexpr,
+    NGP: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+):
     offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
     m = mask & row_ok
     tl.store(dst + base + offs, tl.load(x_ptr + base + offs, mask=m), mask=m)
 
 
 @triton.jit
-def _sum_part(stage, half, base, res_ptr, w_ptr, row_ok, G_OFF: tl.constexpr, NGP: tl.constexpr,
-              GS: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, W: tl.constexpr,
-              HAS_RES: tl.constexpr):
+def _sum_part(
+    stage,
+    half,
+    base,
+    res_ptr,
+    w_ptr,
+    row_ok,
+    G_OFF: tl.constexpr,
+    NGP: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    W: tl.constexpr,
+    HAS_RES: tl.constexpr,
+):
     """(s = the W staged rows' float32 sum in rank order (+ residual) of one part of an owned
     row, its weights, offsets, masks)."""
     offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
@@ -65,11 +86,36 @@ def _sum_part(stage, half, base, res_ptr, w_ptr, row_ok, G_OFF: tl.constexpr, NG
 
 
 @triton.jit
-def _publish_part(s, w, inv, row, j, offs, mask, g, gmask, weight_offset,
-                  res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
-                  o_res, o_normed, o_q, o_scale, ohalf, shalf,
-                  HIDDEN: tl.constexpr, N_GROUPS: tl.constexpr, RANK: tl.constexpr,
-                  QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr):
+def _publish_part(
+    s,
+    w,
+    inv,
+    row,
+    j,
+    offs,
+    mask,
+    g,
+    gmask,
+    weight_offset,
+    res_out_ptr,
+    normed_ptr,
+    q_ptr,
+    scale_ptr,
+    scale_st,
+    scale_sg,
+    o_res,
+    o_normed,
+    o_q,
+    o_scale,
+    ohalf,
+    shalf,
+    HIDDEN: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    RANK: tl.constexpr,
+    QUANT: tl.constexpr,
+    EMIT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+):
     """One part of an owned row's outputs, locally and into this rank's output slot j."""
     base = tl.cast(row, tl.int64) * HIDDEN
     slot = tl.cast(j, tl.int64) * HIDDEN
@@ -90,10 +136,31 @@ def _publish_part(s, w, inv, row, j, offs, mask, g, gmask, weight_offset,
 
 
 @triton.jit
-def _gather_part(p_res, p_normed, p_q, p_scale, ohalf, shalf, row, j, row_ok,
-                 res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
-                 G_OFF: tl.constexpr, NGP: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
-                 HIDDEN: tl.constexpr, N_GROUPS: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr):
+def _gather_part(
+    p_res,
+    p_normed,
+    p_q,
+    p_scale,
+    ohalf,
+    shalf,
+    row,
+    j,
+    row_ok,
+    res_out_ptr,
+    normed_ptr,
+    q_ptr,
+    scale_ptr,
+    scale_st,
+    scale_sg,
+    G_OFF: tl.constexpr,
+    NGP: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    QUANT: tl.constexpr,
+    EMIT: tl.constexpr,
+):
     """Copy one part of a peer's slot j (its row ``row``) into the local outputs."""
     offs, mask, g, gmask = part_tile(G_OFF, NGP, GS, GROUP, N_GROUPS)
     m = mask & row_ok
@@ -101,8 +168,9 @@ def _gather_part(p_res, p_normed, p_q, p_scale, ohalf, shalf, row, j, row_ok,
     slot = tl.cast(j, tl.int64) * HIDDEN
     tl.store(res_out_ptr + base + offs, tl.load(p_res + ohalf + slot + offs, mask=m, cache_modifier=".cg"), mask=m)
     if EMIT:
-        tl.store(normed_ptr + base + offs, tl.load(p_normed + ohalf + slot + offs, mask=m, cache_modifier=".cg"),
-                 mask=m)
+        tl.store(
+            normed_ptr + base + offs, tl.load(p_normed + ohalf + slot + offs, mask=m, cache_modifier=".cg"), mask=m
+        )
     if QUANT:
         tl.store(q_ptr + base + offs, tl.load(p_q + ohalf + slot + offs, mask=m, cache_modifier=".cg"), mask=m)
         sm = gmask & row_ok
@@ -112,13 +180,42 @@ def _gather_part(p_res, p_normed, p_q, p_scale, ohalf, shalf, row, j, row_ok,
 
 @triton.jit(do_not_specialize=["n_rows", "chunk", "scale_st", "scale_sg"])
 def _twoshot_kernel(
-    x_ptr, res_ptr, w_ptr, res_out_ptr, normed_ptr, q_ptr, scale_ptr,
-    stage, flags, ctl_ptr, o_q, o_res, o_normed, o_scale,
-    n_rows, chunk, stage_cap, out_cap, scale_cap, eps, weight_offset,
-    scale_st, scale_sg,
-    W: tl.constexpr, RANK: tl.constexpr, HIDDEN: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr,
-    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
-    HAS_RES: tl.constexpr, QUANT: tl.constexpr, EMIT: tl.constexpr, FP8_MAX: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    res_out_ptr,
+    normed_ptr,
+    q_ptr,
+    scale_ptr,
+    stage,
+    flags,
+    ctl_ptr,
+    o_q,
+    o_res,
+    o_normed,
+    o_scale,
+    n_rows,
+    chunk,
+    stage_cap,
+    out_cap,
+    scale_cap,
+    eps,
+    weight_offset,
+    scale_st,
+    scale_sg,
+    W: tl.constexpr,
+    RANK: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    QUANT: tl.constexpr,
+    EMIT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
     PHASE: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = HIDDEN // GROUP
@@ -154,37 +251,149 @@ def _twoshot_kernel(
             row = RANK * chunk + j
             base = tl.cast(row, tl.int64) * HIDDEN
             row_ok = row < n_rows
-            s0, w0, o0, m0, g0, gm0 = _sum_part(stage, half, base, res_ptr, w_ptr, row_ok, 0, P0, GS, GROUP,
-                                                N_GROUPS, W, HAS_RES)
+            s0, w0, o0, m0, g0, gm0 = _sum_part(
+                stage, half, base, res_ptr, w_ptr, row_ok, 0, P0, GS, GROUP, N_GROUPS, W, HAS_RES
+            )
             ss = sum_sq(s0)
             if P1 > 0:
-                s1, w1, o1, m1, g1, gm1 = _sum_part(stage, half, base, res_ptr, w_ptr, row_ok, O1, P1, GS, GROUP,
-                                                    N_GROUPS, W, HAS_RES)
+                s1, w1, o1, m1, g1, gm1 = _sum_part(
+                    stage, half, base, res_ptr, w_ptr, row_ok, O1, P1, GS, GROUP, N_GROUPS, W, HAS_RES
+                )
                 ss += sum_sq(s1)
             if P2 > 0:
-                s2, w2, o2, m2, g2, gm2 = _sum_part(stage, half, base, res_ptr, w_ptr, row_ok, O2, P2, GS, GROUP,
-                                                    N_GROUPS, W, HAS_RES)
+                s2, w2, o2, m2, g2, gm2 = _sum_part(
+                    stage, half, base, res_ptr, w_ptr, row_ok, O2, P2, GS, GROUP, N_GROUPS, W, HAS_RES
+                )
                 ss += sum_sq(s2)
             if P3 > 0:
-                s3, w3, o3, m3, g3, gm3 = _sum_part(stage, half, base, res_ptr, w_ptr, row_ok, O3, P3, GS, GROUP,
-                                                    N_GROUPS, W, HAS_RES)
+                s3, w3, o3, m3, g3, gm3 = _sum_part(
+                    stage, half, base, res_ptr, w_ptr, row_ok, O3, P3, GS, GROUP, N_GROUPS, W, HAS_RES
+                )
                 ss += sum_sq(s3)
             inv = inv_rms(ss, HIDDEN, eps)
-            _publish_part(s0, w0, inv, row, j, o0, m0, g0, gm0, weight_offset, res_out_ptr, normed_ptr, q_ptr,
-                          scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
-                          HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
+            _publish_part(
+                s0,
+                w0,
+                inv,
+                row,
+                j,
+                o0,
+                m0,
+                g0,
+                gm0,
+                weight_offset,
+                res_out_ptr,
+                normed_ptr,
+                q_ptr,
+                scale_ptr,
+                scale_st,
+                scale_sg,
+                o_res,
+                o_normed,
+                o_q,
+                o_scale,
+                ohalf,
+                shalf,
+                HIDDEN,
+                N_GROUPS,
+                RANK,
+                QUANT,
+                EMIT,
+                FP8_MAX,
+            )
             if P1 > 0:
-                _publish_part(s1, w1, inv, row, j, o1, m1, g1, gm1, weight_offset, res_out_ptr, normed_ptr, q_ptr,
-                              scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
-                              HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
+                _publish_part(
+                    s1,
+                    w1,
+                    inv,
+                    row,
+                    j,
+                    o1,
+                    m1,
+                    g1,
+                    gm1,
+                    weight_offset,
+                    res_out_ptr,
+                    normed_ptr,
+                    q_ptr,
+                    scale_ptr,
+                    scale_st,
+                    scale_sg,
+                    o_res,
+                    o_normed,
+                    o_q,
+                    o_scale,
+                    ohalf,
+                    shalf,
+                    HIDDEN,
+                    N_GROUPS,
+                    RANK,
+                    QUANT,
+                    EMIT,
+                    FP8_MAX,
+                )
             if P2 > 0:
-                _publish_part(s2, w2, inv, row, j, o2, m2, g2, gm2, weight_offset, res_out_ptr, normed_ptr, q_ptr,
-                              scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
-                              HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
+                _publish_part(
+                    s2,
+                    w2,
+                    inv,
+                    row,
+                    j,
+                    o2,
+                    m2,
+                    g2,
+                    gm2,
+                    weight_offset,
+                    res_out_ptr,
+                    normed_ptr,
+                    q_ptr,
+                    scale_ptr,
+                    scale_st,
+                    scale_sg,
+                    o_res,
+                    o_normed,
+                    o_q,
+                    o_scale,
+                    ohalf,
+                    shalf,
+                    HIDDEN,
+                    N_GROUPS,
+                    RANK,
+                    QUANT,
+                    EMIT,
+                    FP8_MAX,
+                )
             if P3 > 0:
-                _publish_part(s3, w3, inv, row, j, o3, m3, g3, gm3, weight_offset, res_out_ptr, normed_ptr, q_ptr,
-                              scale_ptr, scale_st, scale_sg, o_res, o_normed, o_q, o_scale, ohalf, shalf,
-                              HIDDEN, N_GROUPS, RANK, QUANT, EMIT, FP8_MAX)
+                _publish_part(
+                    s3,
+                    w3,
+                    inv,
+                    row,
+                    j,
+                    o3,
+                    m3,
+                    g3,
+                    gm3,
+                    weight_offset,
+                    res_out_ptr,
+                    normed_ptr,
+                    q_ptr,
+                    scale_ptr,
+                    scale_st,
+                    scale_sg,
+                    o_res,
+                    o_normed,
+                    o_q,
+                    o_scale,
+                    ohalf,
+                    shalf,
+                    HIDDEN,
+                    N_GROUPS,
+                    RANK,
+                    QUANT,
+                    EMIT,
+                    FP8_MAX,
+                )
     if PHASE == 0:
         block_barrier(flags, ctl_ptr, pid, epoch + 1, W, RANK)
         tl.store(ctl_ptr + CTL_EPOCHS + pid, epoch + 1)  # two barriers this call
@@ -194,21 +403,109 @@ def _twoshot_kernel(
                 if p != RANK:
                     row = p * chunk + j
                     row_ok = row < n_rows
-                    _gather_part(o_res[p], o_normed[p], o_q[p], o_scale[p], ohalf, shalf, row, j, row_ok,
-                                 res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
-                                 0, P0, GS, GROUP, HIDDEN, N_GROUPS, QUANT, EMIT)
+                    _gather_part(
+                        o_res[p],
+                        o_normed[p],
+                        o_q[p],
+                        o_scale[p],
+                        ohalf,
+                        shalf,
+                        row,
+                        j,
+                        row_ok,
+                        res_out_ptr,
+                        normed_ptr,
+                        q_ptr,
+                        scale_ptr,
+                        scale_st,
+                        scale_sg,
+                        0,
+                        P0,
+                        GS,
+                        GROUP,
+                        HIDDEN,
+                        N_GROUPS,
+                        QUANT,
+                        EMIT,
+                    )
                     if P1 > 0:
-                        _gather_part(o_res[p], o_normed[p], o_q[p], o_scale[p], ohalf, shalf, row, j, row_ok,
-                                     res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
-                                     O1, P1, GS, GROUP, HIDDEN, N_GROUPS, QUANT, EMIT)
+                        _gather_part(
+                            o_res[p],
+                            o_normed[p],
+                            o_q[p],
+                            o_scale[p],
+                            ohalf,
+                            shalf,
+                            row,
+                            j,
+                            row_ok,
+                            res_out_ptr,
+                            normed_ptr,
+                            q_ptr,
+                            scale_ptr,
+                            scale_st,
+                            scale_sg,
+                            O1,
+                            P1,
+                            GS,
+                            GROUP,
+                            HIDDEN,
+                            N_GROUPS,
+                            QUANT,
+                            EMIT,
+                        )
                     if P2 > 0:
-                        _gather_part(o_res[p], o_normed[p], o_q[p], o_scale[p], ohalf, shalf, row, j, row_ok,
-                                     res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
-                                     O2, P2, GS, GROUP, HIDDEN, N_GROUPS, QUANT, EMIT)
+                        _gather_part(
+                            o_res[p],
+                            o_normed[p],
+                            o_q[p],
+                            o_scale[p],
+                            ohalf,
+                            shalf,
+                            row,
+                            j,
+                            row_ok,
+                            res_out_ptr,
+                            normed_ptr,
+                            q_ptr,
+                            scale_ptr,
+                            scale_st,
+                            scale_sg,
+                            O2,
+                            P2,
+                            GS,
+                            GROUP,
+                            HIDDEN,
+                            N_GROUPS,
+                            QUANT,
+                            EMIT,
+                        )
                     if P3 > 0:
-                        _gather_part(o_res[p], o_normed[p], o_q[p], o_scale[p], ohalf, shalf, row, j, row_ok,
-                                     res_out_ptr, normed_ptr, q_ptr, scale_ptr, scale_st, scale_sg,
-                                     O3, P3, GS, GROUP, HIDDEN, N_GROUPS, QUANT, EMIT)
+                        _gather_part(
+                            o_res[p],
+                            o_normed[p],
+                            o_q[p],
+                            o_scale[p],
+                            ohalf,
+                            shalf,
+                            row,
+                            j,
+                            row_ok,
+                            res_out_ptr,
+                            normed_ptr,
+                            q_ptr,
+                            scale_ptr,
+                            scale_st,
+                            scale_sg,
+                            O3,
+                            P3,
+                            GS,
+                            GROUP,
+                            HIDDEN,
+                            N_GROUPS,
+                            QUANT,
+                            EMIT,
+                        )
         finish_call(ctl_ptr, calls)
 
 
@@ -245,8 +542,18 @@ def twoshot_ar_norm_quant(
     tokens, hidden = x.shape
     if peers.out_res is None:
         raise ValueError("this workspace has no two-shot output region")
-    run = prepare_rows(tokens, hidden, x.dtype, x.device, group_size=group_size, quantize=quantize,
-                       emit_bf16=emit_bf16, scale_layout=scale_layout, quant_dtype=quant_dtype, outputs=outputs)
+    run = prepare_rows(
+        tokens,
+        hidden,
+        x.dtype,
+        x.device,
+        group_size=group_size,
+        quantize=quantize,
+        emit_bf16=emit_bf16,
+        scale_layout=scale_layout,
+        quant_dtype=quant_dtype,
+        outputs=outputs,
+    )
     q, scale, res_out, normed = run.outputs
     if tokens == 0:
         return run.outputs
@@ -255,13 +562,38 @@ def twoshot_ar_norm_quant(
         raise ValueError(reason)
     chunk = -(-tokens // peers.world_size)
     _twoshot_kernel[(peers.grid(chunk),)](
-        x, residual, weight, res_out, normed, q, scale,
-        peers.stage, peers.flags, peers.ctl, peers.out_q, peers.out_res, peers.out_normed, peers.out_scale,
-        tokens, chunk, peers.stage_cap, peers.out_cap, peers.scale_cap,
-        float(eps), float(weight_offset), run.scale_st, run.scale_sg,
-        W=peers.world_size, RANK=peers.rank, HIDDEN=hidden, **run.tile.constexprs(),
-        HAS_RES=residual is not None, QUANT=quantize, EMIT=normed is not None,
-        FP8_MAX=run.fp8_max, PHASE=phase,
+        x,
+        residual,
+        weight,
+        res_out,
+        normed,
+        q,
+        scale,
+        peers.stage,
+        peers.flags,
+        peers.ctl,
+        peers.out_q,
+        peers.out_res,
+        peers.out_normed,
+        peers.out_scale,
+        tokens,
+        chunk,
+        peers.stage_cap,
+        peers.out_cap,
+        peers.scale_cap,
+        float(eps),
+        float(weight_offset),
+        run.scale_st,
+        run.scale_sg,
+        W=peers.world_size,
+        RANK=peers.rank,
+        HIDDEN=hidden,
+        **run.tile.constexprs(),
+        HAS_RES=residual is not None,
+        QUANT=quantize,
+        EMIT=normed is not None,
+        FP8_MAX=run.fp8_max,
+        PHASE=phase,
         num_warps=run.tile.num_warps,
     )
     return run.outputs

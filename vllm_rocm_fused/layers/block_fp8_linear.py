@@ -99,8 +99,7 @@ def dequant_blocks(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return w.to(torch.float64) * s
 
 
-def block_fp8_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
-                     ) -> torch.Tensor:
+def block_fp8_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """(A_q * As) @ (W_q * Ws)^T in float64 for 1x128-group activations and 128x128-block
     weights: A_q [M, K], As [M, K/128], W_q [N, K], Ws [ceil(N/128), K/128] -> [M, N]."""
     k = a_q.shape[-1]

@@ -39,15 +39,15 @@ logger = get_logger("fused_norm")
 @CustomOp.register(OP_NAME)
 class FusedAllReduceRMSNormQuant(CustomOp):
     """Args:
-        hidden_size: H (a multiple of group_size when quantize).
-        eps: RMSNorm epsilon.
-        weight_offset: 1.0 for Gemma/Qwen3.5 norms (x * (1 + w)), 0.0 for plain RMSNorm.
-        all_reduce: sum x over vLLM's TP group first (False: add + norm + quant only).
-        quantize: emit (q, scale); False = AR + add + RMSNorm with x.dtype output.
-        emit_bf16: with quantize, also return the normed activation in x.dtype.
-        scale_layout: "row" or "col" (column-major), what the consumer GEMM reads.
-        group_size: quant group along H.
-        quant_dtype: FP8 type; None = vLLM's platform FP8 (e4m3fnuz on gfx942).
+    hidden_size: H (a multiple of group_size when quantize).
+    eps: RMSNorm epsilon.
+    weight_offset: 1.0 for Gemma/Qwen3.5 norms (x * (1 + w)), 0.0 for plain RMSNorm.
+    all_reduce: sum x over vLLM's TP group first (False: add + norm + quant only).
+    quantize: emit (q, scale); False = AR + add + RMSNorm with x.dtype output.
+    emit_bf16: with quantize, also return the normed activation in x.dtype.
+    scale_layout: "row" or "col" (column-major), what the consumer GEMM reads.
+    group_size: quant group along H.
+    quant_dtype: FP8 type; None = vLLM's platform FP8 (e4m3fnuz on gfx942).
     """
 
     def __init__(
@@ -106,24 +106,37 @@ class FusedAllReduceRMSNormQuant(CustomOp):
         x2 = x.reshape(-1, shape[-1])
         res2 = residual.reshape(-1, shape[-1]) if residual is not None else None
         out = call_fused_op(
-            x2, res2, self.weight.data, self.variance_epsilon, self.comm_name,
-            group_size=self.group_size, weight_offset=self.weight_offset,
-            emit_bf16=self.emit_bf16, scale_layout=self.scale_layout,
-            quant_dtype=self.quant_dtype, quantize=self.quantize, backend=backend, tag=tag,
+            x2,
+            res2,
+            self.weight.data,
+            self.variance_epsilon,
+            self.comm_name,
+            group_size=self.group_size,
+            weight_offset=self.weight_offset,
+            emit_bf16=self.emit_bf16,
+            scale_layout=self.scale_layout,
+            quant_dtype=self.quant_dtype,
+            quantize=self.quantize,
+            backend=backend,
+            tag=tag,
         )
         if len(shape) == 2:
             return out
         return FusedNormQuantOutput(
-            out.q, out.scale, out.residual.view(shape),
+            out.q,
+            out.scale,
+            out.residual.view(shape),
             out.normed.view(shape) if out.normed is not None else None,
         )
 
-    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                       tag: str = "") -> FusedNormQuantOutput:
+    def forward_native(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, tag: str = ""
+    ) -> FusedNormQuantOutput:
         return self._run(x, residual, "native", tag)
 
-    def forward_cuda(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                     tag: str = "") -> FusedNormQuantOutput:
+    def forward_cuda(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, tag: str = ""
+    ) -> FusedNormQuantOutput:
         return self._run(x, residual, self.backend, tag)
 
 
@@ -134,8 +147,11 @@ def _resolve_forced_backend() -> str:
     if requested in known:
         return requested
     log_once(
-        logger, logging.WARNING, f"forced-backend:{requested}",
+        logger,
+        logging.WARNING,
+        f"forced-backend:{requested}",
         "vllm-rocm-fused: VLLM_ROCM_FUSED_BACKEND=%r is not one of %s; using auto",
-        requested, known,
+        requested,
+        known,
     )
     return "auto"

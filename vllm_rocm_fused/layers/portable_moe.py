@@ -90,24 +90,37 @@ class PortableExpertsFp8(mk.FusedMoEExpertsModular):
     def supports_expert_map(self) -> bool:
         return True
 
-    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
-                         expert_tokens_meta, activation):
+    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts, expert_tokens_meta, activation):
         return (0,), (0,), (M, K)
 
     def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
         return TopKWeightAndReduceNoOP()
 
-    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-              global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
-              expert_tokens_meta, apply_router_weight_on_input) -> None:
+    def apply(
+        self,
+        output,
+        hidden_states,
+        w1,
+        w2,
+        topk_weights,
+        topk_ids,
+        activation,
+        global_num_experts,
+        expert_map,
+        a1q_scale,
+        a2_scale,
+        workspace13,
+        workspace2,
+        expert_tokens_meta,
+        apply_router_weight_on_input,
+    ) -> None:
         if apply_router_weight_on_input:
             raise NotImplementedError("PortableExpertsFp8 does not support apply_router_weight_on_input=True")
         w1_scale, w2_scale = self.quant_config.w1_scale, self.quant_config.w2_scale
         ids = topk_ids.to(torch.long)
         if expert_map is not None:
             ids = expert_map[ids].to(torch.long)  # -1: expert not on this rank
-        acc = torch.zeros(hidden_states.shape[0], w2.shape[1], dtype=torch.float64,
-                          device=hidden_states.device)
+        acc = torch.zeros(hidden_states.shape[0], w2.shape[1], dtype=torch.float64, device=hidden_states.device)
         for e in torch.unique(ids).tolist():
             if e < 0:
                 continue
@@ -127,8 +140,14 @@ def install() -> None:
         from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend
         from vllm.model_executor.layers.quantization import fp8 as fp8_method
     except Exception as e:  # noqa: BLE001 - a vLLM without this layout: nothing to enable
-        log_once(logger, logging.WARNING, "portable-moe-import",
-                 "vllm-rocm-fused: portable FP8 MoE not registered (%s: %s)", type(e).__name__, e)
+        log_once(
+            logger,
+            logging.WARNING,
+            "portable-moe-import",
+            "vllm-rocm-fused: portable FP8 MoE not registered (%s: %s)",
+            type(e).__name__,
+            e,
+        )
         return
     original = fp8_method.select_fp8_moe_backend
     if getattr(original, "_rocm_fused_portable", False):
@@ -139,11 +158,16 @@ def install() -> None:
         if backend != Fp8MoeBackend.NONE or not current_platform.is_cpu():
             return backend, experts_cls
         ok, _ = PortableExpertsFp8.is_supported_config(
-            PortableExpertsFp8, config, weight_key, activation_key, mk.FusedMoEActivationFormat.Standard)
+            PortableExpertsFp8, config, weight_key, activation_key, mk.FusedMoEActivationFormat.Standard
+        )
         if not ok:
             return backend, experts_cls
-        log_once(logger, logging.INFO, "portable-moe",
-                 "vllm-rocm-fused: no FP8 MoE kernel on this CPU; using the portable block-FP8 experts")
+        log_once(
+            logger,
+            logging.INFO,
+            "portable-moe",
+            "vllm-rocm-fused: no FP8 MoE kernel on this CPU; using the portable block-FP8 experts",
+        )
         return Fp8MoeBackend.TRITON, PortableExpertsFp8
 
     select_fp8_moe_backend.__wrapped__ = original

@@ -45,6 +45,7 @@ def accept_fused_input(linear: torch.nn.Module) -> None:
         return
     cls = _bf16_view_classes.get(base)
     if cls is None:
+
         def forward(self, input_, _base=base):
             if isinstance(input_, FusedInputActivation):
                 input_ = input_.bf16

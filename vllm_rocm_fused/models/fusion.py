@@ -55,11 +55,13 @@ class FusedNormSite(FusedAllReduceRMSNormQuant):
     (``norm(x) -> out`` or ``norm(x, residual) -> (out, residual)``), where ``out``
     is what the site's consumer takes."""
 
-    def __init__(self, site: SiteKind, hidden_size: int, eps: float, *, all_reduce: bool,
-                 handoff: Handoff | None) -> None:
+    def __init__(
+        self, site: SiteKind, hidden_size: int, eps: float, *, all_reduce: bool, handoff: Handoff | None
+    ) -> None:
         quantize = handoff is not None and handoff.layout is not None
         super().__init__(
-            hidden_size, eps,
+            hidden_size,
+            eps,
             weight_offset=GEMMA_OFFSET,
             all_reduce=all_reduce,
             quantize=quantize,
@@ -75,8 +77,7 @@ class FusedNormSite(FusedAllReduceRMSNormQuant):
         if not self.quantize:
             act = out.normed
         elif self.emit_bf16:
-            act = FusedInputActivation(out.q, out.scale, x.dtype, out.normed.shape, kFp8Dynamic128Sym,
-                                       bf16=out.normed)
+            act = FusedInputActivation(out.q, out.scale, x.dtype, out.normed.shape, kFp8Dynamic128Sym, bf16=out.normed)
         else:
             act = QuantizedActivation(out.q, out.scale, x.dtype, out.residual.shape, kFp8Dynamic128Sym)
         return act if residual is None else (act, out.residual)
@@ -147,8 +148,9 @@ class FusionReport:
             stage = f", PP={self.pp_size} stage {self.pp_rank}"
             if self.layer_range is not None:
                 stage += f" (layers {self.layer_range[0]}-{self.layer_range[1]})"
-        text = (f"vllm-rocm-fused: fused sites ({self.where}, TP={self.tp_size}, rank {self.rank}{stage}): "
-                + "; ".join(parts))
+        text = f"vllm-rocm-fused: fused sites ({self.where}, TP={self.tp_size}, rank {self.rank}{stage}): " + "; ".join(
+            parts
+        )
         if self.kept_reduces:
             text += f" | reduces kept in place: {'; '.join(self.kept_reduces)}"
         if self.backends_not_used:
@@ -220,8 +222,9 @@ def _handoff_for(site: SiteKind, consumer, quant_off: bool) -> Handoff:
     return inspect_consumer(consumer)
 
 
-def _deferred_reduces(report: FusionReport, layers: list, no_deferral: str | None, *, last_output_reduced: bool,
-                      independent_layers: bool) -> tuple[list[bool], list[bool]]:
+def _deferred_reduces(
+    report: FusionReport, layers: list, no_deferral: str | None, *, last_output_reduced: bool, independent_layers: bool
+) -> tuple[list[bool], list[bool]]:
     """Per layer, whether its attention and its MLP output reduce can be deferred to the
     next norm site; each MLP reduce that stays is recorded in ``report.kept_reduces``."""
     attn_deferred, mlp_deferred = [], []
@@ -237,8 +240,19 @@ def _deferred_reduces(report: FusionReport, layers: list, no_deferral: str | Non
     return attn_deferred, mlp_deferred
 
 
-def _install_site(report: FusionReport, owner, attr: str, site: SiteKind, consumer, *, all_reduce: bool,
-                  hidden: int, eps: float, quant_off: bool, prefix: str = "") -> Handoff:
+def _install_site(
+    report: FusionReport,
+    owner,
+    attr: str,
+    site: SiteKind,
+    consumer,
+    *,
+    all_reduce: bool,
+    hidden: int,
+    eps: float,
+    quant_off: bool,
+    prefix: str = "",
+) -> Handoff:
     """Replace the norm ``owner.<attr>`` with a fused site, switch ``consumer`` to the
     (fp8, scale) input where it can take it, and record the site as ``prefix + attr``."""
     handoff = _handoff_for(site, consumer, quant_off)
@@ -288,8 +302,14 @@ def install(
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     pp = parallel_state.get_pp_group()
-    report = FusionReport(where=where, tp_size=tp_size, rank=rank, pp_size=pp.world_size, pp_rank=pp.rank_in_group,
-                          layer_range=(layers[0].layer_idx, layers[-1].layer_idx) if layers else None)
+    report = FusionReport(
+        where=where,
+        tp_size=tp_size,
+        rank=rank,
+        pp_size=pp.world_size,
+        pp_rank=pp.rank_in_group,
+        layer_range=(layers[0].layer_idx, layers[-1].layer_idx) if layers else None,
+    )
     _reports.append(report)
 
     why = _why_stack_not_fused(vllm_config, layers)
@@ -301,8 +321,9 @@ def install(
     quant_off = envs.ar_quant_disabled()
     no_deferral = _why_no_deferral(vllm_config) if tp_size > 1 else "TP=1 (nothing to reduce)"
 
-    attn_deferred, mlp_deferred = _deferred_reduces(report, layers, no_deferral, last_output_reduced=last_output_reduced,
-                                                    independent_layers=independent_layers)
+    attn_deferred, mlp_deferred = _deferred_reduces(
+        report, layers, no_deferral, last_output_reduced=last_output_reduced, independent_layers=independent_layers
+    )
     eps = layers[0].input_layernorm.variance_epsilon if layers else 1e-6
     hidden = layers[0].input_layernorm.weight.shape[0] if layers else 0  # unused without layers
 
@@ -359,12 +380,18 @@ def _backend_summary(report: FusionReport, vllm_config) -> tuple[dict[str, str],
         chosen = []
         for tokens in (1, max_tokens):
             spec = CallSpec(
-                num_tokens=tokens, hidden=vllm_config.model_config.get_hidden_size(),
-                dtype=vllm_config.model_config.dtype, device=device,
-                world_size=report.tp_size if rec.all_reduce else 1, group_size=128,
-                weight_offset=GEMMA_OFFSET, emit_bf16=quantize and rec.site.emit_bf16,
-                scale_layout=rec.layout or "row", quant_dtype=current_platform.fp8_dtype(),
-                has_residual=True, quantize=quantize,
+                num_tokens=tokens,
+                hidden=vllm_config.model_config.get_hidden_size(),
+                dtype=vllm_config.model_config.dtype,
+                device=device,
+                world_size=report.tp_size if rec.all_reduce else 1,
+                group_size=128,
+                weight_offset=GEMMA_OFFSET,
+                emit_bf16=quantize and rec.site.emit_bf16,
+                scale_layout=rec.layout or "row",
+                quant_dtype=current_platform.fp8_dtype(),
+                has_residual=True,
+                quantize=quantize,
             )
             backend = backends.select("auto", spec, site_comm)
             chosen.append(f"{backend.name}/{backend.describe(spec, site_comm)} at T={tokens}")

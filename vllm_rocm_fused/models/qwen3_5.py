@@ -24,10 +24,13 @@ from . import fusion
 def _fuse_decoder(model, vllm_config: VllmConfig, where: str) -> fusion.FusionReport:
     """``model`` is a Qwen3_5Model (the decoder stack of every arch)."""
     pp = get_pp_group()
-    layers = list(model.layers[model.start_layer:model.end_layer])
+    layers = list(model.layers[model.start_layer : model.end_layer])
     owner = model if not isinstance(model.norm, PPMissingLayer) else None
     return fusion.install(
-        vllm_config=vllm_config, layers=layers, final_norm_owner=owner, where=where,
+        vllm_config=vllm_config,
+        layers=layers,
+        final_norm_owner=owner,
+        where=where,
         last_output_reduced=not pp.is_last_rank,
     )
 
@@ -47,15 +50,13 @@ class FusedQwen3_5MoeForCausalLM(Qwen3_5MoeForCausalLM):
 class FusedQwen3_5ForConditionalGeneration(Qwen3_5ForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model"):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.fusion_report = _fuse_decoder(self.language_model.model, vllm_config,
-                                           "Qwen3_5ForConditionalGeneration")
+        self.fusion_report = _fuse_decoder(self.language_model.model, vllm_config, "Qwen3_5ForConditionalGeneration")
 
 
 class FusedQwen3_5MoeForConditionalGeneration(Qwen3_5MoeForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model"):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.fusion_report = _fuse_decoder(self.language_model.model, vllm_config,
-                                           "Qwen3_5MoeForConditionalGeneration")
+        self.fusion_report = _fuse_decoder(self.language_model.model, vllm_config, "Qwen3_5MoeForConditionalGeneration")
 
 
 def _fuse_mtp(mtp, vllm_config: VllmConfig, where: str) -> fusion.FusionReport:
@@ -63,8 +64,11 @@ def _fuse_mtp(mtp, vllm_config: VllmConfig, where: str) -> fusion.FusionReport:
     the predictor's final norm."""
     predictor = mtp.model
     return fusion.install(
-        vllm_config=vllm_config, layers=list(predictor.layers), final_norm_owner=predictor,
-        where=where, independent_layers=True,
+        vllm_config=vllm_config,
+        layers=list(predictor.layers),
+        final_norm_owner=predictor,
+        where=where,
+        independent_layers=True,
     )
 
 

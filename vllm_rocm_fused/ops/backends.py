@@ -171,9 +171,16 @@ def run(
     _path_counts[path] += 1
     _backend_counts[(backend.name, path)] += 1
     if tag:
-        log_once(logger, logging.INFO, f"path:{tag}:{backend.name}:{path}",
-                 "vllm-rocm-fused: site %s ran %s via backend %s (first such call: %d tokens)",
-                 tag, path, backend.name, spec.num_tokens)
+        log_once(
+            logger,
+            logging.INFO,
+            f"path:{tag}:{backend.name}:{path}",
+            "vllm-rocm-fused: site %s ran %s via backend %s (first such call: %d tokens)",
+            tag,
+            path,
+            backend.name,
+            spec.num_tokens,
+        )
     return outputs
 
 
@@ -181,9 +188,13 @@ def mark_broken(name: str, error: BaseException) -> None:
     with _lock:
         _broken[name] = f"{type(error).__name__}: {error}"
     log_once(
-        logger, logging.WARNING, f"broken:{name}",
-        "vllm-rocm-fused: backend %r raised %s: %s; it is disabled for this process, "
-        "the portable path takes over", name, type(error).__name__, error,
+        logger,
+        logging.WARNING,
+        f"broken:{name}",
+        "vllm-rocm-fused: backend %r raised %s: %s; it is disabled for this process, the portable path takes over",
+        name,
+        type(error).__name__,
+        error,
     )
 
 

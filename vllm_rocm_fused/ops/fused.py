@@ -78,7 +78,8 @@ def _fused_op(
     ``tag`` names the call site in the once-per-path log line (glue code sets it)."""
     comm = get_communicator(comm_name) if comm_name is not None else None
     spec = make_spec(
-        x, residual,
+        x,
+        residual,
         world_size=comm.world_size if comm is not None else 1,
         group_size=group_size,
         weight_offset=weight_offset,
@@ -98,8 +99,21 @@ def _fused_op(
 
 
 @_fused_op.register_fake
-def _fused_op_fake(x, residual, weight, eps, comm_name, group_size, weight_offset,
-                   emit_bf16, scale_layout, quant_dtype, quantize, backend, tag=""):
+def _fused_op_fake(
+    x,
+    residual,
+    weight,
+    eps,
+    comm_name,
+    group_size,
+    weight_offset,
+    emit_bf16,
+    scale_layout,
+    quant_dtype,
+    quantize,
+    backend,
+    tag="",
+):
     tokens, hidden = x.shape
     if quantize:
         q = x.new_empty((tokens, hidden), dtype=quant_dtype)
@@ -134,8 +148,19 @@ def call_fused_op(
 ) -> FusedNormQuantOutput:
     """The torch op with already-validated arguments (glue code calls this)."""
     q, scale, new_residual, normed = torch.ops.vllm_rocm_fused.fused_allreduce_rmsnorm_quant(
-        x, residual, weight, float(eps), comm_name, group_size, float(weight_offset),
-        emit_bf16, scale_layout, quant_dtype, quantize, backend, tag,
+        x,
+        residual,
+        weight,
+        float(eps),
+        comm_name,
+        group_size,
+        float(weight_offset),
+        emit_bf16,
+        scale_layout,
+        quant_dtype,
+        quantize,
+        backend,
+        tag,
     )
     if not quantize:
         return FusedNormQuantOutput(None, None, new_residual, normed)
@@ -165,7 +190,9 @@ def validate(
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if hidden == 0 or hidden % group_size != 0:
-        raise ValueError(f"hidden size (x.shape[1] = {hidden}) must be a positive multiple of group_size = {group_size}")
+        raise ValueError(
+            f"hidden size (x.shape[1] = {hidden}) must be a positive multiple of group_size = {group_size}"
+        )
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
@@ -185,7 +212,11 @@ def validate(
         raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
-    if isinstance(weight_offset, bool) or not isinstance(weight_offset, (int, float)) or not math.isfinite(weight_offset):
+    if (
+        isinstance(weight_offset, bool)
+        or not isinstance(weight_offset, (int, float))
+        or not math.isfinite(weight_offset)
+    ):
         raise ValueError(f"weight_offset must be a finite float, got {weight_offset!r}")
     if scale_layout not in SCALE_LAYOUTS:
         raise ValueError(f"scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}")
@@ -240,14 +271,28 @@ def fused_allreduce_rmsnorm_quant(
         exact semantics. x and residual are not modified.
     """
     quant_dtype = validate(
-        x, residual, weight, eps,
-        group_size=group_size, weight_offset=weight_offset,
-        scale_layout=scale_layout, quant_dtype=quant_dtype, backend=backend,
+        x,
+        residual,
+        weight,
+        eps,
+        group_size=group_size,
+        weight_offset=weight_offset,
+        scale_layout=scale_layout,
+        quant_dtype=quant_dtype,
+        backend=backend,
     )
     comm = communicator_for_group(group)
     return call_fused_op(
-        x, residual, weight, eps, comm.name if comm is not None else None,
-        group_size=group_size, weight_offset=weight_offset, emit_bf16=emit_bf16,
-        scale_layout=scale_layout, quant_dtype=quant_dtype, quantize=bool(quantize),
+        x,
+        residual,
+        weight,
+        eps,
+        comm.name if comm is not None else None,
+        group_size=group_size,
+        weight_offset=weight_offset,
+        emit_bf16=emit_bf16,
+        scale_layout=scale_layout,
+        quant_dtype=quant_dtype,
+        quantize=bool(quantize),
         backend=backend,
     )

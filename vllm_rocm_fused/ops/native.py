@@ -37,7 +37,10 @@ class NativeBackend(Backend):
         if comm is not None and comm.world_size > 1 and spec.num_tokens > 0:
             h = comm.all_reduce(x)
         out = norm_quant_reference(
-            h, residual, weight, eps,
+            h,
+            residual,
+            weight,
+            eps,
             out_dtype=x.dtype,
             group_size=spec.group_size,
             weight_offset=spec.weight_offset,
@@ -48,5 +51,6 @@ class NativeBackend(Backend):
         )
         q, scale, residual_out, normed = out
         return (q, scale, residual_out, normed), PATH_GENERIC
+
 
 __all__ = ["NativeBackend"]

@@ -57,8 +57,9 @@ class FusedNormQuantOutput(NamedTuple):
     normed: torch.Tensor | None
 
 
-def add_residual(h: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def add_residual(
+    h: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, r): s = float32(h) + float32(residual) unrounded, r = round(s) in out_dtype
     (a new tensor, never an alias of h)."""
     s = h.to(torch.float32)
@@ -70,8 +71,9 @@ def add_residual(h: torch.Tensor, residual: torch.Tensor | None, out_dtype: torc
     return s, r
 
 
-def rms_norm(s: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
-             out_dtype: torch.dtype) -> torch.Tensor:
+def rms_norm(
+    s: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float, out_dtype: torch.dtype
+) -> torch.Tensor:
     """normed = round(s * rsqrt(mean(s^2) + eps) * (w + offset)) for float32 ``s``."""
     s = s.to(torch.float32)
     inv_rms = torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps)

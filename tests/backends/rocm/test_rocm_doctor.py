@@ -61,8 +61,10 @@ def test_old_aiter_without_per_group_uses_two_kernels(rocm):
     block = site_block(text, "attention input")
     assert "-> rocm (fused-2 one-stage via CustomAllreduce.fused_ar_rms + get_hip_quant(per_1x128)" in block
     assert "not fused-1: aiter 0.1.13 has no per-group fused API" in block
-    assert "backend rocm: aiter: 0.1.13: API generation <= 0.1.13-like (no per-group kernel); " \
-           "no per-group fused API" in text
+    assert (
+        "backend rocm: aiter: 0.1.13: API generation <= 0.1.13-like (no per-group kernel); "
+        "no per-group fused API" in text
+    )
 
 
 def test_gfx942_uses_two_kernels_and_says_why(rocm, monkeypatch):
@@ -86,8 +88,10 @@ def test_gfx950_per_site_steps(rocm):
     moe = site_block(text, "post-attention (MoE)")
     assert "tokens 1,64 -> rocm (fused-1 one-stage via CustomAllreduce.fused_ar_rms (gemma_norm))" in moe
     assert "tokens 81,1024 -> rocm (fused-1 two-stage via CustomAllreduce.fused_ar_rms (gemma_norm))" in moe
-    assert ("backend rocm: aiter: 0.1.20: API generation 0.1.17 / >= 0.1.19.post2-like; per-group: "
-            "CustomAllreduce.fused_ar_rms_per_group_quant(emit_bf16, transpose_scale)") in text
+    assert (
+        "backend rocm: aiter: 0.1.20: API generation 0.1.17 / >= 0.1.19.post2-like; per-group: "
+        "CustomAllreduce.fused_ar_rms_per_group_quant(emit_bf16, transpose_scale)"
+    ) in text
     assert "backend rocm: ROCm: HIP 7.0.51831 (torch.version.hip): clang >= 20" in text
     assert "backend rocm: kernel choice: one-stage where vLLM picks it (<= 80 tokens" in text
 
@@ -104,13 +108,16 @@ def test_old_rocm_keeps_bf16_per_group_calls_on_safe_kernels(rocm):
     assert "backend rocm: ROCm: HIP 6.4.43482 (torch.version.hip): clang < 20 assumed" in text
 
 
-@pytest.mark.parametrize("gen,name", [
-    ("v0_1_14", "0.1.14 - 0.1.16-like (one-stage kernels: one block per token)"),
-    ("v0_1_16", "0.1.14 - 0.1.16-like (one-stage kernels: one block per token)"),
-    ("v0_1_17", "0.1.17 / >= 0.1.19.post2-like"),
-    ("v0_1_18", "0.1.18 - 0.1.19.post1-like (per-group methods without transpose_scale)"),
-    ("v0_1_20", "0.1.17 / >= 0.1.19.post2-like"),
-])
+@pytest.mark.parametrize(
+    "gen,name",
+    [
+        ("v0_1_14", "0.1.14 - 0.1.16-like (one-stage kernels: one block per token)"),
+        ("v0_1_16", "0.1.14 - 0.1.16-like (one-stage kernels: one block per token)"),
+        ("v0_1_17", "0.1.17 / >= 0.1.19.post2-like"),
+        ("v0_1_18", "0.1.18 - 0.1.19.post1-like (per-group methods without transpose_scale)"),
+        ("v0_1_20", "0.1.17 / >= 0.1.19.post2-like"),
+    ],
+)
 def test_doctor_names_the_api_generation(rocm, gen, name):
     rocm.use(gen, "gfx950")
     assert f"API generation {name}" in doctor_text(tokens=(1,))

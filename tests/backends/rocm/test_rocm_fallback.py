@@ -33,8 +33,16 @@ def warnings_about(log, text: str) -> list[str]:
 
 def check_exact(out, case: Case, *, emit_bf16=False, scale_layout="row"):
     """Outputs of a path that honours (1 + w) in float32 (fused-2 with gemma_norm, generic)."""
-    ref = norm_quant_reference(case.h, case.residual, case.weight, 1e-6, out_dtype=case.x.dtype,
-                               weight_offset=1.0, emit_bf16=emit_bf16, scale_layout=scale_layout)
+    ref = norm_quant_reference(
+        case.h,
+        case.residual,
+        case.weight,
+        1e-6,
+        out_dtype=case.x.dtype,
+        weight_offset=1.0,
+        emit_bf16=emit_bf16,
+        scale_layout=scale_layout,
+    )
     torch.testing.assert_close(out.residual, ref.residual, rtol=0, atol=0)
     assert torch.equal(out.q.view(torch.uint8), ref.q.view(torch.uint8))
     torch.testing.assert_close(out.scale, ref.scale, rtol=0, atol=0)
@@ -68,8 +76,11 @@ def test_step1_exception_falls_to_step2_once(rocm, plugin_log):
     assert len(msgs) == 1 and "fused-1" in msgs[0] and "fused-2 takes over" in msgs[0]
     assert "per-group" in rocm.backend.details()["disabled steps"]
     assert "disabled after an error" in rocm.backend.describe(
-        backends.CallSpec(4, 256, torch.bfloat16, torch.device("cpu"), 2, 128, 1.0, False, "row",
-                          torch.float8_e4m3fn, True), comm)
+        backends.CallSpec(
+            4, 256, torch.bfloat16, torch.device("cpu"), 2, 128, 1.0, False, "row", torch.float8_e4m3fn, True
+        ),
+        comm,
+    )
 
 
 def test_step2_exception_falls_to_generic_once(rocm, plugin_log):
@@ -80,8 +91,15 @@ def test_step2_exception_falls_to_generic_once(rocm, plugin_log):
     out1 = run_op(comm, case, arch="gfx942")
     out2 = run_op(comm, case, arch="gfx942")
     for out in (out1, out2):
-        ref = norm_quant_reference(case.h, case.residual, case.weight, 1e-6, out_dtype=case.x.dtype,
-                                   weight_offset=1.0, quant_dtype=torch.float8_e4m3fnuz)
+        ref = norm_quant_reference(
+            case.h,
+            case.residual,
+            case.weight,
+            1e-6,
+            out_dtype=case.x.dtype,
+            weight_offset=1.0,
+            quant_dtype=torch.float8_e4m3fnuz,
+        )
         assert torch.equal(out.q.view(torch.uint8), ref.q.view(torch.uint8))
         torch.testing.assert_close(out.residual, ref.residual, rtol=0, atol=0)
     # the first call ran step 2 to its quant, raised there, and was redone generically
@@ -125,8 +143,9 @@ def test_aiter_fp8_type_not_the_arch_type_is_ineligible(rocm):
     rocm.backend.set_environment(fake_aiter.FakeRocmEnv("gfx950"))
     case = Case()
     comm = rocm.vllm_comm(case)
-    spec = backends.CallSpec(4, 256, torch.bfloat16, torch.device("cpu"), 2, 128, 1.0, False, "row",
-                             torch.float8_e4m3fn, True)
+    spec = backends.CallSpec(
+        4, 256, torch.bfloat16, torch.device("cpu"), 2, 128, 1.0, False, "row", torch.float8_e4m3fn, True
+    )
     reason = rocm.backend.ineligible_reason(spec, comm)
     assert "aiter's FP8 type is float8_e4m3fnuz, gfx950's is float8_e4m3fn" in reason
 
@@ -136,10 +155,14 @@ def test_declined_input_goes_down_without_disabling(rocm, plugin_log):
     rocm.use("v0_1_17", "gfx950")
     case = Case()
     CA = rocm.ca_class()
-    graph_aware_only = type("CustomAllreduce", (fake_base.CustomAllreduceBase,), {
-        "custom_fused_ar_rms_per_group_quant": CA.custom_fused_ar_rms_per_group_quant,
-        "custom_fused_ar_rms": CA.custom_fused_ar_rms,
-    })
+    graph_aware_only = type(
+        "CustomAllreduce",
+        (fake_base.CustomAllreduceBase,),
+        {
+            "custom_fused_ar_rms_per_group_quant": CA.custom_fused_ar_rms_per_group_quant,
+            "custom_fused_ar_rms": CA.custom_fused_ar_rms,
+        },
+    )
     ca = graph_aware_only(case.group(), torch.device("cpu"))
     ca.should_custom_ar = lambda inp, prefill_support=False: False
     comm = rocm.vllm_comm(case, ca=ca)
@@ -159,10 +182,14 @@ def test_graph_aware_methods_only_in_ca_comm_slot(rocm):
     fake = rocm.use("v0_1_17", "gfx950")
     case = Case()
     CA = rocm.ca_class()
-    cls = type("CustomAllreduce", (fake_base.CustomAllreduceBase,), {
-        "custom_fused_ar_rms_per_group_quant": CA.custom_fused_ar_rms_per_group_quant,
-        "custom_fused_ar_rms": CA.custom_fused_ar_rms,
-    })
+    cls = type(
+        "CustomAllreduce",
+        (fake_base.CustomAllreduceBase,),
+        {
+            "custom_fused_ar_rms_per_group_quant": CA.custom_fused_ar_rms_per_group_quant,
+            "custom_fused_ar_rms": CA.custom_fused_ar_rms,
+        },
+    )
     comm = rocm.vllm_comm(case, ca=cls(case.group(), torch.device("cpu")), slot="ca_comm", wrap=False)
     out = run_op(comm, case, emit_bf16=True, scale_layout="col")
     assert last_path() == "fused-1"
@@ -178,9 +205,18 @@ def test_kwargs_only_signature(rocm):
     CA = rocm.ca_class()
 
     def fused_ar_rms_per_group_quant(self, inp, res_inp, **kw):
-        return self._per_group(PER_GROUP, inp, res_inp, kw["w"], kw["eps"], group_size=kw["group_size"],
-                               registered=kw["registered"], use_1stage=kw["use_1stage"],
-                               emit_bf16=kw.get("emit_bf16", False), transpose_scale=kw.get("transpose_scale", False))
+        return self._per_group(
+            PER_GROUP,
+            inp,
+            res_inp,
+            kw["w"],
+            kw["eps"],
+            group_size=kw["group_size"],
+            registered=kw["registered"],
+            use_1stage=kw["use_1stage"],
+            emit_bf16=kw.get("emit_bf16", False),
+            transpose_scale=kw.get("transpose_scale", False),
+        )
 
     cls = type("CustomAllreduce", (CA,), {"fused_ar_rms_per_group_quant": fused_ar_rms_per_group_quant})
     comm = rocm.vllm_comm(case, ca=cls(case.group(), torch.device("cpu")))
@@ -190,12 +226,15 @@ def test_kwargs_only_signature(rocm):
     assert out.scale.stride() == (1, case.x.shape[0])
 
 
-@pytest.mark.parametrize("gen,entry", [
-    ("v0_1_14", "communication_op.per_group_fn"),
-    ("v0_1_16", "communication_op.quant"),
-    ("v0_1_17", "communication_op.quant"),
-    ("v0_1_20", "communication_op.quant"),
-])
+@pytest.mark.parametrize(
+    "gen,entry",
+    [
+        ("v0_1_14", "communication_op.per_group_fn"),
+        ("v0_1_16", "communication_op.quant"),
+        ("v0_1_17", "communication_op.quant"),
+        ("v0_1_20", "communication_op.quant"),
+    ],
+)
 def test_module_functions_over_aiters_own_tp_group(rocm, gen, entry):
     """No vLLM object; aiter's own TP group spans the same ranks: the
     communication_op generation of that aiter is used."""
@@ -230,17 +269,22 @@ def test_module_route_that_always_falls_back_runs_two_kernels_as_fused_2(rocm):
     assert last_path() == "fused-2"
     assert not fake.calls("communication_op.quant")
     assert [c.name for c in fake.state.calls if c.name != "CustomAllreduce.__init__"] == [
-        "CustomAllreduce.custom_fused_ar_rms", HIP_QUANT]
+        "CustomAllreduce.custom_fused_ar_rms",
+        HIP_QUANT,
+    ]
     assert "always runs two kernels" in rocm.backend.plan(_spec(case), comm).why_not["per-group"]
     check_two_kernels(out, case)
 
 
-@pytest.mark.parametrize("gen,tokens,hidden,hip,why,path", [
-    ("v0_1_16", 81, 512, "7.0.51831", "one block per token", "generic"),  # aiter <= 0.1.16's one-stage launchers
-    ("v0_1_20", 8, 256, "7.0.51831", "two-stage AR+RMSNorm", "generic"),  # its communicator may pick two-stage
-    # > 128 KiB: aiter would pick a multi-stage per-group kernel, bf16 on clang < 20; its AR+RMSNorm is fine
-    ("v0_1_20", 100, 1024, "6.4.43482", "integers", "fused-2"),
-])
+@pytest.mark.parametrize(
+    "gen,tokens,hidden,hip,why,path",
+    [
+        ("v0_1_16", 81, 512, "7.0.51831", "one block per token", "generic"),  # aiter <= 0.1.16's one-stage launchers
+        ("v0_1_20", 8, 256, "7.0.51831", "two-stage AR+RMSNorm", "generic"),  # its communicator may pick two-stage
+        # > 128 KiB: aiter would pick a multi-stage per-group kernel, bf16 on clang < 20; its AR+RMSNorm is fine
+        ("v0_1_20", 100, 1024, "6.4.43482", "integers", "fused-2"),
+    ],
+)
 def test_module_route_refuses_what_aiters_communicator_might_break(rocm, gen, tokens, hidden, hip, why, path):
     fake = rocm.use(gen, "gfx950", hip=hip)
     case = Case(tokens=tokens, hidden=hidden)
@@ -258,9 +302,19 @@ def test_module_route_refuses_what_aiters_communicator_might_break(rocm, gen, to
 
 def _spec(case: Case, **kw) -> backends.CallSpec:
     t, h = case.x.shape
-    base = dict(num_tokens=t, hidden=h, dtype=case.x.dtype, device=torch.device("cpu"), world_size=case.world_size,
-                group_size=128, weight_offset=1.0, emit_bf16=False, scale_layout="row",
-                quant_dtype=torch.float8_e4m3fn, has_residual=True)
+    base = dict(
+        num_tokens=t,
+        hidden=h,
+        dtype=case.x.dtype,
+        device=torch.device("cpu"),
+        world_size=case.world_size,
+        group_size=128,
+        weight_offset=1.0,
+        emit_bf16=False,
+        scale_layout="row",
+        quant_dtype=torch.float8_e4m3fn,
+        has_residual=True,
+    )
     base.update(kw)
     return backends.CallSpec(**base)
 
@@ -309,9 +363,16 @@ def test_plain_modules_enum_quant_type_and_kwargs_only(rocm):
 
         def custom_fused_ar_rms_per_group_quant(self, input, residual_inp, weight, eps, **kw):
             seen.append(sorted(kw))
-            out = norm_quant_reference(self.group.all_reduce(input), residual_inp, weight, eps,
-                                       out_dtype=input.dtype, group_size=kw["group_size"], emit_bf16=True,
-                                       scale_layout="col" if kw.get("transpose_scale") else "row")
+            out = norm_quant_reference(
+                self.group.all_reduce(input),
+                residual_inp,
+                weight,
+                eps,
+                out_dtype=input.dtype,
+                group_size=kw["group_size"],
+                emit_bf16=True,
+                scale_layout="col" if kw.get("transpose_scale") else "row",
+            )
             result = (out.q, out.residual, out.scale, out.normed)  # aiter's order
             return result if kw.get("emit_bf16") else result[:3]
 
@@ -336,8 +397,15 @@ def test_plain_modules_enum_quant_type_and_kwargs_only(rocm):
     out = run_op(comm, case, emit_bf16=True, scale_layout="col")
     assert last_path() == "fused-1"
     assert seen == [["emit_bf16", "group_size", "transpose_scale", "use_1stage"]]
-    ref = norm_quant_reference(case.h, case.residual, (case.weight.float() + 1).to(torch.bfloat16), 1e-6,
-                               out_dtype=torch.bfloat16, emit_bf16=True, scale_layout="col")
+    ref = norm_quant_reference(
+        case.h,
+        case.residual,
+        (case.weight.float() + 1).to(torch.bfloat16),
+        1e-6,
+        out_dtype=torch.bfloat16,
+        emit_bf16=True,
+        scale_layout="col",
+    )
     assert torch.equal(out.q.view(torch.uint8), ref.q.view(torch.uint8))
     assert out.scale.stride() == ref.scale.stride()
     backends.reset_counters()
@@ -353,11 +421,15 @@ def test_capture_warm_up_gets_aiters_zero_tensors_without_disabling(rocm):
     fake = rocm.use("v0_1_20", "gfx950")
     case = Case()
     CA = rocm.ca_class()
-    graph_aware_only = type("CustomAllreduce", (fake_base.CustomAllreduceBase,), {
-        "ONE_STAGE_ONE_BLOCK_PER_TOKEN": False,
-        "custom_fused_ar_rms_per_group_quant": CA.custom_fused_ar_rms_per_group_quant,
-        "custom_fused_ar_rms": CA.custom_fused_ar_rms,
-    })
+    graph_aware_only = type(
+        "CustomAllreduce",
+        (fake_base.CustomAllreduceBase,),
+        {
+            "ONE_STAGE_ONE_BLOCK_PER_TOKEN": False,
+            "custom_fused_ar_rms_per_group_quant": CA.custom_fused_ar_rms_per_group_quant,
+            "custom_fused_ar_rms": CA.custom_fused_ar_rms,
+        },
+    )
     ca = graph_aware_only(case.group(), torch.device("cpu"))
     comm = rocm.vllm_comm(case, ca=ca)
     with ca.capture():

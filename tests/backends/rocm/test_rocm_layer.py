@@ -25,8 +25,9 @@ def vllm_cfg():
 def make_layer(hidden, comm_name, **kw):
     from vllm_rocm_fused.layers.fused_norm import FusedAllReduceRMSNormQuant
 
-    layer = FusedAllReduceRMSNormQuant(hidden, 1e-6, weight_offset=1.0, all_reduce=False,
-                                       quant_dtype=torch.float8_e4m3fn, **kw)
+    layer = FusedAllReduceRMSNormQuant(
+        hidden, 1e-6, weight_offset=1.0, all_reduce=False, quant_dtype=torch.float8_e4m3fn, **kw
+    )
     layer.comm_name = comm_name  # vLLM's TP group (simulated): what tp_communicator_name() returns on ROCm
     return layer
 

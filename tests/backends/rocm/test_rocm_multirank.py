@@ -31,11 +31,13 @@ def test_process_group_gets_its_own_custom_allreduce():
             assert counters == {"rocm/fused-1": 1}
             ins = [rank_inputs(r, t, h, seed=i) for r in range(2)]
             _, residual, weight = ins[rank]
-            case = SimpleNamespace(x=ins[rank][0], h=ins[0][0].float() + ins[1][0].float(), residual=residual,
-                                   weight=weight)
+            case = SimpleNamespace(
+                x=ins[rank][0], h=ins[0][0].float() + ins[1][0].float(), residual=residual, weight=weight
+            )
             if quantize:  # the per-group kernel gets (1 + w) in bf16
-                want_res, want_normed, y = aiter_expected(case, kernel="per_group",
-                                                          weight=(weight.float() + 1).to(torch.bfloat16))
+                want_res, want_normed, y = aiter_expected(
+                    case, kernel="per_group", weight=(weight.float() + 1).to(torch.bfloat16)
+                )
             else:  # the AR+RMSNorm kernel's gemma_norm flag keeps 1 + w in float32
                 want_res, want_normed, y = aiter_expected(case, kernel="ar_rms", offset=1.0)
             torch.testing.assert_close(res, want_res, rtol=0, atol=0)

@@ -88,8 +88,17 @@ def test_outputs_equal_aiters_numbers(rocm, gen, arch, fail, path, layout, emit_
     elif path == "fused-2":
         check_two_kernels(out, case, gemma_flag=gen != "v0_1_13", emit_bf16=emit_bf16, layout=layout, fp8=FP8[arch])
     else:  # the portable path: the spec itself
-        ref = norm_quant_reference(case.h, case.residual, case.weight, 1e-6, out_dtype=torch.bfloat16,
-                                   weight_offset=1.0, emit_bf16=emit_bf16, scale_layout=layout, quant_dtype=FP8[arch])
+        ref = norm_quant_reference(
+            case.h,
+            case.residual,
+            case.weight,
+            1e-6,
+            out_dtype=torch.bfloat16,
+            weight_offset=1.0,
+            emit_bf16=emit_bf16,
+            scale_layout=layout,
+            quant_dtype=FP8[arch],
+        )
         assert torch.equal(out.q.view(torch.uint8), ref.q.view(torch.uint8))
         torch.testing.assert_close(out.residual, ref.residual, rtol=0, atol=0)
 
@@ -105,7 +114,9 @@ def test_multi_stage_per_group_normalizes_the_rounded_residual(rocm, layout):
     assert call.args["use_1stage"] is False and call.args["variant"] == "two-stage"
     check_per_group_kernel(out, case, multi_stage=True, emit_bf16=True, layout=layout, fp8=torch.float8_e4m3fn)
     # and that is a real difference from normalizing the float32 sum
-    _, normed_one_stage, _ = aiter_expected(case, kernel="per_group", weight=(case.weight.float() + 1).to(torch.bfloat16))
+    _, normed_one_stage, _ = aiter_expected(
+        case, kernel="per_group", weight=(case.weight.float() + 1).to(torch.bfloat16)
+    )
     assert not torch.equal(out.normed, normed_one_stage)
 
 
@@ -133,8 +144,9 @@ def test_rounded_all_reduce_is_one_extra_rounding_of_the_spec(rocm):
     exact = case.h.double() + case.residual.double()
     bound = rounding_bound(case.h.double(), torch.bfloat16) + rounding_bound(exact, torch.bfloat16)
     assert ((out.residual.double() - exact).abs() <= bound).all()
-    spec = norm_quant_reference(case.h, case.residual, case.weight, 1e-6, out_dtype=torch.bfloat16,
-                                weight_offset=1.0, quantize=False)
+    spec = norm_quant_reference(
+        case.h, case.residual, case.weight, 1e-6, out_dtype=torch.bfloat16, weight_offset=1.0, quantize=False
+    )
     assert not torch.equal(out.residual, spec.residual)
 
 
@@ -153,7 +165,9 @@ def test_hip_quant_multiplies_by_the_reciprocal(rocm):
     sc = out.scale.double().repeat_interleave(128, dim=1)
     assert ((dequantize(out.q, out.scale, 128) - x).abs() <= fp8_half_step(x / sc, fnuz) * sc * (1 + 1e-6)).all()
     spec = norm_quant_reference(out.normed, None, torch.ones(1024), 0.0, out_dtype=torch.bfloat16, quant_dtype=fnuz)
-    differs = (~torch.eq(out.q.view(torch.uint8), spec.q.view(torch.uint8))).any() or not torch.equal(out.scale, spec.scale)
+    differs = (~torch.eq(out.q.view(torch.uint8), spec.q.view(torch.uint8))).any() or not torch.equal(
+        out.scale, spec.scale
+    )
     assert differs
 
 
@@ -175,8 +189,9 @@ def test_one_plus_w_rounding_stays_within_one_extra_rounding_of_the_spec(rocm):
     deq = dequantize(out.q, out.scale, 128)
     sc = out.scale.double().repeat_interleave(128, dim=1)
     assert ((deq - y).abs() <= fp8_half_step(y / sc, torch.float8_e4m3fn) * sc * (1 + 1e-6) + bound).all()
-    spec = norm_quant_reference(case.h, case.residual, case.weight, 1e-6, out_dtype=torch.bfloat16,
-                                weight_offset=1.0, emit_bf16=True)
+    spec = norm_quant_reference(
+        case.h, case.residual, case.weight, 1e-6, out_dtype=torch.bfloat16, weight_offset=1.0, emit_bf16=True
+    )
     assert not torch.equal(out.normed, spec.normed)  # a real change, not a no-op
 
 

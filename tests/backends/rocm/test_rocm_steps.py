@@ -32,8 +32,14 @@ SELECTION = [
     ("v18-gfx950-col", "v0_1_18", "gfx950", dict(scale_layout="col"), "fused-1", [PER_GROUP]),
     ("v17-gfx950-gs64", "v0_1_17", "gfx950", dict(group_size=64), "fused-1", [PER_GROUP]),
     ("v17-gfx942-attn", "v0_1_17", "gfx942", {}, "fused-2", [AR_RMS, HIP_QUANT]),
-    ("v17-gfx942-gdn-col", "v0_1_17", "gfx942", dict(emit_bf16=True, scale_layout="col"), "fused-2",
-     [AR_RMS, HIP_QUANT]),
+    (
+        "v17-gfx942-gdn-col",
+        "v0_1_17",
+        "gfx942",
+        dict(emit_bf16=True, scale_layout="col"),
+        "fused-2",
+        [AR_RMS, HIP_QUANT],
+    ),
     ("v13-gfx950-attn", "v0_1_13", "gfx950", {}, "fused-2", [AR_RMS, HIP_QUANT]),
     ("v14-gfx942-attn", "v0_1_14", "gfx942", {}, "fused-2", [AR_RMS, HIP_QUANT]),
     ("v17-gfx942-gs64", "v0_1_17", "gfx942", dict(group_size=64), "generic", []),
@@ -90,11 +96,18 @@ def test_options_are_not_passed_to_a_generation_without_them(rocm):
     assert out.scale.stride() == (1, case.x.shape[0])
 
 
-@pytest.mark.parametrize("world_size,tokens,hidden,one_stage", [
-    (2, 80, 1024, True), (2, 81, 256, False),  # vLLM's 80-token cap, also where bytes are few
-    (4, 127, 1024, False), (4, 64, 1024, True), (4, 128, 1024, False),  # < 256 KiB at TP=4
-    (8, 63, 1024, True), (8, 64, 1024, False),  # < 128 KiB at TP=8
-])
+@pytest.mark.parametrize(
+    "world_size,tokens,hidden,one_stage",
+    [
+        (2, 80, 1024, True),
+        (2, 81, 256, False),  # vLLM's 80-token cap, also where bytes are few
+        (4, 127, 1024, False),
+        (4, 64, 1024, True),
+        (4, 128, 1024, False),  # < 256 KiB at TP=4
+        (8, 63, 1024, True),
+        (8, 64, 1024, False),  # < 128 KiB at TP=8
+    ],
+)
 def test_one_stage_by_vllms_rule(rocm, world_size, tokens, hidden, one_stage):
     fake = rocm.use("v0_1_20", "gfx950")
     case = Case(tokens=tokens, hidden=hidden, world_size=world_size)
@@ -132,9 +145,21 @@ def test_two_kernel_without_gemma_flag_passes_one_plus_w(rocm):
 
 
 def spec(**kw) -> CallSpec:
-    base = dict(num_tokens=4, hidden=4096, dtype=torch.bfloat16, device=torch.device("cpu"), world_size=2,
-                group_size=128, weight_offset=1.0, emit_bf16=False, scale_layout="row", quant_dtype=FN,
-                has_residual=True, quantize=True, capturing=False)
+    base = dict(
+        num_tokens=4,
+        hidden=4096,
+        dtype=torch.bfloat16,
+        device=torch.device("cpu"),
+        world_size=2,
+        group_size=128,
+        weight_offset=1.0,
+        emit_bf16=False,
+        scale_layout="row",
+        quant_dtype=FN,
+        has_residual=True,
+        quantize=True,
+        capturing=False,
+    )
     base.update(kw)
     return CallSpec(**base)
 

@@ -23,10 +23,70 @@ from support.fake_aiter.base import kernel_verdict
 from support.rocm_harness import PER_GROUP, Case
 from vllm_rocm_fused.ops.backends import CallSpec
 
-HIDDEN = (256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 7168, 8064, 8192, 8320, 10240,
-          12288, 16256, 16384)
-BASE_TOKENS = (1, 2, 3, 8, 16, 24, 25, 31, 32, 40, 41, 48, 63, 64, 65, 79, 80, 81, 96, 127, 128, 129, 255, 256,
-               257, 511, 512, 513, 1023, 1024, 2047, 2048, 4095, 4096, 4097, 8191, 8192, 8193, 16383, 16384)
+HIDDEN = (
+    256,
+    384,
+    512,
+    640,
+    768,
+    1024,
+    1536,
+    2048,
+    3072,
+    4096,
+    5120,
+    6144,
+    7168,
+    8064,
+    8192,
+    8320,
+    10240,
+    12288,
+    16256,
+    16384,
+)
+BASE_TOKENS = (
+    1,
+    2,
+    3,
+    8,
+    16,
+    24,
+    25,
+    31,
+    32,
+    40,
+    41,
+    48,
+    63,
+    64,
+    65,
+    79,
+    80,
+    81,
+    96,
+    127,
+    128,
+    129,
+    255,
+    256,
+    257,
+    511,
+    512,
+    513,
+    1023,
+    1024,
+    2047,
+    2048,
+    4095,
+    4096,
+    4097,
+    8191,
+    8192,
+    8193,
+    16383,
+    16384,
+)
 BYTE_EDGES = (128 * 1024, 256 * 1024, 512 * 1024, 64 * 1024 * 1024)  # one-stage caps, two-stage/split, fused limit
 HIP = ("6.4.43482", "7.0.51831")
 WORLD_SIZES = (2, 4, 8)
@@ -43,8 +103,20 @@ def tokens_for(hidden: int) -> list[int]:
 
 def spec(tokens, hidden, world_size, *, quantize, arch, device="cpu") -> CallSpec:
     fp8 = torch.float8_e4m3fnuz if arch == "gfx942" else torch.float8_e4m3fn
-    return CallSpec(tokens, hidden, torch.bfloat16, torch.device(device), world_size, 128, 1.0, quantize, "col",
-                    fp8, True, quantize=quantize)
+    return CallSpec(
+        tokens,
+        hidden,
+        torch.bfloat16,
+        torch.device(device),
+        world_size,
+        128,
+        1.0,
+        quantize,
+        "col",
+        fp8,
+        True,
+        quantize=quantize,
+    )
 
 
 def sent_calls(plan, s: CallSpec, comm_one_stage) -> list[tuple[str, bool]]:
@@ -86,12 +158,29 @@ def test_no_call_real_aiter_would_refuse(rocm, gen, route):
                         s = spec(tokens, hidden, ws, quantize=quantize, arch=arch)
                         plan = rocm.backend.plan(s, comm)
                         for kernel, use_1stage in sent_calls(plan, s, comm_one_stage):
-                            verdict = kernel_verdict(kernel, tokens=tokens, hidden=hidden, dtype=torch.bfloat16,
-                                                     world_size=ws, use_1stage=use_1stage,
-                                                     one_block_per_token=ca_class.ONE_STAGE_ONE_BLOCK_PER_TOKEN,
-                                                     hip=hip)
-                            assert verdict.problem is None, (gen, route, arch, hip, ws, hidden, tokens, kernel,
-                                                             use_1stage, verdict, plan.why_not)
+                            verdict = kernel_verdict(
+                                kernel,
+                                tokens=tokens,
+                                hidden=hidden,
+                                dtype=torch.bfloat16,
+                                world_size=ws,
+                                use_1stage=use_1stage,
+                                one_block_per_token=ca_class.ONE_STAGE_ONE_BLOCK_PER_TOKEN,
+                                hip=hip,
+                            )
+                            assert verdict.problem is None, (
+                                gen,
+                                route,
+                                arch,
+                                hip,
+                                ws,
+                                hidden,
+                                tokens,
+                                kernel,
+                                use_1stage,
+                                verdict,
+                                plan.why_not,
+                            )
                             checked += 1
                         eligible += bool(plan.steps)
                         one_kernel += bool(plan.steps) and plan.steps[0].path == "fused-1" and quantize
@@ -105,17 +194,63 @@ def test_the_judge_catches_what_the_old_rules_sent():
     """The verdict is not vacuous: the calls the backend sent before these rules
     (one-stage by bytes alone, any per-group variant on any ROCm, two-stage
     AR+RMSNorm at any hidden) are flagged."""
-    old_one_stage = kernel_verdict("per_group", tokens=81, hidden=512, dtype=torch.bfloat16, world_size=2,
-                                   use_1stage=True, one_block_per_token=True, hip="7.0")
+    old_one_stage = kernel_verdict(
+        "per_group",
+        tokens=81,
+        hidden=512,
+        dtype=torch.bfloat16,
+        world_size=2,
+        use_1stage=True,
+        one_block_per_token=True,
+        hip="7.0",
+    )
     assert old_one_stage.hazard  # 81 x 512 x 2 = 81 KiB < 128 KiB: the old rule chose one-stage
-    assert kernel_verdict("ar_rms", tokens=200, hidden=256, dtype=torch.bfloat16, world_size=4, use_1stage=True,
-                          one_block_per_token=True, hip="7.0").problem.startswith("Token number is too large")
-    assert "n too small" in kernel_verdict("ar_rms", tokens=4096, hidden=256, dtype=torch.bfloat16, world_size=2,
-                                           use_1stage=False, one_block_per_token=False, hip="7.0").problem
-    assert kernel_verdict("per_group", tokens=1024, hidden=4096, dtype=torch.bfloat16, world_size=8,
-                          use_1stage=False, one_block_per_token=False, hip="6.4").hazard
-    assert kernel_verdict("per_group", tokens=1024, hidden=4096, dtype=torch.float16, world_size=8,
-                          use_1stage=False, one_block_per_token=False, hip="6.4").problem is None
+    assert kernel_verdict(
+        "ar_rms",
+        tokens=200,
+        hidden=256,
+        dtype=torch.bfloat16,
+        world_size=4,
+        use_1stage=True,
+        one_block_per_token=True,
+        hip="7.0",
+    ).problem.startswith("Token number is too large")
+    assert (
+        "n too small"
+        in kernel_verdict(
+            "ar_rms",
+            tokens=4096,
+            hidden=256,
+            dtype=torch.bfloat16,
+            world_size=2,
+            use_1stage=False,
+            one_block_per_token=False,
+            hip="7.0",
+        ).problem
+    )
+    assert kernel_verdict(
+        "per_group",
+        tokens=1024,
+        hidden=4096,
+        dtype=torch.bfloat16,
+        world_size=8,
+        use_1stage=False,
+        one_block_per_token=False,
+        hip="6.4",
+    ).hazard
+    assert (
+        kernel_verdict(
+            "per_group",
+            tokens=1024,
+            hidden=4096,
+            dtype=torch.float16,
+            world_size=8,
+            use_1stage=False,
+            one_block_per_token=False,
+            hip="6.4",
+        ).problem
+        is None
+    )
 
 
 # a sample sent through run() on meta tensors: every generation, the token

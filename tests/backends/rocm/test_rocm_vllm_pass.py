@@ -34,8 +34,10 @@ def pass_config_on():
     from vllm.config import CompilationConfig, DeviceConfig, VllmConfig, set_current_vllm_config
     from vllm.config.compilation import PassConfig
 
-    cfg = VllmConfig(device_config=DeviceConfig(device="cpu"),
-                     compilation_config=CompilationConfig(pass_config=PassConfig(fuse_allreduce_rms=True)))
+    cfg = VllmConfig(
+        device_config=DeviceConfig(device="cpu"),
+        compilation_config=CompilationConfig(pass_config=PassConfig(fuse_allreduce_rms=True)),
+    )
     with set_current_vllm_config(cfg):
         yield cfg
 
@@ -51,9 +53,15 @@ def test_vllms_rocm_patterns_all_start_at_an_all_reduce():
     all-reduce: a graph without one gives it nothing to match."""
     tree = _fusion_source()
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-    registered = {call.args[0].func.id for call in ast.walk(classes["RocmAiterAllReduceFusionPass"])
-                  if isinstance(call, ast.Call) and getattr(call.func, "attr", None) == "register"
-                  and call.args and isinstance(call.args[0], ast.Call) and isinstance(call.args[0].func, ast.Name)}
+    registered = {
+        call.args[0].func.id
+        for call in ast.walk(classes["RocmAiterAllReduceFusionPass"])
+        if isinstance(call, ast.Call)
+        and getattr(call.func, "attr", None) == "register"
+        and call.args
+        and isinstance(call.args[0], ast.Call)
+        and isinstance(call.args[0].func, ast.Name)
+    }
     assert len(registered) >= 6, registered  # AR+RMSNorm, +add, Gemma variants, per-group quant
 
     def pattern_calls(name: str) -> set[str] | None:
@@ -84,8 +92,9 @@ def test_a_plugin_site_holds_no_vllm_all_reduce_with_the_pass_on(pass_config_on,
     rocm.use("v0_1_20", "gfx950")
     case = Case(tokens=4, hidden=256)
     comm = rocm.vllm_comm(case)
-    layer = FusedAllReduceRMSNormQuant(256, 1e-6, weight_offset=1.0, all_reduce=False, emit_bf16=True,
-                                       quant_dtype=torch.float8_e4m3fn)
+    layer = FusedAllReduceRMSNormQuant(
+        256, 1e-6, weight_offset=1.0, all_reduce=False, emit_bf16=True, quant_dtype=torch.float8_e4m3fn
+    )
     layer.comm_name = comm.name  # the TP group, as tp_communicator_name() gives it in vLLM
 
     def site(partial, residual):

@@ -39,8 +39,18 @@ GENERATIONS = ("v0_1_13", "v0_1_14", "v0_1_16", "v0_1_17", "v0_1_18", "v0_1_20",
 # the generations with a fused AR+RMSNorm API, oldest first
 USABLE = ("v0_1_13", "v0_1_14", "v0_1_16", "v0_1_17", "v0_1_18", "v0_1_20")
 
-__all__ = ["GENERATIONS", "USABLE", "FakeAiter", "KernelHazard", "FakeCoordinator", "FakeRocmEnv", "SimulatedGroup", "VllmAiterWrapper",
-           "install", "uninstall"]
+__all__ = [
+    "GENERATIONS",
+    "USABLE",
+    "FakeAiter",
+    "KernelHazard",
+    "FakeCoordinator",
+    "FakeRocmEnv",
+    "SimulatedGroup",
+    "VllmAiterWrapper",
+    "install",
+    "uninstall",
+]
 
 
 class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

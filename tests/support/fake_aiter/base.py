@@ -113,8 +113,17 @@ class Verdict:
     hazard: bool = False  # True: hang/corruption; False: it throws
 
 
-def kernel_verdict(kernel: str, *, tokens: int, hidden: int, dtype: torch.dtype, world_size: int,
-                   use_1stage: bool, one_block_per_token: bool, hip: str | None) -> Verdict:
+def kernel_verdict(
+    kernel: str,
+    *,
+    tokens: int,
+    hidden: int,
+    dtype: torch.dtype,
+    world_size: int,
+    use_1stage: bool,
+    one_block_per_token: bool,
+    hip: str | None,
+) -> Verdict:
     """What aiter's dispatch does with one call of ``kernel`` ("ar_rms" or
     "per_group"): the variant it launches and, if any, the failure. From
     custom_all_reduce.cuh: ``dispatchFusedAllReduceRMSNorm``,
@@ -138,13 +147,20 @@ def kernel_verdict(kernel: str, *, tokens: int, hidden: int, dtype: torch.dtype,
         return Verdict("-", "per-group quant fused kernel: unsupported n")
     if use_1stage:
         if one_block_per_token and tokens > K_MAX_BLOCKS:  # grid(m) against kMaxBlocks signal slots
-            return Verdict("one-stage", f"one-stage per-group launch of {tokens} blocks overruns the "
-                                        f"{K_MAX_BLOCKS} sync-signal slots", hazard=True)
+            return Verdict(
+                "one-stage",
+                f"one-stage per-group launch of {tokens} blocks overruns the {K_MAX_BLOCKS} sync-signal slots",
+                hazard=True,
+            )
         return Verdict("one-stage")
     variant = "two-stage" if nbytes <= 512 * 1024 else "split"
     if dtype == torch.bfloat16 and clang_major(hip) < 20:
-        return Verdict(variant, f"{variant} per-group kernel adds bf16 residuals as integers "
-                                f"(bf16_t is unsigned short under clang < 20, HIP {hip})", hazard=True)
+        return Verdict(
+            variant,
+            f"{variant} per-group kernel adds bf16 residuals as integers "
+            f"(bf16_t is unsigned short under clang < 20, HIP {hip})",
+            hazard=True,
+        )
     return Verdict(variant)
 
 
@@ -264,8 +280,9 @@ class CustomAllreduceBase:
         self._IS_CAPTURING = False
         self.disabled = True
         if isinstance(group, dist.ProcessGroup):
-            assert dist.get_backend(group) != dist.Backend.NCCL, \
+            assert dist.get_backend(group) != dist.Backend.NCCL, (
                 "CustomAllreduce should be attached to a non-NCCL group."
+            )
         self.group = group
         self.world_size = group_world_size(group)
         if self.world_size == 1 or self.world_size not in self._SUPPORTED_WORLD_SIZES:
@@ -294,39 +311,76 @@ class CustomAllreduceBase:
 
     # --- shared kernels ----------------------------------------------------
 
-    def _launch_checks(self, kernel: str, inp: torch.Tensor, w: torch.Tensor, registered: bool,
-                       use_1stage: bool) -> Verdict:
+    def _launch_checks(
+        self, kernel: str, inp: torch.Tensor, w: torch.Tensor, registered: bool, use_1stage: bool
+    ) -> Verdict:
         if w.dtype != inp.dtype:  # the kernel reinterprets w's bytes as the input type
-            _enforce(Verdict("-", f"weight {w.dtype} read as {inp.dtype} (misread, no error in aiter)",
-                             hazard=True))
+            _enforce(Verdict("-", f"weight {w.dtype} read as {inp.dtype} (misread, no error in aiter)", hazard=True))
         if registered and not self._IS_CAPTURING:
             raise RuntimeError("buffer address is not registered!")
         if inp.numel() * inp.element_size() > self.max_size:
-            _enforce(Verdict("-", f"input of {inp.numel() * inp.element_size()} bytes exceeds the "
-                                  f"{self.max_size}-byte IPC buffer"))
-        verdict = kernel_verdict(kernel, tokens=inp.shape[0], hidden=inp.shape[-1], dtype=inp.dtype,
-                                 world_size=self.world_size, use_1stage=use_1stage,
-                                 one_block_per_token=self.ONE_STAGE_ONE_BLOCK_PER_TOKEN, hip=STATE.hip)
+            _enforce(
+                Verdict(
+                    "-",
+                    f"input of {inp.numel() * inp.element_size()} bytes exceeds the {self.max_size}-byte IPC buffer",
+                )
+            )
+        verdict = kernel_verdict(
+            kernel,
+            tokens=inp.shape[0],
+            hidden=inp.shape[-1],
+            dtype=inp.dtype,
+            world_size=self.world_size,
+            use_1stage=use_1stage,
+            one_block_per_token=self.ONE_STAGE_ONE_BLOCK_PER_TOKEN,
+            hip=STATE.hip,
+        )
         _enforce(verdict)
         return verdict
 
     def _ar_rms(self, name, inp, res_inp, w, eps, *, registered, use_1stage, gemma_norm=False):
-        STATE.record(name, inp=inp, res_inp=res_inp, w=w, eps=eps, registered=registered,
-                     use_1stage=use_1stage, gemma_norm=gemma_norm)
+        STATE.record(
+            name,
+            inp=inp,
+            res_inp=res_inp,
+            w=w,
+            eps=eps,
+            registered=registered,
+            use_1stage=use_1stage,
+            gemma_norm=gemma_norm,
+        )
         verdict = self._launch_checks("ar_rms", inp, w, registered, use_1stage)
         STATE.calls[-1].args["variant"] = verdict.variant
         return ar_rms_numbers(reduce_sum(self.group, inp), res_inp, w, eps, inp.dtype, gemma=gemma_norm)
 
-    def _per_group(self, name, inp, res_inp, w, eps, *, group_size, registered, use_1stage, emit_bf16,
-                   transpose_scale=False):
-        STATE.record(name, inp=inp, res_inp=res_inp, w=w, eps=eps, group_size=group_size, registered=registered,
-                     use_1stage=use_1stage, emit_bf16=emit_bf16, transpose_scale=transpose_scale)
+    def _per_group(
+        self, name, inp, res_inp, w, eps, *, group_size, registered, use_1stage, emit_bf16, transpose_scale=False
+    ):
+        STATE.record(
+            name,
+            inp=inp,
+            res_inp=res_inp,
+            w=w,
+            eps=eps,
+            group_size=group_size,
+            registered=registered,
+            use_1stage=use_1stage,
+            emit_bf16=emit_bf16,
+            transpose_scale=transpose_scale,
+        )
         validate_per_group_size(group_size, inp.element_size(), inp.shape[-1])
         verdict = self._launch_checks("per_group", inp, w, registered, use_1stage)
         STATE.calls[-1].args["variant"] = verdict.variant
         q, residual, scale, normed = per_group_numbers(
-            reduce_sum(self.group, inp), res_inp, w, eps, inp.dtype, group_size, STATE.fp8,
-            multi_stage=verdict.variant != "one-stage")
+            reduce_sum(self.group, inp),
+            res_inp,
+            w,
+            eps,
+            inp.dtype,
+            group_size,
+            STATE.fp8,
+            multi_stage=verdict.variant != "one-stage",
+        )
         if transpose_scale:
             scale = col_major(scale)
         return (q, residual, scale, normed) if emit_bf16 else (q, residual, scale)
@@ -360,11 +414,13 @@ def per_group_dummy(inp: torch.Tensor, group_size: int, emit_bf16: bool, transpo
     return q, torch.zeros_like(inp), scale
 
 
-def hip_group_quant(x, scale=None, quant_dtype=torch.int8, group_size=128, transpose_scale=False,
-                    num_rows=None, num_rows_factor=1):
+def hip_group_quant(
+    x, scale=None, quant_dtype=torch.int8, group_size=128, transpose_scale=False, num_rows=None, num_rows_factor=1
+):
     """``per_group_quant_hip`` (bound to group_size=128 by get_hip_quant(per_1x128))."""
-    STATE.record("per_group_quant_hip", x=x, quant_dtype=quant_dtype, group_size=group_size,
-                 transpose_scale=transpose_scale)
+    STATE.record(
+        "per_group_quant_hip", x=x, quant_dtype=quant_dtype, group_size=group_size, transpose_scale=transpose_scale
+    )
     if scale is not None:
         raise ValueError("unsupported: static per token quant")
     assert group_size in (32, 64, 128)
@@ -464,8 +520,15 @@ def communicator_per_group(input_, residual_inp_, weight_, eps, group_size, emit
     result = None
     try:
         result = ca.custom_fused_ar_rms_per_group_quant(
-            input_, residual_inp_, weight_, eps, group_size,
-            dc.per_group_one_stage(input_.numel() * input_.element_size()), emit_bf16=emit_bf16, **kwargs)
+            input_,
+            residual_inp_,
+            weight_,
+            eps,
+            group_size,
+            dc.per_group_one_stage(input_.numel() * input_.element_size()),
+            emit_bf16=emit_bf16,
+            **kwargs,
+        )
     except Exception:  # noqa: BLE001 - aiter swallows it and falls back
         result = None
     if result is not None:
@@ -479,11 +542,17 @@ def communicator_per_group(input_, residual_inp_, weight_, eps, group_size, emit
 
 def package(version: str, ca_class: type, comm_op: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The module tree of one generation: module name -> attributes."""
-    dtypes = types.SimpleNamespace(fp8=STATE.fp8, bf16=torch.bfloat16, fp16=torch.float16,
-                                   fp32=torch.float32, i8=torch.int8)
+    dtypes = types.SimpleNamespace(
+        fp8=STATE.fp8, bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32, i8=torch.int8
+    )
     return {
-        "aiter": {"__version__": version, "QuantType": QuantType, "get_hip_quant": get_hip_quant,
-                  "dtypes": dtypes, "__path__": []},
+        "aiter": {
+            "__version__": version,
+            "QuantType": QuantType,
+            "get_hip_quant": get_hip_quant,
+            "dtypes": dtypes,
+            "__path__": [],
+        },
         "aiter.dist": {"__path__": []},
         "aiter.dist.device_communicators": {"__path__": []},
         "aiter.dist.device_communicators.custom_all_reduce": {"CustomAllreduce": ca_class},

@@ -21,18 +21,38 @@ VERSION = "0.1.13"
 
 
 class CustomAllreduce(base.CustomAllreduceBase):
-    def fused_ar_rms(self, inp, res_inp, *, res_out=None, out=None, scale_out=None, w, eps, registered=False,
-                     use_1stage=False, post_per_token_quant=False):
+    def fused_ar_rms(
+        self,
+        inp,
+        res_inp,
+        *,
+        res_out=None,
+        out=None,
+        scale_out=None,
+        w,
+        eps,
+        registered=False,
+        use_1stage=False,
+        post_per_token_quant=False,
+    ):
         if post_per_token_quant:
             raise NotImplementedError("the fake has no per-token quant")
-        return self._ar_rms("CustomAllreduce.fused_ar_rms", inp, res_inp, w, eps, registered=registered,
-                            use_1stage=use_1stage)
+        return self._ar_rms(
+            "CustomAllreduce.fused_ar_rms", inp, res_inp, w, eps, registered=registered, use_1stage=use_1stage
+        )
 
     def custom_fused_ar_rms(self, input, residual_inp, weight, eps, use_1stage):
         return self._graph_aware(
             input,
-            lambda reg: self._ar_rms("CustomAllreduce.custom_fused_ar_rms", input, residual_inp, weight, eps,
-                                     registered=reg, use_1stage=use_1stage),
+            lambda reg: self._ar_rms(
+                "CustomAllreduce.custom_fused_ar_rms",
+                input,
+                residual_inp,
+                weight,
+                eps,
+                registered=reg,
+                use_1stage=use_1stage,
+            ),
             lambda: base.ar_rms_dummy(input),
         )
 
@@ -46,7 +66,11 @@ def tensor_model_parallel_fused_allreduce_rmsnorm_quant(input_, residual_inp_, w
 
 
 def modules():
-    return base.package(VERSION, CustomAllreduce, {
-        "tensor_model_parallel_fused_allreduce_rmsnorm": tensor_model_parallel_fused_allreduce_rmsnorm,
-        "tensor_model_parallel_fused_allreduce_rmsnorm_quant": tensor_model_parallel_fused_allreduce_rmsnorm_quant,
-    })
+    return base.package(
+        VERSION,
+        CustomAllreduce,
+        {
+            "tensor_model_parallel_fused_allreduce_rmsnorm": tensor_model_parallel_fused_allreduce_rmsnorm,
+            "tensor_model_parallel_fused_allreduce_rmsnorm_quant": tensor_model_parallel_fused_allreduce_rmsnorm_quant,
+        },
+    )

@@ -29,28 +29,45 @@ VERSION = "0.1.14"
 
 
 class CustomAllreduce(_V13):
-    def fused_ar_rms_per_group_quant(self, inp, res_inp, *, w, eps, group_size=128, registered=False,
-                                     use_1stage=False, emit_bf16=False):
-        return self._per_group("CustomAllreduce.fused_ar_rms_per_group_quant", inp, res_inp, w, eps,
-                               group_size=group_size, registered=registered, use_1stage=use_1stage,
-                               emit_bf16=emit_bf16)
+    def fused_ar_rms_per_group_quant(
+        self, inp, res_inp, *, w, eps, group_size=128, registered=False, use_1stage=False, emit_bf16=False
+    ):
+        return self._per_group(
+            "CustomAllreduce.fused_ar_rms_per_group_quant",
+            inp,
+            res_inp,
+            w,
+            eps,
+            group_size=group_size,
+            registered=registered,
+            use_1stage=use_1stage,
+            emit_bf16=emit_bf16,
+        )
 
-    def custom_fused_ar_rms_per_group_quant(self, input, residual_inp, weight, eps, group_size=128,
-                                            use_1stage=False, emit_bf16=False):
+    def custom_fused_ar_rms_per_group_quant(
+        self, input, residual_inp, weight, eps, group_size=128, use_1stage=False, emit_bf16=False
+    ):
         return self._graph_aware(
             input,
-            lambda reg: self._per_group("CustomAllreduce.custom_fused_ar_rms_per_group_quant", input,
-                                        residual_inp, weight, eps, group_size=group_size, registered=reg,
-                                        use_1stage=use_1stage, emit_bf16=emit_bf16),
+            lambda reg: self._per_group(
+                "CustomAllreduce.custom_fused_ar_rms_per_group_quant",
+                input,
+                residual_inp,
+                weight,
+                eps,
+                group_size=group_size,
+                registered=reg,
+                use_1stage=use_1stage,
+                emit_bf16=emit_bf16,
+            ),
             lambda: base.per_group_dummy(input, group_size, emit_bf16),
         )
 
 
-def tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group(input_, residual_inp_, weight_, eps,
-                                                                  group_size=128, prefill_support=False,
-                                                                  emit_bf16=False):
-    base.STATE.record("communication_op.per_group_fn", group_size=group_size, emit_bf16=emit_bf16,
-                      weight=weight_)
+def tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group(
+    input_, residual_inp_, weight_, eps, group_size=128, prefill_support=False, emit_bf16=False
+):
+    base.STATE.record("communication_op.per_group_fn", group_size=group_size, emit_bf16=emit_bf16, weight=weight_)
     return base.communicator_per_group(input_, residual_inp_, weight_, eps, group_size, emit_bf16)
 
 
@@ -59,9 +76,13 @@ def modules():
         tensor_model_parallel_fused_allreduce_rmsnorm,
         tensor_model_parallel_fused_allreduce_rmsnorm_quant,
     )
-    return base.package(VERSION, CustomAllreduce, {
-        "tensor_model_parallel_fused_allreduce_rmsnorm": tensor_model_parallel_fused_allreduce_rmsnorm,
-        "tensor_model_parallel_fused_allreduce_rmsnorm_quant": tensor_model_parallel_fused_allreduce_rmsnorm_quant,
-        "tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group":
-            tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group,
-    })
+
+    return base.package(
+        VERSION,
+        CustomAllreduce,
+        {
+            "tensor_model_parallel_fused_allreduce_rmsnorm": tensor_model_parallel_fused_allreduce_rmsnorm,
+            "tensor_model_parallel_fused_allreduce_rmsnorm_quant": tensor_model_parallel_fused_allreduce_rmsnorm_quant,
+            "tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group": tensor_model_parallel_fused_allreduce_rmsnorm_quant_per_group,
+        },
+    )

@@ -24,13 +24,35 @@ VERSION = "0.1.20"
 
 
 class CustomAllreduce(v0_1_17.CustomAllreduce):
-    def fused_ar_rms(self, inp, res_inp, *, res_out=None, out=None, scale_out=None, w, eps, registered=False,
-                     use_1stage=False, post_per_token_quant=False, out_hidden_dim=0, gemma_norm=False,
-                     emit_bf16=False):
+    def fused_ar_rms(
+        self,
+        inp,
+        res_inp,
+        *,
+        res_out=None,
+        out=None,
+        scale_out=None,
+        w,
+        eps,
+        registered=False,
+        use_1stage=False,
+        post_per_token_quant=False,
+        out_hidden_dim=0,
+        gemma_norm=False,
+        emit_bf16=False,
+    ):
         if post_per_token_quant or out_hidden_dim or emit_bf16:
             raise NotImplementedError("the fake has no per-token quant, padded output or bf16 mirror here")
-        return self._ar_rms("CustomAllreduce.fused_ar_rms", inp, res_inp, w, eps, registered=registered,
-                            use_1stage=use_1stage, gemma_norm=gemma_norm)
+        return self._ar_rms(
+            "CustomAllreduce.fused_ar_rms",
+            inp,
+            res_inp,
+            w,
+            eps,
+            registered=registered,
+            use_1stage=use_1stage,
+            gemma_norm=gemma_norm,
+        )
 
 
 def modules():

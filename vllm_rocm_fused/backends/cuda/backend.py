@@ -80,8 +80,13 @@ def _elem_bytes(dtype: torch.dtype) -> int:
 
 def wanted_size(spec: CallSpec) -> WorkspaceSize:
     """The workspace ``spec``'s communicator should have (workspace.size_for_call)."""
-    return size_for_call(world_size=spec.world_size, hidden=spec.hidden, elem_bytes=_elem_bytes(spec.dtype),
-                         input_bytes=spec.input_bytes, max_tokens=envs.max_tokens())
+    return size_for_call(
+        world_size=spec.world_size,
+        hidden=spec.hidden,
+        elem_bytes=_elem_bytes(spec.dtype),
+        input_bytes=spec.input_bytes,
+        max_tokens=envs.max_tokens(),
+    )
 
 
 def symm_state(spec: CallSpec, comm: Communicator) -> SymmState:
@@ -107,8 +112,14 @@ def _symm(lay: Layout, elem: int) -> SymmState:
     return SymmState(None, lay.stage_bytes // elem, lay.out_elems, 4 * lay.ll_words // elem)
 
 
-def ensure_workspace(comm: Communicator, spec: CallSpec, *, stage_bytes: int | None = None,
-                     with_twoshot: bool | None = None, ll_bytes: int | None = None) -> SymmWorkspace | None:
+def ensure_workspace(
+    comm: Communicator,
+    spec: CallSpec,
+    *,
+    stage_bytes: int | None = None,
+    with_twoshot: bool | None = None,
+    ll_bytes: int | None = None,
+) -> SymmWorkspace | None:
     """Create (or grow) the communicator's workspace; collective, eager only. Returns it,
     or None if setup failed (then ``failed`` holds why, on every rank alike). The keyword
     arguments replace parts of ``wanted_size(spec)`` (tests and benchmarks size it themselves)."""
@@ -116,9 +127,11 @@ def ensure_workspace(comm: Communicator, spec: CallSpec, *, stage_bytes: int | N
     if st.failed is not None:
         return None
     want = wanted_size(spec)
-    want = WorkspaceSize(stage_bytes=want.stage_bytes if stage_bytes is None else stage_bytes,
-                         with_twoshot=want.with_twoshot if with_twoshot is None else with_twoshot,
-                         ll_bytes=want.ll_bytes if ll_bytes is None else ll_bytes)
+    want = WorkspaceSize(
+        stage_bytes=want.stage_bytes if stage_bytes is None else stage_bytes,
+        with_twoshot=want.with_twoshot if with_twoshot is None else with_twoshot,
+        ll_bytes=want.ll_bytes if ll_bytes is None else ll_bytes,
+    )
     ws = st.workspace
     if ws is not None and want.fits_in(ws.layout):
         return ws
@@ -127,13 +140,24 @@ def ensure_workspace(comm: Communicator, spec: CallSpec, *, stage_bytes: int | N
     if ws is not None:
         want = want.grown_over(ws.layout)
     try:
-        new = SymmWorkspace.create(comm.process_group, spec.device, stage_bytes=want.stage_bytes,
-                                   with_twoshot=want.with_twoshot, ll_bytes=want.ll_bytes)
+        new = SymmWorkspace.create(
+            comm.process_group,
+            spec.device,
+            stage_bytes=want.stage_bytes,
+            with_twoshot=want.with_twoshot,
+            ll_bytes=want.ll_bytes,
+        )
     except Exception as e:  # noqa: BLE001 - the same on every rank (create agrees first)
         st.failed = f"{type(e).__name__}: {e}"
-        log_once(logger, logging.WARNING, f"cuda-symm-failed:{comm.name}",
-                 "vllm-rocm-fused: symmetric memory setup failed on %s (%s); the CUDA backend uses "
-                 "NCCL + its fused norm/quant kernel there", comm.name, st.failed)
+        log_once(
+            logger,
+            logging.WARNING,
+            f"cuda-symm-failed:{comm.name}",
+            "vllm-rocm-fused: symmetric memory setup failed on %s (%s); the CUDA backend uses "
+            "NCCL + its fused norm/quant kernel there",
+            comm.name,
+            st.failed,
+        )
         return None
     if ws is not None:
         st.retired.append(ws)
@@ -181,9 +205,14 @@ class CudaBackend(Backend):
 
     def plan(self, spec: CallSpec, comm: Communicator | None) -> DispatchPlan:
         return dispatch.plan(
-            num_tokens=spec.num_tokens, hidden=spec.hidden, elem_bytes=_elem_bytes(spec.dtype),
-            world_size=spec.world_size, group_size=spec.group_size, quantize=spec.quantize,
-            symm=symm_state(spec, comm) if comm is not None and spec.world_size > 1 else None)
+            num_tokens=spec.num_tokens,
+            hidden=spec.hidden,
+            elem_bytes=_elem_bytes(spec.dtype),
+            world_size=spec.world_size,
+            group_size=spec.group_size,
+            quantize=spec.quantize,
+            symm=symm_state(spec, comm) if comm is not None and spec.world_size > 1 else None,
+        )
 
     def describe(self, spec: CallSpec, comm: Communicator | None) -> str:
         return self.plan(spec, comm).describe()
@@ -199,9 +228,17 @@ class CudaBackend(Backend):
         plan = self.plan(spec, comm)
         if ws is None and comm is not None and spec.world_size > 1:
             ws = _state(comm).workspace
-        log_once(logger, logging.INFO, f"cuda-plan:{plan.algo}:{plan.path}",
-                 "vllm-rocm-fused: cuda backend, first %s call (T=%d, H=%d, TP=%d): %s",
-                 plan.algo, spec.num_tokens, spec.hidden, spec.world_size, plan.describe())
+        log_once(
+            logger,
+            logging.INFO,
+            f"cuda-plan:{plan.algo}:{plan.path}",
+            "vllm-rocm-fused: cuda backend, first %s call (T=%d, H=%d, TP=%d): %s",
+            plan.algo,
+            spec.num_tokens,
+            spec.hidden,
+            spec.world_size,
+            plan.describe(),
+        )
         outputs = execute(plan, x, residual, weight, eps, comm, spec, ws)
         return outputs, plan.path
 
@@ -227,8 +264,16 @@ def _collective_sum(comm: Communicator, x: torch.Tensor) -> torch.Tensor:
     return out.view_as(x)
 
 
-def execute(plan: DispatchPlan, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            comm: Communicator | None, spec: CallSpec, ws: SymmWorkspace | None) -> Outputs:
+def execute(
+    plan: DispatchPlan,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    comm: Communicator | None,
+    spec: CallSpec,
+    ws: SymmWorkspace | None,
+) -> Outputs:
     """Run ``plan``; returns (q, scale, residual, normed). Tests and the benchmark call it
     with forced plans; the backend's ``run`` with the dispatched one."""
     from ...kernels.add_rmsnorm_quant import add_rmsnorm_quant
@@ -247,20 +292,43 @@ def execute(plan: DispatchPlan, x: torch.Tensor, residual: torch.Tensor | None, 
     if plan.algo in (ONE_SHOT_LL, ONE_SHOT, TWO_SHOT):
         if ws is None:
             raise ValueError(f"the {plan.algo} algorithm needs a symmetric workspace")
-        kernel: Callable[..., Outputs] = {ONE_SHOT_LL: oneshot_ll_ar_norm_quant, ONE_SHOT: oneshot_ar_norm_quant,
-                                          TWO_SHOT: twoshot_ar_norm_quant}[plan.algo]
-        out = kernel(x, residual, weight, eps, ws.peers(x.dtype), weight_offset=spec.weight_offset,
-                     group_size=spec.group_size, quantize=quantize, emit_bf16=emit, scale_layout=spec.scale_layout,
-                     quant_dtype=spec.quant_dtype)
+        kernel: Callable[..., Outputs] = {
+            ONE_SHOT_LL: oneshot_ll_ar_norm_quant,
+            ONE_SHOT: oneshot_ar_norm_quant,
+            TWO_SHOT: twoshot_ar_norm_quant,
+        }[plan.algo]
+        out = kernel(
+            x,
+            residual,
+            weight,
+            eps,
+            ws.peers(x.dtype),
+            weight_offset=spec.weight_offset,
+            group_size=spec.group_size,
+            quantize=quantize,
+            emit_bf16=emit,
+            scale_layout=spec.scale_layout,
+            quant_dtype=spec.quant_dtype,
+        )
     elif plan.algo in (SPLIT, LOCAL):
         h = x
         if plan.algo == SPLIT and spec.num_tokens > 0:
             if comm is None:
                 raise ValueError("the split algorithm needs a communicator")
             h = _collective_sum(comm, x)
-        out = add_rmsnorm_quant(h, residual, weight, eps, out_dtype=x.dtype, weight_offset=spec.weight_offset,
-                                group_size=spec.group_size, quantize=quantize, emit_bf16=emit,
-                                scale_layout=spec.scale_layout, quant_dtype=spec.quant_dtype)
+        out = add_rmsnorm_quant(
+            h,
+            residual,
+            weight,
+            eps,
+            out_dtype=x.dtype,
+            weight_offset=spec.weight_offset,
+            group_size=spec.group_size,
+            quantize=quantize,
+            emit_bf16=emit,
+            scale_layout=spec.scale_layout,
+            quant_dtype=spec.quant_dtype,
+        )
     else:  # pragma: no cover - the planner returns one of the five
         raise ValueError(f"unknown algorithm {plan.algo!r}")
     if in_kernel:
@@ -268,8 +336,9 @@ def execute(plan: DispatchPlan, x: torch.Tensor, residual: torch.Tensor | None, 
     _, _, res, normed = out
     if normed is None:  # pragma: no cover - a norm-only launch always returns normed
         raise RuntimeError("the norm kernel returned no normed output")
-    q, scale = group_quant(normed, group_size=spec.group_size, scale_layout=spec.scale_layout,
-                           quant_dtype=spec.quant_dtype)
+    q, scale = group_quant(
+        normed, group_size=spec.group_size, scale_layout=spec.scale_layout, quant_dtype=spec.quant_dtype
+    )
     return q, scale, res, normed if spec.emit_bf16 else None
 
 

@@ -42,10 +42,24 @@ WORLD_SIZES = (2, 3, 4, 5, 6, 7, 8)
 #   (NCCL, torch symm_mem, our one-shots), and under NCCL + one fused kernel and two-shot;
 #   so the pull one-shot takes every input up to 80 MiB and NCCL nothing.
 # TP=3-8: estimates (one-shot reads (W-1)x the input over NVLink), pending measurements.
-LL_MAX_BYTES: dict[int, int] = {2: 1 << 20, 3: 512 << 10, 4: 256 << 10, 5: 256 << 10, 6: 128 << 10,
-                                7: 128 << 10, 8: 128 << 10}
-ONESHOT_MAX_BYTES: dict[int, int] = {2: 80 << 20, 3: 4 << 20, 4: 2 << 20, 5: 1 << 20, 6: 1 << 20,
-                                     7: 512 << 10, 8: 512 << 10}
+LL_MAX_BYTES: dict[int, int] = {
+    2: 1 << 20,
+    3: 512 << 10,
+    4: 256 << 10,
+    5: 256 << 10,
+    6: 128 << 10,
+    7: 128 << 10,
+    8: 128 << 10,
+}
+ONESHOT_MAX_BYTES: dict[int, int] = {
+    2: 80 << 20,
+    3: 4 << 20,
+    4: 2 << 20,
+    5: 1 << 20,
+    6: 1 << 20,
+    7: 512 << 10,
+    8: 512 << 10,
+}
 # The pull one-shot kernel also quantizes (fused-1) for inputs of at least this many bytes
 # at the hidden sizes where that was measured to win (PULL_QUANT_HIDDEN); otherwise the
 # group-quant kernel follows it (fused-2). The fused kernels give each program (at most one
@@ -131,8 +145,16 @@ def norm_tile_reason(hidden: int) -> str | None:
     return None
 
 
-def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, group_size: int,
-         quantize: bool, symm: SymmState | None) -> DispatchPlan:
+def plan(
+    *,
+    num_tokens: int,
+    hidden: int,
+    elem_bytes: int,
+    world_size: int,
+    group_size: int,
+    quantize: bool,
+    symm: SymmState | None,
+) -> DispatchPlan:
     """The plan for one call. ``symm`` is None when there is no group (world_size 1).
     Assumes the backend is eligible (norm_tile_reason(hidden) is None)."""
     notes: list[str] = []
@@ -140,8 +162,9 @@ def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, grou
     if quantize and not fused_quant:
         notes.append(f"fused-1 needs the quant in the norm's tile: {tile_reason(hidden, group_size)}")
     if world_size == 1 or symm is None:
-        return DispatchPlan(LOCAL, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes),
-                    quantize)
+        return DispatchPlan(
+            LOCAL, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes), quantize
+        )
 
     nbytes = num_tokens * hidden * elem_bytes
     ll_max = LL_MAX_BYTES.get(world_size, 0)
@@ -173,21 +196,27 @@ def plan(*, num_tokens: int, hidden: int, elem_bytes: int, world_size: int, grou
             notes.append(f"two-shot: {why}")
     else:
         limit = max(ll_max, one_max, two_max)
-        notes.append(f"{nbytes} input bytes > {limit}: NCCL wins at this size"
-                     + ("" if nbytes <= MEASURED_UP_TO_BYTES.get(world_size, 0) else " (estimate, not measured)")
-                     + ("; two-shot is not dispatched (see dispatch.py)" if two_max == 0 and world_size > 2 else ""))
+        notes.append(
+            f"{nbytes} input bytes > {limit}: NCCL wins at this size"
+            + ("" if nbytes <= MEASURED_UP_TO_BYTES.get(world_size, 0) else " (estimate, not measured)")
+            + ("; two-shot is not dispatched (see dispatch.py)" if two_max == 0 and world_size > 2 else "")
+        )
     if algo is None:
         path = "fused-2" if fused_quant or not quantize else "generic"
         return DispatchPlan(SPLIT, path, fused_quant, tuple(notes), quantize)
-    return DispatchPlan(algo, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes), quantize)
+    return DispatchPlan(
+        algo, "fused-1" if fused_quant or not quantize else "fused-2", fused_quant, tuple(notes), quantize
+    )
 
 
 def _pull_quant_apart_reason(nbytes: int, hidden: int, group_size: int, world_size: int) -> str | None:
     """Why the pull one-shot kernel should leave the quant to the group-quant kernel (None: it
     should not)."""
     if hidden not in PULL_QUANT_HIDDEN or group_size != 128:
-        return (f"the in-kernel quant is measured faster only at hidden "
-                f"{'/'.join(map(str, PULL_QUANT_HIDDEN))} in 128-groups (TP=2)")
+        return (
+            f"the in-kernel quant is measured faster only at hidden "
+            f"{'/'.join(map(str, PULL_QUANT_HIDDEN))} in 128-groups (TP=2)"
+        )
     limit = PULL_QUANT_MIN_BYTES.get(world_size, 0)
     if nbytes < limit:
         return f"{nbytes} input bytes < {limit}: faster than in the one-shot kernel at this size (measured)"
@@ -202,8 +231,10 @@ def _ll_reason(tokens: int, hidden: int, symm: SymmState) -> str | None:
 
 def _stage_reason(tokens: int, hidden: int, symm: SymmState) -> str | None:
     if tokens * hidden > symm.stage_elems:
-        return (f"{tokens} x {hidden} elements exceed the symmetric staging buffer "
-                f"({symm.stage_elems}; VLLM_ROCM_FUSED_MAX_TOKENS sizes it)")
+        return (
+            f"{tokens} x {hidden} elements exceed the symmetric staging buffer "
+            f"({symm.stage_elems}; VLLM_ROCM_FUSED_MAX_TOKENS sizes it)"
+        )
     return None
 
 

@@ -61,8 +61,9 @@ class Layout:
         return self.stage_bytes // elem_bytes
 
 
-def layout(world_size: int, stage_bytes: int, *, max_grid: int, with_twoshot: bool, ll_bytes: int = 0,
-           max_hidden: int = 16384) -> Layout:
+def layout(
+    world_size: int, stage_bytes: int, *, max_grid: int, with_twoshot: bool, ll_bytes: int = 0, max_hidden: int = 16384
+) -> Layout:
     """Offsets and total size. The two-shot region holds ceil(T / W) rows for any T whose
     input fits the staging half: stage_elems / W + max_hidden elements. The LL region
     takes inputs of up to ll_bytes (16-bit elements, two per 8-byte word)."""
@@ -88,12 +89,26 @@ def layout(world_size: int, stage_bytes: int, *, max_grid: int, with_twoshot: bo
     off += 2 * out_elems * _ELEM
     out_scale_off = off
     off += _align(2 * (out_elems // 16) * 4)
-    return Layout(world_size, max_grid, stage_bytes, out_elems, ll_words, flags_off, ll_off, stage_off, out_q_off,
-                  out_res_off, out_normed_off, out_scale_off, off)
+    return Layout(
+        world_size,
+        max_grid,
+        stage_bytes,
+        out_elems,
+        ll_words,
+        flags_off,
+        ll_off,
+        stage_off,
+        out_q_off,
+        out_res_off,
+        out_normed_off,
+        out_scale_off,
+        off,
+    )
 
 
-def stage_bytes_for(*, world_size: int, hidden: int, elem_bytes: int, max_tokens: int,
-                    symm_max_bytes: int, needed_bytes: int = 0) -> int:
+def stage_bytes_for(
+    *, world_size: int, hidden: int, elem_bytes: int, max_tokens: int, symm_max_bytes: int, needed_bytes: int = 0
+) -> int:
     """Staging half size: what the dispatch can route through symmetric memory, capped by
     the declared max token count, and at least what the current call needs."""
     want = min(symm_max_bytes, max_tokens * hidden * elem_bytes)
@@ -111,31 +126,45 @@ class WorkspaceSize:
 
     def fits_in(self, lay: Layout) -> bool:
         """A workspace laid out as ``lay`` holds all of this."""
-        return (lay.stage_bytes >= self.stage_bytes and (lay.out_elems > 0 or not self.with_twoshot)
-                and 4 * lay.ll_words >= self.ll_bytes)
+        return (
+            lay.stage_bytes >= self.stage_bytes
+            and (lay.out_elems > 0 or not self.with_twoshot)
+            and 4 * lay.ll_words >= self.ll_bytes
+        )
 
     def grown_over(self, lay: Layout) -> WorkspaceSize:
         """This, and at least everything ``lay`` had (a replacement workspace never shrinks)."""
-        return WorkspaceSize(max(self.stage_bytes, lay.stage_bytes), self.with_twoshot or lay.out_elems > 0,
-                             max(self.ll_bytes, 4 * lay.ll_words))
+        return WorkspaceSize(
+            max(self.stage_bytes, lay.stage_bytes),
+            self.with_twoshot or lay.out_elems > 0,
+            max(self.ll_bytes, 4 * lay.ll_words),
+        )
 
     def layout(self, world_size: int, *, max_grid: int) -> Layout:
-        return layout(world_size, self.stage_bytes, max_grid=max_grid, with_twoshot=self.with_twoshot,
-                      ll_bytes=self.ll_bytes)
+        return layout(
+            world_size, self.stage_bytes, max_grid=max_grid, with_twoshot=self.with_twoshot, ll_bytes=self.ll_bytes
+        )
 
 
-def size_for_call(*, world_size: int, hidden: int, elem_bytes: int, input_bytes: int,
-                  max_tokens: int) -> WorkspaceSize:
+def size_for_call(*, world_size: int, hidden: int, elem_bytes: int, input_bytes: int, max_tokens: int) -> WorkspaceSize:
     """The workspace a call of ``input_bytes`` wants: room for every input the dispatch table
     sends through symmetric memory at this world size, capped by the declared max token count
     (VLLM_ROCM_FUSED_MAX_TOKENS), and at least this call's input when the table sends it there;
     a two-shot region where the table dispatches two-shot."""
     symm_max = dispatch.symm_max_bytes(world_size)
-    stage = stage_bytes_for(world_size=world_size, hidden=hidden, elem_bytes=elem_bytes, max_tokens=max_tokens,
-                            symm_max_bytes=symm_max, needed_bytes=input_bytes if input_bytes <= symm_max else 0)
-    return WorkspaceSize(stage_bytes=stage,
-                         with_twoshot=dispatch.TWOSHOT_MAX_BYTES.get(world_size, 0) > 0,
-                         ll_bytes=min(dispatch.ll_max_bytes(world_size), max_tokens * hidden * elem_bytes))
+    stage = stage_bytes_for(
+        world_size=world_size,
+        hidden=hidden,
+        elem_bytes=elem_bytes,
+        max_tokens=max_tokens,
+        symm_max_bytes=symm_max,
+        needed_bytes=input_bytes if input_bytes <= symm_max else 0,
+    )
+    return WorkspaceSize(
+        stage_bytes=stage,
+        with_twoshot=dispatch.TWOSHOT_MAX_BYTES.get(world_size, 0) > 0,
+        ll_bytes=min(dispatch.ll_max_bytes(world_size), max_tokens * hidden * elem_bytes),
+    )
 
 
 class SymmWorkspace:
@@ -153,8 +182,16 @@ class SymmWorkspace:
         self._peers: dict[torch.dtype, SymmPeers] = {}
 
     @classmethod
-    def create(cls, group, device: torch.device, *, stage_bytes: int, with_twoshot: bool,
-               ll_bytes: int = 0, blocks_per_sm: int = 1) -> "SymmWorkspace":
+    def create(
+        cls,
+        group,
+        device: torch.device,
+        *,
+        stage_bytes: int,
+        with_twoshot: bool,
+        ll_bytes: int = 0,
+        blocks_per_sm: int = 1,
+    ) -> "SymmWorkspace":
         """Collective: allocate, rendezvous, zero the flags and the LL region, agree on
         success and grid size. Raises RuntimeError (on every rank alike) if any rank failed.
 
@@ -169,8 +206,13 @@ class SymmWorkspace:
         rank = dist.get_rank(group)
         world_size = dist.get_world_size(group)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        lay = layout(world_size, stage_bytes, max_grid=min(blocks_per_sm * sms, MAX_GRID), with_twoshot=with_twoshot,
-                     ll_bytes=ll_bytes)
+        lay = layout(
+            world_size,
+            stage_bytes,
+            max_grid=min(blocks_per_sm * sms, MAX_GRID),
+            with_twoshot=with_twoshot,
+            ll_bytes=ll_bytes,
+        )
         error = None
         buf = handle = None
         try:
@@ -180,7 +222,7 @@ class SymmWorkspace:
                     symm_mem.enable_symm_mem_for_group(group.group_name)
             buf = symm_mem.empty(lay.total_bytes, dtype=torch.uint8, device=device)
             handle = symm_mem.rendezvous(buf, group)
-            buf[lay.flags_off: lay.stage_off].zero_()
+            buf[lay.flags_off : lay.stage_off].zero_()
         except Exception as e:  # noqa: BLE001 - reported on every rank below
             error = f"{type(e).__name__}: {e}"
         # One collective both agrees on success and orders every rank's zeroing before
@@ -193,15 +235,21 @@ class SymmWorkspace:
             raise RuntimeError(error or "symmetric memory setup failed on another rank")
         if grid != lay.max_grid:  # a smaller grid only shrinks the (already zeroed) flag region
             lay = layout(world_size, lay.stage_bytes, max_grid=grid, with_twoshot=with_twoshot, ll_bytes=ll_bytes)
-        logger.info("vllm-rocm-fused: symmetric workspace of %.1f MiB on %s (TP=%d, %d staging bytes per half, "
-                    "LL inputs up to %d bytes%s)", lay.total_bytes / 2**20, device, world_size, lay.stage_bytes,
-                    4 * lay.ll_words, ", two-shot region" if with_twoshot else "")
+        logger.info(
+            "vllm-rocm-fused: symmetric workspace of %.1f MiB on %s (TP=%d, %d staging bytes per half, "
+            "LL inputs up to %d bytes%s)",
+            lay.total_bytes / 2**20,
+            device,
+            world_size,
+            lay.stage_bytes,
+            4 * lay.ll_words,
+            ", two-shot region" if with_twoshot else "",
+        )
         return cls(group, device, lay, rank, buf, handle)
 
     def _views(self, offset: int, count: int, dtype: torch.dtype) -> tuple:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return tuple(self._handle.get_buffer(p, (count,), dtype, offset // itemsize)
-                     for p in range(self.world_size))
+        return tuple(self._handle.get_buffer(p, (count,), dtype, offset // itemsize) for p in range(self.world_size))
 
     def peers(self, dtype: torch.dtype) -> SymmPeers:
         """The kernels' view of this workspace for inputs of ``dtype`` (bf16/fp16)."""
@@ -211,10 +259,13 @@ class SymmWorkspace:
             stage_elems = lay.stage_elems()
             two = lay.out_elems > 0
             peers = SymmPeers(
-                rank=self.rank, world_size=self.world_size,
+                rank=self.rank,
+                world_size=self.world_size,
                 stage=self._views(lay.stage_off, 2 * stage_elems, dtype),
                 flags=self._views(lay.flags_off, lay.max_grid * self.world_size, torch.int32),
-                ctl=self.ctl, stage_cap=stage_elems, max_grid=lay.max_grid,
+                ctl=self.ctl,
+                stage_cap=stage_elems,
+                max_grid=lay.max_grid,
                 out_q=self._views(lay.out_q_off, 2 * lay.out_elems, torch.float8_e4m3fn) if two else None,
                 out_res=self._views(lay.out_res_off, 2 * lay.out_elems, dtype) if two else None,
                 out_normed=self._views(lay.out_normed_off, 2 * lay.out_elems, dtype) if two else None,

@@ -160,7 +160,8 @@ def entry_of(owner: str, holder: Any, name: str) -> Entry | None:
     except (TypeError, ValueError):
         return Entry(owner, name, None)
     params = frozenset(
-        p.name for p in sig.parameters.values()
+        p.name
+        for p in sig.parameters.values()
         if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     )
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
@@ -299,8 +300,9 @@ class AiterProbe:
         else:
             parts.append("no fused AR+RMSNorm API")
         if self.group_quant is not None:
-            parts.append("group quant: get_hip_quant(per_1x128)"
-                         + (" (transpose_scale)" if self.group_quant_transpose else ""))
+            parts.append(
+                "group quant: get_hip_quant(per_1x128)" + (" (transpose_scale)" if self.group_quant_transpose else "")
+            )
         else:
             parts.append(f"no group quant ({self.group_quant_error})")
         if self.fp8 is not None:
@@ -351,7 +353,9 @@ def probe_aiter(env: RocmEnvironment) -> AiterProbe:
     ar_rms_fn = entry_of("communication_op", comm_op, FN_AR_RMS) if comm_op is not None else None
     fn_transpose = per_group is not None and form == "quant_type" and per_group.accepts("transpose_scale")
     module_api = ModuleApi(
-        per_group, form, ar_rms_fn,
+        per_group,
+        form,
+        ar_rms_fn,
         transpose_ok=fn_transpose and class_api.transpose_scale,
         always_two_kernels=fn_transpose and class_api.per_group is not None and not class_api.transpose_scale,
     )
@@ -373,10 +377,16 @@ def probe_aiter(env: RocmEnvironment) -> AiterProbe:
 
     fp8 = getattr(getattr(aiter, "dtypes", None), "fp8", None)
     return AiterProbe(
-        version=version, ca_class=ca_class, class_api=class_api, module_api=module_api,
-        parallel_state=parallel_state, group_quant=group_quant, group_quant_error=gq_error,
+        version=version,
+        ca_class=ca_class,
+        class_api=class_api,
+        module_api=module_api,
+        parallel_state=parallel_state,
+        group_quant=group_quant,
+        group_quant_error=gq_error,
         group_quant_transpose=gq_transpose,
-        fp8=fp8 if isinstance(fp8, torch.dtype) else None, notes=tuple(notes),
+        fp8=fp8 if isinstance(fp8, torch.dtype) else None,
+        notes=tuple(notes),
     )
 
 
@@ -403,8 +413,9 @@ def _kwargs(entry: Entry, wanted: dict[str, Any], required: tuple[str, ...] = ()
     return {k: v for k, v in wanted.items() if k in required or entry.accepts(k)}
 
 
-def call_object_per_group(entry: Entry, ca: Any, x, residual, weight, eps, *, group_size, use_1stage,
-                          registered, emit_bf16, transpose_scale):
+def call_object_per_group(
+    entry: Entry, ca: Any, x, residual, weight, eps, *, group_size, use_1stage, registered, emit_bf16, transpose_scale
+):
     fn = getattr(ca, entry.name)
     opts: dict[str, Any] = {"group_size": group_size, "use_1stage": use_1stage}
     if emit_bf16:
@@ -435,8 +446,9 @@ def _present(entry: Entry | None, what: str) -> Entry:
     return entry
 
 
-def call_module_per_group(api: ModuleApi, comm_op: Any, x, residual, weight, eps, *, group_size,
-                          emit_bf16, transpose_scale):
+def call_module_per_group(
+    api: ModuleApi, comm_op: Any, x, residual, weight, eps, *, group_size, emit_bf16, transpose_scale
+):
     entry = _present(api.per_group, "per-group communication_op")
     fn = getattr(comm_op, entry.name)
     opts: dict[str, Any] = {"group_size": group_size, "prefill_support": False}

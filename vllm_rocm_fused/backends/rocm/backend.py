@@ -143,9 +143,15 @@ class RocmBackend(Backend):
         with self._lock:
             self._broken[step.key] = f"{type(error).__name__}: {error}"
         log_once(
-            logger, logging.WARNING, f"rocm-broken:{step.key}",
-            "vllm-rocm-fused: rocm step %s (%s) raised %s: %s; it is disabled for this process, "
-            "%s takes over", step.path, step.title, type(error).__name__, error, fallback,
+            logger,
+            logging.WARNING,
+            f"rocm-broken:{step.key}",
+            "vllm-rocm-fused: rocm step %s (%s) raised %s: %s; it is disabled for this process, %s takes over",
+            step.path,
+            step.title,
+            type(error).__name__,
+            error,
+            fallback,
         )
 
     def weight_updated(self, weight: torch.Tensor) -> None:
@@ -161,8 +167,10 @@ class RocmBackend(Backend):
     def _unavailable_reason(self) -> str | None:
         hip = self.env.hip_version()
         if hip is None:
-            return (f"torch {torch.__version__} is not a ROCm build (torch.version.hip is None); "
-                    "this backend runs in a ROCm vLLM image with aiter")
+            return (
+                f"torch {torch.__version__} is not a ROCm build (torch.version.hip is None); "
+                "this backend runs in a ROCm vLLM image with aiter"
+            )
         if not self.env.gpu_available():
             return f"no AMD GPU visible to torch (ROCm {hip})"
         probe = self.probe()
@@ -170,8 +178,10 @@ class RocmBackend(Backend):
             return f"aiter import failed: {probe.error}"
         if not probe.has_per_group and not probe.has_ar_rms:
             missing = f" (failed imports: {'; '.join(probe.notes)})" if probe.notes else ""
-            return (f"aiter {probe.version or '(unknown version)'} has no fused all-reduce + RMSNorm API "
-                    f"(CustomAllreduce.fused_ar_rms; the per-group kernel needs aiter >= 0.1.14){missing}")
+            return (
+                f"aiter {probe.version or '(unknown version)'} has no fused all-reduce + RMSNorm API "
+                f"(CustomAllreduce.fused_ar_rms; the per-group kernel needs aiter >= 0.1.14){missing}"
+            )
         return None
 
     def ineligible_reason(self, spec: CallSpec, comm: Communicator | None) -> str | None:
@@ -227,7 +237,8 @@ class RocmBackend(Backend):
         out["kernel choice"] = (
             f"one-stage where vLLM picks it (<= {limits.ONE_STAGE_MAX_TOKENS} tokens; any size at TP=2, "
             f"< 256 KiB at TP=4, < 128 KiB at TP=8), else multi-stage; AR+RMSNorm two-stage for hidden "
-            f"512-16384, per-group kernel for hidden <= 8192; inputs < 64 MiB")
+            f"512-16384, per-group kernel for hidden <= 8192; inputs < 64 MiB"
+        )
         if probe.notes:
             out["aiter imports that failed"] = "; ".join(probe.notes)
         if self._broken:
@@ -239,9 +250,11 @@ class RocmBackend(Backend):
         major = limits.hip_major(hip)
         if major is not None and major >= limits.HIP_CLANG_20:
             return f"HIP {hip} (torch.version.hip): clang >= 20, every per-group kernel variant usable"
-        return (f"HIP {hip} (torch.version.hip): clang < 20 assumed, where aiter's multi-stage per-group "
-                f"kernels add bf16 residuals as integers; bf16 per-group calls use its one-stage kernel "
-                f"(<= {limits.ONE_STAGE_MAX_TOKENS} tokens) or fused-2")
+        return (
+            f"HIP {hip} (torch.version.hip): clang < 20 assumed, where aiter's multi-stage per-group "
+            f"kernels add bf16 residuals as integers; bf16 per-group calls use its one-stage kernel "
+            f"(<= {limits.ONE_STAGE_MAX_TOKENS} tokens) or fused-2"
+        )
 
     # --- planning ----------------------------------------------------------
 
@@ -259,8 +272,13 @@ class RocmBackend(Backend):
         route = routes.resolve(comm, probe, self.env)
         if isinstance(route, routes.Route) and route.pending:
             if spec.capturing:
-                return StepPlan(None, why_not={"all": "aiter's CustomAllreduce for this process group is built "
-                                                  "on the first call outside graph capture"})
+                return StepPlan(
+                    None,
+                    why_not={
+                        "all": "aiter's CustomAllreduce for this process group is built "
+                        "on the first call outside graph capture"
+                    },
+                )
             if build:
                 route = routes.build_own(comm, probe, spec.device)
         if isinstance(route, str):
@@ -288,8 +306,9 @@ class RocmBackend(Backend):
                 plan.why_not[step.key] = why
         return plan
 
-    def _kernel_for(self, step: Step, spec: CallSpec, route: routes.Route,
-                    probe: AiterProbe) -> limits.KernelPlan | str | None:
+    def _kernel_for(
+        self, step: Step, spec: CallSpec, route: routes.Route, probe: AiterProbe
+    ) -> limits.KernelPlan | str | None:
         """The kernel variant ``step`` runs for ``spec`` (None: aiter's
         communicator picks it, safely for this call), or why no variant may take it."""
         per_group = step is STEP_PER_GROUP
@@ -297,8 +316,15 @@ class RocmBackend(Backend):
         if route.kind == "module":
             override, max_bytes = route.aiter_one_stage_settings()
             return limits.module_route_reason(
-                spec.num_tokens, spec.hidden, spec.dtype, per_group=per_group,
-                one_stage_tokens=probe.one_stage_tokens, hip_version=hip, override=override, max_bytes=max_bytes)
+                spec.num_tokens,
+                spec.hidden,
+                spec.dtype,
+                per_group=per_group,
+                one_stage_tokens=probe.one_stage_tokens,
+                hip_version=hip,
+                override=override,
+                max_bytes=max_bytes,
+            )
         if per_group:
             return limits.per_group_plan(spec.num_tokens, spec.hidden, spec.dtype, spec.world_size, hip)
         return limits.ar_rms_plan(spec.num_tokens, spec.hidden, spec.dtype.itemsize, spec.world_size)
@@ -330,8 +356,10 @@ class RocmBackend(Backend):
             if probe.fp8 is not None and probe.fp8 != arch_fp8:
                 return f"aiter's FP8 type is {_short(probe.fp8)}, {arch}'s is {_short(arch_fp8)}"
             if spec.quant_dtype != arch_fp8:
-                return (f"quant dtype {_short(spec.quant_dtype)} is not {arch}'s FP8 ({_short(arch_fp8)}), "
-                        "the only type aiter's kernels write")
+                return (
+                    f"quant dtype {_short(spec.quant_dtype)} is not {arch}'s FP8 ({_short(arch_fp8)}), "
+                    "the only type aiter's kernels write"
+                )
         return None
 
     @staticmethod
@@ -343,16 +371,19 @@ class RocmBackend(Backend):
             return "aiter's custom all-reduce is not fully connected on this node"
         return None
 
-    def _step_reason(self, step: Step, spec: CallSpec, route: routes.Route, arch: str | None,
-                     probe: AiterProbe) -> str | None:
+    def _step_reason(
+        self, step: Step, spec: CallSpec, route: routes.Route, arch: str | None, probe: AiterProbe
+    ) -> str | None:
         api = route.api
         version = probe.version or "(unknown version)"
         if step is STEP_PER_GROUP:
             if api.per_group is None:
                 return f"aiter {version} has no per-group fused API for this route (added in aiter 0.1.14)"
             if isinstance(api, aiter_api.ModuleApi) and api.always_two_kernels:
-                return (f"aiter {version}'s communication_op passes transpose_scale to a CustomAllreduce method "
-                        "without it and so always runs two kernels; fused-2 runs them itself")
+                return (
+                    f"aiter {version}'s communication_op passes transpose_scale to a CustomAllreduce method "
+                    "without it and so always runs two kernels; fused-2 runs them itself"
+                )
             if arch != "gfx950":
                 return f"the one-kernel per-group dispatch is used on gfx950 (MI355) only; this GPU is {arch}"
             reason = aiter_api.per_group_size_reason(spec.group_size, spec.dtype.itemsize)
@@ -392,13 +423,26 @@ class RocmBackend(Backend):
                 self._mark_broken(step, e, fallback)
                 continue
             if out is None:
-                log_once(logger, logging.INFO, f"rocm-declined:{step.key}",
-                         "vllm-rocm-fused: aiter declined %s for a %s input; that call used %s",
-                         step.path, tuple(x.shape), fallback)
+                log_once(
+                    logger,
+                    logging.INFO,
+                    f"rocm-declined:{step.key}",
+                    "vllm-rocm-fused: aiter declined %s for a %s input; that call used %s",
+                    step.path,
+                    tuple(x.shape),
+                    fallback,
+                )
                 continue
-            log_once(logger, logging.INFO, f"rocm-path:{step.key}:{route.source}",
-                     "vllm-rocm-fused: rocm backend runs %s (%s) via %s, aiter %s",
-                     step.path, step.title, route.source, self.probe().version)
+            log_once(
+                logger,
+                logging.INFO,
+                f"rocm-path:{step.key}:{route.source}",
+                "vllm-rocm-fused: rocm backend runs %s (%s) via %s, aiter %s",
+                step.path,
+                step.title,
+                route.source,
+                self.probe().version,
+            )
             return out, step.path
         outputs, _ = get_backend("native").run(x, residual, weight, eps, comm, spec)
         return outputs, PATH_GENERIC
@@ -408,16 +452,27 @@ class RocmBackend(Backend):
         """Registered (zero-copy) inputs only while vLLM's graph capture holds the
         object's capture() context, which registers them at its end; everywhere
         else aiter copies the input into its own IPC buffer."""
-        return (spec.capturing and bool(getattr(ca, "_IS_CAPTURING", False))
-                and bool(getattr(ca, "enable_register_for_capturing", True)))
+        return (
+            spec.capturing
+            and bool(getattr(ca, "_IS_CAPTURING", False))
+            and bool(getattr(ca, "enable_register_for_capturing", True))
+        )
 
     def _kernel_weight(self, weight: torch.Tensor, offset: float, dtype: torch.dtype) -> torch.Tensor:
         if offset != 0.0:
-            log_once(logger, logging.INFO, "rocm-gemma-weight",
-                     "vllm-rocm-fused: aiter's kernels read the norm weight in %s and the per-group one has "
-                     "no Gemma mode, so norms with weight_offset=%g get (w + %g) rounded to %s, once per "
-                     "layer weight (the reference keeps it in float32: at most one extra rounding of the "
-                     "normed value)", _short(dtype), offset, offset, _short(dtype))
+            log_once(
+                logger,
+                logging.INFO,
+                "rocm-gemma-weight",
+                "vllm-rocm-fused: aiter's kernels read the norm weight in %s and the per-group one has "
+                "no Gemma mode, so norms with weight_offset=%g get (w + %g) rounded to %s, once per "
+                "layer weight (the reference keeps it in float32: at most one extra rounding of the "
+                "normed value)",
+                _short(dtype),
+                offset,
+                offset,
+                _short(dtype),
+            )
         return self.weights.get(weight, offset, dtype)
 
     def _run_step(self, step, route, kernel: limits.KernelPlan | None, x, residual, weight, eps, spec):
@@ -428,13 +483,30 @@ class RocmBackend(Backend):
             transpose = spec.scale_layout == "col" and api.transpose_scale
             if route.kind == "module":
                 res = aiter_api.call_module_per_group(
-                    api, route.comm_op, x, residual, w, eps, group_size=spec.group_size,
-                    emit_bf16=spec.emit_bf16, transpose_scale=transpose)
+                    api,
+                    route.comm_op,
+                    x,
+                    residual,
+                    w,
+                    eps,
+                    group_size=spec.group_size,
+                    emit_bf16=spec.emit_bf16,
+                    transpose_scale=transpose,
+                )
             else:
                 res = aiter_api.call_object_per_group(
-                    api.per_group, route.ca, x, residual, w, eps, group_size=spec.group_size,
-                    use_1stage=one_stage, registered=self._registered(route.ca, spec),
-                    emit_bf16=spec.emit_bf16, transpose_scale=transpose)
+                    api.per_group,
+                    route.ca,
+                    x,
+                    residual,
+                    w,
+                    eps,
+                    group_size=spec.group_size,
+                    use_1stage=one_stage,
+                    registered=self._registered(route.ca, spec),
+                    emit_bf16=spec.emit_bf16,
+                    transpose_scale=transpose,
+                )
             if res is None:
                 return None
             _expect(len(res) == (4 if spec.emit_bf16 else 3), f"{len(res)} outputs from the per-group kernel")
@@ -454,8 +526,17 @@ class RocmBackend(Backend):
         if route.kind == "module":
             res = aiter_api.call_module_ar_rms(api, route.comm_op, x, residual, w, eps, gemma_norm=gemma)
         else:
-            res = aiter_api.call_object_ar_rms(api.ar_rms, route.ca, x, residual, w, eps, use_1stage=one_stage,
-                                               registered=self._registered(route.ca, spec), gemma_norm=gemma)
+            res = aiter_api.call_object_ar_rms(
+                api.ar_rms,
+                route.ca,
+                x,
+                residual,
+                w,
+                eps,
+                use_1stage=one_stage,
+                registered=self._registered(route.ca, spec),
+                gemma_norm=gemma,
+            )
         if res is None:
             return None
         normed, res_out = res[0], res[1]
@@ -476,8 +557,10 @@ def _expect(ok: bool, what: str) -> None:
 
 
 def _check_like_x(t, spec: CallSpec, what: str) -> None:
-    _expect(isinstance(t, torch.Tensor) and tuple(t.shape) == (spec.num_tokens, spec.hidden)
-            and t.dtype == spec.dtype, f"{what} {getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}")
+    _expect(
+        isinstance(t, torch.Tensor) and tuple(t.shape) == (spec.num_tokens, spec.hidden) and t.dtype == spec.dtype,
+        f"{what} {getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}",
+    )
 
 
 def _check_quant(q, scale, spec: CallSpec):
@@ -485,11 +568,14 @@ def _check_quant(q, scale, spec: CallSpec):
     silently change numerics downstream, so it disables the step instead.
     Returns (q, scale) with scale in the requested layout."""
     tokens, groups = spec.num_tokens, spec.hidden // spec.group_size
-    _expect(isinstance(q, torch.Tensor) and q.dtype == spec.quant_dtype and tuple(q.shape) == (tokens, spec.hidden),
-            f"q {getattr(q, 'dtype', q)} {getattr(q, 'shape', '')}, wanted {spec.quant_dtype}")
-    _expect(isinstance(scale, torch.Tensor) and scale.dtype == torch.float32
-            and tuple(scale.shape) == (tokens, groups),
-            f"scale {getattr(scale, 'dtype', scale)} {getattr(scale, 'shape', '')}, wanted float32 {(tokens, groups)}")
+    _expect(
+        isinstance(q, torch.Tensor) and q.dtype == spec.quant_dtype and tuple(q.shape) == (tokens, spec.hidden),
+        f"q {getattr(q, 'dtype', q)} {getattr(q, 'shape', '')}, wanted {spec.quant_dtype}",
+    )
+    _expect(
+        isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and tuple(scale.shape) == (tokens, groups),
+        f"scale {getattr(scale, 'dtype', scale)} {getattr(scale, 'shape', '')}, wanted float32 {(tokens, groups)}",
+    )
     if spec.scale_layout == "col":
         if scale.stride() != (1, tokens):
             scale = as_col_major(scale)

@@ -132,19 +132,26 @@ def ar_rms_plan(tokens: int, hidden: int, itemsize: int, world_size: int) -> Ker
     if n < AR_RMS_MIN_PACKS and one_stage_fits(tokens, hidden, itemsize):
         return KernelPlan(True, ONE_STAGE)
     if n > AR_RMS_MAX_PACKS:
-        return (f"hidden {hidden} > {AR_RMS_MAX_PACKS * PACK_BYTES // itemsize}: aiter's AR+RMSNorm "
-                f"kernel throws 'n too large'")
-    return (f"hidden {hidden} < {AR_RMS_MIN_PACKS * PACK_BYTES // itemsize}: aiter's two-stage AR+RMSNorm "
-            f"throws 'n too small', and its one-stage kernel is used up to {ONE_STAGE_MAX_TOKENS} tokens")
+        return (
+            f"hidden {hidden} > {AR_RMS_MAX_PACKS * PACK_BYTES // itemsize}: aiter's AR+RMSNorm "
+            f"kernel throws 'n too large'"
+        )
+    return (
+        f"hidden {hidden} < {AR_RMS_MIN_PACKS * PACK_BYTES // itemsize}: aiter's two-stage AR+RMSNorm "
+        f"throws 'n too small', and its one-stage kernel is used up to {ONE_STAGE_MAX_TOKENS} tokens"
+    )
 
 
-def per_group_plan(tokens: int, hidden: int, dtype: torch.dtype, world_size: int,
-                   hip_version: str | None) -> KernelPlan | str:
+def per_group_plan(
+    tokens: int, hidden: int, dtype: torch.dtype, world_size: int, hip_version: str | None
+) -> KernelPlan | str:
     """The AR + RMSNorm + per-group quant kernel for this call, or why none may take it."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     if packs(hidden, itemsize) > PER_GROUP_MAX_PACKS:
-        return (f"hidden {hidden} > {PER_GROUP_MAX_PACKS * PACK_BYTES // itemsize}: aiter's per-group kernel "
-                f"throws 'unsupported n'")
+        return (
+            f"hidden {hidden} > {PER_GROUP_MAX_PACKS * PACK_BYTES // itemsize}: aiter's per-group kernel "
+            f"throws 'unsupported n'"
+        )
     if vllm_prefers_one_stage(tokens, hidden, itemsize, world_size):
         return KernelPlan(True, ONE_STAGE)
     if not bf16_adds_as_integers(dtype, hip_version):
@@ -152,9 +159,11 @@ def per_group_plan(tokens: int, hidden: int, dtype: torch.dtype, world_size: int
         return KernelPlan(False, TWO_STAGE if nbytes <= TWO_STAGE_MAX_BYTES else SPLIT)
     if one_stage_fits(tokens, hidden, itemsize):
         return KernelPlan(True, ONE_STAGE)
-    return (f"the multi-stage per-group kernels add bf16 residuals as integers when built by clang < 20 "
-            f"(HIP {hip_version} < {HIP_CLANG_20}), and the one-stage kernel is used up to "
-            f"{ONE_STAGE_MAX_TOKENS} tokens")
+    return (
+        f"the multi-stage per-group kernels add bf16 residuals as integers when built by clang < 20 "
+        f"(HIP {hip_version} < {HIP_CLANG_20}), and the one-stage kernel is used up to "
+        f"{ONE_STAGE_MAX_TOKENS} tokens"
+    )
 
 
 def aiter_comm_per_group_one_stage(nbytes: int, override: bool | None, max_bytes: int | None) -> bool:
@@ -165,8 +174,17 @@ def aiter_comm_per_group_one_stage(nbytes: int, override: bool | None, max_bytes
     return nbytes <= limit
 
 
-def module_route_reason(tokens: int, hidden: int, dtype: torch.dtype, *, per_group: bool, one_stage_tokens: int | None,
-                        hip_version: str | None, override: bool | None, max_bytes: int | None) -> str | None:
+def module_route_reason(
+    tokens: int,
+    hidden: int,
+    dtype: torch.dtype,
+    *,
+    per_group: bool,
+    one_stage_tokens: int | None,
+    hip_version: str | None,
+    override: bool | None,
+    max_bytes: int | None,
+) -> str | None:
     """Why aiter's own communicator (which picks the variant itself) may not get
     this call: it must be safe in whichever variant aiter picks, and per-group
     calls also in the AR + RMSNorm kernel aiter falls back to when its fused
@@ -174,17 +192,23 @@ def module_route_reason(tokens: int, hidden: int, dtype: torch.dtype, *, per_gro
     itemsize = torch.empty((), dtype=dtype).element_size()
     n = packs(hidden, itemsize)
     if one_stage_tokens is not None and tokens > one_stage_tokens:
-        return (f"{tokens} tokens > {one_stage_tokens}: this aiter's one-stage launchers take one block per "
-                f"token, and its communicator may pick them")
+        return (
+            f"{tokens} tokens > {one_stage_tokens}: this aiter's one-stage launchers take one block per "
+            f"token, and its communicator may pick them"
+        )
     if not AR_RMS_MIN_PACKS <= n <= AR_RMS_MAX_PACKS:
-        return (f"hidden {hidden}: aiter's communicator may pick the two-stage AR+RMSNorm kernel, which "
-                f"takes {AR_RMS_MIN_PACKS * PACK_BYTES // itemsize}-{AR_RMS_MAX_PACKS * PACK_BYTES // itemsize}")
+        return (
+            f"hidden {hidden}: aiter's communicator may pick the two-stage AR+RMSNorm kernel, which "
+            f"takes {AR_RMS_MIN_PACKS * PACK_BYTES // itemsize}-{AR_RMS_MAX_PACKS * PACK_BYTES // itemsize}"
+        )
     if not per_group:
         return None
     if n > PER_GROUP_MAX_PACKS:
         return f"hidden {hidden} > {PER_GROUP_MAX_PACKS * PACK_BYTES // itemsize} (aiter's per-group kernel)"
     one_stage = aiter_comm_per_group_one_stage(tokens * hidden * itemsize, override, max_bytes)
     if not one_stage and bf16_adds_as_integers(dtype, hip_version):
-        return (f"aiter's communicator would run a multi-stage per-group kernel, which adds bf16 as "
-                f"integers under clang < 20 (HIP {hip_version})")
+        return (
+            f"aiter's communicator would run a multi-stage per-group kernel, which adds bf16 as "
+            f"integers under clang < 20 (HIP {hip_version})"
+        )
     return None

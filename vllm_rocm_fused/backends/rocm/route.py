@@ -47,8 +47,10 @@ EXTRAS_KEY = "rocm.route"
 # so a 64 MiB message (aiter's fused limit) fits its unregistered copy-in path.
 OWN_MAX_SIZE = 8192 * 1024 * 8 * 2
 
-VLLM_HINT = ("start vLLM with VLLM_ROCM_USE_AITER=1 (VLLM_ROCM_USE_AITER_CUSTOM_AR=1 is the default) "
-             "and without --disable-custom-all-reduce")
+VLLM_HINT = (
+    "start vLLM with VLLM_ROCM_USE_AITER=1 (VLLM_ROCM_USE_AITER_CUSTOM_AR=1 is the default) "
+    "and without --disable-custom-all-reduce"
+)
 
 
 @dataclass
@@ -75,8 +77,10 @@ class Route:
         limit (``AITER_AR_1STAGE_MAX_KB``), as it reads them ("module" routes)."""
         override = getattr(self.aiter_comm, "_ar_1stage_override", None)
         limit = getattr(self.aiter_comm, "_ar_1stage_max_kb", None)
-        return (override if isinstance(override, bool) else None,
-                limit if isinstance(limit, int) and not isinstance(limit, bool) else None)
+        return (
+            override if isinstance(override, bool) else None,
+            limit if isinstance(limit, int) and not isinstance(limit, bool) else None,
+        )
 
 
 def _unwrap(candidate: Any) -> Any:
@@ -122,8 +126,13 @@ def _aiter_tp_route(probe: AiterProbe, env, comm: Communicator) -> Route | None:
         comm_op = env.import_module("aiter.dist.communication_op")
     except Exception:  # noqa: BLE001
         return None
-    return Route("module", probe.module_api, "aiter's own TP group (aiter.dist.communication_op)",
-                 comm_op=comm_op, aiter_comm=getattr(tp, "device_communicator", None))
+    return Route(
+        "module",
+        probe.module_api,
+        "aiter's own TP group (aiter.dist.communication_op)",
+        comm_op=comm_op,
+        aiter_comm=getattr(tp, "device_communicator", None),
+    )
 
 
 def _vllm_route(coordinator: Any) -> Route | str:
@@ -182,8 +191,10 @@ def _own_route_reason(comm: Communicator, probe: AiterProbe) -> str | None:
     if probe.class_api.empty:
         return "aiter's CustomAllreduce has no fused all-reduce + RMSNorm method"
     if _is_nccl(pg) and dist.get_world_size(pg) != dist.get_world_size():
-        return ("aiter's CustomAllreduce needs a gloo twin of this NCCL subgroup, which only a call "
-                "made by every rank of the job may create; pass a gloo group or use the vLLM layer")
+        return (
+            "aiter's CustomAllreduce needs a gloo twin of this NCCL subgroup, which only a call "
+            "made by every rank of the job may create; pass a gloo group or use the vLLM layer"
+        )
     return None
 
 
@@ -212,8 +223,10 @@ def build_own(comm: Communicator, probe: AiterProbe, device: torch.device) -> Ro
         result: Route | str = f"building aiter's CustomAllreduce failed: {type(e).__name__}: {e}"
     else:
         if getattr(ca, "disabled", False):
-            result = ("aiter disabled the CustomAllreduce built for this group "
-                      "(one rank, several nodes or an unsupported world size; see aiter's log)")
+            result = (
+                "aiter disabled the CustomAllreduce built for this group "
+                "(one rank, several nodes or an unsupported world size; see aiter's log)"
+            )
         else:
             result = Route("object", ObjectApi.of(ca), "CustomAllreduce built for this process group", ca=ca)
     comm.extras[EXTRAS_KEY] = result
