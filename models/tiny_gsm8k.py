@@ -2,8 +2,10 @@
 
 The trained tiny models learn this task, so that an accuracy check on them means
 something: a model that knows the task answers almost every question, and a
-numerics fault (a wrong scale layout, a broken FP8 hand-off) shows up as a drop in
-exact match instead of hiding among the coin flips of a random-weight model.
+gross numerics fault (e.g. an FP8 hand-off that drops its scale: exact match 0) shows
+up as a drop in exact match instead of hiding among the coin flips of a random-weight
+model. Subtler faults (scales read in the wrong layout) keep the answers and show in
+exact fused-vs-unfused parity instead.
 
 Every problem is a dict with GSM8K's schema: ``question`` and ``answer``, the answer
 being worked steps in GSM8K's style (``48/2 = <<48/2=24>>24``) and a last line

@@ -65,8 +65,9 @@ def run_cli(args: list[str], marker: str, timeout_s: float) -> subprocess.Comple
 
 def test_trained_fp8_tp2_end_to_end(tiny_models, tmp_path):
     """The trained FP8 model, eager: both servers answer unseen tiny-gsm8k questions,
-    the fused one exactly as the unfused one (real scores, not ~0: a wrong scale
-    layout or a broken FP8 hand-off fails the accuracy bound)."""
+    the fused one exactly as the unfused one (real scores, not ~0: a hand-off that
+    drops the scale scores 0 and fails the accuracy bound; a scale tensor read in the
+    wrong layout keeps the answers and is caught by test_qwen3_5_fusion's logprob bound)."""
     model = tiny_models("trained-dense-fp8")
     data = tmp_path / "tiny-gsm8k"
     tiny_gsm8k.write_dataset(data)
