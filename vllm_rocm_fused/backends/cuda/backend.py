@@ -92,20 +92,21 @@ def wanted_size(spec: CallSpec) -> WorkspaceSize:
 def symm_state(spec: CallSpec, comm: Communicator) -> SymmState:
     """The planner's view of the communicator's workspace for this call."""
     elem = _elem_bytes(spec.dtype)
+    want = wanted_size(spec)
     if comm.hypothetical:
-        return _symm(wanted_size(spec).layout(spec.world_size, max_grid=132), elem)
+        return _symm(want.layout(spec.world_size, max_grid=132), elem)
     st = _state(comm)
     if st.failed is not None:
         return SymmState(f"symmetric memory setup failed: {st.failed}", 0, 0)
     ws = st.workspace
-    if ws is not None and wanted_size(spec).fits_in(ws.layout):
+    if ws is not None and want.fits_in(ws.layout):
         return _symm(ws.layout, elem)
     if spec.capturing:
         if ws is None:
             return SymmState("no symmetric workspace yet (the group's first call was under CUDA-graph capture)", 0, 0)
         return _symm(ws.layout, elem)
     # an eager call creates (or grows) the workspace before it runs
-    return _symm(wanted_size(spec).layout(spec.world_size, max_grid=1), elem)
+    return _symm(want.layout(spec.world_size, max_grid=1), elem)
 
 
 def _symm(lay: Layout, elem: int) -> SymmState:
