@@ -83,7 +83,7 @@ def load_preset(name: str) -> dict[str, Any]:
     names = list_presets()
     if name not in names:
         raise PresetError(f"unknown preset {name!r}; presets: {', '.join(names)}")
-    text = resources.files(__package__).joinpath("presets", f"{name}.json").read_text()
+    text = resources.files(__package__).joinpath("presets").joinpath(f"{name}.json").read_text()
     preset = json.loads(text)
     base_name = preset.pop("extends", None)
     if base_name is not None:
@@ -174,11 +174,13 @@ def resolve(preset_name: str, overrides: dict[str, Any] | None = None) -> Recipe
 # --- checks --------------------------------------------------------------------------
 
 
-def _positive_int(text: dict, key: str, problems: list[str]) -> int | None:
+def _positive_int(text: dict, key: str, problems: list[str]) -> int:
+    """``text[key]`` if it is a positive integer; else a problem is recorded and 0
+    returned (callers return the problems before they use any value)."""
     value = text.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         problems.append(f"{key} must be a positive integer, got {value!r}")
-        return None
+        return 0
     return value
 
 

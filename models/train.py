@@ -63,7 +63,7 @@ CHAT_SHARE = 0.15  # rows that are ChatML chats instead of few-shot text
 
 
 def committed_tokenizer_path() -> Path:
-    return Path(str(resources.files(__package__).joinpath("trained", TOKENIZER_FILE)))
+    return Path(str(resources.files(__package__).joinpath("trained").joinpath(TOKENIZER_FILE)))
 
 
 def make_task_tokenizer(vocab_size: int):
@@ -446,7 +446,8 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     t_mark = t0  # reset at step 30, where the rate measurement starts
-    ema = ema_mtp = None
+    ema: float | None = None
+    ema_mtp: float | None = None
     step = 0
     stopped_early = False
     while step < total:
@@ -476,7 +477,7 @@ def main(argv=None) -> int:
             t_mark = time.time()
         if step % args.log_every == 0 or step == total:
             elapsed = time.time() - t0
-            row = {"step": step, "loss": round(ema, 4), "lr": lr, "seconds": round(elapsed, 1)}
+            row = {"step": step, "loss": None if ema is None else round(ema, 4), "lr": lr, "seconds": round(elapsed, 1)}
             if ema_mtp is not None:
                 row["mtp_loss"] = round(ema_mtp, 4)
             log.write(json.dumps(row) + "\n")
@@ -524,7 +525,7 @@ def main(argv=None) -> int:
         "data_seed": args.data_seed,
         "pool": args.pool,
         "parameters": n_params,
-        "final_loss": round(ema, 4),
+        "final_loss": None if ema is None else round(ema, 4),
         "final_mtp_loss": round(ema_mtp, 4) if ema_mtp is not None else None,
         "train_seconds": round(train_seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

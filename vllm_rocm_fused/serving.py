@@ -40,7 +40,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import envs
 
@@ -86,9 +86,11 @@ def usable_cpus() -> list[int]:
 
 def _cpu_list(ids: Sequence[int]) -> str:
     """[0, 1, 2, 5] -> "0-2,5"."""
-    parts, start, prev = [], None, None
-    for i in list(ids) + [None]:
-        if start is not None and (i is None or i != prev + 1):
+    parts: list[str] = []
+    start: int | None = None
+    prev: int | None = None
+    for i in [*ids, None]:
+        if start is not None and prev is not None and (i is None or i != prev + 1):
             parts.append(str(start) if start == prev else f"{start}-{prev}")
             start = None
         if i is not None and start is None:
@@ -224,7 +226,7 @@ class VllmServer:
         self.progress = progress or (lambda msg: None)
         self.cpu = is_cpu_vllm() if cpu is None else cpu
         self.proc: subprocess.Popen | None = None
-        self._log_file = None
+        self._log_file: IO[bytes] | None = None
 
     # --- what gets run ------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ def _version(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    md.version = _version
+    md.version = _version  # type: ignore[assignment]  # same signature, another parameter name
     sys.argv = ["vllm", "serve", *(sys.argv[1:] if argv is None else argv)]
     from vllm.entrypoints.cli.main import main as vllm_main
 

@@ -76,6 +76,7 @@ class PortableFp8BlockScaledMMKernel(Fp8BlockScaledMMLinearKernel):
             input_scale = qa.scale.reshape(-1, k // BLOCK)
             orig_shape, out_dtype = qa.orig_shape, qa.orig_dtype
         else:
+            assert isinstance(x, torch.Tensor)  # a QuantizedActivation of another key is not handed here
             k = x.shape[-1]
             q_input, input_scale = group_quant_reference(x.reshape(-1, k), BLOCK, weight.dtype)
             orig_shape, out_dtype = x.shape, x.dtype

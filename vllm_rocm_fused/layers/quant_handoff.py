@@ -113,8 +113,9 @@ def enable_handoff(linear: torch.nn.Module, handoff: Handoff) -> None:
     if kernel.input_quant_key() != kFp8Dynamic128Sym:
         kernel.apply_weights = types.MethodType(_apply_weights_with_handoff, kernel)
         kernel.input_quant_key = types.MethodType(_input_quant_key, kernel)
-    linear._input_quant_key = kFp8Dynamic128Sym
-    linear._rocm_fused_scale_layout = handoff.layout
+    # Plain attributes on the module (setattr: nn.Module's typing only knows tensors and modules).
+    setattr(linear, "_input_quant_key", kFp8Dynamic128Sym)
+    setattr(linear, "_rocm_fused_scale_layout", handoff.layout)
 
 
 __all__ = ["Handoff", "QuantizedActivation", "enable_handoff", "inspect_consumer"]

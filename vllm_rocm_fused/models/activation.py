@@ -15,22 +15,29 @@ class FusedInputActivation(QuantizedActivation):
     ``bf16``. It answers ``size()``, ``shape``, ``dtype`` and ``device`` like the
     bf16 activation, which is all the GDN layer asks of its input otherwise."""
 
+    # Always set by the fused site; the default keeps the dataclass valid whatever
+    # defaults a vLLM version gives the base class's fields.
     bf16: torch.Tensor | None = None
 
+    def _bf16(self) -> torch.Tensor:
+        if self.bf16 is None:
+            raise ValueError("FusedInputActivation.bf16 is not set")
+        return self.bf16
+
     def size(self, dim: int | None = None):
-        return self.bf16.size() if dim is None else self.bf16.size(dim)
+        return self._bf16().size() if dim is None else self._bf16().size(dim)
 
     @property
     def shape(self) -> torch.Size:
-        return self.bf16.shape
+        return self._bf16().shape
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.bf16.dtype
+        return self._bf16().dtype
 
     @property
     def device(self) -> torch.device:
-        return self.bf16.device
+        return self._bf16().device
 
 
 _bf16_view_classes: dict[type, type] = {}
