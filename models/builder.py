@@ -133,14 +133,27 @@ def trained_manifest(name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _trained_name(recipe: Recipe, name: str) -> str:
+    """The name tensor ``name`` of ``recipe`` has in a trained checkpoint (the text
+    layout: a VL recipe's ``model.language_model.`` is the checkpoint's ``model.``)."""
+    if recipe.is_vl and name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model.") :]
+    return name
+
+
 def load_trained(recipe: Recipe) -> dict[str, Any]:
-    """The trained tensors of ``recipe``, after checking them against the manifest's
-    sha256 and the preset's tensor list (names, shapes, dtypes)."""
+    """The trained tensors of ``recipe`` under the recipe's names, after checking them
+    against the manifest's sha256 and the preset's tensor list (names, shapes, dtypes).
+    A VL recipe takes the language model from the checkpoint (which holds the text
+    layout); its vision tower, which text-only serving never runs, is not in it."""
     from safetensors.torch import load_file
 
     from .weights import all_specs
 
-    files, manifest = trained_files(recipe.trained), trained_manifest(recipe.trained)
+    name = recipe.trained
+    if name is None:
+        raise PresetError(f"preset {recipe.name!r} has random weights, no trained checkpoint")
+    files, manifest = trained_files(name), trained_manifest(name)
     for key, path in (("model.safetensors", files["weights"]), ("tokenizer.json", files["tokenizer"])):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != manifest["sha256"][key]:
@@ -148,13 +161,15 @@ def load_trained(recipe: Recipe) -> dict[str, Any]:
                 f"{path.name} of trained checkpoint {recipe.trained!r} does not match its "
                 f"manifest (sha256 {digest[:12]}..., expected {manifest['sha256'][key][:12]}...)"
             )
-    tensors = load_file(str(files["weights"]))
-    specs = all_specs(recipe)
+    stored = load_file(str(files["weights"]))
+    specs = [s for s in all_specs(recipe) if not s.name.startswith("model.visual.")]
+    tensors = {s.name: stored[_trained_name(recipe, s.name)] for s in specs if _trained_name(recipe, s.name) in stored}
     names = {s.name for s in specs}
-    if set(tensors) != names:
+    if len(tensors) != len(names) or len(stored) != len(names):
         raise PresetError(
             f"trained checkpoint {recipe.trained!r} does not fit preset {recipe.name!r}: "
-            f"missing {sorted(names - set(tensors))[:5]}, extra {sorted(set(tensors) - names)[:5]}"
+            f"missing {sorted(names - set(tensors))[:5]}, "
+            f"extra {sorted(set(stored) - {_trained_name(recipe, n) for n in names})[:5]}"
         )
     for spec in specs:
         t = tensors[spec.name]
@@ -230,7 +245,7 @@ def _write_files(recipe: Recipe, seed: int, tmp: Path, progress: Progress) -> No
 
     text = recipe.text
     trained = load_trained(recipe) if recipe.trained else None
-    if trained is not None:
+    if trained is not None and recipe.trained is not None:
         from tokenizers import Tokenizer
 
         progress(f"using trained checkpoint {recipe.trained!r} and its tokenizer")
@@ -269,7 +284,7 @@ def _write_files(recipe: Recipe, seed: int, tmp: Path, progress: Progress) -> No
     )
     tensors: dict[str, torch.Tensor] = {}
     for spec in specs:
-        value = trained[spec.name] if trained is not None else make_tensor(spec, seed)
+        value = trained[spec.name] if trained is not None and spec.name in trained else make_tensor(spec, seed)
         if spec.module in fp8:
             q, scale_inv = quantize_block_fp8(value)
             tensors[spec.name] = q

@@ -71,6 +71,25 @@ def test_bf16_build_holds_the_committed_tensors(built, name):
     assert stamp["trained_sha256"] == builder.trained_manifest(name)["sha256"]
 
 
+def test_vl_build_holds_the_trained_language_model(built):
+    """The trained VL presets: the committed dense language model under the release's
+    VL names (``model.language_model.``), a vision tower of seeded random values beside
+    it, the trained tokenizer, served text-only."""
+    out = built("trained-vl-bf16")
+    committed = load_file(str(builder.trained_files("dense")["weights"]))
+    written = load_file(str(out / "model.safetensors"))
+    renamed = {
+        ("model.language_model." + k[len("model.") :] if k.startswith("model.") else k): v for k, v in committed.items()
+    }
+    assert {k for k in written if not k.startswith("model.visual.")} == renamed.keys()
+    assert all(torch.equal(written[k], renamed[k]) for k in renamed)
+    assert any(k.startswith("model.visual.") for k in written)
+    assert builder.serve_args(out) == ["--language-model-only"]
+    assert _sha(out / "tokenizer.json") == _sha(builder.trained_files("dense")["tokenizer"])
+    fp8 = load_file(str(built("trained-vl-fp8") / "model.safetensors"))
+    assert fp8["model.language_model.layers.3.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+
+
 def test_fp8_build_quantizes_the_trained_weights(built):
     out = built("trained-dense-fp8")
     committed = load_file(str(builder.trained_files("dense")["weights"]))
