@@ -3,6 +3,9 @@ import os
 import pytest
 import torch
 
+# Builds that are a preset with overrides: name -> (preset, overrides).
+DERIVED_BUILDS = {"moe-bf16": ("moe-fp8", {"quantization": "none"})}
+
 
 def pytest_configure(config):
     # Keep CPU tests deterministic and cheap on small boxes.
@@ -17,7 +20,8 @@ def seeded():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Builds tiny checkpoints on demand, once per session: tiny_models("dense-fp8")."""
+    """Builds tiny checkpoints on demand, once per session: tiny_models("dense-fp8")
+    (a preset, or a name of DERIVED_BUILDS)."""
     from vllm_rocm_fused.tiny_models.builder import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
@@ -27,7 +31,17 @@ def tiny_models(tmp_path_factory):
         key = (preset, seed, tuple(sorted(overrides.items())))
         if key not in built:
             name = f"{preset}-s{seed}" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
-            built[key] = build_tiny_model(preset, root / name, seed=seed, overrides=overrides or None)
+            base, derived = DERIVED_BUILDS.get(preset, (preset, {}))
+            built[key] = build_tiny_model(base, root / name, seed=seed, overrides={**derived, **overrides} or None)
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_models):
+    """engines(*support.engines.Engine) -> their results, each engine started once per
+    session (see support.engines)."""
+    from support.engines import run
+
+    return lambda *specs: run(tiny_models, *specs)

