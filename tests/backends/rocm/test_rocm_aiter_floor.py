@@ -107,7 +107,7 @@ def test_build_older_than_the_fix_is_one_stage_only(rocm, monkeypatch):
     commits: its setuptools-scm version is below 0.1.14) gets one-stage kernels
     only; setuptools-scm's "0.1.0" (no git metadata) does not overrule the capability."""
     fake = rocm.use("v0_1_14", "gfx950")
-    monkeypatch.setattr(fake.generation, "VERSION", "0.1.13.post2.dev40+g4331ad7")
+    monkeypatch.setattr(fake.generation, "VERSION", "0.1.12.post2.dev142+g4331ad7a17")
     small, large = Case(tokens=5, hidden=4096), Case(tokens=100, hidden=4096)
     comm = rocm.vllm_comm(small)
     run_op(comm, small)

@@ -71,10 +71,12 @@ Facts this module relies on (ROCm/aiter, file and tag where each appeared):
   two-stage race was fixed by PR #2890, first released in v0.1.14, the release
   that also brought the per-group methods (PR #2823). A build from between
   those two commits has the methods without the fix; its setuptools-scm
-  version (``amd-aiter`` metadata, "0.1.13.post2.devN+g...") says so, so an aiter
-  counts as fixed only with the per-group methods *and* a version that is not
-  below 0.1.14 (an unreadable one, or setuptools-scm's "0.1.0" for a tree
-  without git metadata, does not overrule the capability).
+  version (``amd-aiter`` metadata, counted from the tag before them:
+  "0.1.12.post2.devN+g...") says so, so an aiter counts as fixed only with the
+  per-group methods *and* a version that is not below 0.1.14 (an unreadable
+  one, or setuptools-scm's "0.1.0" for a tree without git metadata, does not
+  overrule the capability; builds after the fix but before the 0.1.14 tag are
+  treated as older, which only costs speed).
 * ``CustomAllreduce.should_custom_ar(inp)`` (every version) says whether aiter's
   custom all-reduce takes an input; from v0.1.18 it honours
   ``AITER_CUSTOM_AR_MAX_SIZE`` (bytes; 0 = off, everything on RCCL) and
@@ -273,8 +275,8 @@ class ModuleApi(_Features):
 
 
 def release(version: str | None) -> tuple[int, int, int] | None:
-    """The release an aiter version string belongs to: "0.1.13.post2.dev40+g4331ad7"
-    -> (0, 1, 13), "0.1.14rc0" -> (0, 1, 14); None when unreadable or setuptools-scm's
+    """The release series of an aiter version string: "0.1.12.post2.dev142+g4331ad7a17"
+    -> (0, 1, 12), "0.1.14rc0" -> (0, 1, 14); None when unreadable or setuptools-scm's
     fallback (a build without git metadata says nothing about its release)."""
     if not version or version.strip() == SCM_FALLBACK_VERSION:
         return None
