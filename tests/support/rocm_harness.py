@@ -59,9 +59,19 @@ class RocmHarness:
         self.backend = backend
         self.fake: fake_aiter.FakeAiter | None = None
 
-    def use(self, generation: str, arch: str = "gfx950", hip: str | None = "7.0.51831") -> fake_aiter.FakeAiter:
-        """Install fake aiter ``generation`` on a fake ``arch`` box whose ROCm is ``hip``."""
-        self.fake = fake_aiter.install(generation, arch, hip)
+    def use(
+        self,
+        generation: str,
+        arch: str = "gfx950",
+        hip: str | None = "7.0.51831",
+        *,
+        compiler_hip: str | None = None,
+        jit_visible: bool = True,
+    ) -> fake_aiter.FakeAiter:
+        """Install fake aiter ``generation`` on a fake ``arch`` box whose torch is built
+        for ROCm ``hip`` and whose aiter JIT-builds with the hipcc of ROCm ``compiler_hip``
+        (default: the same)."""
+        self.fake = fake_aiter.install(generation, arch, hip, compiler_hip=compiler_hip, jit_visible=jit_visible)
         self.backend.set_environment(fake_aiter.FakeRocmEnv(arch, hip))
         return self.fake
 

@@ -62,7 +62,7 @@ def test_old_aiter_without_per_group_uses_two_kernels(rocm):
     assert "-> rocm (fused-2 one-stage via CustomAllreduce.fused_ar_rms + get_hip_quant(per_1x128)" in block
     assert "not fused-1: aiter 0.1.13 has no per-group fused API" in block
     assert (
-        "backend rocm: aiter: 0.1.13: API generation <= 0.1.13-like (no per-group kernel); "
+        "backend rocm: aiter: 0.1.13: API generation 0.1.12 - 0.1.13-like (no per-group kernel); "
         "no per-group fused API" in text
     )
 
@@ -92,7 +92,10 @@ def test_gfx950_per_site_steps(rocm):
         "backend rocm: aiter: 0.1.20: API generation 0.1.17 / >= 0.1.19.post2-like; per-group: "
         "CustomAllreduce.fused_ar_rms_per_group_quant(emit_bf16, transpose_scale)"
     ) in text
-    assert "backend rocm: ROCm: HIP 7.0.51831 (torch.version.hip): clang >= 20" in text
+    assert (
+        "backend rocm: ROCm: torch HIP 7.0.51831; aiter builds with the hipcc of ROCM_HOME=/opt/rocm "
+        "(HIP 7.0.51831): clang >= 20"
+    ) in text
     assert "backend rocm: kernel choice: one-stage where vLLM picks it (<= 80 tokens" in text
 
 
@@ -105,7 +108,8 @@ def test_old_rocm_keeps_bf16_per_group_calls_on_safe_kernels(rocm):
     assert "tokens 1,64 -> rocm (fused-1 one-stage" in attn  # <= 80 tokens: one-stage is safe
     assert "tokens 1024 -> rocm (fused-2 two-stage via CustomAllreduce.fused_ar_rms + get_hip_quant" in attn
     assert "not fused-1: the multi-stage per-group kernels add bf16 residuals as integers" in attn
-    assert "backend rocm: ROCm: HIP 6.4.43482 (torch.version.hip): clang < 20 assumed" in text
+    assert "backend rocm: ROCm: torch HIP 6.4.43482; aiter builds with the hipcc of ROCM_HOME=/opt/rocm" in text
+    assert "(HIP 6.4.43482): clang < 20 (ROCm < 7)" in text
 
 
 @pytest.mark.parametrize(

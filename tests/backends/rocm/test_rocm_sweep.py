@@ -1,14 +1,18 @@
 """The backend never sends a call real aiter would throw on, hang on or corrupt
 with: every token count 1-16384 (sampled, every boundary included) x hidden
-256-16384 x TP 2/4/8 x API generation x arch x ROCm 6/7 x site kind.
+256-16384 x TP 2/4/8 x API generation (the refused v0.1.11 and the racing
+v0.1.12/13 included) x arch x box (ROCm 6, ROCm 7, and a ROCm 7 torch whose
+aiter JIT-builds with a ROCm 6 hipcc) x site kind.
 
 The sweep asks the backend for its plan (the steps it may take and the kernel
 variant of each: what ``run`` sends) and judges every call the plan could send
 -- each eligible step, not only the first, since a later one runs when an
 earlier one fails -- with the fake's reading of aiter's dispatch
 (support.fake_aiter.base.kernel_verdict), written independently of the
-backend's rules. A second test sends a sample of the same calls through
-``run`` on meta tensors, so the plan is checked against what is really sent.
+backend's rules. At the production sizes (hidden 2048-8192, tokens 1-8192) it
+also checks that the first step is the fastest safe one (``fastest_safe``). A
+second test sends a sample of the same calls through ``run`` on meta tensors,
+so the plan is checked against what is really sent.
 """
 
 from __future__ import annotations
@@ -88,8 +92,15 @@ BASE_TOKENS = (
     16384,
 )
 BYTE_EDGES = (128 * 1024, 256 * 1024, 512 * 1024, 64 * 1024 * 1024)  # one-stage caps, two-stage/split, fused limit
-HIP = ("6.4.43482", "7.0.51831")
+ROCM6, ROCM7 = "6.4.43482", "7.0.51831"
+# (torch's HIP, the HIP of the hipcc aiter JIT-builds with)
+BOXES = ((ROCM6, ROCM6), (ROCM7, ROCM7), (ROCM7, ROCM6))
+# the compiler matters to the per-group kernel only, which runs on gfx950 only
+ARCH_BOXES = [("gfx950", box) for box in BOXES] + [("gfx942", box) for box in BOXES[:2]]
 WORLD_SIZES = (2, 4, 8)
+PRODUCTION_HIDDEN = range(2048, 8193)
+PRODUCTION_TOKENS = range(1, 8193)
+VLLM_ONE_STAGE_CAP = {4: 256 * 1024, 8: 128 * 1024}
 
 
 def tokens_for(hidden: int) -> list[int]:
@@ -136,12 +147,53 @@ def sent_calls(plan, s: CallSpec, comm_one_stage) -> list[tuple[str, bool]]:
     return calls
 
 
+def verdict(ca_class, kernel: str, tokens: int, hidden: int, ws: int, use_1stage: bool, compiler: str):
+    return kernel_verdict(
+        kernel,
+        tokens=tokens,
+        hidden=hidden,
+        dtype=torch.bfloat16,
+        world_size=ws,
+        use_1stage=use_1stage,
+        one_block_per_token=ca_class.ONE_STAGE_ONE_BLOCK_PER_TOKEN,
+        hip=compiler,
+        two_stage_races=ca_class.TWO_STAGE_RACES,
+        fixed_hidden=ca_class.FIXED_HIDDEN,
+    )
+
+
+def fastest_safe(ca_class, arch: str, compiler: str, ws: int, hidden: int, tokens: int, quantize: bool) -> str:
+    """The step a vLLM-route call should take, from the fake's verdicts: one kernel
+    before two before the portable path; each kernel in the variant vLLM's rule
+    picks (one-stage for <= 80 tokens under its byte cap) when that is safe, else
+    in the other variant where that is safe -- except a plain AR+RMSNorm outside
+    vLLM's one-stage rule, which vLLM measured slower than an unfused all-reduce +
+    norm, and a one-stage one outside the 80-token rule -- and a per-group
+    one-stage kernel beyond the byte cap (one kernel instead of two)."""
+    if tokens * hidden * 2 >= 64 * 1024 * 1024 or ca_class.FIXED_HIDDEN:
+        return "generic"
+    vllm_one = tokens <= 80 and (ws == 2 or tokens * hidden * 2 < VLLM_ONE_STAGE_CAP[ws])
+
+    def runs(kernel: str) -> bool:
+        if vllm_one:
+            return verdict(ca_class, kernel, tokens, hidden, ws, True, compiler).problem is None
+        if verdict(ca_class, kernel, tokens, hidden, ws, False, compiler).problem is None:
+            return True
+        return kernel == "per_group" and tokens <= 80 and not ca_class.TWO_STAGE_RACES
+
+    if not quantize:
+        return "fused-1" if runs("ar_rms") else "generic"
+    if arch == "gfx950" and hasattr(ca_class, PER_GROUP.split(".")[1]) and runs("per_group"):
+        return "fused-1"
+    return "fused-2" if runs("ar_rms") else "generic"
+
+
 @pytest.mark.parametrize("route", ["vllm", "aiter"])
-@pytest.mark.parametrize("gen", fake_aiter.USABLE)
+@pytest.mark.parametrize("gen", fake_aiter.WITH_FUSED_API)
 def test_no_call_real_aiter_would_refuse(rocm, gen, route):
-    checked = eligible = one_kernel = 0
-    for arch, hip in itertools.product(("gfx942", "gfx950"), HIP):
-        fake = rocm.use(gen, arch, hip=hip)
+    checked = eligible = one_kernel = fastest = 0
+    for arch, (hip, compiler) in ARCH_BOXES:
+        fake = rocm.use(gen, arch, hip=hip, compiler_hip=compiler)
         ca_class = rocm.ca_class()
         if route == "aiter" and not fake.generation.modules()["aiter.dist.communication_op"]:
             continue
@@ -158,32 +210,31 @@ def test_no_call_real_aiter_would_refuse(rocm, gen, route):
                         s = spec(tokens, hidden, ws, quantize=quantize, arch=arch)
                         plan = rocm.backend.plan(s, comm)
                         for kernel, use_1stage in sent_calls(plan, s, comm_one_stage):
-                            verdict = kernel_verdict(
-                                kernel,
-                                tokens=tokens,
-                                hidden=hidden,
-                                dtype=torch.bfloat16,
-                                world_size=ws,
-                                use_1stage=use_1stage,
-                                one_block_per_token=ca_class.ONE_STAGE_ONE_BLOCK_PER_TOKEN,
-                                hip=hip,
-                            )
-                            assert verdict.problem is None, (
-                                gen,
-                                route,
-                                arch,
-                                hip,
-                                ws,
-                                hidden,
-                                tokens,
-                                kernel,
-                                use_1stage,
-                                verdict,
+                            v = verdict(ca_class, kernel, tokens, hidden, ws, use_1stage, compiler)
+                            assert v.problem is None, (
+                                (gen, route, arch, hip, compiler, ws, hidden, tokens, kernel, use_1stage),
+                                v,
                                 plan.why_not,
                             )
                             checked += 1
                         eligible += bool(plan.steps)
                         one_kernel += bool(plan.steps) and plan.steps[0].path == "fused-1" and quantize
+                        if route == "vllm" and hidden in PRODUCTION_HIDDEN and tokens in PRODUCTION_TOKENS:
+                            taken = plan.steps[0].path if plan.steps else "generic"
+                            best = fastest_safe(ca_class, arch, compiler, ws, hidden, tokens, quantize)
+                            assert taken == best, (
+                                (gen, arch, hip, compiler, ws, hidden, tokens, quantize),
+                                plan.why_not,
+                            )
+                            fastest += 1
+    # every production point was judged (archs x boxes x TP sizes x site kinds)
+    production = sum(
+        len([t for t in tokens_for(h) if t in PRODUCTION_TOKENS]) for h in HIDDEN if h in PRODUCTION_HIDDEN
+    )
+    assert fastest == (production * len(ARCH_BOXES) * len(WORLD_SIZES) * 2 if route == "vllm" else 0)
+    if gen == "v0_1_11":  # refused outright
+        assert eligible == 0
+        return
     # not vacuous: most calls below 64 MiB are fused, one kernel where the API has it
     assert eligible > 1000 and checked >= eligible
     if gen != "v0_1_13" and not (route == "aiter" and gen == "v0_1_18"):
@@ -259,10 +310,18 @@ RUN_TOKENS = (1, 80, 81, 200, 16384)
 RUN_HIDDEN = (256, 4096, 8192, 16384)
 
 
-@pytest.mark.parametrize("hip", HIP)
-@pytest.mark.parametrize("gen", fake_aiter.USABLE)
-def test_run_sends_what_the_plan_says(rocm, gen, hip):
-    fake = rocm.use(gen, "gfx950", hip=hip)
+# ROCm 6 and 7 for every generation used, the mixed box (which the sweep above
+# covers in full) for the newest, one box for the refused one
+RUN_CASES = [
+    ("v0_1_11", ROCM7, ROCM7),
+    *((gen, hip, compiler) for gen in fake_aiter.USABLE for hip, compiler in BOXES[:2]),
+    ("v0_1_20", ROCM7, ROCM6),
+]
+
+
+@pytest.mark.parametrize("gen,hip,compiler", RUN_CASES)
+def test_run_sends_what_the_plan_says(rocm, gen, hip, compiler):
+    fake = rocm.use(gen, "gfx950", hip=hip, compiler_hip=compiler)
     meta = torch.device("meta")
     ran = 0
     for ws, hidden, tokens, quantize in itertools.product((2, 8), RUN_HIDDEN, RUN_TOKENS, (True, False)):
@@ -290,5 +349,5 @@ def test_run_sends_what_the_plan_says(rocm, gen, hip):
         assert sent[0].args["variant"] == plan.kernels[first.key].variant
         assert (sent[0].name == PER_GROUP) == (first.key == "per-group")
         ran += 1
-    assert ran > 20
+    assert ran > {"v0_1_11": -1, "v0_1_13": 10}.get(gen, 20)
     assert rocm.backend.broken_steps() == {}  # nothing predictable disabled a step

@@ -4,11 +4,15 @@ reference), recording every call's arguments, and failing on demand.
 
 Generations (each module cites the aiter file, tag and line of every signature):
 
-  ``v0_1_13``       fused AR+RMSNorm only, no per-group kernel (an "old version")
+  ``v0_1_11``       v0.1.11.post1: no IPCBufferPool; fixed-size one-stage templates, unwritten outputs
+                    for odd rows, racing two-stage kernel (the backend must not use it at all)
+  ``v0_1_13``       v0.1.12 - v0.1.13.post1: fused AR+RMSNorm only, no per-group kernel, racing
+                    two-stage kernel (one-stage only)
   ``v0_1_14``       per-group methods with emit_bf16, no transpose_scale; module ``_per_group`` function
   ``v0_1_16``       v0.1.14's methods; module ``..._quant(quant_type=)`` without transpose_scale + ``_per_group``
   ``v0_1_17``       transpose_scale, gemma_norm, module ``..._quant(quant_type="per_group")``; looping one-stage
-  ``v0_1_18``       v0.1.17 with transpose_scale missing on the per-group methods again
+  ``v0_1_18``       v0.1.17 with transpose_scale missing on the per-group methods again;
+                    AITER_CUSTOM_AR_MAX_SIZE / MIN_SIZE in should_custom_ar (also in v0_1_20)
   ``v0_1_20``       v0.1.19.post2 - v0.1.20.post1 / main (2026-08): v0.1.17's API, emit_bf16 on fused_ar_rms
   ``ancient``       no fused AR+RMSNorm API at all
   ``import_error``  ``import aiter`` raises RuntimeError
@@ -35,13 +39,26 @@ from vllm_rocm_fused.backends.rocm.aiter_api import RocmEnvironment
 from . import base
 from .base import ARCH_FP8, STATE, FakeGroupCoordinator, KernelHazard, SimulatedGroup
 
-GENERATIONS = ("v0_1_13", "v0_1_14", "v0_1_16", "v0_1_17", "v0_1_18", "v0_1_20", "ancient", "import_error")
-# the generations with a fused AR+RMSNorm API, oldest first
+GENERATIONS = (
+    "v0_1_11",
+    "v0_1_13",
+    "v0_1_14",
+    "v0_1_16",
+    "v0_1_17",
+    "v0_1_18",
+    "v0_1_20",
+    "ancient",
+    "import_error",
+)
+# the generations the backend uses (a fused AR+RMSNorm API, 0.1.12 on), oldest first
 USABLE = ("v0_1_13", "v0_1_14", "v0_1_16", "v0_1_17", "v0_1_18", "v0_1_20")
+# every generation with a fused AR+RMSNorm API, the refused one included
+WITH_FUSED_API = ("v0_1_11", *USABLE)
 
 __all__ = [
     "GENERATIONS",
     "USABLE",
+    "WITH_FUSED_API",
     "FakeAiter",
     "KernelHazard",
     "FakeCoordinator",
@@ -116,16 +133,26 @@ def _drop_aiter_modules() -> None:
         del sys.modules[name]
 
 
-def install(generation: str, arch: str = "gfx950", hip: str | None = "7.0.51831") -> FakeAiter:
+def install(
+    generation: str,
+    arch: str = "gfx950",
+    hip: str | None = "7.0.51831",
+    *,
+    compiler_hip: str | None = None,
+    jit_visible: bool = True,
+) -> FakeAiter:
     """Make ``import aiter`` (and its submodules) return ``generation``, its kernels
-    built by the toolchain of ROCm ``hip``. Undo with ``uninstall``."""
+    JIT-built by the hipcc of ROCm ``compiler_hip`` (default: ``hip``, torch's), which
+    aiter's JIT module reports unless ``jit_visible`` is False. Undo with ``uninstall``."""
     uninstall()
     gen = importlib.import_module(f"{__name__}.{generation}")
+    compiler_hip = hip if compiler_hip is None else compiler_hip
     STATE.calls.clear()
     STATE.failures.clear()
     STATE.violations.clear()
     STATE.tp_group = None
-    STATE.hip = hip
+    STATE.hip = compiler_hip
+    STATE.jit = {"HIP_VERSION": compiler_hip, "ROCM_HOME": "/opt/rocm"} if jit_visible else None
     STATE.fp8 = ARCH_FP8.get(arch, torch.float8_e4m3fn)
     sys.meta_path.insert(0, _Finder(gen))
     return FakeAiter(gen, STATE)

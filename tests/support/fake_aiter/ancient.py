@@ -18,4 +18,4 @@ class CustomAllreduce(base.CustomAllreduceBase):
 
 
 def modules():
-    return base.package(VERSION, CustomAllreduce, {})
+    return base.package(VERSION, CustomAllreduce, {}, ca_module={})

@@ -36,6 +36,24 @@ readings of it. File @ tag:
   q = fp8(x * (1 / scale)); ``transpose_scale`` writes ``scale[group * M + row]``
   into the ``[M, K/128]``-shaped buffer.
 * aiter/utility/dtypes.py @ v0.1.20: ``fp8`` by arch (gfx942 e4m3fnuz, gfx950 e4m3fn).
+* The two-stage race: up to v0.1.13.post1 ``reduce_scatter_cross_device_store``
+  (first stage of the two-stage AR+RMSNorm and per-group split kernels) ends
+  with ``end_sync<ngpus, true>``; PR #2890 (in v0.1.14) made it
+  ``end_sync<ngpus, false>`` ("progressively corrupted output at per-rank volumes
+  above ~1.2 MB"). The fake counts every such call as corruption, whatever its size.
+* v0.1.11.post1: ``dispatchFusedAllReduceRMSNorm`` keeps ``use_1stage`` only for
+  n in {512, 1024, 2048, 4096} and its second stage launches a kernel only for
+  rows of a multiple of 1 KiB from 1 to 32 KiB; other rows print "shape error"
+  and leave ``out`` / ``res_out`` unwritten.
+* The ``fused_ar_rms*`` methods do not ask ``should_custom_ar``; the fake counts
+  a call to them for an input ``should_custom_ar`` declines (aiter's switches,
+  v0.1.18 on, or its size rules) as running kernels the user turned off.
+* aiter/jit/utils/cpp_extension.py @ v0.1.11 - main: ``HIP_VERSION`` (``hipconfig
+  --version``) and ``ROCM_HOME``, set at import; ``aiter/jit/core.py`` imports its
+  ``get_hip_version``. The fake serves that module as ``aiter.jit.utils.cpp_extension``
+  (real aiter imports it as top-level ``cpp_extension``; the backend follows
+  ``get_hip_version.__module__`` either way) and calling its
+  ``get_hip_version`` (a subprocess in aiter) is recorded.
 """
 
 from __future__ import annotations
@@ -76,7 +94,9 @@ class FakeState:
     hung or corrupted on (``violations``)."""
 
     fp8: torch.dtype = torch.float8_e4m3fn
-    hip: str | None = "7.0.51831"
+    hip: str | None = "7.0.51831"  # the ROCm whose clang built the kernels (kernel_verdict)
+    # what aiter's JIT module reports (HIP_VERSION, ROCM_HOME); None: no such module
+    jit: dict[str, Any] | None = field(default_factory=lambda: {"HIP_VERSION": "7.0.51831", "ROCM_HOME": "/opt/rocm"})
     calls: list[Call] = field(default_factory=list)
     failures: dict[str, BaseException] = field(default_factory=dict)
     tp_group: Any = None  # aiter's own TP group (parallel_state), when a test sets one up
@@ -113,6 +133,12 @@ class Verdict:
     hazard: bool = False  # True: hang/corruption; False: it throws
 
 
+RACE = (
+    "reduce_scatter_cross_device_store ends with end_sync<ngpus, true> before PR #2890: the second "
+    "stage may read peers' stores before they land (silently corrupted output)"
+)
+
+
 def kernel_verdict(
     kernel: str,
     *,
@@ -123,21 +149,36 @@ def kernel_verdict(
     use_1stage: bool,
     one_block_per_token: bool,
     hip: str | None,
+    two_stage_races: bool = False,
+    fixed_hidden: bool = False,
 ) -> Verdict:
     """What aiter's dispatch does with one call of ``kernel`` ("ar_rms" or
     "per_group"): the variant it launches and, if any, the failure. From
     custom_all_reduce.cuh: ``dispatchFusedAllReduceRMSNorm``,
-    ``dispatchFusedAllReduceRMSNormQuantPerGroup`` and their launchers."""
-    esize = torch.empty((), dtype=dtype).element_size()
+    ``dispatchFusedAllReduceRMSNormQuantPerGroup`` and their launchers.
+    ``two_stage_races``: aiter <= 0.1.13.post1; ``fixed_hidden``: <= 0.1.11."""
+    esize = dtype.itemsize
     n_packs = hidden * esize // PACK
     nbytes = tokens * hidden * esize
     if world_size not in (2, 4, 8):
         return Verdict("-", f"fused allreduce rmsnorm: unsupported world_size={world_size}")
     if kernel == "ar_rms":
+        if fixed_hidden and hidden not in (512, 1024, 2048, 4096):
+            use_1stage = False  # v0.1.11 drops the flag for the sizes it has no template for
         if use_1stage and n_packs <= 1024:
             if one_block_per_token and tokens > K_MAX_BLOCKS:  # v0.1.13 - v0.1.16.x launcher
                 return Verdict("one-stage", "Token number is too large for allreduce_fusion_kernel_1stage kernel")
             return Verdict("one-stage")
+        row_bytes = hidden * esize
+        if fixed_hidden and (row_bytes % 1024 or not 1024 <= row_bytes <= 32768):
+            return Verdict(
+                "two-stage",
+                f"fused allreduce rmsnorm shape error (hidden {hidden}): no second-stage kernel, out and "
+                f"res_out left unwritten",
+                hazard=True,
+            )
+        if two_stage_races:
+            return Verdict("two-stage", RACE, hazard=True)
         if n_packs < 64:
             return Verdict("two-stage", f"fused allreduce rmsnorm: n too small, m={tokens} n={hidden}")
         if (n_packs + 511) // 512 > 4:
@@ -154,6 +195,8 @@ def kernel_verdict(
             )
         return Verdict("one-stage")
     variant = "two-stage" if nbytes <= 512 * 1024 else "split"
+    if two_stage_races and variant == "split":  # the split kernels start with the same reduce-scatter
+        return Verdict(variant, RACE, hazard=True)
     if dtype == torch.bfloat16 and clang_major(hip) < 20:
         return Verdict(
             variant,
@@ -274,6 +317,10 @@ class CustomAllreduceBase:
     _SUPPORTED_WORLD_SIZES = [2, 4, 6, 8]
     # v0.1.13 - v0.1.16.x launch the one-stage kernels with one block per token
     ONE_STAGE_ONE_BLOCK_PER_TOKEN = True
+    # up to v0.1.13.post1 the two-stage kernels' first stage races (PR #2890)
+    TWO_STAGE_RACES = False
+    # up to v0.1.11: one-stage templates for four hidden sizes, unwritten outputs for odd rows
+    FIXED_HIDDEN = False
 
     def __init__(self, group, device, max_size=1024 * 1024 * 1024, enable_register_for_capturing=True):
         STATE.record("CustomAllreduce.__init__", group=group, device=device, max_size=max_size)
@@ -318,6 +365,15 @@ class CustomAllreduceBase:
             _enforce(Verdict("-", f"weight {w.dtype} read as {inp.dtype} (misread, no error in aiter)", hazard=True))
         if registered and not self._IS_CAPTURING:
             raise RuntimeError("buffer address is not registered!")
+        if not self.should_custom_ar(inp):
+            _enforce(
+                Verdict(
+                    "-",
+                    f"fused kernel called for a {inp.numel() * inp.element_size()}-byte input that aiter's "
+                    f"custom all-reduce declines (should_custom_ar False: switched off, or outside its size rules)",
+                    hazard=True,
+                )
+            )
         if inp.numel() * inp.element_size() > self.max_size:
             _enforce(
                 Verdict(
@@ -334,6 +390,8 @@ class CustomAllreduceBase:
             use_1stage=use_1stage,
             one_block_per_token=self.ONE_STAGE_ONE_BLOCK_PER_TOKEN,
             hip=STATE.hip,
+            two_stage_races=self.TWO_STAGE_RACES,
+            fixed_hidden=self.FIXED_HIDDEN,
         )
         _enforce(verdict)
         return verdict
@@ -540,12 +598,42 @@ def communicator_per_group(input_, residual_inp_, weight_, eps, group_size, emit
     return (q, res_out, scale, out_) if emit_bf16 else (q, res_out, scale)
 
 
-def package(version: str, ca_class: type, comm_op: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The module tree of one generation: module name -> attributes."""
+class IPCBufferPool:
+    """aiter's IPC buffer pool (custom_all_reduce.py, v0.1.12 - main); only its presence matters here."""
+
+
+CPP_EXTENSION = "aiter.jit.utils.cpp_extension"
+
+
+def get_hip_version():
+    """aiter's ``get_hip_version``: runs ``hipconfig --version`` in aiter, so the backend must not call it."""
+    STATE.record("cpp_extension.get_hip_version")
+    assert STATE.jit is not None
+    return STATE.jit["HIP_VERSION"]
+
+
+get_hip_version.__module__ = CPP_EXTENSION  # as aiter.jit.core sees it: imported from its cpp_extension
+
+
+def package(
+    version: str, ca_class: type, comm_op: dict[str, Any], *, ca_module: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The module tree of one generation: module name -> attributes. ``ca_module``:
+    the custom_all_reduce module's attributes besides CustomAllreduce (default:
+    IPCBufferPool, as from v0.1.12)."""
     dtypes = types.SimpleNamespace(
         fp8=STATE.fp8, bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32, i8=torch.int8
     )
+    jit: dict[str, dict[str, Any]] = {}
+    if STATE.jit is not None:
+        jit = {
+            "aiter.jit": {"__path__": []},
+            "aiter.jit.core": {"get_hip_version": get_hip_version},
+            "aiter.jit.utils": {"__path__": []},
+            CPP_EXTENSION: {**STATE.jit, "get_hip_version": get_hip_version},
+        }
     return {
+        **jit,
         "aiter": {
             "__version__": version,
             "QuantType": QuantType,
@@ -555,7 +643,10 @@ def package(version: str, ca_class: type, comm_op: dict[str, Any]) -> dict[str, 
         },
         "aiter.dist": {"__path__": []},
         "aiter.dist.device_communicators": {"__path__": []},
-        "aiter.dist.device_communicators.custom_all_reduce": {"CustomAllreduce": ca_class},
+        "aiter.dist.device_communicators.custom_all_reduce": {
+            "CustomAllreduce": ca_class,
+            **({"IPCBufferPool": IPCBufferPool} if ca_module is None else ca_module),
+        },
         "aiter.dist.communication_op": comm_op,
         "aiter.dist.parallel_state": parallel_state_module(),
         "aiter.utility": {"__path__": [], "dtypes": dtypes},

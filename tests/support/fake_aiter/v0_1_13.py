@@ -1,7 +1,9 @@
-"""Fake aiter v0.1.13: before the per-group kernel (aiter PR #2823 landed in
-v0.1.14). Fused all-reduce + RMSNorm exists; no Gemma flag, no per-group quant. Its
-one-stage launcher takes one block per token and throws above 80 tokens
-(``ONE_STAGE_ONE_BLOCK_PER_TOKEN``, base.kernel_verdict).
+"""Fake aiter v0.1.13 (and v0.1.12 - v0.1.13.post1, the same API): before the
+per-group kernel (aiter PR #2823 landed in v0.1.14). Fused all-reduce + RMSNorm
+exists; no Gemma flag, no per-group quant. Its one-stage launcher takes one
+block per token and throws above 80 tokens (``ONE_STAGE_ONE_BLOCK_PER_TOKEN``),
+and its two-stage kernel races across ranks (``TWO_STAGE_RACES``: every
+two-stage call is corruption; fixed by PR #2890 in v0.1.14), base.kernel_verdict.
 
 Signatures traced to ROCm/aiter @ v0.1.13:
   aiter/dist/device_communicators/custom_all_reduce.py
@@ -21,6 +23,8 @@ VERSION = "0.1.13"
 
 
 class CustomAllreduce(base.CustomAllreduceBase):
+    TWO_STAGE_RACES = True
+
     def fused_ar_rms(
         self,
         inp,

@@ -29,6 +29,8 @@ VERSION = "0.1.14"
 
 
 class CustomAllreduce(_V13):
+    TWO_STAGE_RACES = False  # PR #2890 is in v0.1.14
+
     def fused_ar_rms_per_group_quant(
         self, inp, res_inp, *, w, eps, group_size=128, registered=False, use_1stage=False, emit_bf16=False
     ):

@@ -2,7 +2,8 @@
 source read; vLLM 0.33 pins v0.1.21.post2, whose source was not available to
 check): v0.1.17's API (``transpose_scale`` back on the per-group methods, PR
 #4478; ``gemma_norm``; looping one-stage launchers) plus ``emit_bf16`` on
-``fused_ar_rms`` (from v0.1.18; not used by this project).
+``fused_ar_rms`` (from v0.1.18; not used by this project) and v0.1.18's
+AITER_CUSTOM_AR_MAX_SIZE / MIN_SIZE switches (v0.1.20.post1 L122-L243, L1127-L1157).
 
 Signatures traced to ROCm/aiter @ v0.1.20.post1:
   aiter/dist/device_communicators/custom_all_reduce.py
@@ -18,12 +19,12 @@ Signatures traced to ROCm/aiter @ v0.1.20.post1:
   aiter/dist/communication_op.py: as v0.1.17.
 """
 
-from . import base, v0_1_17
+from . import base, v0_1_17, v0_1_18
 
 VERSION = "0.1.20"
 
 
-class CustomAllreduce(v0_1_17.CustomAllreduce):
+class CustomAllreduce(v0_1_18.SizeSwitches, v0_1_17.CustomAllreduce):
     def fused_ar_rms(
         self,
         inp,
@@ -56,4 +57,4 @@ class CustomAllreduce(v0_1_17.CustomAllreduce):
 
 
 def modules():
-    return base.package(VERSION, CustomAllreduce, dict(v0_1_17.COMM_OP))
+    return base.package(VERSION, CustomAllreduce, dict(v0_1_17.COMM_OP), ca_module=v0_1_18.CA_MODULE)

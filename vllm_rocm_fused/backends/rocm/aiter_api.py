@@ -65,13 +65,42 @@ Facts this module relies on (ROCm/aiter, file and tag where each appeared):
   scale = amax / FP8_MAX (1.0 for an all-zero group), q = y / scale from the
   float32 normed y; no Gemma mode on the per-group path; ``w`` is read as the
   input dtype whatever its real dtype (a float32 weight is misread).
+* Which aiter is good enough (kernel_limits.py, limits 8 and 9): ``IPCBufferPool``
+  in the custom_all_reduce module marks v0.1.12 on (vLLM checks the same
+  thing as the object's ``_pool``); before it, no fused step is used. The
+  two-stage race was fixed by PR #2890, first released in v0.1.14, the release
+  that also brought the per-group methods (PR #2823). A build from between
+  those two commits has the methods without the fix; its setuptools-scm
+  version (``amd-aiter`` metadata, counted from the tag before them:
+  "0.1.12.post2.devN+g...") says so, so an aiter counts as fixed only with the
+  per-group methods *and* a version that is not below 0.1.14 (an unreadable
+  one, or setuptools-scm's "0.1.0" for a tree without git metadata, does not
+  overrule the capability; builds after the fix but before the 0.1.14 tag are
+  treated as older, which only costs speed).
+* ``CustomAllreduce.should_custom_ar(inp)`` (every version) says whether aiter's
+  custom all-reduce takes an input; from v0.1.18 it honours
+  ``AITER_CUSTOM_AR_MAX_SIZE`` (bytes; 0 = off, everything on RCCL) and
+  ``AITER_CUSTOM_AR_MIN_SIZE`` (inputs at or below it on RCCL), read once in
+  ``__init__`` by ``_resolve_car_max_size(pool_size)`` / ``_resolve_car_min_size()``.
+  The ``fused_ar_rms*`` methods do not ask it; this backend does, before every
+  fused call.
+* The compiler: ``aiter/jit/core.py`` imports ``get_hip_version`` from its
+  ``aiter/jit/utils/cpp_extension.py`` (as the top-level module
+  ``cpp_extension``), which at import sets ``ROCM_HOME`` (``ROCM_HOME`` /
+  ``ROCM_PATH``, else the ``hipcc`` on ``PATH``, else /opt/rocm) and
+  ``HIP_VERSION`` (``hipconfig --version``); kernels are built by
+  ``ROCM_HOME/bin/hipcc``, whose clang ``HIP_CLANG_PATH`` may replace
+  (v0.1.11 - main).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata as md
 import inspect
+import os
+import re
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -85,6 +114,11 @@ MODULE_CA = "aiter.dist.device_communicators.custom_all_reduce"
 MODULE_CA_OLD = "aiter.dist.custom_all_reduce"  # up to v0.1.6
 MODULE_COMM_OP = "aiter.dist.communication_op"
 MODULE_PARALLEL_STATE = "aiter.dist.parallel_state"
+MODULE_JIT_CORE = "aiter.jit.core"
+POOL_CLASS = "IPCBufferPool"  # in MODULE_CA from v0.1.12
+RACE_FIXED = (0, 1, 14)  # the first release with PR #2890
+SCM_FALLBACK_VERSION = "0.1.0"  # aiter's pyproject: setuptools-scm's version without git metadata
+MAX_SIZE_ENV, MIN_SIZE_ENV = "AITER_CUSTOM_AR_MAX_SIZE", "AITER_CUSTOM_AR_MIN_SIZE"  # v0.1.18 on
 
 # Method and function names, per capability, best first.
 CA_PER_GROUP = ("fused_ar_rms_per_group_quant", "custom_fused_ar_rms_per_group_quant")
@@ -117,6 +151,13 @@ class RocmEnvironment:
 
     def import_module(self, name: str):
         return importlib.import_module(name)
+
+    def variable(self, name: str) -> str | None:
+        """An environment variable that aiter or its toolchain reads."""
+        return os.environ.get(name)
+
+    def real_path(self, path: str) -> str:
+        return os.path.realpath(path)
 
     def dist_version(self) -> str | None:
         for dist in ("amd-aiter", "aiter-rocm"):
@@ -233,6 +274,120 @@ class ModuleApi(_Features):
         return self.transpose_ok
 
 
+def release(version: str | None) -> tuple[int, int, int] | None:
+    """The release series of an aiter version string: "0.1.12.post2.dev142+g4331ad7a17"
+    -> (0, 1, 12), "0.1.14rc0" -> (0, 1, 14); None when unreadable or setuptools-scm's
+    fallback (a build without git metadata says nothing about its release)."""
+    if not version or version.strip() == SCM_FALLBACK_VERSION:
+        return None
+    m = re.match(r"\s*v?(\d+)\.(\d+)\.(\d+)", version)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """The compiler aiter JIT-builds its kernels with: the ``hipcc`` of the ROCm
+    install aiter's JIT found (``rocm_home``) and that install's HIP version, as
+    aiter read them when it was imported. ``unknown`` says why the clang version
+    cannot be told; kernel_limits then assumes clang < 20."""
+
+    hip_version: str | None
+    rocm_home: str | None = None
+    unknown: str | None = None
+
+    @property
+    def compiler_hip(self) -> str | None:
+        """The HIP version the kernel rules use: None when the compiler is unknown."""
+        return None if self.unknown is not None else self.hip_version
+
+    def describe(self) -> str:
+        where = f"the hipcc of ROCM_HOME={self.rocm_home}" if self.rocm_home else "ROCm's hipcc"
+        if self.unknown is not None:
+            return f"aiter's compiler unknown ({self.unknown})"
+        return f"aiter builds with {where} (HIP {self.hip_version})"
+
+
+def probe_toolchain(env: RocmEnvironment) -> Toolchain:
+    """Read what aiter's JIT settled on at import (no subprocess here: aiter ran
+    ``hipconfig`` itself, once, and keeps the answer in its module)."""
+    try:
+        core = env.import_module(MODULE_JIT_CORE)
+        # the module aiter.jit.core took get_hip_version from: aiter's cpp_extension,
+        # already imported, so this returns that module object
+        ext = env.import_module(core.get_hip_version.__module__)
+    except Exception as e:  # noqa: BLE001 - unknown compiler, not an error
+        return Toolchain(None, unknown=f"aiter's JIT settings not readable: {type(e).__name__}: {e}")
+    hip = getattr(ext, "HIP_VERSION", None)
+    home = getattr(ext, "ROCM_HOME", None)
+    home = home if isinstance(home, str) else None
+    if not isinstance(hip, str) or kernel_limits.hip_major(hip) is None:
+        return Toolchain(None, home, unknown=f"aiter's JIT has no readable HIP_VERSION ({hip!r})")
+    hip = hip.strip()
+    clang = env.variable("HIP_CLANG_PATH")
+    if clang and not (home and _inside(env.real_path(clang), env.real_path(home))):
+        return Toolchain(hip, home, unknown=f"HIP_CLANG_PATH={clang} gives hipcc a clang from outside ROCM_HOME")
+    return Toolchain(hip, home)
+
+
+def _inside(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class SizeWindow:
+    """aiter's custom all-reduce size window (v0.1.18 on, from AITER_CUSTOM_AR_MAX_SIZE
+    / AITER_CUSTOM_AR_MIN_SIZE): inputs of more than ``min_bytes`` and at most
+    ``max_bytes`` use it; ``max_bytes`` 0 turns it off."""
+
+    max_bytes: int
+    min_bytes: int
+
+    @classmethod
+    def of(cls, ca: Any) -> SizeWindow | None:
+        """The window a CustomAllreduce resolved in its ``__init__`` (``_car_max_size``,
+        ``_car_min_size``), to say why it declined; None before v0.1.18."""
+        high, low = getattr(ca, "_car_max_size", None), getattr(ca, "_car_min_size", None)
+        if isinstance(high, int) and isinstance(low, int):
+            return cls(high, low)
+        return None
+
+    def reason(self, nbytes: int) -> str | None:
+        """Why aiter's custom all-reduce declines ``nbytes`` (None: it takes them)."""
+        if self.max_bytes <= 0:
+            return f"aiter's custom all-reduce is off ({MAX_SIZE_ENV}=0: aiter sends every all-reduce to RCCL)"
+        if nbytes <= self.min_bytes:
+            return f"input {nbytes} bytes <= {MIN_SIZE_ENV}={self.min_bytes}: aiter sends it to RCCL"
+        if nbytes > self.max_bytes:
+            return f"input {nbytes} bytes > {MAX_SIZE_ENV}={self.max_bytes}: aiter sends it to RCCL"
+        return None
+
+
+def size_window(probe: AiterProbe, pool_size: int) -> SizeWindow | None:
+    """The window aiter's CustomAllreduce(max_size=``pool_size``) would resolve from
+    the environment now, computed by aiter's own resolvers; None where this aiter
+    has no such switches (before v0.1.18) or they fail."""
+    if not probe.has_size_switches:
+        return None
+    try:
+        ca_module = probe.ca_module
+        return SizeWindow(int(ca_module._resolve_car_max_size(pool_size)), int(ca_module._resolve_car_min_size()))
+    except Exception:  # noqa: BLE001 - doctor then says nothing about the window
+        return None
+
+
+def custom_ar_accepts(ca: Any, tokens: int, hidden: int, dtype: torch.dtype) -> bool | None:
+    """aiter's own ``ca.should_custom_ar`` for a contiguous ``[tokens, hidden]``
+    input (a meta tensor: the answer depends on the call's size and aiter's state,
+    never on a caller's tensor); None where the object has no such method."""
+    check = getattr(ca, "should_custom_ar", None)
+    if not callable(check):
+        return None
+    return bool(check(torch.empty((tokens, hidden), dtype=dtype, device="meta")))
+
+
 @dataclass(frozen=True)
 class AiterProbe:
     """The result of importing aiter once in this process."""
@@ -248,6 +403,58 @@ class AiterProbe:
     group_quant_transpose: bool = False  # its signature shows transpose_scale
     fp8: torch.dtype | None = None
     notes: tuple[str, ...] = ()  # submodules that failed to import, for doctor
+    ca_module: Any = None  # aiter's custom_all_reduce module (its size-switch resolvers)
+    has_ipc_pool: bool = False  # IPCBufferPool: v0.1.12 on
+    toolchain: Toolchain = field(default_factory=lambda: Toolchain(None, unknown="not probed"))
+
+    @property
+    def has_size_switches(self) -> bool:
+        """AITER_CUSTOM_AR_MAX_SIZE / MIN_SIZE exist (their resolvers, v0.1.18 on)."""
+        return callable(getattr(self.ca_module, "_resolve_car_max_size", None)) and callable(
+            getattr(self.ca_module, "_resolve_car_min_size", None)
+        )
+
+    @functools.cached_property
+    def no_fused(self) -> str | None:
+        """Why no fused step may run on this aiter at all (<= 0.1.11, kernel_limits
+        limit 9), or None."""
+        if self.error is not None or self.has_per_group or self.has_ipc_pool or not self.has_ar_rms:
+            return None
+        return (
+            f"aiter {self.version or '(unknown version)'} is older than 0.1.12 (no {POOL_CLASS}): its fused "
+            "all-reduce + RMSNorm leaves its outputs unwritten for hidden sizes it has no kernel for and "
+            "its two-stage kernel races; vLLM does not use it either"
+        )
+
+    @functools.cached_property
+    def two_stage_race(self) -> str | None:
+        """Why this aiter's two-stage kernels may corrupt output silently (kernel_limits
+        limit 8: no per-group methods, or a version below 0.1.14), or None."""
+        if not self.has_per_group:
+            return (
+                f"aiter {self.version or '(unknown version)'}'s two-stage kernels can corrupt output (a "
+                "cross-rank race fixed in 0.1.14 by aiter PR #2890; no per-group kernel, so older)"
+            )
+        found = release(self.version)
+        if found is not None and found < RACE_FIXED:
+            return (
+                f"aiter {self.version}'s two-stage kernels can corrupt output (a cross-rank race fixed in "
+                "0.1.14 by aiter PR #2890; this build is older)"
+            )
+        return None
+
+    def support(self) -> str:
+        """Which of this backend's aiter support levels this aiter is at, and why (doctor)."""
+        if self.error is not None or (not self.has_per_group and not self.has_ar_rms):
+            return "not used (no fused API)"
+        if self.no_fused is not None:
+            return f"not used: {self.no_fused}"
+        if self.two_stage_race is not None:
+            return (
+                f"one-stage kernels only: {self.two_stage_race}; calls vLLM would give a multi-stage "
+                "kernel take the portable path"
+            )
+        return "0.1.14 or newer (two-stage race fixed): every kernel variant within its limits"
 
     @property
     def has_per_group(self) -> bool:
@@ -270,8 +477,10 @@ class AiterProbe:
         """The API generation, named by the releases that share it (by capability)."""
         if self.error is not None or (not self.has_per_group and not self.has_ar_rms):
             return "none usable"
+        if not self.has_per_group and not self.has_ipc_pool:
+            return f"<= 0.1.11-like (no per-group kernel, no {POOL_CLASS})"
         if not self.has_per_group:
-            return "<= 0.1.13-like (no per-group kernel)"
+            return "0.1.12 - 0.1.13-like (no per-group kernel)"
         if self.one_stage_tokens is not None:
             return "0.1.14 - 0.1.16-like (one-stage kernels: one block per token)"
         if not self.class_api.transpose_scale:
@@ -377,6 +586,9 @@ def probe_aiter(env: RocmEnvironment) -> AiterProbe:
 
     fp8 = getattr(getattr(aiter, "dtypes", None), "fp8", None)
     return AiterProbe(
+        ca_module=ca_module,
+        has_ipc_pool=ca_module is not None and hasattr(ca_module, POOL_CLASS),
+        toolchain=probe_toolchain(env),
         version=version,
         ca_class=ca_class,
         class_api=class_api,

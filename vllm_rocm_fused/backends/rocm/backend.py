@@ -15,8 +15,17 @@ Steps, best first (``quantize=True`` sites):
 fused all-reduce + add + RMSNorm alone (``fused-1``: one kernel does the whole
 op), with its Gemma flag where it has one, else the portable path.
 
+Which aiter: from 0.1.14 every step and kernel variant within aiter's limits;
+0.1.12 - 0.1.13.post1 (and builds older than the race fix) only the one-stage
+kernels, where vLLM's rule picks them; up to 0.1.11 none (the backend is
+unavailable). Every fused call is first put to aiter's own
+``CustomAllreduce.should_custom_ar`` for its size, so aiter's switches
+(``AITER_CUSTOM_AR_MAX_SIZE`` / ``AITER_CUSTOM_AR_MIN_SIZE``, v0.1.18 on) turn
+the fused kernels off as they turn aiter's custom all-reduce off.
+
 Eligibility is host-side and rank-symmetric (shapes, dtype, world size, arch,
-aiter's capabilities, the ROCm version, the route, graph-capture state). Every
+aiter's capabilities and version, the compiler aiter builds with, aiter's
+custom all-reduce size window, the route, graph-capture state). Every
 aiter limit known before a call is checked here (kernel_limits.py, with the
 source of each rule): the kernel variant (``use_1stage``) is chosen so that a
 predictable rejection, hang or corruption is never sent; a step that cannot
@@ -113,6 +122,7 @@ class RocmBackend(Backend):
         self._probe: AiterProbe | None = None
         self._unavailable: tuple[str | None] | None = None  # cached: the machine does not change
         self._broken: dict[str, str] = {}
+        self._window: tuple[aiter_api.SizeWindow | None] | None = None  # doctor's stand-in route (cached)
         self._lock = threading.Lock()
 
     # --- state -------------------------------------------------------------
@@ -126,6 +136,7 @@ class RocmBackend(Backend):
         with self._lock:
             self._probe = None
             self._unavailable = None
+            self._window = None
             self._broken.clear()
         self.weights.clear()
 
@@ -182,7 +193,7 @@ class RocmBackend(Backend):
                 f"aiter {probe.version or '(unknown version)'} has no fused all-reduce + RMSNorm API "
                 f"(CustomAllreduce.fused_ar_rms; the per-group kernel needs aiter >= 0.1.14){missing}"
             )
-        return None
+        return probe.no_fused
 
     def ineligible_reason(self, spec: CallSpec, comm: Communicator | None) -> str | None:
         plan = self.plan(spec, comm)
@@ -223,22 +234,27 @@ class RocmBackend(Backend):
 
     def details(self) -> dict[str, str]:
         """What doctor prints about this backend beyond per-call reasons: the
-        aiter API generation, the ROCm/compiler version and what it rules out,
-        and the routing rules every call goes through."""
+        compiler aiter builds with and what it rules out, the aiter API
+        generation and support level, aiter's custom all-reduce switches, and
+        the routing rules every call goes through."""
         hip = self.env.hip_version()
         if hip is None:
             return {"aiter": "not probed (torch is not a ROCm build)"}
-        out = {"ROCm": self.compiler_note(hip)}
         probe = self.probe()
         if probe.error is not None:
-            out["aiter"] = f"import failed: {probe.error}"
-            return out
-        out["aiter"] = f"{probe.version or '(unknown version)'}: {probe.generation()}"
-        out["kernel choice"] = (
-            f"one-stage where vLLM picks it (<= {limits.ONE_STAGE_MAX_TOKENS} tokens; any size at TP=2, "
-            f"< 256 KiB at TP=4, < 128 KiB at TP=8), else multi-stage; AR+RMSNorm two-stage for hidden "
-            f"512-16384, per-group kernel for hidden <= 8192; inputs < 64 MiB"
-        )
+            return {"ROCm": f"torch HIP {hip}", "aiter": f"import failed: {probe.error}"}
+        out = {
+            "ROCm": self.compiler_note(hip, probe.toolchain),
+            "aiter": f"{probe.version or '(unknown version)'}: {probe.generation()}",
+            "aiter support": probe.support(),
+            "aiter switches": self._switches_note(probe),
+            "kernel choice": (
+                f"one-stage where vLLM picks it (<= {limits.ONE_STAGE_MAX_TOKENS} tokens; any size at TP=2, "
+                f"< 256 KiB at TP=4, < 128 KiB at TP=8), else multi-stage; AR+RMSNorm two-stage for hidden "
+                f"512-16384, per-group kernel for hidden <= 8192; inputs < 64 MiB that aiter's "
+                f"CustomAllreduce.should_custom_ar takes"
+            ),
+        }
         if probe.notes:
             out["aiter imports that failed"] = "; ".join(probe.notes)
         if self._broken:
@@ -246,15 +262,43 @@ class RocmBackend(Backend):
         return out
 
     @staticmethod
-    def compiler_note(hip: str | None) -> str:
-        major = limits.hip_major(hip)
-        if major is not None and major >= limits.HIP_CLANG_20:
-            return f"HIP {hip} (torch.version.hip): clang >= 20, every per-group kernel variant usable"
+    def compiler_note(hip: str, toolchain: aiter_api.Toolchain) -> str:
+        head = f"torch HIP {hip}; {toolchain.describe()}"
+        if not limits.bf16_adds_as_integers(torch.bfloat16, toolchain.compiler_hip):
+            return f"{head}: clang >= 20, every per-group kernel variant usable"
+        assumed = "assumed" if toolchain.compiler_hip is None else "(ROCm < 7)"
         return (
-            f"HIP {hip} (torch.version.hip): clang < 20 assumed, where aiter's multi-stage per-group "
-            f"kernels add bf16 residuals as integers; bf16 per-group calls use its one-stage kernel "
-            f"(<= {limits.ONE_STAGE_MAX_TOKENS} tokens) or fused-2"
+            f"{head}: clang < 20 {assumed}, where aiter's multi-stage per-group kernels add bf16 residuals "
+            f"as integers; bf16 per-group calls use its one-stage kernel (<= {limits.ONE_STAGE_MAX_TOKENS} "
+            f"tokens) or fused-2"
         )
+
+    def _switches_note(self, probe: AiterProbe) -> str:
+        values = ", ".join(
+            f"{name}={value}" if (value := self.env.variable(name)) is not None else f"{name} unset"
+            for name in (aiter_api.MAX_SIZE_ENV, aiter_api.MIN_SIZE_ENV)
+        )
+        if not probe.has_size_switches:
+            return (
+                f"{values}: this aiter has no such switches (aiter 0.1.18 added them); every fused call "
+                f"is still put to CustomAllreduce.should_custom_ar"
+            )
+        window = self._size_window(probe)
+        if window is None:
+            return f"{values}: aiter's resolvers of these switches failed; every fused call is put to should_custom_ar"
+        if window.max_bytes <= 0:
+            return f"{values}: aiter's custom all-reduce is off, so every call takes the portable path"
+        return (
+            f"{values}: aiter's custom all-reduce, and so the fused kernels, take inputs of "
+            f"{window.min_bytes + 1}-{window.max_bytes} bytes (CustomAllreduce.should_custom_ar)"
+        )
+
+    def _size_window(self, probe: AiterProbe) -> aiter_api.SizeWindow | None:
+        """The window of vLLM's CustomAllreduce (its buffer size), computed once by
+        aiter's resolvers: doctor's stand-in route has no object to ask."""
+        if self._window is None:
+            self._window = (aiter_api.size_window(probe, routes.OWN_MAX_SIZE),)
+        return self._window[0]
 
     # --- planning ----------------------------------------------------------
 
@@ -269,6 +313,8 @@ class RocmBackend(Backend):
         if reason is not None or comm is None:
             return StepPlan(None, why_not={"all": reason or "no communicator"})
         probe = self.probe()
+        if probe.no_fused is not None:
+            return StepPlan(None, why_not={"all": probe.no_fused})
         route = routes.resolve(comm, probe, self.env)
         if isinstance(route, routes.Route) and route.pending:
             if spec.capturing:
@@ -283,7 +329,7 @@ class RocmBackend(Backend):
                 route = routes.build_own(comm, probe, spec.device)
         if isinstance(route, str):
             return StepPlan(None, why_not={"all": route})
-        reason = self._route_reason(spec, route)
+        reason = self._route_reason(spec, route) or self._declined(spec, route, probe, comm.hypothetical)
         if reason is not None:
             return StepPlan(route, why_not={"all": reason})
         plan = StepPlan(route)
@@ -312,7 +358,8 @@ class RocmBackend(Backend):
         """The kernel variant ``step`` runs for ``spec`` (None: aiter's
         communicator picks it, safely for this call), or why no variant may take it."""
         per_group = step is STEP_PER_GROUP
-        hip = self.env.hip_version()
+        compiler = probe.toolchain.compiler_hip
+        race = probe.two_stage_race
         if route.kind == "module":
             override, max_bytes = route.aiter_one_stage_settings()
             return limits.module_route_reason(
@@ -321,13 +368,18 @@ class RocmBackend(Backend):
                 spec.dtype,
                 per_group=per_group,
                 one_stage_tokens=probe.one_stage_tokens,
-                hip_version=hip,
+                compiler_hip=compiler,
                 override=override,
                 max_bytes=max_bytes,
+                two_stage_race=race,
             )
         if per_group:
-            return limits.per_group_plan(spec.num_tokens, spec.hidden, spec.dtype, spec.world_size, hip)
-        return limits.ar_rms_plan(spec.num_tokens, spec.hidden, spec.dtype.itemsize, spec.world_size)
+            return limits.per_group_plan(
+                spec.num_tokens, spec.hidden, spec.dtype, spec.world_size, compiler, two_stage_race=race
+            )
+        return limits.ar_rms_plan(
+            spec.num_tokens, spec.hidden, spec.dtype.itemsize, spec.world_size, two_stage_race=race
+        )
 
     def _call_reason(self, spec: CallSpec, comm: Communicator | None) -> str | None:
         if comm is None or spec.world_size <= 1:
@@ -370,6 +422,42 @@ class RocmBackend(Backend):
         if spec.world_size > 2 and not route.fully_connected:
             return "aiter's custom all-reduce is not fully connected on this node"
         return None
+
+    def _declined(self, spec: CallSpec, route: routes.Route, probe: AiterProbe, hypothetical: bool) -> str | None:
+        """Why aiter's custom all-reduce would not take this call itself: its own
+        ``should_custom_ar`` (aiter's switches included), asked once per input size
+        and route with a contiguous stand-in of the call's shape. Its answer depends
+        on the size and on state aiter fixed at construction (disabled, world size,
+        fully connected, buffer size and, from v0.1.18, AITER_CUSTOM_AR_MAX_SIZE /
+        MIN_SIZE), which is the same on every rank when every rank has the same
+        environment, as vLLM's workers do. It looks at no registration or capture
+        state. Doctor's stand-in route has no object: it uses the window aiter's
+        resolvers give for vLLM's buffer size."""
+        nbytes = _nbytes(spec)
+        if nbytes in route.declines:
+            return route.declines[nbytes]
+        ca = route.custom_ar
+        reason: str | None
+        if ca is None:
+            if not hypothetical:
+                return None  # pending: asked once the object is built
+            window = self._size_window(probe)
+            reason = window.reason(nbytes) if window is not None else None
+        else:
+            try:
+                accepts = aiter_api.custom_ar_accepts(ca, spec.num_tokens, spec.hidden, spec.dtype)
+            except Exception as e:  # noqa: BLE001 - an unanswerable gate keeps the kernels off
+                reason = f"CustomAllreduce.should_custom_ar raised {type(e).__name__}: {e}"
+            else:
+                reason = None if accepts is not False else self._decline_note(ca, nbytes)
+        route.declines[nbytes] = reason
+        return reason
+
+    @staticmethod
+    def _decline_note(ca, nbytes: int) -> str:
+        window = aiter_api.SizeWindow.of(ca)
+        why = window.reason(nbytes) if window is not None else None
+        return why or f"aiter's custom all-reduce declines a {nbytes}-byte input (CustomAllreduce.should_custom_ar)"
 
     def _step_reason(
         self, step: Step, spec: CallSpec, route: routes.Route, arch: str | None, probe: AiterProbe

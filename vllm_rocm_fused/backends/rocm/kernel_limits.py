@@ -41,14 +41,31 @@ Limits, with their sources:
    ``local_device_load_rmsnorm_quant_per_group_naive``, v0.1.14 - main): an
    integer add of bit patterns, i.e. a garbage residual, q and scale. fp16 is
    ``_Float16`` there (real arithmetic); the plain AR + RMSNorm kernels and the
-   one-stage per-group kernel convert to float32 first. aiter JIT-builds its
-   kernels with the ROCm toolchain, whose version ``torch.version.hip`` gives
-   in a ROCm image: multi-stage per-group kernels are used on bf16 only from
-   HIP 7.
+   one-stage per-group kernel convert to float32 first. What counts is the
+   compiler aiter JIT-builds its kernels with, the ``hipcc`` of the ROCm
+   install it finds (``aiter/jit/utils/cpp_extension.py``), not the HIP torch
+   was built against: aiter_api.Toolchain reads it, and an unknown one counts
+   as clang < 20. Multi-stage per-group kernels run on bf16 only when that
+   install is ROCm 7 or newer.
 6. World size 2, 4 or 8 (every fused dispatch throws on others; aiter's
    ``CustomAllreduce`` accepts 6 and disables nothing).
 7. Input below 64 MiB: aiter's own callers (``communicator_cuda.py``
    ``total_bytes < 8 * 1024 * 8192``) and ``should_custom_ar`` stop there.
+8. The two-stage race. Up to v0.1.13.post1, ``reduce_scatter_cross_device_store``
+   (the first stage of the two-stage AR + RMSNorm kernel and of the per-group
+   split kernels) ends with ``end_sync<ngpus, true>``: relaxed ordering, so the
+   second stage may read peers' stores before they land ("progressively
+   corrupted output at per-rank volumes above ~1.2 MB", the fix's note; PR
+   #2890, first released in v0.1.14). Silent corruption, no error: on such an
+   aiter (aiter_api.AiterProbe.two_stage_race) only one-stage kernels are
+   sent, where vLLM's rule 2 picks them; elsewhere the portable path runs.
+9. Up to v0.1.11 the one-stage kernels are templates for hidden 512, 1024, 2048
+   and 4096 only (other sizes silently take the two-stage kernel) and the
+   second stage launches nothing for a row that is not a multiple of 1 KiB
+   from 1 to 32 KiB, printing "shape error" and leaving ``out`` / ``res_out``
+   unwritten; its first stage races (limit 8) too. vLLM refuses these builds
+   (``AiterCustomAllreduce.supports_dynamic_hidden_dim``: no ``_pool``); so does
+   this backend (aiter_api.AiterProbe.no_fused).
 
 aiter's own communicator (``aiter.dist.communication_op``) picks the variant
 itself: per-group one-stage when ``AITER_AR_1STAGE`` forces it, else when the
@@ -93,19 +110,20 @@ def packs(hidden: int, itemsize: int) -> int:
 
 
 def hip_major(hip_version: str | None) -> int | None:
-    """``torch.version.hip`` ("6.4.43482-0f2d60242", "7.0.51831") -> 6, 7; None if unreadable."""
+    """A HIP version string ("6.4.43482-0f2d60242", "7.0.51831") -> 6, 7; None if unreadable."""
     if not hip_version:
         return None
-    head = str(hip_version).split(".")[0]
+    head = str(hip_version).strip().split(".")[0]
     return int(head) if head.isdigit() else None
 
 
-def bf16_adds_as_integers(dtype: torch.dtype, hip_version: str | None) -> bool:
-    """Limit 5: whether aiter's multi-stage per-group kernels would add bf16
-    residuals as integers here. An unreadable version counts as old."""
+def bf16_adds_as_integers(dtype: torch.dtype, compiler_hip: str | None) -> bool:
+    """Limit 5: whether aiter's multi-stage per-group kernels, built by the ROCm
+    whose HIP version is ``compiler_hip``, add bf16 residuals as integers. An
+    unknown compiler counts as old."""
     if dtype != torch.bfloat16:
         return False
-    major = hip_major(hip_version)
+    major = hip_major(compiler_hip)
     return major is None or major < HIP_CLANG_20
 
 
@@ -122,11 +140,22 @@ def one_stage_fits(tokens: int, hidden: int, itemsize: int) -> bool:
     return tokens <= ONE_STAGE_MAX_TOKENS and packs(hidden, itemsize) <= ONE_STAGE_MAX_PACKS
 
 
-def ar_rms_plan(tokens: int, hidden: int, itemsize: int, world_size: int) -> KernelPlan | str:
-    """The plain AR + RMSNorm kernel for this call, or why none can take it."""
+def _race_reason(race: str) -> str:
+    return (
+        f"{race}; only its one-stage kernel is used, where vLLM picks it (<= {ONE_STAGE_MAX_TOKENS} tokens, byte caps)"
+    )
+
+
+def ar_rms_plan(
+    tokens: int, hidden: int, itemsize: int, world_size: int, *, two_stage_race: str | None = None
+) -> KernelPlan | str:
+    """The plain AR + RMSNorm kernel for this call, or why none can take it.
+    ``two_stage_race``: why this aiter's two-stage kernel may not run (limit 8)."""
     n = packs(hidden, itemsize)
     if vllm_prefers_one_stage(tokens, hidden, itemsize, world_size):
         return KernelPlan(True, ONE_STAGE)
+    if two_stage_race is not None:
+        return _race_reason(two_stage_race)
     if AR_RMS_MIN_PACKS <= n <= AR_RMS_MAX_PACKS:
         return KernelPlan(False, TWO_STAGE)
     if n < AR_RMS_MIN_PACKS and one_stage_fits(tokens, hidden, itemsize):
@@ -143,10 +172,16 @@ def ar_rms_plan(tokens: int, hidden: int, itemsize: int, world_size: int) -> Ker
 
 
 def per_group_plan(
-    tokens: int, hidden: int, dtype: torch.dtype, world_size: int, hip_version: str | None
+    tokens: int,
+    hidden: int,
+    dtype: torch.dtype,
+    world_size: int,
+    compiler_hip: str | None,
+    *,
+    two_stage_race: str | None = None,
 ) -> KernelPlan | str:
     """The AR + RMSNorm + per-group quant kernel for this call, or why none may take it."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if packs(hidden, itemsize) > PER_GROUP_MAX_PACKS:
         return (
             f"hidden {hidden} > {PER_GROUP_MAX_PACKS * PACK_BYTES // itemsize}: aiter's per-group kernel "
@@ -154,16 +189,21 @@ def per_group_plan(
         )
     if vllm_prefers_one_stage(tokens, hidden, itemsize, world_size):
         return KernelPlan(True, ONE_STAGE)
-    if not bf16_adds_as_integers(dtype, hip_version):
+    if two_stage_race is not None:
+        return _race_reason(two_stage_race)
+    if not bf16_adds_as_integers(dtype, compiler_hip):
         nbytes = tokens * hidden * itemsize
         return KernelPlan(False, TWO_STAGE if nbytes <= TWO_STAGE_MAX_BYTES else SPLIT)
     if one_stage_fits(tokens, hidden, itemsize):
         return KernelPlan(True, ONE_STAGE)
     return (
         f"the multi-stage per-group kernels add bf16 residuals as integers when built by clang < 20 "
-        f"(HIP {hip_version} < {HIP_CLANG_20}), and the one-stage kernel is used up to "
-        f"{ONE_STAGE_MAX_TOKENS} tokens"
+        f"({_compiler(compiler_hip)}), and the one-stage kernel is used up to {ONE_STAGE_MAX_TOKENS} tokens"
     )
+
+
+def _compiler(compiler_hip: str | None) -> str:
+    return f"aiter's hipcc is HIP {compiler_hip}" if compiler_hip else "aiter's compiler unknown"
 
 
 def aiter_comm_per_group_one_stage(nbytes: int, override: bool | None, max_bytes: int | None) -> bool:
@@ -181,21 +221,31 @@ def module_route_reason(
     *,
     per_group: bool,
     one_stage_tokens: int | None,
-    hip_version: str | None,
+    compiler_hip: str | None,
     override: bool | None,
     max_bytes: int | None,
+    two_stage_race: str | None = None,
 ) -> str | None:
     """Why aiter's own communicator (which picks the variant itself) may not get
     this call: it must be safe in whichever variant aiter picks, and per-group
     calls also in the AR + RMSNorm kernel aiter falls back to when its fused
     kernel declines."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     n = packs(hidden, itemsize)
+    nbytes = tokens * hidden * itemsize
     if one_stage_tokens is not None and tokens > one_stage_tokens:
         return (
             f"{tokens} tokens > {one_stage_tokens}: this aiter's one-stage launchers take one block per "
             f"token, and its communicator may pick them"
         )
+    if two_stage_race is not None and not (
+        # a row the one-stage kernels take, and both of the communicator's one-stage
+        # rules (AR+RMSNorm: override or 128 KiB; per-group: also its byte setting)
+        n <= ONE_STAGE_MAX_PACKS
+        and aiter_comm_per_group_one_stage(nbytes, override, None)
+        and aiter_comm_per_group_one_stage(nbytes, override, max_bytes)
+    ):
+        return f"{two_stage_race}, and aiter's communicator would pick it for {nbytes} bytes"
     if not AR_RMS_MIN_PACKS <= n <= AR_RMS_MAX_PACKS:
         return (
             f"hidden {hidden}: aiter's communicator may pick the two-stage AR+RMSNorm kernel, which "
@@ -205,10 +255,10 @@ def module_route_reason(
         return None
     if n > PER_GROUP_MAX_PACKS:
         return f"hidden {hidden} > {PER_GROUP_MAX_PACKS * PACK_BYTES // itemsize} (aiter's per-group kernel)"
-    one_stage = aiter_comm_per_group_one_stage(tokens * hidden * itemsize, override, max_bytes)
-    if not one_stage and bf16_adds_as_integers(dtype, hip_version):
+    one_stage = aiter_comm_per_group_one_stage(nbytes, override, max_bytes)
+    if not one_stage and bf16_adds_as_integers(dtype, compiler_hip):
         return (
             f"aiter's communicator would run a multi-stage per-group kernel, which adds bf16 as "
-            f"integers under clang < 20 (HIP {hip_version})"
+            f"integers under clang < 20 ({_compiler(compiler_hip)})"
         )
     return None

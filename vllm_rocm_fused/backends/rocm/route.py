@@ -33,7 +33,7 @@ every rank, so the answer is rank-symmetric.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,6 +62,18 @@ class Route:
     comm_op: Any = None  # aiter.dist.communication_op ("module" routes)
     aiter_comm: Any = None  # aiter's device communicator ("module" routes): it picks the kernel variant
     pending: bool = False  # "object" route of a process group, built on the first non-capturing call
+    # input bytes -> why aiter's custom all-reduce declines that size (None: it takes it);
+    # filled by the backend from aiter's should_custom_ar, which depends on the size only
+    declines: dict[int, str | None] = field(default_factory=dict)
+
+    @property
+    def custom_ar(self) -> Any:
+        """The CustomAllreduce whose ``should_custom_ar`` gates this route's calls
+        (aiter's communicator's ``ca_comm`` on "module" routes); None while pending
+        or hypothetical."""
+        if self.kind == "module":
+            return getattr(self.aiter_comm, "ca_comm", None)
+        return self.ca
 
     @property
     def max_bytes(self) -> int | None:
