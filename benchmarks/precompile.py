@@ -140,9 +140,7 @@ def main(argv=None) -> int:
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     sys.path.insert(0, str(root / "benchmarks"))
-    from bench_fused_ar_rms_quant import TOKENS, TP1_HIDDEN
-    from sweep_local_launch import HIDDEN as SWEEP_HIDDEN
-    from sweep_local_launch import candidates
+    from measurement import TOKENS, TP1_HIDDEN, local_candidates
 
     p = argparse.ArgumentParser(description="Warm the compile caches for the launch sweep and the TP=1 benchmark")
     p.add_argument("--sweep", action="store_true", help="the local kernel at every sweep candidate")
@@ -153,7 +151,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     jobs = []
     if args.sweep:
-        jobs += [("local", h, w, r, True, False) for h in SWEEP_HIDDEN for w, r in candidates(h)]
+        jobs += [("local", h, w, r, True, False) for h in TP1_HIDDEN for w, r in local_candidates(h)]
     if args.inductor:
         for h in TP1_HIDDEN:
             jobs.append(("inductor", h, 0, "dynamic"))

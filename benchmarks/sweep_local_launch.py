@@ -27,26 +27,25 @@ import time
 from pathlib import Path
 
 import torch
+from measurement import (
+    EPS,
+    ROTATIONS,
+    SWEEP_ROWS,
+    SWEEP_WARPS,
+    TOKENS,
+    TP1_HIDDEN,
+    check_outputs,
+    local_candidates,
+    machine_info,
+    make_inputs,
+    poisoned_outputs,
+    time_graph,
+)
+from precompile import default_workers, warm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-HIDDEN = (5120, 2048, 4096, 3072, 2560, 6144, 7168, 8192)  # Qwen3.5's sizes first
-TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-WARPS = (4, 8, 16, 32)
-ROWS = (1, 2)
-EPS = 1e-6
-ROTATIONS = 4
-
-
-def warps_for(hidden: int, warps=WARPS) -> list[int]:
-    """Warp counts that give each thread 4 to 32 elements of the row."""
-    return [w for w in warps if 4 <= hidden / (32 * w) <= 32]
-
-
-def candidates(hidden: int, warps=WARPS, rows=ROWS) -> list[tuple[int, int]]:
-    return [(w, r) for w in warps_for(hidden, warps) for r in rows]
 
 
 def _compiled_local_kernels() -> dict:
@@ -87,10 +86,10 @@ def compile_and_describe(run_once) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="results JSON path")
-    p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
+    p.add_argument("--hidden", type=int, nargs="+", default=list(TP1_HIDDEN))
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
-    p.add_argument("--warps", type=int, nargs="+", default=list(WARPS))
-    p.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+    p.add_argument("--warps", type=int, nargs="+", default=list(SWEEP_WARPS))
+    p.add_argument("--rows", type=int, nargs="+", default=list(SWEEP_ROWS))
     p.add_argument("--replays", type=int, default=50)
     p.add_argument(
         "--deadline-s",
@@ -103,16 +102,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.time()
 
-    from bench_fused_ar_rms_quant import check_outputs, machine_info, make_inputs, poisoned_outputs, time_graph
-    from precompile import default_workers, warm
-
     from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
     from vllm_rocm_fused.kernels.launch import local_launch, row_tile
 
     torch.cuda.set_device(0)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    plan = {h: candidates(h, args.warps, args.rows) for h in args.hidden}
+    plan = {h: local_candidates(h, args.warps, args.rows) for h in args.hidden}
     report = {
         # the output path as committed: where the file went on the measuring machine is not a
         # fact about the run

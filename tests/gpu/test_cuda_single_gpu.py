@@ -130,9 +130,9 @@ def test_every_launch_shape_the_sweep_times(h):
     """Each warps x rows-per-program candidate of benchmarks/sweep_local_launch.py (the shapes
     the dispatch table may pick), at token counts that leave the last program half full."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from sweep_local_launch import candidates
+    from measurement import local_candidates
 
-    for warps, rows in candidates(h):
+    for warps, rows in local_candidates(h):
         for t in (1, 7, 130):
             x, res, w = inputs(t, h)
             outs = poisoned(

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_fused_ar_rms_quant as bench  # noqa: E402
 import compiled_baseline  # noqa: E402
 import derive_launch_table  # noqa: E402
+import measurement  # noqa: E402
 
 from vllm_rocm_fused.kernels import local_launch_table  # noqa: E402
 from vllm_rocm_fused.ops.reference import norm_quant_reference  # noqa: E402
@@ -114,8 +115,8 @@ def test_tp1_summary_ratios_floor_and_target_misses():
     assert sorted(rows) == [1, 16, 1024]  # failed points are not summarized
     assert rows[1]["compiled"] == 3.4 and rows[1]["compiled_from"] == "static"
     assert rows[16]["compiled"] == 2.9 and rows[16]["compiled_from"] == "dynamic"
-    assert rows[1024]["floor"] == pytest.approx(bench.op_bytes(1024, 5120) / bw * 1e6)
-    assert bench.op_bytes(1024, 5120) == 1024 * 5120 * 7 + 1024 * 40 * 4 + 5120 * 2
+    assert rows[1024]["floor"] == pytest.approx(measurement.op_bytes(1024, 5120) / bw * 1e6)
+    assert measurement.op_bytes(1024, 5120) == 1024 * 5120 * 7 + 1024 * 40 * 4 + 5120 * 2
     assert rows[16]["dispatched_over_compiled"] == pytest.approx(3.2 / 2.9)
     targets = bench.tp1_targets({"5120": {str(t): r for t, r in rows.items()}})
     assert targets["points"] == 3
@@ -163,7 +164,8 @@ def test_kernels_and_benchmarks_import_without_vllm():
         "            raise ImportError('vllm is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
         "sys.path[:0] = ['.', 'benchmarks', 'tests']\n"
-        "import bench_fused_ar_rms_quant, sweep_local_launch, precompile, compiled_baseline, derive_launch_table\n"
+        "import measurement, bench_fused_ar_rms_quant, sweep_local_launch, sweep_grid, precompile\n"
+        "import compiled_baseline, derive_launch_table\n"
         "import vllm_rocm_fused.kernels.add_rmsnorm_quant, vllm_rocm_fused.kernels.oneshot_ll_ar_norm_quant\n"
         "import vllm_rocm_fused.kernels.oneshot_ar_norm_quant, vllm_rocm_fused.kernels.twoshot_ar_norm_quant\n"
         "import vllm_rocm_fused.backends.cuda.backend, vllm_rocm_fused.ops.fused\n"
@@ -194,3 +196,35 @@ def test_committed_sweep_and_tp1_results_match_the_table_the_dispatch_uses():
     used = {int(h): tuple(tuple(e) for e in v) for h, v in run["launch_table"]["table"].items()}
     assert used == local_launch_table.TABLE, "h200_tp1.json was measured with another launch table"
     assert all(r.get("ok") for r in run["results"]), "a TP=1 point failed its reference check"
+
+
+def test_benchmark_scripts_do_not_import_each_other_in_a_circle():
+    """Issue 21: the scripts under benchmarks/ share their helpers through one module
+    (measurement.py); the imports among them, at module level or inside functions, form no cycle."""
+    import ast
+
+    bench_dir = ROOT / "benchmarks"
+    local = {p.stem for p in bench_dir.glob("*.py")}
+    graph = {}
+    for path in bench_dir.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module.split(".")[0])
+        graph[path.stem] = sorted((deps & local) - {path.stem})
+
+    def cycle_from(node, stack):
+        if node in stack:
+            return stack[stack.index(node) :] + [node]
+        for dep in graph[node]:
+            found = cycle_from(dep, stack + [node])
+            if found:
+                return found
+        return None
+
+    for module in sorted(graph):
+        cycle = cycle_from(module, [])
+        assert cycle is None, f"benchmarks/ import cycle: {' -> '.join(cycle)}"
+    assert "measurement" in graph["bench_fused_ar_rms_quant"] and "measurement" in graph["sweep_local_launch"]
