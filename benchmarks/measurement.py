@@ -67,10 +67,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def time_graph(fns, replays: int, repeat: int = REPEAT) -> list[float]:
+def time_graph(fns, replays: int, repeat: int = REPEAT, warmup_s: float = WARMUP_S) -> list[float]:
     """Per-op microseconds of each replay of a graph of fns (one per rotation, the list
-    captured ``repeat`` times); the ranks of an initialized process group start each phase
-    together. The repeats keep a replay of microsecond ops longer than the host takes to
+    captured ``repeat`` times), after about ``warmup_s`` of warm-up replays; the ranks of an
+    initialized process group start each phase together. The repeats keep a replay of microsecond ops longer than the host takes to
     launch the next one, so the timed span is never the GPU waiting for the host."""
     for f in fns:  # eager warm-up: compiles, creates handles
         f()
@@ -83,7 +83,7 @@ def time_graph(fns, replays: int, repeat: int = REPEAT) -> list[float]:
                 f()
     torch.cuda.synchronize()
     _barrier()
-    # Warm up for about WARMUP_S of back-to-back replays, not a fixed few: after an idle gap
+    # Warm up for about warmup_s of back-to-back replays, not a fixed few: after an idle gap
     # (compiles, checks on the host) the GPU's clocks are low, and a few microsecond-long
     # replays would time the clock ramp instead of the op (seen on the first variant timed
     # after each pause). Every rank replays the same count (the graphs hold collectives).
@@ -92,7 +92,7 @@ def time_graph(fns, replays: int, repeat: int = REPEAT) -> list[float]:
         graph.replay()
     torch.cuda.synchronize()
     per_replay = (time.perf_counter() - t_warm) / WARMUP
-    more = torch.tensor([int(WARMUP_S / max(per_replay, 1e-6))], device="cuda")
+    more = torch.tensor([int(warmup_s / max(per_replay, 1e-6))], device="cuda")
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(more, op=dist.ReduceOp.MAX)
     for i in range(int(more.item())):
@@ -235,3 +235,37 @@ def copy_bandwidth(nbytes: int = 1 << 30, replays: int = 20) -> float:
     kernel_us = statistics.median(time_graph([lambda: torch.mul(src, 1.0, out=dst)], replays, repeat=1))
     print(f"copy of {nbytes >> 20} MiB: memcpy {memcpy_us:.0f} us, elementwise kernel {kernel_us:.0f} us", flush=True)
     return 2 * nbytes / (min(memcpy_us, kernel_us) * 1e-6)
+
+
+def compiled_kernels(jit_fn) -> dict:
+    """This process's compiled specializations of a Triton kernel: {(device, cache key): kernel}
+    (best effort: Triton's cache layout differs between versions)."""
+    out = {}
+    for device, cache in getattr(jit_fn, "device_caches", {}).items():
+        for key, kernel in cache[0].items():
+            out[(str(device), key)] = kernel
+    return out
+
+
+def kernel_resources(jit_fn, run_once) -> list[dict]:
+    """Call ``run_once`` (which compiles or loads specializations of ``jit_fn``) and return the
+    warps, registers per thread and spilled bytes of each specialization it added."""
+    try:
+        before = set(compiled_kernels(jit_fn))
+    except Exception:  # noqa: BLE001 - introspection only
+        before = None
+    run_once()
+    torch.cuda.synchronize()
+    if before is None:
+        return []
+    described = []
+    try:
+        for key, kernel in compiled_kernels(jit_fn).items():
+            if key not in before:
+                kernel._init_handles()
+                described.append(
+                    {"num_warps": kernel.metadata.num_warps, "regs": kernel.n_regs, "spills": kernel.n_spills}
+                )
+    except Exception as e:  # noqa: BLE001
+        described.append({"error": f"{type(e).__name__}: {e}"})
+    return described

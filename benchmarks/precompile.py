@@ -16,6 +16,8 @@ Jobs (tuples):
   ("inductor", hidden, tokens, mode)                  compiled_baseline.compiled(mode) at one size
                                                      (mode "dynamic": tokens 1 then 2, as the
                                                      benchmark first calls it)
+  ("call", module, function, *args)                  module.function(*args) (a script's own
+                                                     kernels, e.g. explore_decode.compile_variant)
 
 torch + Triton only; no vLLM.
 """
@@ -86,6 +88,11 @@ def run_job(job: tuple) -> tuple[tuple, float, str | None]:
             for t in (1, 2) if mode == "dynamic" else (tokens,):
                 x, res, w = _inputs(t, hidden)
                 fn(x, res, w, EPS)
+        elif job[0] == "call":
+            import importlib
+
+            _, module, function, *call_args = job
+            getattr(importlib.import_module(module), function)(*call_args)
         else:
             raise ValueError(f"unknown job {job!r}")
         torch.cuda.synchronize()
