@@ -2,7 +2,9 @@
 
 Times, graph-replayed as the benchmark does (4 rotating input sets, 8 captures of them per
 graph, median over the replays), at every Qwen3.5 hidden size:
-  dispatched    the public op today (the local kernel in row parts, its launch table)
+  dispatched    the public op (the local kernel at its launch table's shape; in the committed
+                results benchmarks/results/h200_tp1_decode_explore.json, measured at commit
+                4533c9e, the kernel before issue 24: a row in power-of-two parts, IEEE divisions)
   kernel_today  that kernel launched directly with the same shape (the op's own cost)
   plain         reference_kernels.plain_tile: one masked tile per row, 16 warps (twice:
                 "plain" first and "plain_again" last at each point, the run's noise)
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
             if name not in ("dispatched", "kernel_today", "empty"):
                 jobs.append(("call", "explore_decode", "compile_variant", h, name))
         shapes = {local_launch(h, t, row_tile(h, 128)) for t in (*args.tokens, *args.large_tokens)}
-        jobs += [("local", h, s.num_warps, s.rows, True, False) for s in shapes]
+        jobs += [("local", h, s.num_warps, s.slice_groups, True, False) for s in shapes]
     if args.workers > 0:
         report["precompile"] = warm(jobs, workers=args.workers, timeout_s=args.precompile_timeout_s)
     report["settings"]["precompile_s"] = round(time.time() - t0, 1)

@@ -41,19 +41,22 @@ INDUCTOR_Q_STEPS = 1.25  # measured up to ~1.03 for that arithmetic on CPU
 EPS = 1e-6
 FP8 = torch.float8_e4m3fn
 # Launch shapes of the local kernel that sweep_local_launch.py times (and precompile.py
-# compiles ahead): warps per program x token rows per program.
-SWEEP_WARPS = (4, 8, 16, 32)
-SWEEP_ROWS = (1, 2)
+# compiles ahead): warps per program x 128-groups per program. Up to SPLIT_MAX_TOKENS tokens
+# every power-of-two slice of the row (a row over several programs); above, one program per
+# row only (the rows alone fill the SMs, and a split row is read once more per program).
+SWEEP_WARPS = (4, 8, 16)
+SPLIT_MAX_TOKENS = 256
 
 
-def warps_for(hidden: int, warps=SWEEP_WARPS) -> list[int]:
-    """Warp counts that give each thread 4 to 32 elements of the row."""
-    return [w for w in warps if 4 <= hidden / (32 * w) <= 32]
-
-
-def local_candidates(hidden: int, warps=SWEEP_WARPS, rows=SWEEP_ROWS) -> list[tuple[int, int]]:
-    """The sweep's (num_warps, rows_per_program) candidates at ``hidden``."""
-    return [(w, r) for w in warps_for(hidden, warps) for r in rows]
+def local_candidates(hidden: int, tokens: int | None = None, warps=SWEEP_WARPS) -> list[tuple[int, int]]:
+    """The sweep's (num_warps, slice_groups) candidates at ``hidden`` (in 128-groups) and
+    ``tokens`` (None: every candidate of any token count)."""
+    row_g = 1 << max(0, (hidden // 128 - 1).bit_length())
+    if tokens is not None and tokens > SPLIT_MAX_TOKENS:
+        slices = [row_g]
+    else:
+        slices = [1 << k for k in range(row_g.bit_length())]
+    return [(w, g) for w in warps for g in slices]
 
 
 def free_port() -> int:

@@ -3,22 +3,24 @@ candidate kernel.
 
 - ``empty``: a kernel that does nothing (one program): in a graph of back-to-back nodes, the
   least one kernel node costs. No kernel of the op can run faster than this floor.
-- ``plain_tile``: a deliberately plain add + RMSNorm + 1x128 quant, frozen as the yardstick
-  of issue 24: one program per token row, the row as ONE masked [next_pow2(groups), 128] tile,
-  16 warps, no tuning; the spec's arithmetic (row_math's norm and quant helpers, IEEE
-  divisions). Residual given, bf16/fp16 in, row-major scales, no normed output (what the
+- ``plain_tile``: a deliberately plain add + RMSNorm + 1x128 quant, the yardstick of
+  issue 24: one program per token row, the row as ONE masked [next_pow2(groups), 128] tile,
+  16 warps, no tuning; the production kernels' arithmetic (row_math's norm and quant
+  helpers). Residual given, bf16/fp16 in, row-major scales, no normed output (what the
   model's fused sites run).
-- ``sliced``: the exploration's candidate (benchmarks/explore_decode.py). Program p takes
-  row p // SPLIT and that row's slice of SLICE_G groups starting at group (p % SPLIT) *
-  SLICE_G, so a short batch spreads each row over SPLIT programs (SMs) instead of one. Each
-  program computes the whole row's sum of squares (SPLIT > 1: the row's h and residual read
-  again, from L2, as one masked tile or, ROW_PARTS, as the power-of-two parts of
-  kernels/row_math.py), then the norm and quant of its slice only. FAST_DIV divides by the
-  group's scale as one reciprocal per group plus a Markstein correction per element
-  (q = n * r, e = q * scale - n, q -= e * r, with r = 1 / scale rounded to nearest), which
-  gives the correctly rounded quotient the IEEE division gives (checked on the GPU against
-  the div_rn twin of each candidate: same q bytes), in three instructions instead of a
-  division; an infinite scale (r = 0) keeps n * r, as n / inf is.
+- ``sliced``: the decode exploration's candidate (benchmarks/explore_decode.py). Program p
+  takes row p // SPLIT and that row's slice of SLICE_G groups starting at group (p % SPLIT)
+  * SLICE_G, so a short batch spreads each row over SPLIT programs (SMs) instead of one.
+  Each program computes the whole row's sum of squares (SPLIT > 1: the row's h and residual
+  read again, from L2, as one masked tile or, ROW_PARTS, as the power-of-two parts of
+  kernels/launch.row_parts), then the norm and quant of its slice only. FAST_DIV: the quant
+  divides as row_math.quant_tile does (one reciprocal per group and a Markstein correction
+  per element); without it, by an IEEE division per element (quant_tile before issue 24).
+  The committed exploration (benchmarks/results/h200_tp1_decode_explore.json, commit
+  4533c9e) ran FAST_DIV in an earlier form whose zero quotients lost n's sign (-0 came out
+  +0), the likely cause of its failed q-bytes comparisons with the division twin (at the
+  larger points; a normed -0 comes from h + residual = 0 with w + 1 < 0; not confirmed
+  element by element). The timings are unaffected: the fix is one bitwise op.
 
 torch + Triton only; no vLLM.
 """
@@ -94,6 +96,17 @@ def _outputs(h: torch.Tensor, quant_dtype: torch.dtype, outputs):
     return q, scale, torch.empty_like(h), None
 
 
+def warm(hidden: int) -> None:
+    """Compile (or load) the empty and plain masked-tile kernels at ``hidden``
+    (precompile.py's ("call", "reference_kernels", "warm", hidden) job)."""
+    g = torch.Generator(device="cuda")
+    g.manual_seed(hidden)
+    x = torch.randn(2, hidden, device="cuda", generator=g).to(torch.bfloat16)
+    plain_tile(x, x, x[0], 1e-6)
+    empty(x)
+    torch.cuda.synchronize()
+
+
 def plain_tile(h, residual, weight, eps, *, weight_offset=1.0, quant_dtype=torch.float8_e4m3fn, outputs=None):
     """(q, scale, residual, None) of the plain masked-tile kernel; ``outputs`` as
     kernels.launch.empty_outputs makes them (row-major scales, no normed), or None."""
@@ -121,15 +134,12 @@ def plain_tile(h, residual, weight, eps, *, weight_offset=1.0, quant_dtype=torch
 
 
 @triton.jit
-def _quant_fast(normed, FP8_MAX: tl.constexpr):
-    """quant_tile with the division by the scale as reciprocal + Markstein correction."""
+def _quant_ieee(normed, FP8_MAX: tl.constexpr):
+    """row_math.quant_tile as it was before issue 24: an IEEE division per element."""
     nf = normed.to(tl.float32)
     amax = tl.reduce(tl.abs(nf), 1, nan_max)
     scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL), FP8_MAX)
-    r = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
-    qa = nf * r
-    err = tl.fma(qa, scale[:, None], -nf)
-    q = tl.where(r == 0.0, qa, tl.fma(-err, r, qa))
+    q = tl.math.div_rn(nf, scale[:, None])
     q = tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     q = tl.minimum(q, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     return q, scale
@@ -190,9 +200,9 @@ def _sliced_kernel(
     inv = inv_rms(ss, HIDDEN, eps)
     normed = norm_part(s, inv, w, weight_offset, res_out_ptr.dtype.element_ty)
     if FAST_DIV:
-        q, scale = _quant_fast(normed, FP8_MAX)
-    else:
         q, scale = quant_tile(normed, FP8_MAX)
+    else:
+        q, scale = _quant_ieee(normed, FP8_MAX)
     tl.store(q_ptr + base + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g, scale, mask=gmask)
 
