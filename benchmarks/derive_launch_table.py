@@ -77,6 +77,11 @@ def worst_loss(results: list[dict], table) -> tuple[float, tuple | None]:
     return worst, where
 
 
+def _literal(value: str | None) -> str:
+    """A Python literal as the formatter writes it (strings in double quotes)."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
 def render(table, *, source: str, gpu: str | None, command: str | None) -> str:
     lines = [
         '"""Measured launch shapes of the local add + RMSNorm + group-quant kernel.',
@@ -92,8 +97,8 @@ def render(table, *, source: str, gpu: str | None, command: str | None) -> str:
         "default (one program per row).",
         '"""',
         "",
-        f"SOURCE = {source!r}",
-        f"GPU = {gpu!r}",
+        f"SOURCE = {_literal(source)}",
+        f"GPU = {_literal(gpu)}",
         "TABLE: dict[int, tuple[tuple[int | None, int, int], ...]] = {",
     ]
     for hidden, entries in sorted(table.items()):

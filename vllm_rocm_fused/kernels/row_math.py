@@ -22,8 +22,9 @@ only through the order of the row's float32 sum of squares and of the all-reduce
 through ``rsqrt``'s last bit. The quant's division by the group's scale is one reciprocal per
 group and a Markstein correction per element (``quant_tile``): the correctly rounded
 quotient the IEEE division gives, in three instructions instead of a division (an
-element-wise ``div_rn`` cost 0.2-2.1 us per call at decode sizes on an H200, most on a
-padded tile's all-zero groups: benchmarks/results/h200_tp1_decode_explore.json).
+element-wise ``div_rn`` cost a program holding a whole row 0.13-2.9 us per call at decode
+sizes on an H200, most on a padded tile's all-zero groups; a program with a 256-element
+slice, ~0: benchmarks/results/h200_tp1_decode_explore.json).
 
 NaN/Inf: the sums propagate them; amax, the amax floor and the clamp use NaN-propagating
 min/max (Triton's defaults drop NaN), so a NaN row gives NaN scales and NaN ``q`` as the
