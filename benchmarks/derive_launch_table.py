@@ -27,11 +27,12 @@ TOLERANCE = 0.03
 
 
 def derive(results: list[dict], tolerance: float = TOLERANCE) -> dict[int, tuple[tuple[int | None, int, int], ...]]:
-    """hidden -> ((max_tokens, num_warps, rows), ...) from sweep records."""
+    """hidden -> ((max_tokens, num_warps, slice_groups), ...) from sweep records."""
     times: dict[int, dict[int, dict[tuple[int, int], float]]] = {}
     for r in results:
         if r.get("ok") and "median_us" in r:
-            times.setdefault(r["hidden"], {}).setdefault(r["tokens"], {})[(r["num_warps"], r["rows"])] = r["median_us"]
+            shape = (r["num_warps"], r["slice_groups"])
+            times.setdefault(r["hidden"], {}).setdefault(r["tokens"], {})[shape] = r["median_us"]
     table = {}
     for hidden, per_t in sorted(times.items()):
         chosen: list[tuple[int, tuple[int, int]]] = []
@@ -54,9 +55,9 @@ def derive(results: list[dict], tolerance: float = TOLERANCE) -> dict[int, tuple
 
 
 def lookup(table, hidden: int, tokens: int):
-    for max_tokens, warps, rows in table.get(hidden, ()):
+    for max_tokens, warps, slice_groups in table.get(hidden, ()):
         if max_tokens is None or tokens <= max_tokens:
-            return warps, rows
+            return warps, slice_groups
     return None
 
 
@@ -65,7 +66,7 @@ def worst_loss(results: list[dict], table) -> tuple[float, tuple | None]:
     times: dict[tuple[int, int], dict[tuple[int, int], float]] = {}
     for r in results:
         if r.get("ok") and "median_us" in r:
-            times.setdefault((r["hidden"], r["tokens"]), {})[(r["num_warps"], r["rows"])] = r["median_us"]
+            times.setdefault((r["hidden"], r["tokens"]), {})[(r["num_warps"], r["slice_groups"])] = r["median_us"]
     worst, where = 1.0, None
     for (h, t), shapes in times.items():
         shape = lookup(table, h, t)
@@ -76,6 +77,11 @@ def worst_loss(results: list[dict], table) -> tuple[float, tuple | None]:
     return worst, where
 
 
+def _literal(value: str | None) -> str:
+    """A Python literal as the formatter writes it (strings in double quotes)."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
 def render(table, *, source: str, gpu: str | None, command: str | None) -> str:
     lines = [
         '"""Measured launch shapes of the local add + RMSNorm + group-quant kernel.',
@@ -84,14 +90,15 @@ def render(table, *, source: str, gpu: str | None, command: str | None) -> str:
         "(benchmarks/sweep_local_launch.py); do not edit by hand: rerun the sweep and the script.",
         f"Source: {source} ({gpu or 'unknown GPU'}); other GPUs use it as an estimate.",
         "",
-        "TABLE: hidden -> ((max_tokens, num_warps, rows_per_program), ...), by rising max_tokens;",
+        "TABLE: hidden -> ((max_tokens, num_warps, slice_groups), ...), by rising max_tokens;",
         "an entry covers the token counts above the previous entry's max_tokens up to its own",
-        "(None: every larger count). Hidden sizes not listed use RowTile.num_warps and one row",
-        "per program (launch.local_launch).",
+        "(None: every larger count); slice_groups = 128-groups per program (a row over",
+        "cdiv(groups, slice_groups) programs). Hidden sizes not listed run launch.local_launch's",
+        "default (one program per row).",
         '"""',
         "",
-        f"SOURCE = {source!r}",
-        f"GPU = {gpu!r}",
+        f"SOURCE = {_literal(source)}",
+        f"GPU = {_literal(gpu)}",
         "TABLE: dict[int, tuple[tuple[int | None, int, int], ...]] = {",
     ]
     for hidden, entries in sorted(table.items()):

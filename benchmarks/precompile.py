@@ -12,10 +12,12 @@ process tunes those itself on a quiet GPU. A job that fails only costs the measu
 its own compile; ``warm`` returns every job's outcome.
 
 Jobs (tuples):
-  ("local", hidden, num_warps, rows, quantize, emit)  the local add + RMSNorm + quant kernel
+  ("local", hidden, num_warps, slice_groups, quantize, emit)  the local add + RMSNorm + quant kernel
   ("inductor", hidden, tokens, mode)                  compiled_baseline.compiled(mode) at one size
                                                      (mode "dynamic": tokens 1 then 2, as the
                                                      benchmark first calls it)
+  ("call", module, function, *args)                  module.function(*args) (a script's own
+                                                     kernels, e.g. explore_decode.compile_variant)
 
 torch + Triton only; no vLLM.
 """
@@ -64,8 +66,8 @@ def run_job(job: tuple) -> tuple[tuple, float, str | None]:
         if job[0] == "local":
             from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
 
-            _, hidden, warps, rows, quantize, emit = job
-            x, res, w = _inputs(2 * rows, hidden)
+            _, hidden, warps, slice_groups, quantize, emit = job
+            x, res, w = _inputs(2, hidden)
             add_rmsnorm_quant(
                 x,
                 res,
@@ -75,7 +77,7 @@ def run_job(job: tuple) -> tuple[tuple, float, str | None]:
                 quantize=quantize,
                 emit_bf16=emit,
                 num_warps=warps,
-                rows_per_program=rows,
+                slice_groups=slice_groups,
             )
         elif job[0] == "inductor":
             from compiled_baseline import compiled, configure_dynamo
@@ -86,6 +88,11 @@ def run_job(job: tuple) -> tuple[tuple, float, str | None]:
             for t in (1, 2) if mode == "dynamic" else (tokens,):
                 x, res, w = _inputs(t, hidden)
                 fn(x, res, w, EPS)
+        elif job[0] == "call":
+            import importlib
+
+            _, module, function, *call_args = job
+            getattr(importlib.import_module(module), function)(*call_args)
         else:
             raise ValueError(f"unknown job {job!r}")
         torch.cuda.synchronize()
@@ -140,24 +147,25 @@ def main(argv=None) -> int:
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     sys.path.insert(0, str(root / "benchmarks"))
-    from bench_fused_ar_rms_quant import TOKENS, TP1_HIDDEN
-    from sweep_local_launch import HIDDEN as SWEEP_HIDDEN
-    from sweep_local_launch import candidates
+    from measurement import TOKENS, TP1_HIDDEN, local_candidates
 
     p = argparse.ArgumentParser(description="Warm the compile caches for the launch sweep and the TP=1 benchmark")
     p.add_argument("--sweep", action="store_true", help="the local kernel at every sweep candidate")
     p.add_argument("--inductor", action="store_true", help="the benchmark's Inductor graphs (static and dynamic)")
+    p.add_argument("--references", action="store_true", help="the benchmark's plain masked-tile and empty kernels")
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--timeout-s", type=float, default=120)
     p.add_argument("--out", default=None, help="write every job's outcome here (JSON)")
     args = p.parse_args(argv)
-    jobs = []
-    if args.sweep:
-        jobs += [("local", h, w, r, True, False) for h in SWEEP_HIDDEN for w, r in candidates(h)]
+    jobs = []  # the slowest compiles (Inductor's) first, so the pool ends together
     if args.inductor:
         for h in TP1_HIDDEN:
             jobs.append(("inductor", h, 0, "dynamic"))
             jobs += [("inductor", h, t, "static") for t in TOKENS]
+    if args.references:
+        jobs += [("call", "reference_kernels", "warm", h) for h in TP1_HIDDEN]
+    if args.sweep:
+        jobs += [("local", h, w, g, True, False) for h in TP1_HIDDEN for w, g in local_candidates(h)]
     records = warm(jobs, workers=args.workers, timeout_s=args.timeout_s)
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=1))

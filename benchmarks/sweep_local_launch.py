@@ -1,16 +1,17 @@
 """Sweep: launch shapes of the local add + RMSNorm + 1x128 FP8 quant kernel on one GPU.
 
 The local kernel (kernels/add_rmsnorm_quant.py, the TP=1 path and the kernel after an NCCL
-all-reduce) has two launch parameters: warps per program and token rows per program. This
-times every candidate at every (hidden, tokens) point, graph-replayed as
-bench_fused_ar_rms_quant.py does (4 rotating input sets, median over the replays), checks
-every point's outputs against ops/reference.py (outputs poisoned first), records each
-shape's registers and spills, and writes one JSON file; benchmarks/derive_launch_table.py turns it into
-vllm_rocm_fused/kernels/local_launch_table.py.
+all-reduce) has two launch parameters: warps per program and 128-groups per program (the
+slice; the row's group count rounded up to a power of two = one program per row, smaller =
+the row split over several programs). This times every candidate at every (hidden, tokens)
+point, graph-replayed as bench_fused_ar_rms_quant.py does (4 rotating input sets, median over
+the replays), checks every point's outputs against ops/reference.py (outputs poisoned first),
+records each shape's registers and spills, and writes one JSON file;
+benchmarks/derive_launch_table.py turns it into vllm_rocm_fused/kernels/local_launch_table.py.
 
-Candidates per hidden: warps in {4, 8, 16, 32} with 4 to 32 row elements per thread (fewer
-spill-free choices would be wasted compiles), x rows per program in {1, 2}. Inputs bf16,
-weight offset 1, row-major scales, residual, no normed output (what the fused sites run).
+Candidates (measurement.local_candidates): warps in {4, 8, 16} x every power-of-two slice
+up to SPLIT_MAX_TOKENS tokens, one program per row above. Inputs bf16, weight offset 1,
+row-major scales, residual, no normed output (what the fused sites run).
 
     PYTHONPATH=. python benchmarks/sweep_local_launch.py --out RESULTS.json [--deadline-s S]
 
@@ -27,71 +28,37 @@ import time
 from pathlib import Path
 
 import torch
+from measurement import (
+    EPS,
+    ROTATIONS,
+    SPLIT_MAX_TOKENS,
+    SWEEP_WARPS,
+    TOKENS,
+    TP1_HIDDEN,
+    WARMUP_S,
+    check_outputs,
+    kernel_resources,
+    local_candidates,
+    machine_info,
+    make_inputs,
+    poisoned_outputs,
+    time_graph,
+)
+from precompile import default_workers, warm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-HIDDEN = (5120, 2048, 4096, 3072, 2560, 6144, 7168, 8192)  # Qwen3.5's sizes first
-TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-WARPS = (4, 8, 16, 32)
-ROWS = (1, 2)
-EPS = 1e-6
-ROTATIONS = 4
-
-
-def warps_for(hidden: int, warps=WARPS) -> list[int]:
-    """Warp counts that give each thread 4 to 32 elements of the row."""
-    return [w for w in warps if 4 <= hidden / (32 * w) <= 32]
-
-
-def candidates(hidden: int, warps=WARPS, rows=ROWS) -> list[tuple[int, int]]:
-    return [(w, r) for w in warps_for(hidden, warps) for r in rows]
-
-
-def _compiled_local_kernels() -> dict:
-    """This process's compiled specializations of the local kernel: {cache key: kernel}."""
-    from vllm_rocm_fused.kernels import add_rmsnorm_quant as mod
-
-    out = {}
-    for device, cache in getattr(mod._add_rmsnorm_quant_kernel, "device_caches", {}).items():
-        for key, kernel in cache[0].items():
-            out[(str(device), key)] = kernel
-    return out
-
-
-def compile_and_describe(run_once) -> list[dict]:
-    """Call ``run_once`` (compiles or loads one launch shape) and return the registers and
-    spills of the kernels it added (best effort: Triton's cache layout differs between versions)."""
-    try:
-        before = set(_compiled_local_kernels())
-    except Exception:  # noqa: BLE001 - introspection only
-        before = None
-    run_once()
-    torch.cuda.synchronize()
-    if before is None:
-        return []
-    described = []
-    try:
-        for key, kernel in _compiled_local_kernels().items():
-            if key not in before:
-                kernel._init_handles()
-                described.append(
-                    {"num_warps": kernel.metadata.num_warps, "regs": kernel.n_regs, "spills": kernel.n_spills}
-                )
-    except Exception as e:  # noqa: BLE001
-        described.append({"error": f"{type(e).__name__}: {e}"})
-    return described
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="results JSON path")
-    p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
+    p.add_argument("--hidden", type=int, nargs="+", default=list(TP1_HIDDEN))
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
-    p.add_argument("--warps", type=int, nargs="+", default=list(WARPS))
-    p.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+    p.add_argument("--warps", type=int, nargs="+", default=list(SWEEP_WARPS))
     p.add_argument("--replays", type=int, default=50)
+    p.add_argument("--warmup-s", type=float, default=WARMUP_S, help="warm-up replays per candidate (seconds)")
     p.add_argument(
         "--deadline-s",
         type=float,
@@ -103,16 +70,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.time()
 
-    from bench_fused_ar_rms_quant import check_outputs, machine_info, make_inputs, poisoned_outputs, time_graph
-    from precompile import default_workers, warm
-
-    from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
+    from vllm_rocm_fused.kernels.add_rmsnorm_quant import _add_rmsnorm_quant_kernel, add_rmsnorm_quant
     from vllm_rocm_fused.kernels.launch import local_launch, row_tile
 
     torch.cuda.set_device(0)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    plan = {h: candidates(h, args.warps, args.rows) for h in args.hidden}
+    plan = {h: local_candidates(h, warps=args.warps) for h in args.hidden}
     report = {
         # the output path as committed: where the file went on the measuring machine is not a
         # fact about the run
@@ -132,13 +96,15 @@ def main(argv=None) -> int:
             "weight_offset": 1.0,
             "residual": True,
             "emit_bf16": False,
+            "warmup_s": args.warmup_s,
             "candidates": {str(h): c for h, c in plan.items()},
+            "one_program_per_row_above_tokens": SPLIT_MAX_TOKENS,
         },
         "results": [],
     }
     workers = default_workers() if args.precompile_workers is None else args.precompile_workers
     if workers > 0:
-        jobs = [("local", h, w, r, True, False) for h in args.hidden for w, r in plan[h]]
+        jobs = [("local", h, w, g, True, False) for h in args.hidden for w, g in plan[h]]
         report["precompile"] = warm(jobs, workers=workers, timeout_s=args.precompile_timeout_s)
     report["settings"]["precompile_s"] = round(time.time() - t0, 1)
 
@@ -151,14 +117,15 @@ def main(argv=None) -> int:
     stopped = False
     report["kernels"] = []
     for hidden in args.hidden:
-        for warps, rows in plan[hidden]:  # compile (or load) each shape once, outside the timing
-            rec = {"hidden": hidden, "num_warps": warps, "rows": rows}
+        for warps, slice_g in plan[hidden]:  # compile (or load) each shape once, outside the timing
+            rec = {"hidden": hidden, "num_warps": warps, "slice_groups": slice_g}
             try:
-                xs, res, w = make_inputs(1, 2 * rows, hidden, 1, "cuda")
-                rec["compiled"] = compile_and_describe(
+                xs, res, w = make_inputs(1, 2, hidden, 1, "cuda")
+                rec["compiled"] = kernel_resources(
+                    _add_rmsnorm_quant_kernel,
                     lambda: add_rmsnorm_quant(
-                        xs[0], res, w, EPS, weight_offset=1.0, num_warps=warps, rows_per_program=rows
-                    )
+                        xs[0], res, w, EPS, weight_offset=1.0, num_warps=warps, slice_groups=slice_g
+                    ),
                 )
             except Exception as e:  # noqa: BLE001 - the points of this shape record it again
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -170,17 +137,19 @@ def main(argv=None) -> int:
             sets = [make_inputs(1, t, hidden, hidden * 1009 + t + 7 * k, "cuda") for k in range(ROTATIONS)]
             fresh = make_inputs(1, t, hidden, hidden * 1009 + t + 999, "cuda")
             rule = local_launch(hidden, t, row_tile(hidden, 128))
-            for warps, rows in plan[hidden]:
-                rec = {"hidden": hidden, "tokens": t, "num_warps": warps, "rows": rows}
+            for warps, slice_g in local_candidates(hidden, t, warps=args.warps):
+                rec = {"hidden": hidden, "tokens": t, "num_warps": warps, "slice_groups": slice_g}
                 try:
 
-                    def run(inputs, warps=warps, rows=rows):
+                    def run(inputs, warps=warps, slice_g=slice_g):
                         xs, res, w = inputs
                         return add_rmsnorm_quant(
-                            xs[0], res, w, EPS, weight_offset=1.0, num_warps=warps, rows_per_program=rows
+                            xs[0], res, w, EPS, weight_offset=1.0, num_warps=warps, slice_groups=slice_g
                         )
 
-                    us = time_graph([lambda inputs=inputs: run(inputs) for inputs in sets], args.replays)
+                    us = time_graph(
+                        [lambda inputs=inputs: run(inputs) for inputs in sets], args.replays, warmup_s=args.warmup_s
+                    )
                     rec.update(
                         median_us=statistics.median(us),
                         min_us=min(us),
@@ -195,20 +164,20 @@ def main(argv=None) -> int:
                         EPS,
                         weight_offset=1.0,
                         num_warps=warps,
-                        rows_per_program=rows,
+                        slice_groups=slice_g,
                         outputs=poisoned_outputs(t, hidden),
                     )
                     rec.update(check_outputs(out, fx, fres, fw, bf16_sum=False))
                 except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                     rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                rec["in_use"] = (warps, rows) == (rule.num_warps, rule.rows)
+                rec["in_use"] = (warps, slice_g) == (rule.num_warps, rule.slice_groups)
                 report["results"].append(rec)
             del sets, fresh
             ok = [r for r in report["results"] if r["hidden"] == hidden and r["tokens"] == t and r.get("ok")]
             if ok:
                 best = min(ok, key=lambda r: r["median_us"])
                 print(
-                    f"H={hidden} T={t}: best warps={best['num_warps']} rows={best['rows']} "
+                    f"H={hidden} T={t}: best warps={best['num_warps']} slice={best['slice_groups']} "
                     f"{best['median_us']:.2f} us of {len(ok)} ok",
                     flush=True,
                 )
@@ -232,7 +201,7 @@ def main(argv=None) -> int:
                     "hidden",
                     "tokens",
                     "num_warps",
-                    "rows",
+                    "slice_groups",
                     "error",
                     "q_err_in_fp8_steps",
                     "rel_err_residual",
@@ -244,14 +213,14 @@ def main(argv=None) -> int:
 
 
 def table(report: dict) -> str:
-    """Per hidden: the fastest shape at each token count ("w8r1 2.31")."""
+    """Per hidden: the fastest shape at each token count ("w8s4 2.31": 8 warps, 4 groups per program)."""
     by: dict[int, dict[int, list]] = {}
     for r in report["results"]:
         if r.get("ok"):
             by.setdefault(r["hidden"], {}).setdefault(r["tokens"], []).append(r)
     tokens = sorted({t for rows in by.values() for t in rows})
     lines = [
-        "fastest launch shape (warps w, rows per program r) and its median us:",
+        "fastest launch shape (warps w, 128-groups per program s) and its median us:",
         "| hidden | " + " | ".join(str(t) for t in tokens) + " |",
         "|---" * (len(tokens) + 1) + "|",
     ]
@@ -263,7 +232,7 @@ def table(report: dict) -> str:
                 cells.append("-")
                 continue
             b = min(rs, key=lambda r: r["median_us"])
-            cells.append(f"w{b['num_warps']}r{b['rows']} {b['median_us']:.1f}")
+            cells.append(f"w{b['num_warps']}s{b['slice_groups']} {b['median_us']:.2f}")
         lines.append(f"| {h} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -127,12 +127,13 @@ def test_every_output_element_is_written(t, h, layout):
 
 @pytest.mark.parametrize("h", [5120, 7168])
 def test_every_launch_shape_the_sweep_times(h):
-    """Each warps x rows-per-program candidate of benchmarks/sweep_local_launch.py (the shapes
-    the dispatch table may pick), at token counts that leave the last program half full."""
+    """Each warps x slice candidate of benchmarks/sweep_local_launch.py (the shapes the
+    dispatch table may pick: a row over 1 to 64 programs), at token counts that leave the
+    last program's slice partly masked (7168 = 56 groups: slices of 16, 32 and 64)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from sweep_local_launch import candidates
+    from measurement import local_candidates
 
-    for warps, rows in candidates(h):
+    for warps, slice_groups in local_candidates(h):
         for t in (1, 7, 130):
             x, res, w = inputs(t, h)
             outs = poisoned(
@@ -145,8 +146,10 @@ def test_every_launch_shape_the_sweep_times(h):
                 scale_layout="row",
                 quant_dtype=FP8,
             )
-            add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0, outputs=outs, num_warps=warps, rows_per_program=rows)
-            assert all_written(outs), (warps, rows, t)
+            add_rmsnorm_quant(
+                x, res, w, EPS, weight_offset=1.0, outputs=outs, num_warps=warps, slice_groups=slice_groups
+            )
+            assert all_written(outs), (warps, slice_groups, t)
             assert_matches_oracle(
                 FusedNormQuantOutput(*outs),
                 x,
@@ -196,7 +199,7 @@ def test_norm_only_and_two_kernel_paths(cuda_only):
         )
 
 
-@pytest.mark.parametrize("t, h, gs", [(7, 4096, 128), (5, 288, 96), (3, 4032, 96), (2, 256, 16)])
+@pytest.mark.parametrize("t, h, gs", [(7, 4096, 128), (5, 288, 96), (3, 4032, 96), (2, 256, 16), (257, 7168, 128)])
 @pytest.mark.parametrize("layout", ["row", "col"])
 def test_group_quant_kernel_matches_reference(t, h, gs, layout):
     x = (torch.randn(t, h, device=DEV) * 3).to(torch.bfloat16)
@@ -210,6 +213,33 @@ def test_group_quant_kernel_matches_reference(t, h, gs, layout):
     assert torch.equal(q.view(torch.uint8)[same], rq.view(torch.uint8)[same])
     want = (x.float().view(t, -1, gs) / s.unsqueeze(-1)).clamp(-448, 448).view(t, h).to(FP8)
     assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_group_quant_special_values_divide_as_ieee():
+    """The quant's reciprocal-and-correction division (row_math.quant_tile) against torch's IEEE
+    division on values that stress it: zeros of both signs, an all-zero group (the amax floor),
+    an infinite amax (x / inf: 0, and NaN for the inf itself), tiny and huge magnitudes, and
+    every bf16 of one binade at once."""
+    x = (torch.randn(4, 1024, device=DEV) * 3).to(torch.bfloat16)
+    x[0, :128] = 0.0
+    x[0, 5] = -0.0
+    x[0, 200] = float("inf")
+    x[0, 210] = -0.0
+    x[1, :128] *= 1e-30
+    x[1, 128:256] *= 1e30
+    x[2] = (1.0 + torch.arange(1024, device=DEV) % 128 / 128.0).to(torch.bfloat16) * torch.where(
+        torch.arange(1024, device=DEV) % 3 == 0, -1.0, 1.0
+    )
+    q, s = group_quant(x, group_size=128)
+    want_s = (x.float().view(4, -1, 128).abs().amax(-1).clamp(min=1e-10) / 448.0).float()
+    assert torch.equal(s.isinf(), want_s.isinf()) and s[0, 1].isinf()
+    torch.testing.assert_close(s[~s.isinf()], want_s[~want_s.isinf()], rtol=2**-23, atol=0)
+    want = (x.float().view(4, -1, 128) / s.unsqueeze(-1)).clamp(-448, 448).view(4, 1024).to(FP8)
+    assert q.float()[0, 200].isnan() and want.float()[0, 200].isnan()
+    keep = torch.ones_like(x, dtype=torch.bool)
+    keep[0, 200] = False
+    assert torch.equal(q.view(torch.uint8)[keep], want.view(torch.uint8)[keep])  # -0 stays -0 too
+    assert q[0, 5].view(torch.uint8) == 0x80
 
 
 def test_zero_tokens(cuda_only):

@@ -181,7 +181,7 @@ def _single_cases():
                 n += 1
 
 
-def single_hidden_size(t, h, layout, emit, quantize, rows, seed):
+def single_hidden_size(t, h, layout, emit, quantize, slice_groups, seed):
     xs, res, w = inputs(1, t, h, seed=seed)
     ref = reference(xs, res, w, offset=1.0, group_size=128, layout=layout, quantize=quantize)
     out = empty_outputs(
@@ -200,7 +200,7 @@ def single_hidden_size(t, h, layout, emit, quantize, rows, seed):
         scale_layout=layout,
         quant_dtype=FP8,
         outputs=out,
-        rows_per_program=rows,
+        slice_groups=slice_groups,
     )
     check(
         out,
@@ -208,28 +208,30 @@ def single_hidden_size(t, h, layout, emit, quantize, rows, seed):
         quantize=quantize,
         emit=emit,
         group_size=128,
-        what=f"single {t}x{h} {layout} emit={emit} quantize={quantize} rows={rows}",
+        what=f"single {t}x{h} {layout} emit={emit} quantize={quantize} slice={slice_groups}",
     )
 
 
 def _single_hidden_size_cases():
-    """Qwen3.5's hidden sizes and others whose group counts are not powers of two (parts
-    16+4, 16+8, 32+8, 32+16, 32+16+8; small rows of 2 to 4 parts and a padded fourth part),
-    both scale layouts, normed emitted or not, quantize off, 1 and 2 rows per program."""
+    """Qwen3.5's hidden sizes and others whose group counts are not powers of two (a padded
+    row tile: 20 groups in 32, 5 in 8, 15 in 16, 31 in 32 ...), both scale layouts, normed
+    emitted or not, quantize off; one program per row (slice None: the default) and a row
+    split over programs of 4 or 2 groups (the last slice partly masked where the groups do
+    not divide: 5, 7, 15, 31 groups)."""
     n = 0
-    combos = [("row", False, True, 1), ("col", True, True, 2), ("row", True, False, 2)]
+    combos = [("row", False, True, None), ("col", True, True, 4), ("row", True, False, 2)]
     sizes = [(1, 2048), (3, 2560), (2, 3072), (3, 5120), (1, 6144), (2, 7168), (3, 640), (2, 896), (3, 1920), (2, 3968)]
     for t, h in sizes:
-        for layout, emit, quantize, rows in combos:
+        for layout, emit, quantize, slice_groups in combos:
             _case(
-                f"hidden-{t}x{h}-{layout}-emit{int(emit)}-quant{int(quantize)}-rows{rows}",
+                f"hidden-{t}x{h}-{layout}-emit{int(emit)}-quant{int(quantize)}-slice{slice_groups or 'row'}",
                 single_hidden_size,
                 t=t,
                 h=h,
                 layout=layout,
                 emit=emit,
                 quantize=quantize,
-                rows=rows,
+                slice_groups=slice_groups,
                 seed=1000 + n,
             )
             n += 1
@@ -248,12 +250,36 @@ def group_quant_case(t, h, gs, layout, seed):
     assert not bad.any(), f"group quant {t}x{h}/{gs}: {v[bad][:4]} {q.float()[bad][:4]} {rq.float()[bad][:4]}"
 
 
+def group_quant_special_values():
+    """Signed zeros, an all-zero group (the amax floor) and an infinite amax: q = x / scale
+    as the reference divides (x / inf = 0 for the finite x of that group; -0 stays -0),
+    which the quant's reciprocal-and-correction division must keep. (The infinite element's
+    q is NaN, which the interpreter's fp8 cast does not keep: tests/gpu checks it.)"""
+    x = torch.randn(2, 384, generator=torch.Generator().manual_seed(7)).to(DT)
+    x[0, :128] = 0.0
+    x[0, 5] = -0.0
+    x[0, 200] = float("inf")
+    x[1, 300] = -0.0
+    q, s = group_quant(x, group_size=128, scale_layout="row", quant_dtype=FP8)
+    rq, rs = group_quant_reference(x, 128, FP8, "row")
+    assert torch.equal(s.isinf(), rs.isinf()) and s[0, 1].isinf()
+    torch.testing.assert_close(s[~s.isinf()], rs[~rs.isinf()], rtol=0, atol=0)
+    finite = torch.ones_like(x, dtype=torch.bool)
+    finite[0, 200] = False
+    assert not q.float()[finite].isnan().any() and rq.float()[0, 200].isnan()
+    assert (q.float()[0, 128:256][finite[0, 128:256]] == 0).all()  # x / inf
+    for r, c in [(0, 5), (1, 300)]:  # -0 keeps its sign bit
+        assert q[r, c].view(torch.uint8) == rq[r, c].view(torch.uint8) == 0x80, (r, c)
+    assert (q[0, :128].view(torch.uint8) & 0x7F == 0).all()
+
+
 def _group_quant_cases():
     n = 0
     for t, h, gs in [(5, 384, 128), (3, 288, 96), (2, 256, 16), (2, 5120, 128), (3, 640, 128)]:
         for layout in ("row", "col"):
             _case(f"group-quant-{t}x{h}-g{gs}-{layout}", group_quant_case, t=t, h=h, gs=gs, layout=layout, seed=n)
             n += 1
+    _case("group-quant-special-values", group_quant_special_values)
 
 
 def run_ranks(fn_per_phase, world, phases):

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_fused_ar_rms_quant as bench  # noqa: E402
 import compiled_baseline  # noqa: E402
 import derive_launch_table  # noqa: E402
+import measurement  # noqa: E402
 
 from vllm_rocm_fused.kernels import local_launch_table  # noqa: E402
 from vllm_rocm_fused.ops.reference import norm_quant_reference  # noqa: E402
@@ -51,11 +52,11 @@ def test_compiled_variants_get_code_objects_of_their_own():
 
 
 def _sweep(points):
-    """Sweep records from {(hidden, tokens): {(warps, rows): us}}."""
+    """Sweep records from {(hidden, tokens): {(warps, slice_groups): us}}."""
     return [
-        {"hidden": h, "tokens": t, "num_warps": w, "rows": r, "median_us": us, "ok": True}
+        {"hidden": h, "tokens": t, "num_warps": w, "slice_groups": g, "median_us": us, "ok": True}
         for (h, t), shapes in points.items()
-        for (w, r), us in shapes.items()
+        for (w, g), us in shapes.items()
     ]
 
 
@@ -69,8 +70,8 @@ def test_derived_table_follows_the_fastest_shape_without_chasing_noise():
         (2048, 1): {(4, 1): 2.0, (8, 1): 1.9},
     }
     results = _sweep(points)
-    results.append({"hidden": 2048, "tokens": 1, "num_warps": 16, "rows": 1, "median_us": 0.5, "ok": False})
-    results.append({"hidden": 2048, "tokens": 1, "num_warps": 32, "rows": 1, "error": "RuntimeError: boom"})
+    results.append({"hidden": 2048, "tokens": 1, "num_warps": 16, "slice_groups": 1, "median_us": 0.5, "ok": False})
+    results.append({"hidden": 2048, "tokens": 1, "num_warps": 32, "slice_groups": 1, "error": "RuntimeError: boom"})
     table = derive_launch_table.derive(results)
     assert table == {2048: ((None, 8, 1),), 5120: ((64, 16, 1), (1024, 8, 1), (None, 8, 2))}
     assert derive_launch_table.lookup(table, 5120, 100) == (8, 1)  # between measured counts: the next above
@@ -105,26 +106,61 @@ def test_rendered_table_module_is_what_was_derived(tmp_path):
 
 def test_tp1_summary_ratios_floor_and_target_misses():
     recs = []
-    for t, disp, stat, dyn in [(1, 2.5, 3.4, 3.6), (16, 3.2, 3.0, 2.9), (1024, 25.0, 30.0, 31.0)]:
-        for name, us in (("dispatched", disp), ("compiled_static", stat), ("compiled_dynamic", dyn)):
-            recs.append({"hidden": 5120, "tokens": t, "variant": name, "median_us": us, "ok": True})
+    for t, disp, stat, dyn, plain, empty in [
+        (1, 2.5, 3.4, 3.6, 2.6, 0.8),
+        (16, 3.2, 3.0, 2.9, 3.1, 0.8),
+        (1024, 25.0, 30.0, 31.0, 26.0, None),
+        (4096, 100.0, 120.0, 119.0, None, None),
+    ]:
+        for name, us in (
+            ("dispatched", disp),
+            ("compiled_static", stat),
+            ("compiled_dynamic", dyn),
+            ("plain", plain),
+            ("empty", empty),
+        ):
+            if us is not None:
+                recs.append({"hidden": 5120, "tokens": t, "variant": name, "median_us": us, "ok": True})
     recs.append({"hidden": 5120, "tokens": 2, "variant": "dispatched", "median_us": 1.0, "ok": False})
     bw = 4.0e12
     rows = bench.summarize_tp1(recs, 5120, bw)
-    assert sorted(rows) == [1, 16, 1024]  # failed points are not summarized
+    assert sorted(rows) == [1, 16, 1024, 4096]  # failed points are not summarized
     assert rows[1]["compiled"] == 3.4 and rows[1]["compiled_from"] == "static"
     assert rows[16]["compiled"] == 2.9 and rows[16]["compiled_from"] == "dynamic"
-    assert rows[1024]["floor"] == pytest.approx(bench.op_bytes(1024, 5120) / bw * 1e6)
-    assert bench.op_bytes(1024, 5120) == 1024 * 5120 * 7 + 1024 * 40 * 4 + 5120 * 2
+    assert rows[1024]["floor"] == pytest.approx(measurement.op_bytes(1024, 5120) / bw * 1e6)
+    assert measurement.op_bytes(1024, 5120) == 1024 * 5120 * 7 + 1024 * 40 * 4 + 5120 * 2
     assert rows[16]["dispatched_over_compiled"] == pytest.approx(3.2 / 2.9)
+    assert rows[1]["dispatched_over_plain"] == pytest.approx(2.5 / 2.6)
+    assert rows[1]["dispatched_over_empty"] == pytest.approx(2.5 / 0.8)
     targets = bench.tp1_targets({"5120": {str(t): r for t, r in rows.items()}})
-    assert targets["points"] == 3
+    assert targets["points"] == 4
     misses = targets["misses"]
     assert [m[:2] for m in misses["dispatched_over_compiled_gt_1"]] == [[5120, 16]]
-    assert [m[:2] for m in misses["dispatched_gt_3us_to_16_tokens"]] == [[5120, 16]]
-    floor_ratio = 25.0 / rows[1024]["floor"]
-    assert (len(misses["dispatched_over_floor_gt_1.3_from_1024_tokens"]) == 1) == (floor_ratio > 1.3)
-    assert "| 1024 |" in bench.table_tp1(rows)
+    assert [m[:2] for m in misses["dispatched_over_plain_gt_1_to_64_tokens"]] == [[5120, 16]]
+    # 5120 is in the 2.5 us class up to 64 tokens: 2.5 is met, 3.2 is not; 1024 tokens is not decode
+    assert [m[:2] for m in misses["dispatched_over_us_target_to_64_tokens"]] == [[5120, 16]]
+    for start in (1024, 4096):
+        want = [t for t in (1024, 4096) if t >= start and rows[t]["dispatched_over_floor"] > 1.3]
+        assert [m[1] for m in misses[f"dispatched_over_floor_gt_1.3_from_{start}_tokens"]] == want
+    assert "| 1024 |" in bench.table_tp1(rows) and "disp/plain" in bench.table_tp1(rows)
+    small = bench.tp1_targets({"4096": {"8": {"dispatched": 2.1, "dispatched_over_floor": 9.0}}})
+    assert small["misses"]["dispatched_over_us_target_to_64_tokens"] == [[4096, 8, 2.1]]
+
+
+def test_decode_step_summary_counts_two_sites_per_layer_and_the_final_norm():
+    summary = {"5120": {"1": {"dispatched": 2.0, "compiled": 3.0}, "8": {"dispatched": 2.2}}}
+    steps = bench.decode_steps(summary)
+    assert [(s["model"], s["tokens"]) for s in steps] == [("Qwen3.5-27B", 1)]  # 8: no compiled point
+    assert steps[0]["sites"] == 129 and steps[0]["saved_us_per_step"] == pytest.approx(129.0)
+    assert "| Qwen3.5-27B | 5120 | 129 | 1 | 2.00 | 3.00 | 129 |" in bench.table_decode_steps(steps)
+    sites = {name: 2 * layers + 1 for name, _, layers in bench.QWEN35_TP1_MODELS}
+    assert sites == {
+        "Qwen3.5-27B": 129,
+        "Qwen3.5-9B": 65,
+        "Qwen3.5-35B-A3B": 81,
+        "Qwen3.5-122B-A10B": 97,
+        "Qwen3.5-397B-A17B": 121,
+    }
 
 
 def test_tp2_summary_has_the_compiled_chain():
@@ -163,7 +199,8 @@ def test_kernels_and_benchmarks_import_without_vllm():
         "            raise ImportError('vllm is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
         "sys.path[:0] = ['.', 'benchmarks', 'tests']\n"
-        "import bench_fused_ar_rms_quant, sweep_local_launch, precompile, compiled_baseline, derive_launch_table\n"
+        "import measurement, bench_fused_ar_rms_quant, sweep_local_launch, sweep_grid, precompile\n"
+        "import compiled_baseline, derive_launch_table\n"
         "import vllm_rocm_fused.kernels.add_rmsnorm_quant, vllm_rocm_fused.kernels.oneshot_ll_ar_norm_quant\n"
         "import vllm_rocm_fused.kernels.oneshot_ar_norm_quant, vllm_rocm_fused.kernels.twoshot_ar_norm_quant\n"
         "import vllm_rocm_fused.backends.cuda.backend, vllm_rocm_fused.ops.fused\n"
@@ -194,3 +231,35 @@ def test_committed_sweep_and_tp1_results_match_the_table_the_dispatch_uses():
     used = {int(h): tuple(tuple(e) for e in v) for h, v in run["launch_table"]["table"].items()}
     assert used == local_launch_table.TABLE, "h200_tp1.json was measured with another launch table"
     assert all(r.get("ok") for r in run["results"]), "a TP=1 point failed its reference check"
+
+
+def test_benchmark_scripts_do_not_import_each_other_in_a_circle():
+    """Issue 21: the scripts under benchmarks/ share their helpers through one module
+    (measurement.py); the imports among them, at module level or inside functions, form no cycle."""
+    import ast
+
+    bench_dir = ROOT / "benchmarks"
+    local = {p.stem for p in bench_dir.glob("*.py")}
+    graph = {}
+    for path in bench_dir.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module.split(".")[0])
+        graph[path.stem] = sorted((deps & local) - {path.stem})
+
+    def cycle_from(node, stack):
+        if node in stack:
+            return stack[stack.index(node) :] + [node]
+        for dep in graph[node]:
+            found = cycle_from(dep, stack + [node])
+            if found:
+                return found
+        return None
+
+    for module in sorted(graph):
+        cycle = cycle_from(module, [])
+        assert cycle is None, f"benchmarks/ import cycle: {' -> '.join(cycle)}"
+    assert "measurement" in graph["bench_fused_ar_rms_quant"] and "measurement" in graph["sweep_local_launch"]

@@ -57,19 +57,25 @@ def test_norm_only_rows_of_other_widths():
 
 
 def test_local_launch_uses_the_measured_table_and_a_rule_elsewhere(monkeypatch):
-    monkeypatch.setattr(local_launch_table, "TABLE", {5120: ((16, 16, 1), (1024, 8, 1), (None, 8, 2))})
+    monkeypatch.setattr(local_launch_table, "TABLE", {5120: ((16, 8, 2), (128, 16, 16), (None, 8, 64))})
     tile = row_tile(5120, 128)
-    got = [(t, local_launch(5120, t, tile)) for t in (1, 16, 17, 1024, 1025, 8192)]
-    assert [(g.num_warps, g.rows, g.measured) for _, g in got] == [
-        (16, 1, True),
-        (16, 1, True),
-        (8, 1, True),
-        (8, 1, True),
+    got = [(t, local_launch(5120, t, tile)) for t in (1, 16, 17, 128, 129, 8192)]
+    assert [(g.num_warps, g.slice_groups, g.measured) for _, g in got] == [
         (8, 2, True),
         (8, 2, True),
+        (16, 16, True),
+        (16, 16, True),
+        (8, 64, True),
+        (8, 64, True),
     ]
+    # not in the table: one program per row (the row's 24 groups padded to 32), 8 warps
     other = local_launch(3072, 64, row_tile(3072, 128))
-    assert (other.num_warps, other.rows, other.measured) == (row_tile(3072, 128).num_warps, 1, False)
+    assert (other.num_warps, other.slice_groups, other.measured) == (8, 32, False)
+    small = local_launch(640, 1, row_tile(640, 128))
+    assert (small.num_warps, small.slice_groups, small.measured) == (4, 8, False)
+    # the table is in 128-groups: another group width takes the rule (its whole padded row)
+    norm = local_launch(5120, 1, row_tile(5120, 64))
+    assert (norm.slice_groups, norm.measured) == (128, False)
 
 
 def test_committed_table_is_well_formed():
@@ -77,5 +83,32 @@ def test_committed_table_is_well_formed():
         assert hidden % 128 == 0 and entries
         maxes = [m for m, _, _ in entries]
         assert maxes[-1] is None and maxes[:-1] == sorted(maxes[:-1]) and None not in maxes[:-1]
-        for _, warps, rows in entries:
-            assert _is_pow2(warps) and 1 <= warps <= 32 and rows in (1, 2, 4)
+        row_g = 1 << (hidden // 128 - 1).bit_length()
+        for _, warps, slice_groups in entries:
+            assert _is_pow2(warps) and 1 <= warps <= 32
+            assert _is_pow2(slice_groups) and slice_groups <= row_g
+        assert entries[-1][2] == row_g, "the largest token counts run one program per row"
+
+
+def test_local_kernel_takes_power_of_two_slices_of_the_row_only():
+    import torch
+
+    from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
+
+    x = torch.zeros(2, 5120, dtype=torch.bfloat16)
+    w = torch.zeros(5120, dtype=torch.bfloat16)
+    for bad in (3, 24, 128):  # 5120 = 40 groups: padded row of 64
+        with pytest.raises(ValueError, match="slice_groups must be a power of two from 1 to 64"):
+            add_rmsnorm_quant(x, x, w, 1e-6, slice_groups=bad)
+
+
+def test_doctor_states_the_tp1_rule_from_the_table(monkeypatch):
+    from vllm_rocm_fused.backends.cuda.backend import dispatch_summary
+
+    monkeypatch.setattr(local_launch_table, "GPU", "NVIDIA H200")
+    monkeypatch.setattr(local_launch_table, "TABLE", {5120: ((32, 8, 4), (None, 8, 64)), 8192: ((None, 8, 64),)})
+    line = dispatch_summary()["dispatch TP=1"]
+    assert "split at hidden 5120 up to 32 tokens" in line and "8192" not in line
+    assert "measured on NVIDIA H200" in line and "other hidden sizes: one program per row" in line
+    monkeypatch.setattr(local_launch_table, "TABLE", {})
+    assert "no measured launch table" in dispatch_summary()["dispatch TP=1"]

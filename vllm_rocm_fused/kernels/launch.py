@@ -16,7 +16,9 @@ from ..platform_info import fp8_max
 from . import local_launch_table
 
 # Largest row (groups rounded up to whole parts, x the group rounded up to a power of two)
-# a program holds in registers: any multiple of 128 up to 16384 in 128-groups.
+# a program holds in registers: any multiple of 128 up to 16384 in 128-groups. (The local
+# kernel's tile, the group count rounded up to a power of two, fits exactly when the parts
+# do: the limit over gs is a power of two.)
 MAX_TILE = 16384
 # Parts a row's groups are split into (row_math.py): four cover every group count whose
 # binary form has at most four ones (every multiple of 128 Qwen3.5 uses: 16, 20, 24, 32, 40
@@ -45,7 +47,8 @@ def row_parts(n_groups: int) -> tuple[int, int, int, int]:
 class RowTile:
     """How a row of ``hidden`` elements is laid out: ``n_groups`` groups of ``group`` elements
     (each a tile row of ``gs`` lanes, ``group`` rounded up to a power of two), in the
-    power-of-two parts ``parts`` (row_math.py)."""
+    power-of-two parts ``parts`` of the multi-GPU kernels (row_math.py; the local kernel
+    holds the groups as one tile of n_groups rounded up to a power of two instead)."""
 
     group: int  # elements per tile row (the quant group, or a norm-only width)
     gs: int  # group rounded up to a power of two
@@ -59,8 +62,8 @@ class RowTile:
 
     @property
     def num_warps(self) -> int:
-        """Warps of the norm-only kernels and the default of the local kernel: about one warp
-        per 512 lanes (16 per thread), 4 to 16."""
+        """Warps of the multi-GPU kernels' norm-only launches: about one warp per 512 lanes
+        (16 per thread), 4 to 16."""
         return min(16, max(4, _pow2_floor(self.elements // 512)))
 
     @property
@@ -113,20 +116,43 @@ class LocalLaunch:
     """Launch shape of the local add + RMSNorm + quant kernel (add_rmsnorm_quant.py)."""
 
     num_warps: int
-    rows: int  # token rows per program
-    measured: bool  # from local_launch_table.TABLE (else the RowTile rule)
+    slice_groups: int  # groups per program: the row's group count rounded up to a power of two = one program per row
+    measured: bool  # from local_launch_table.TABLE (else the default rule)
 
 
 def local_launch(hidden: int, tokens: int, tile: RowTile) -> LocalLaunch:
-    """The measured launch shape for ``tokens`` rows of ``hidden`` (local_launch_table.py:
-    the first entry whose max_tokens >= tokens), or, for a hidden size the table does not
-    have, ``tile.num_warps`` warps and one row per program."""
-    entries = local_launch_table.TABLE.get(hidden)
+    """The measured launch shape for ``tokens`` rows of ``hidden`` in 128-groups
+    (local_launch_table.py: the first entry whose max_tokens >= tokens); for a hidden size
+    or a group width the table does not have, one program per row with 4 warps up to 1024
+    lanes, 8 up to 8192 (8 was the fastest one-program-per-row shape from 1024 tokens at
+    every measured hidden size, benchmarks/results/h200_tp1_decode_explore.json) and 16
+    above (at most 32 lanes per thread)."""
+    row_g = triton.next_power_of_2(tile.n_groups)
+    entries = local_launch_table.TABLE.get(hidden) if tile.group == 128 else None
     if entries:
-        for max_tokens, warps, rows in entries:
+        for max_tokens, warps, slice_groups in entries:
             if max_tokens is None or tokens <= max_tokens:
-                return LocalLaunch(warps, rows, True)
-    return LocalLaunch(tile.num_warps, 1, False)
+                return LocalLaunch(warps, min(slice_groups, row_g), True)
+    lanes = row_g * tile.gs
+    return LocalLaunch(4 if lanes <= 1024 else 8 if lanes <= 8192 else 16, row_g, False)
+
+
+def local_rule() -> str:
+    """The local kernel's launch rule in words (doctor's TP=1 line), from the measured table."""
+    head = "one fused add + RMSNorm + quant kernel"
+    table = local_launch_table.TABLE
+    if not table:
+        return head + ", one program per token row (no measured launch table)"
+    split = []
+    for hidden, entries in sorted(table.items()):
+        row_g = triton.next_power_of_2(hidden // 128)
+        up_to = [m for m, _, g in entries if g < row_g and m is not None]
+        if up_to:
+            split.append(f"{hidden} up to {max(up_to)}")
+    text = head + "; at small batches a token row is split over several programs (each computes the row's"
+    text += " sum of squares, then its slice's norm and quant), above one program per row; measured on "
+    text += f"{local_launch_table.GPU}: split at hidden " + (", ".join(split) if split else "none") + " tokens"
+    return text + "; other hidden sizes: one program per row"
 
 
 def empty_outputs(

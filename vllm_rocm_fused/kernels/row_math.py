@@ -17,9 +17,14 @@ registers (nothing is re-read, so the all-reduce kernels read their peers' data 
   2. inv_rms = rsqrt(ss / HIDDEN + eps) once, then per part ``finish_part``: r = round(s),
      normed = round(s * inv_rms * (w + offset)), per group scale and q, stores.
 The arithmetic follows ``ops/reference.py`` step by step (same roundings, same
-multiplication order, IEEE divisions via ``div_rn``), so a kernel differs from the
-reference only through the order of the row's float32 sum of squares and of the
-all-reduce, and through ``rsqrt``'s last bit.
+multiplication order, correctly rounded quotients), so a kernel differs from the reference
+only through the order of the row's float32 sum of squares and of the all-reduce, and
+through ``rsqrt``'s last bit. The quant's division by the group's scale is one reciprocal per
+group and a Markstein correction per element (``quant_tile``): the correctly rounded
+quotient the IEEE division gives, in three instructions instead of a division (an
+element-wise ``div_rn`` cost a program holding a whole row 0.13-2.9 us per call at decode
+sizes on an H200, most on a padded tile's all-zero groups; a program with a 256-element
+slice, ~0: benchmarks/results/h200_tp1_decode_explore.json).
 
 NaN/Inf: the sums propagate them; amax, the amax floor and the clamp use NaN-propagating
 min/max (Triton's defaults drop NaN), so a NaN row gives NaN scales and NaN ``q`` as the
@@ -35,6 +40,7 @@ import triton.language as tl
 
 # Floor under a group's amax (ops.reference.AMAX_FLOOR).
 AMAX_FLOOR: tl.constexpr = tl.constexpr(1e-10)
+F32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 # Control words of a symmetric workspace's local int32 control tensor (see symm_sync.py).
 CTL_CALLS: tl.constexpr = tl.constexpr(0)  # completed calls: their parity picks the buffer half
@@ -83,11 +89,27 @@ def norm_part(s, inv, w, weight_offset, OUT_DTYPE: tl.constexpr):
 @triton.jit
 def quant_tile(normed, FP8_MAX: tl.constexpr):
     """Per-row-of-the-tile (= per group) dynamic symmetric quant of ``normed``.
-    Returns (q as float32 already clamped to +-FP8_MAX, scale [rows of the tile] float32)."""
+    Returns (q as float32 already clamped to +-FP8_MAX, scale [rows of the tile] float32).
+
+    q = normed / scale, correctly rounded, as r = 1 / scale (rounded to nearest, once per
+    group), q0 = n * r, then Markstein's correction q = q0 - (q0 * scale - n) * r (two fused
+    multiply-adds): with r the rounded reciprocal and q0 within an ulp of n / scale, the
+    corrected q is n / scale rounded to nearest (Markstein 1990; the GPU tests check the
+    bytes against an IEEE division). An infinite scale (an fp16/bf16 overflow in normed)
+    gives r = 0; the residual then uses the largest finite float32 so that q = n * 0 stays
+    what n / inf is (NaN for an infinite n). A NaN scale gives NaN; a zero n gives a zero of
+    n's sign."""
     nf = normed.to(tl.float32)
     amax = tl.reduce(tl.abs(nf), 1, nan_max)
     scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL), FP8_MAX)
-    q = tl.math.div_rn(nf, scale[:, None])
+    r = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
+    finite = tl.minimum(scale, F32_MAX, propagate_nan=tl.PropagateNan.ALL)[:, None]
+    q0 = nf * r
+    q = tl.fma(-tl.fma(q0, finite, -nf), r, q0)
+    # a zero quotient keeps n's sign (the correction turns -0 into +0): q / n > 0 always
+    # (scale > 0), so n's sign bit is q's; one bitwise op
+    sign = nf.to(tl.uint32, bitcast=True) & 0x80000000
+    q = (q.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     q = tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     q = tl.minimum(q, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     return q, scale
@@ -120,7 +142,55 @@ def finish_part(
     weights, loaded by the caller with its other loads (not after the row's reduction)."""
     base = tl.cast(row, tl.int64) * HIDDEN
     tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
-    normed = norm_part(s, inv, w, weight_offset, res_out_ptr.dtype.element_ty)
+    store_norm_quant(
+        s,
+        w,
+        inv,
+        row,
+        offs,
+        mask,
+        g,
+        gmask,
+        weight_offset,
+        normed_ptr,
+        q_ptr,
+        scale_ptr,
+        scale_st,
+        scale_sg,
+        res_out_ptr.dtype.element_ty,
+        HIDDEN,
+        QUANT,
+        EMIT,
+        FP8_MAX,
+    )
+
+
+@triton.jit
+def store_norm_quant(
+    s,
+    w,
+    inv,
+    row,
+    offs,
+    mask,
+    g,
+    gmask,
+    weight_offset,
+    normed_ptr,
+    q_ptr,
+    scale_ptr,
+    scale_st,
+    scale_sg,
+    OUT_DTYPE: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    QUANT: tl.constexpr,
+    EMIT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+):
+    """A tile's normed (OUT_DTYPE; stored if EMIT) and its (q, scale) (if QUANT), the
+    residual being stored by the caller."""
+    base = tl.cast(row, tl.int64) * HIDDEN
+    normed = norm_part(s, inv, w, weight_offset, OUT_DTYPE)
     if EMIT:
         tl.store(normed_ptr + base + offs, normed, mask=mask)
     if QUANT:

@@ -348,7 +348,9 @@ def _size(nbytes: int) -> str:
 
 
 def dispatch_summary() -> dict[str, str]:
-    rows = {}
+    from ...kernels.launch import local_rule
+
+    rows = {"dispatch TP=1": local_rule()}
     for w in (2, 4, 8):
         ll = dispatch.LL_MAX_BYTES[w]
         one = dispatch.ONESHOT_MAX_BYTES[w]
