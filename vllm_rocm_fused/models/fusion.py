@@ -19,9 +19,11 @@ do. For every local decoder layer ``i``:
 
 A site whose consumer cannot take (fp8, scale) keeps bf16 output, and the
 reason is reported. Anything that would make a deferred partial sum escape
-unreduced (sequence-parallel MoE, EAGLE-3 taps of hidden states, a MoE runner
-that cannot skip its reduce, the last layer of a non-last pipeline stage) keeps
-that reduce where vLLM put it.
+unreduced (sequence-parallel MoE, a MoE that ends in an all2all combine rather
+than a TP all-reduce, drafts that read intermediate hidden states such as
+EAGLE-3, a MoE runner that cannot skip its reduce, the last layer of a non-last
+pipeline stage) keeps that reduce where vLLM put it. The decisions read vLLM's
+own fields; one that this vLLM lacks keeps the reduce (logged once).
 """
 
 from __future__ import annotations
@@ -176,29 +178,84 @@ def _mlp_kind(layer) -> str:
     return "moe" if hasattr(layer.mlp, "experts") else "dense"
 
 
+class UnknownVllmField(Exception):
+    """A field of vLLM's that a deferral decision reads is missing (renamed or removed)."""
+
+
+def _vllm_field(obj, name: str, owner: str):
+    """``obj.<name>`` as vLLM 0.32/0.33 define it; ``UnknownVllmField`` ("owner.name")
+    where this vLLM has none, so that a decision can fail closed instead of guessing."""
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise UnknownVllmField(f"{owner}.{name}") from None
+
+
+def _kept_for_unknown(field: UnknownVllmField, what: str) -> str:
+    """The reason for keeping ``what`` unfused when ``field`` is missing; logged once."""
+    reason = f"this vLLM has no {field} (renamed?), so {what} stays as vLLM does it"
+    log_once(logger, logging.WARNING, f"unknown-field:{field}:{what}", "vllm-rocm-fused: %s", reason)
+    return reason
+
+
 def _why_mlp_reduce_stays(layer) -> str | None:
-    """None if the MLP/MoE output reduce of ``layer`` can be deferred."""
-    mlp = layer.mlp
-    if _mlp_kind(layer) == "dense":
-        down = mlp.down_proj
-        if not getattr(down, "reduce_results", False):
-            return "down_proj does not reduce"
-        if getattr(down, "tp_size", 1) == 1:
-            return "down_proj is not tensor-parallel"
-        return None
-    if getattr(mlp, "is_sequence_parallel", False):
-        return "sequence-parallel MoE"
-    if getattr(mlp, "replicate_shared_expert", False) and getattr(mlp, "shared_expert", None) is not None:
-        return "the shared expert is replicated (its output is not a partial sum)"
-    cfg = getattr(mlp.experts, "moe_config", None)
-    if cfg is None or not hasattr(cfg, "skip_final_all_reduce"):
-        return "this vLLM's MoE runner cannot skip its final all-reduce"
-    par = getattr(cfg, "moe_parallel_config", None)
-    if par is not None and (getattr(par, "use_all2all_kernels", False) or getattr(par, "use_ep", False)):
-        return "expert parallel / all2all MoE"
-    if getattr(cfg, "dp_size", 1) > 1 or getattr(cfg, "pcp_size", 1) > 1:
-        return "data/context-parallel MoE"
+    """None if the MLP/MoE output reduce of ``layer`` can be deferred to the next norm
+    site; else why it stays where vLLM put it (a field this vLLM lacks: it stays)."""
+    try:
+        if _mlp_kind(layer) == "dense":
+            return _why_dense_reduce_stays(layer.mlp)
+        return _why_moe_reduce_stays(layer.mlp)
+    except UnknownVllmField as e:
+        return _kept_for_unknown(e, "the MLP reduce")
+
+
+def _why_dense_reduce_stays(mlp) -> str | None:
+    down = _vllm_field(mlp, "down_proj", "Qwen3NextMLP")
+    if not _vllm_field(down, "reduce_results", "RowParallelLinear"):
+        return "down_proj does not reduce"
+    if _vllm_field(down, "tp_size", "RowParallelLinear") == 1:
+        return "down_proj is not tensor-parallel"
     return None
+
+
+def _why_moe_reduce_stays(block) -> str | None:
+    """The MoE block's output can be deferred when vLLM's MoE runner ends with a plain TP
+    all-reduce of the routed + shared partial sums (``MoERunner._maybe_reduce_final_output``),
+    which ``FusedMoEConfig.skip_final_all_reduce`` skips. vLLM's own factory honors that
+    request only without all2all kernels, sequence-parallel MoE or zero experts; the rule
+    reads those facts, not ``use_ep``: at ``-tp N --enable-expert-parallel`` (dp=1) each rank
+    holds whole experts and the output is still a partial sum over the TP ranks."""
+    if _vllm_field(block, "is_sequence_parallel", "Qwen3NextSparseMoeBlock"):
+        return "sequence-parallel MoE (the block all-gathers its output over TP)"
+    if _vllm_field(block, "replicate_shared_expert", "Qwen3NextSparseMoeBlock") and (
+        _vllm_field(block, "shared_expert", "Qwen3NextSparseMoeBlock") is not None
+    ):
+        return "the shared expert is replicated (its output is not a partial sum)"
+    runner = _vllm_field(block, "experts", "Qwen3NextSparseMoeBlock")
+    cfg = _vllm_field(runner, "moe_config", "MoERunner")
+    _vllm_field(cfg, "skip_final_all_reduce", "FusedMoEConfig")
+    par = _vllm_field(cfg, "moe_parallel_config", "FusedMoEConfig")
+    if _vllm_field(par, "is_sequence_parallel", "FusedMoEParallelConfig"):
+        return "sequence-parallel MoE"
+    if _vllm_field(par, "use_all2all_kernels", "FusedMoEParallelConfig"):
+        return "all2all MoE kernels (a combine step, not a TP all-reduce, ends the MoE)"
+    if _vllm_field(par, "all2all_backend", "FusedMoEParallelConfig") == "passthrough":
+        return "passthrough all2all (the experts return a reduced output)"
+    if _vllm_field(par, "dp_size", "FusedMoEParallelConfig") > 1:
+        return "data-parallel MoE (tokens all-gathered and reduce-scattered over DP)"
+    if _vllm_field(par, "pcp_size", "FusedMoEParallelConfig") > 1:
+        return "context-parallel MoE"
+    if _is_zero_expert_router(_vllm_field(runner, "router", "MoERunner")):
+        return "zero experts (their output is added after the reduce)"
+    return None
+
+
+def _is_zero_expert_router(router) -> bool:
+    try:
+        from vllm.model_executor.layers.fused_moe.router.zero_expert_router import ZeroExpertRouter
+    except ImportError:
+        raise UnknownVllmField("fused_moe.router.zero_expert_router.ZeroExpertRouter") from None
+    return isinstance(router, ZeroExpertRouter)
 
 
 def _defer_mlp_reduce(layer) -> None:
@@ -264,17 +321,43 @@ def _install_site(
 
 
 def _why_stack_not_fused(vllm_config, layers) -> str | None:
-    if any(getattr(layer, "use_attn_reduce_scatter_for_moe", False) for layer in layers):
+    """Why nothing is fused in ``layers``: with sequence-parallel MoE (``-dp N -tp M
+    --enable-expert-parallel``) attention reduce-scatters its output, the norms see a
+    slice of the tokens and the next layer all-gathers their output: no site can take a
+    partial sum or hand on (fp8, scale). A layer without the field: not fused either."""
+    try:
+        sp = [_vllm_field(layer, "use_attn_reduce_scatter_for_moe", "Qwen3_5DecoderLayer") for layer in layers]
+    except UnknownVllmField as e:
+        return _kept_for_unknown(e, "every norm site")
+    if any(sp):
         return "sequence-parallel MoE (attention reduce-scatter) is enabled"
     return None
 
 
+# Speculative methods whose draft reads at most the target's final (reduced) hidden
+# states, so the reduces inside the stack may move; other methods (EAGLE-3, DFlash,
+# DSpark, extract_hidden_states, custom classes, names added later) may read a layer's
+# output in between and keep every reduce in place.
+_SPEC_FINAL_STATE_ONLY = ("ngram", "ngram_gpu", "suffix", "draft_model", "medusa", "mlp_speculator", "eagle", "mtp")
+
+
 def _why_no_deferral(vllm_config) -> str | None:
-    spec = getattr(vllm_config, "speculative_config", None)
-    method = getattr(spec, "method", None) if spec is not None else None
-    if method is not None and "eagle3" in str(method):
+    """Why no reduce of the stack may move to the next norm site (None: they may)."""
+    try:
+        spec = _vllm_field(vllm_config, "speculative_config", "VllmConfig")
+        method = None if spec is None else _vllm_field(spec, "method", "SpeculativeConfig")
+    except UnknownVllmField as e:
+        return _kept_for_unknown(e, "every reduce")
+    if spec is None:
+        return None
+    name = str(method)
+    if name in _SPEC_FINAL_STATE_ONLY or name.endswith("_mtp"):
+        return None
+    if name == "eagle3":
         return "EAGLE-3 reads intermediate hidden states, which must stay reduced"
-    return None
+    reason = f"speculative method {name} may read intermediate hidden states, which must stay reduced"
+    log_once(logger, logging.INFO, f"spec-method:{name}", "vllm-rocm-fused: %s: every reduce stays", reason)
+    return reason
 
 
 def install(
