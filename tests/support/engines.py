@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,8 @@ NO_AR_QUANT = (("VLLM_ROCM_FUSED_DISABLE_AR_QUANT", "1"),)
 MTP = (("method", "mtp"), ("num_speculative_tokens", 2))
 
 PROMPTS = 8
+# pytest-timeout for a module whose first test starts all of the module's engines.
+ENGINES_TIMEOUT = 3600
 TRAINED_TOKENS = 96
 RANDOM_TOKENS = 32
 
@@ -210,6 +213,7 @@ def _run_group(build, env: dict[str, str], group: list[Engine], timeout_per_engi
         out = Path(tmp) / "results.json"
         full_env = {**os.environ, **cpu_env(workers), **env}
         full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), full_env.get("PYTHONPATH", "")])
+        cpu_before = _children_cpu_seconds()
         proc = subprocess.run(
             [sys.executable, "-m", "support.engine_probe", str(Path(tmp) / "jobs.json"), str(out)],
             cwd=TESTS_DIR,
@@ -221,10 +225,17 @@ def _run_group(build, env: dict[str, str], group: list[Engine], timeout_per_engi
         )
         results = json.loads(out.read_text()) if out.exists() else {}
     logs = _split_log(proc.stdout)
+    names = ", ".join(e.name for e in group)
+    print(f"\nengines [{names}]: {_children_cpu_seconds() - cpu_before:.0f} CPU s (runner and its workers)")
     for e in group:
         result = results.get(e.name) or {"error": f"the engine runner wrote no result (rc={proc.returncode})"}
         result["log"] = logs.get(e.name, proc.stdout)
         _cache[e] = result
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _split_log(text: str) -> dict[str, str]:

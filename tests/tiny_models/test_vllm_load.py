@@ -19,10 +19,10 @@ TP=2 ones are shared with test_qwen3_5_fusion.
 
 import pytest
 
-from support.engines import Engine, forced_agreement, task_accuracy
+from support.engines import ENGINES_TIMEOUT, Engine, forced_agreement, task_accuracy
 from support.markers import requires_vllm
 
-pytestmark = [requires_vllm, pytest.mark.slow]
+pytestmark = [requires_vllm, pytest.mark.slow, pytest.mark.timeout(ENGINES_TIMEOUT)]
 
 TP1_PRESETS = [
     "dense-bf16",
