@@ -156,3 +156,36 @@ def vllm_site_self_check_rank(rank, world_size, port, fault, modes, tokens):
         finally:
             parallel_state.destroy_model_parallel()
             parallel_state.destroy_distributed_environment()
+
+
+def selftest_rocm_rank(rank, world_size, port, cases, hidden, tokens):
+    """``selftest``'s per-rank work (checks and eager timings) over a real gloo group, on a
+    fake ROCm box, once per (aiter generation, arch) in ``cases``: per case, the rows."""
+    from support import fake_aiter
+    from vllm_rocm_fused.cli import selftest
+    from vllm_rocm_fused.ops import backends
+
+    cfg = selftest.Config(
+        hiddens=[hidden],
+        sites={hidden: selftest.sites_for_hidden(world_size)},
+        tp=world_size,
+        tokens=tokens,
+        device="cpu",
+        scale_layout="row",
+        repeats=1,
+        replays=1,
+    )
+    ctx = selftest.rank_context(rank, world_size, port, cfg)
+    try:
+        per_case = []
+        for generation, arch in cases:
+            fake_aiter.install(generation, arch)
+            backends.get_backend("rocm").set_environment(fake_aiter.FakeRocmEnv(arch))
+            backends.reset_decisions()
+            ctx["comm"].extras.clear()  # the CustomAllreduce the last generation built for the group
+            ctx["quant_dtype"] = fake_aiter.ARCH_FP8[arch]
+            per_case.append((selftest.rank_rows(cfg, ctx), list(fake_aiter.base.STATE.violations)))
+            fake_aiter.uninstall()
+        return per_case
+    finally:
+        dist.destroy_process_group()

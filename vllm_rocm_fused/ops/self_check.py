@@ -121,6 +121,11 @@ def results() -> list[SizeResult]:
     return list(_results)
 
 
+def checked_sites() -> list[str]:
+    """The sites checked so far (their labels, "attn_input" or "attn_input (no all-reduce)"), in order."""
+    return list(dict.fromkeys(r.site for r in _results))
+
+
 def check_sizes(max_tokens: int) -> list[int]:
     """Both ends of every power-of-two token bucket up to ``max_tokens``:
     1, 2, 3, 4, 5, 8, 9, 16, ..., max_tokens."""
@@ -360,7 +365,7 @@ def site_summary(site: str) -> str | None:
 def summary_lines(site: str | None = None) -> list[str]:
     """The check's findings, one line per site (``site``: that one only), in the words
     doctor uses, or nothing if nothing was checked."""
-    sites = [site] if site is not None else list(dict.fromkeys(r.site for r in _results))
+    sites = [site] if site is not None else checked_sites()
     lines = [line for s in sites if (line := site_summary(s)) is not None]
     if not lines:
         return []
