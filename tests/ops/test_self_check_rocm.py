@@ -128,10 +128,9 @@ def test_a_wrong_fused_kernel_is_disabled_where_it_is_wrong(rocm, clean_registry
     for t in SIZES:
         if backends.token_bucket(t) in disabled:
             assert final[t] == ("native", "generic"), t  # the registry's cut: the backend for the bucket
-    warnings = [
-        r.getMessage() for r in plugin_log.records if "self-check" in r.getMessage() and r.levelname == "WARNING"
-    ]
-    assert len(warnings) == len(disabled) and "fp8 steps" in warnings[0]
+    (warning,) = [m for r in plugin_log.records if "self-check" in (m := r.getMessage()) and r.levelname == "WARNING"]
+    assert "rocm/fused-1 differs" in warning and "fp8 steps" in warning
+    assert f"disabled on every rank for {self_check.bucket_ranges(disabled)}," in warning
     # serving calls of a disabled bucket now take the portable path, the others keep fused-1
     assert {(name, key.bucket) for name, key, _ in backends.disabled_paths()} == {("rocm", b) for b in disabled}
     summary = self_check.site_summary("s")

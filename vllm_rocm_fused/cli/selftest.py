@@ -377,14 +377,27 @@ def rank_context(rank: int, world: int, port: int, cfg: Config) -> dict:
     }
 
 
-def rank_rows(cfg: Config, ctx: dict) -> list[dict]:
-    """Every site x token count on this rank (every rank runs the same sequence)."""
-    return [
-        _measure(site, hidden, tokens, cfg, ctx)
-        for hidden in cfg.hiddens
-        for site in cfg.sites[hidden]
-        for tokens in cfg.tokens
-    ]
+def rank_rows(cfg: Config, ctx: dict, *, progress: bool = False) -> list[dict]:
+    """Every site x token count on this rank (every rank runs the same sequence);
+    ``progress``: print a line per row as it is done."""
+    rows = []
+    for hidden in cfg.hiddens:
+        for site in cfg.sites[hidden]:
+            for tokens in cfg.tokens:
+                row = _measure(site, hidden, tokens, cfg, ctx)
+                rows.append(row)
+                if progress:
+                    us = (
+                        f", {row['us_fused']:.1f} us fused, {row['us_unfused']:.1f} us unfused"
+                        if "us_fused" in row
+                        else ""
+                    )
+                    print(
+                        f"selftest: hidden {hidden} {site.label} T={tokens}: {row['backend']}/{row['path']} "
+                        f"{'ok' if row['ok'] else 'DIFFERS'}{us}",
+                        flush=True,
+                    )
+    return rows
 
 
 def rank_main(rank: int, world: int, port: int, cfg: Config, out_dir: str, setup: Callable[[], None] | None) -> None:
@@ -398,7 +411,7 @@ def rank_main(rank: int, world: int, port: int, cfg: Config, out_dir: str, setup
 
     ctx = rank_context(rank, world, port, cfg)
     try:
-        rows = rank_rows(cfg, ctx)
+        rows = rank_rows(cfg, ctx, progress=rank == 0)
         check_cost = _startup_check_cost(cfg, ctx) if cfg.check_up_to else None
         info = {
             "rows": rows,

@@ -253,7 +253,6 @@ def check_call(
         if errors.ok:
             out.append(SizeResult(label, spec.num_tokens, ran.backend, ran.path, errors))
             return out
-        bucket = backends.bucket_text(backends.token_bucket(spec.num_tokens))
         what = f"{ran.backend}/{ran.path} differs from the portable path at T={spec.num_tokens}: {errors.describe()}"
         if strict:
             raise SelfCheckError(
@@ -261,14 +260,6 @@ def check_call(
                 "(startup disables the path instead; VLLM_ROCM_FUSED_BACKEND=native avoids every fast path)"
             )
         backends.disable(ran.backend, spec, f"self-check: {what}")
-        logger.warning(
-            "vllm-rocm-fused: self-check (%s): %s (limits: %g fp8 steps, 1x the allowed error); disabled on every "
-            "rank for %s calls, which take the next backend",
-            label,
-            what,
-            Q_STEPS_MAX,
-            bucket,
-        )
         out.append(SizeResult(label, spec.num_tokens, ran.backend, ran.path, errors, disabled=True))
 
 
@@ -294,7 +285,46 @@ def check_site(
     with _lock:
         _results.extend(out)
         _seconds[label] = _seconds.get(label, 0.0) + time.perf_counter() - t0
+    _warn_disabled(label, out)
     return out
+
+
+def _warn_disabled(label: str, results: list[SizeResult]) -> None:
+    """One WARNING per backend/path the check disabled at this site: where, by how much."""
+    by_path: dict[str, list[SizeResult]] = {}
+    for r in results:
+        if r.disabled:
+            by_path.setdefault(f"{r.backend}/{r.path}", []).append(r)
+    for what, rs in by_path.items():
+        worst = max(rs, key=lambda r: r.errors.q_steps if r.errors is not None else 0.0)
+        assert worst.errors is not None
+        buckets = sorted({backends.token_bucket(r.tokens) for r in rs})
+        logger.warning(
+            "vllm-rocm-fused: self-check (%s): %s differs from the portable path (worst at T=%d: %s; limits: "
+            "%g fp8 steps, 1x the allowed error); disabled on every rank for %s, which take the next backend",
+            label,
+            what,
+            worst.tokens,
+            worst.errors.describe(),
+            Q_STEPS_MAX,
+            bucket_ranges(buckets),
+        )
+
+
+def bucket_ranges(buckets: list[int]) -> str:
+    """Token buckets in words, adjacent ones merged: [1, 2, 4, 16] -> "T=1-4, T=9-16"."""
+    spans: list[list[int]] = []
+    for b in sorted(buckets):
+        if spans and b == spans[-1][1] * 2:
+            spans[-1][1] = b
+        else:
+            spans.append([b, b])
+    texts = []
+    for lo, hi in spans:
+        start = backends.bucket_text(lo).removeprefix("T=").split("-")[0]
+        end = backends.bucket_text(hi).removeprefix("T=").split("-")[-1]
+        texts.append(f"T={start}" if start == end else f"T={start}-{end}")
+    return ", ".join(texts)
 
 
 def before_call(
