@@ -3,7 +3,8 @@
 ``fused_allreduce_rmsnorm_quant`` validates its arguments (clear errors, host
 side), then calls ``torch.ops.vllm_rocm_fused.fused_allreduce_rmsnorm_quant``:
 an opaque op with a fake impl, so torch.compile can trace callers, whose eager
-impl picks a backend (``backends.run``). Nothing here imports vLLM.
+impl picks a backend (``backends.run``; a model site's first call runs the startup
+self-check first, ``self_check.before_call``). Nothing here imports vLLM.
 """
 
 from __future__ import annotations
