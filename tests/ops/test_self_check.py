@@ -288,3 +288,27 @@ def test_vllm_site_without_the_check_serves_the_wrong_scales():
         assert counters == {"fault-injected/fused-1": 1} and disabled == [] and summary == []
         errors = site_errors(out, rank)
         assert not errors.ok and errors.scale > 10 and not math.isinf(errors.q_steps)
+
+
+def test_a_backend_that_raises_is_reported_and_left(clean_registry):
+    from vllm_rocm_fused.ops.native import NativeBackend
+
+    class Raises(NativeBackend):
+        name = "raises"
+        priority = 900
+
+        def run(self, *args):
+            raise RuntimeError("no kernel image for this GPU")
+
+    backends.register_backend(Raises())
+    try:
+        results = self_check.check_site("auto", torch.ones(512, dtype=torch.bfloat16), 1e-6, None, spec_for(), [4, 8])
+    finally:
+        backends.unregister_backend("raises")
+    assert [(r.backend, r.ok, r.disabled) for r in results] == [
+        ("raises", False, True),
+        ("native", True, False),
+        ("native", True, False),
+    ]
+    assert results[0].errors is not None and results[0].errors.problem == self_check.RAISED
+    assert "no kernel image" in backends.broken_backends()["raises"]

@@ -52,6 +52,10 @@ _CAP = 10**15
 SEED = 20240611
 
 
+# a backend that raised at its first run: the registry disabled it and said so (ops.backends)
+RAISED = "raised at its first run (see the log)"
+
+
 class SelfCheckError(RuntimeError):
     """VLLM_ROCM_FUSED_VALIDATE=strict and a fast path differs from the portable one."""
 
@@ -240,13 +244,17 @@ def check_call(
     x: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     while True:
-        if backends.decide(requested, spec, comm).name == "native":  # the spec itself: no inputs needed
+        decided = backends.decide(requested, spec, comm).name
+        if decided == "native":  # the spec itself: no inputs needed
             out.append(SizeResult(label, spec.num_tokens, "native", PATH_GENERIC, None))
             return out
         if x is None:
             x, residual = make_inputs(spec, comm)
         ran = backends.execute(requested, x, residual, weight, eps, comm, spec)
-        if ran.backend == "native":  # the fast backend raised at its first run, on some rank
+        if ran.backend != decided:  # it raised at its first run (on some rank) and was disabled there
+            raised = Errors(math.inf, math.inf, math.inf, math.inf, problem=RAISED)
+            out.append(SizeResult(label, spec.num_tokens, decided, "-", raised, disabled=True))
+        if ran.backend == "native":
             out.append(SizeResult(label, spec.num_tokens, ran.backend, ran.path, None))
             return out
         errors = _agree(compare_with_reference(ran.outputs, x, residual, weight, eps, comm, spec), comm, spec)
@@ -293,7 +301,7 @@ def _warn_disabled(label: str, results: list[SizeResult]) -> None:
     """One WARNING per backend/path the check disabled at this site: where, by how much."""
     by_path: dict[str, list[SizeResult]] = {}
     for r in results:
-        if r.disabled:
+        if r.disabled and r.errors is not None and r.errors.problem != RAISED:
             by_path.setdefault(f"{r.backend}/{r.path}", []).append(r)
     for what, rs in by_path.items():
         worst = max(rs, key=lambda r: r.errors.q_steps if r.errors is not None else 0.0)
