@@ -22,6 +22,10 @@ SWITCH_OFF = ("", "0", "false", "no", "off")
 SWITCH_ON = ("1", "true", "yes", "on")
 # The backends VLLM_ROCM_FUSED_BACKEND can name (tests check this against the registry).
 BACKEND_NAMES = ("auto", "native", "cuda", "rocm")
+# VLLM_ROCM_FUSED_VALIDATE: what the startup self-check does (ops/self_check.py)
+VALIDATE_MODES = ("off", "startup", "strict")
+# VLLM_ROCM_FUSED_FAULT_INJECT: the deliberate faults of the test-only backend (ops/fault_injection.py)
+FAULTS = ("scales", "layout")
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,8 @@ class EnvVar:
     default: str
     help: str
     # How problems() checks a set value: "switch", "backend", "positive int", "folder"
-    # (created when missing, so only a file is wrong), "existing folder", "text" (any).
+    # (created when missing, so only a file is wrong), "existing folder", "validate",
+    # "fault", "text" (any).
     kind: str = "text"
     server: bool = True  # read inside the vLLM processes (False: by the CLI only)
 
@@ -68,6 +73,22 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Largest token count the symmetric-memory buffers of the CUDA backend are sized for; "
         "larger calls use the split path.",
         "positive int",
+    ),
+    EnvVar(
+        "VLLM_ROCM_FUSED_VALIDATE",
+        "startup",
+        "Startup self-check of the fast paths against the portable path, before serving: "
+        "off; startup (a path that differs is disabled on every rank, with a warning); "
+        "strict (a difference stops the server from starting).",
+        "validate",
+    ),
+    EnvVar(
+        "VLLM_ROCM_FUSED_FAULT_INJECT",
+        "",
+        "Tests only: registers a deliberately wrong backend that outranks the others "
+        "(scales: doubled scales; layout: scales in the other memory order), for checking "
+        "that the self-check catches it. Never set it when serving.",
+        "fault",
     ),
     EnvVar(
         "VLLM_ROCM_FUSED_CACHE_DIR",
@@ -125,6 +146,19 @@ def max_tokens() -> int:
     return value
 
 
+def validate_mode() -> str:
+    """off, startup or strict; empty or an unknown value counts as startup (``problems``
+    reports an unknown one)."""
+    value = _raw("VLLM_ROCM_FUSED_VALIDATE").strip().lower()
+    return value if value in VALIDATE_MODES else "startup"
+
+
+def injected_fault() -> str | None:
+    """The test-only fault to inject (scales, layout), or None; an unknown value injects none."""
+    value = _raw("VLLM_ROCM_FUSED_FAULT_INJECT").strip().lower()
+    return value if value in FAULTS else None
+
+
 def cache_dir() -> str:
     return os.path.expanduser(_raw("VLLM_ROCM_FUSED_CACHE_DIR"))
 
@@ -148,6 +182,12 @@ def _value_problem(var: EnvVar, raw: str) -> str | None:
     elif var.kind == "backend":
         if (value.lower() or "auto") not in BACKEND_NAMES:
             return f"not a backend (one of {', '.join(BACKEND_NAMES)})"
+    elif var.kind == "validate":
+        if value and value.lower() not in VALIDATE_MODES:
+            return f"not a self-check mode (one of {', '.join(VALIDATE_MODES)})"
+    elif var.kind == "fault":
+        if value and value.lower() not in FAULTS:
+            return f"not a fault (one of {', '.join(FAULTS)}, or empty)"
     elif var.kind == "positive int":
         try:
             if int(value) < 1:

@@ -76,3 +76,46 @@ def test_valid_settings_pass(monkeypatch, capsys):
     monkeypatch.setenv("VLLM_ROCM_FUSED_MAX_TOKENS", "1024")
     assert main(["doctor", "--tokens", "1"]) == 0
     assert "INVALID SETTING" not in capsys.readouterr().out
+
+
+def test_the_startup_self_check_is_described_with_its_findings(monkeypatch, capsys):
+    """What the setting does, the command to run on GPUs, and what this process's check
+    found and disabled (a server logs the same lines; doctor runs in its own process)."""
+    import torch
+
+    from vllm_rocm_fused.cli import doctor
+    from vllm_rocm_fused.ops import backends, self_check
+    from vllm_rocm_fused.ops.backend_api import CallSpec
+    from vllm_rocm_fused.ops.fault_injection import FaultInjectedBackend
+
+    monkeypatch.setenv("VLLM_ROCM_FUSED_VALIDATE", "strict")
+    assert doctor.self_check_summary()["meaning"].startswith("strict: ")
+    monkeypatch.delenv("VLLM_ROCM_FUSED_VALIDATE")
+    backends.reset_decisions()
+    self_check.reset()
+    backends.register_backend(FaultInjectedBackend("scales"))
+    try:
+        spec = CallSpec(
+            4, 256, torch.bfloat16, torch.device("cpu"), 1, 128, 1.0, False, "row", torch.float8_e4m3fn, True
+        )
+        self_check.check_site("auto", torch.ones(256, dtype=torch.bfloat16), 1e-6, None, spec, [4], site="attn_input")
+        assert doctor.run(doctor_args()) == 0
+        text = capsys.readouterr().out
+    finally:
+        backends.unregister_backend(FaultInjectedBackend.name)
+        backends.reset_decisions()
+        self_check.reset()
+    assert "startup self-check (VLLM_ROCM_FUSED_VALIDATE): startup: before serving" in text
+    assert "attn_input: native/generic at T=4; DISABLED fault-injected/fused-1 at T=4" in text
+    assert "disabled: fault-injected at T=3-4 (hidden 256, TP=1): self-check: fault-injected/fused-1 differs" in text
+    assert "vllm-rocm-fused selftest --model <checkpoint> --tp <GPUs>" in text
+
+
+def doctor_args():
+    import argparse
+
+    from vllm_rocm_fused.cli import doctor
+
+    p = argparse.ArgumentParser()
+    doctor.add_arguments(p)
+    return p.parse_args(["--tokens", "1"])

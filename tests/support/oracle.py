@@ -1,9 +1,16 @@
 """A float64 oracle of the fused op's spec, written independently of
-vllm_rocm_fused.ops.reference (no code shared), plus tolerance checks."""
+vllm_rocm_fused.ops.reference (no code shared), plus tolerance checks built on
+vllm_rocm_fused.ops.tolerance."""
 
 from __future__ import annotations
 
 import torch
+
+# The tolerance helpers are the package's one definition (shared with the self-check);
+# the oracle itself stays independent of ops.reference.
+from vllm_rocm_fused.ops.tolerance import dequantize, fp8_step, rounding_bound, subnormal_step
+
+__all__ = ["assert_matches_oracle", "dequantize", "fp8_half_step", "oracle", "rounding_bound"]
 
 AMAX_FLOOR = 1e-10  # the spec's "tiny"
 
@@ -25,27 +32,10 @@ def oracle(h, residual, weight, eps, *, out_dtype, group_size, weight_offset, fp
     return r, y, scale
 
 
-def rounding_bound(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One rounding step of ``dtype`` at ``value`` (an upper bound on |round(v) - v|,
-    with slack for float32 intermediate error)."""
-    fi = torch.finfo(dtype)
-    return value.abs() * fi.eps + fi.tiny
-
-
 def fp8_half_step(a: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     """Half the spacing of FP8 values around |a| (in units of the quantized domain),
     plus one subnormal step, as the spec's tolerance for dequantized q."""
-    mant_bits = 3
-    min_normal_exp = -6 if fp8_dtype == torch.float8_e4m3fn else -7
-    subnormal_step = 2.0 ** (min_normal_exp - mant_bits)
-    a = a.abs().clamp(min=2.0**min_normal_exp)
-    e = torch.floor(torch.log2(a))
-    return 0.5 * torch.pow(2.0, e - mant_bits) + subnormal_step
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
-    t, hdim = q.shape
-    return (q.double().view(t, hdim // group_size, group_size) * scale.double().unsqueeze(-1)).view(t, hdim)
+    return 0.5 * fp8_step(a, fp8_dtype) + subnormal_step(fp8_dtype)
 
 
 def assert_matches_oracle(

@@ -54,6 +54,14 @@ class Case:
         return fake_aiter.SimulatedGroup(self.world_size, [p.to(torch.float32) for p in self.peers])
 
 
+class SimulatedTpCommunicator(VllmGroupCommunicator):
+    """vLLM's TP group whose peers are simulated in this process: they hold this rank's
+    host-side state, so the ranks' agreement (ops.backends) is this rank's own answer."""
+
+    def agree_max(self, values: list[int]) -> list[int]:
+        return list(values)
+
+
 class RocmHarness:
     def __init__(self, backend) -> None:
         self.backend = backend
@@ -81,7 +89,7 @@ class RocmHarness:
 
     def vllm_comm(
         self, case: Case, *, slot: str = "aiter_ar_comm", wrap: bool = True, ca=None, register: bool = True
-    ) -> VllmGroupCommunicator:
+    ) -> SimulatedTpCommunicator:
         """A communicator over a simulated vLLM TP group whose device communicator
         holds aiter's CustomAllreduce (in vLLM's wrapper, as vLLM 0.32/0.33 do)."""
         group = case.group()
@@ -89,7 +97,7 @@ class RocmHarness:
             ca = self.ca_class()(group, torch.device("cpu"), max_size=8192 * 1024 * 8 * 2)
         holder = fake_aiter.VllmAiterWrapper(ca) if wrap else ca
         coordinator = fake_aiter.FakeCoordinator(group, name=f"tp:test{next(_names)}", **{slot: holder})
-        comm = VllmGroupCommunicator(coordinator)
+        comm = SimulatedTpCommunicator(coordinator)
         if register:
             register_communicator(comm)
         return comm

@@ -1,5 +1,7 @@
 """``vllm-rocm-fused doctor``: platform, versions, and for the fused op which
-backend ``auto`` picks per site kind and why every other backend is not used.
+backend ``auto`` picks per site kind and why every other backend is not used, and
+what the startup self-check will do (VLLM_ROCM_FUSED_VALIDATE; its findings, where
+this process has any; ``selftest`` runs it on this machine's GPUs).
 
 Works without vLLM and without a GPU (then it says so). Exit status 1 when a
 ``VLLM_ROCM_FUSED_*`` setting has a value the plugin cannot use (``envs.problems``)."""
@@ -14,7 +16,7 @@ import sys
 import torch
 
 from .. import __version__, envs, platform_info
-from ..ops import backends
+from ..ops import backends, self_check
 from ..ops.backend_api import CallSpec
 from ..ops.comm import Communicator
 from ..sites import SITE_KINDS
@@ -142,6 +144,31 @@ def collect(args: argparse.Namespace) -> dict:
         "backend_details": backend_details(),
         "query": {"world_size": world_size, "hidden": args.hidden, "tokens": args.tokens, "dtype": args.dtype},
         "sites": evaluate(world_size, args.hidden, args.tokens, dtype),
+        "self_check": self_check_summary(),
+    }
+
+
+SELF_CHECK_MODES = {
+    "off": "off: fast paths are not checked before serving",
+    "startup": "startup: before serving, each fused site's fast paths are checked against the portable "
+    "path at both ends of every token bucket; a path that differs is disabled on every rank (WARNING)",
+    "strict": "strict: as startup, but a path that differs stops the server from starting",
+}
+
+
+def self_check_summary() -> dict:
+    """The startup self-check's mode and what it means, the disabled paths and the
+    check's lines in this process (a server's log has them: doctor runs in its own)."""
+    mode = envs.validate_mode()
+    return {
+        "mode": mode,
+        "meaning": SELF_CHECK_MODES[mode],
+        "findings": self_check.summary_lines(),
+        "disabled": [
+            f"{name} at {backends.bucket_text(key.bucket)} (hidden {key.hidden}, TP={key.world_size}): {reason}"
+            for name, key, reason in backends.disabled_paths()
+        ],
+        "command": "vllm-rocm-fused selftest --model <checkpoint> --tp <GPUs>",
     }
 
 
@@ -187,6 +214,13 @@ def render(report: dict) -> str:
                     at = "" if name not in seen else f" (from tokens {row['tokens']})"
                     lines.append(f"      {name}: {text}{at}")
                     seen[name] = text
+    check = report.get("self_check")
+    if check:
+        lines.append("")
+        lines.append(f"startup self-check (VLLM_ROCM_FUSED_VALIDATE): {check['meaning']}")
+        lines.extend(f"  {line}" for line in check["findings"])
+        lines.extend(f"  disabled: {line}" for line in check["disabled"])
+        lines.append(f"  on this machine's GPUs, before serving: {check['command']}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vllm_rocm_fused.cli.demo",
         "serve a tiny Qwen3.5 FP8 model with the plugin at TP=2 and show what each site did",
     ),
+    "selftest": (
+        "vllm_rocm_fused.cli.selftest",
+        "check the fused op against the spec on this machine's GPUs (or CPU) and time it against the unfused chain",
+    ),
     "tiny-model": (
         "vllm_rocm_fused.cli.tiny_model",
         "build a tiny Qwen3.5 checkpoint (trained or random weights, FP8 or bf16) vLLM loads",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.comm import Communicator, register_communicator
+from ..ops.comm import Communicator, group_max, register_communicator
 
 
 class VllmGroupCommunicator(Communicator):
@@ -35,6 +35,10 @@ class VllmGroupCommunicator(Communicator):
         if x.device.type == "cpu":
             x = x.clone()
         return self.coordinator._all_reduce_out_place(x)
+
+    def agree_max(self, values: list[int]) -> list[int]:
+        # vLLM's CPU (gloo) group of the same ranks: agreeing costs no device sync
+        return group_max(self.coordinator.cpu_group, values)
 
 
 def tp_communicator_name() -> str | None:

@@ -41,7 +41,7 @@ from .. import envs
 from ..layers.fused_norm import FusedAllReduceRMSNormQuant
 from ..layers.quant_handoff import Handoff, enable_handoff, inspect_consumer
 from ..log import get_logger, log_once
-from ..ops import backends
+from ..ops import backends, self_check
 from ..ops.backends import CallSpec
 from ..ops.comm import get_communicator
 from ..sites import ATTENTION_INPUT, FINAL_NORM, GDN_INPUT, POST_ATTN_DENSE, POST_ATTN_MOE, SiteKind
@@ -60,7 +60,8 @@ class FusedNormSite(FusedAllReduceRMSNormQuant):
     def __init__(
         self, site: SiteKind, hidden_size: int, eps: float, *, all_reduce: bool, handoff: Handoff | None
     ) -> None:
-        quantize = handoff is not None and handoff.layout is not None
+        layout = handoff.layout if handoff is not None else None
+        quantize = layout is not None
         super().__init__(
             hidden_size,
             eps,
@@ -68,7 +69,7 @@ class FusedNormSite(FusedAllReduceRMSNormQuant):
             all_reduce=all_reduce,
             quantize=quantize,
             emit_bf16=quantize and site.emit_bf16,
-            scale_layout=handoff.layout if quantize else "row",
+            scale_layout=layout or "row",
         )
         self.site = site
         self.handoff = handoff
@@ -157,7 +158,17 @@ class FusionReport:
             text += f" | reduces kept in place: {'; '.join(self.kept_reduces)}"
         if self.backends_not_used:
             text += f" | backends not used: {'; '.join(self.backends_not_used)}"
+        checked = self.self_check_lines()
+        if checked:
+            text += f" | self-check: {'; '.join(checked)}"
         return text
+
+    def self_check_lines(self) -> list[str]:
+        """What the startup self-check found at this model's site kinds (ops.self_check;
+        empty until their first call, vLLM's profile run, has checked them)."""
+        keys = {rec.site.key for rec in self.sites}
+        sites = [s for s in self_check.checked_sites() if s.split(" ", 1)[0] in keys]
+        return [line for s in sites if (line := self_check.site_summary(s)) is not None]
 
 
 _reports: list[FusionReport] = []
@@ -450,7 +461,8 @@ def _backend_summary(report: FusionReport, vllm_config) -> tuple[dict[str, str],
     if report.tp_size > 1:
         from ..layers.comm import tp_communicator_name
 
-        comm = get_communicator(tp_communicator_name())
+        name = tp_communicator_name()
+        comm = get_communicator(name) if name is not None else None
     device = torch.device("cpu" if current_platform.is_cpu() else current_platform.device_type)
     max_tokens = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None) or 8192
     picks: dict[str, str] = {}

@@ -64,6 +64,15 @@ class Backend(ABC):
     def ineligible_reason(self, spec: CallSpec, comm: Communicator | None) -> str | None:
         """Why this call cannot use this backend (None = it can). Host-side only."""
 
+    def prepare(self, spec: CallSpec, comm: Communicator | None) -> None:
+        """Host-side work a call needs before any rank launches it (create or grow a
+        buffer, build a communicator object, compile); raise if this rank cannot run
+        ``spec``. The registry calls it at the first call of each call key over a group,
+        on every rank, and the ranks agree on the outcome before anyone launches: a
+        failure here moves the whole group to another backend, where the same failure
+        inside ``run`` could leave the other ranks waiting in the kernel. Default:
+        nothing to prepare."""
+
     @abstractmethod
     def run(
         self,

@@ -45,6 +45,12 @@ class Communicator:
         """Out-of-place sum of ``x`` over the group (the portable path's reduce)."""
         raise NotImplementedError
 
+    def agree_max(self, values: list[int]) -> list[int]:
+        """The element-wise maximum of every rank's ``values`` (a handful of integers),
+        returned on every rank: how the ranks agree on a path (ops.backends) and on the
+        self-check's verdict. A small host-side collective; never under graph capture."""
+        raise NotImplementedError(f"{type(self).__name__} cannot agree across ranks")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, world_size={self.world_size}, rank={self.rank})"
 
@@ -66,6 +72,23 @@ class ProcessGroupCommunicator(Communicator):
         h = x.to(torch.float32, copy=True)
         dist.all_reduce(h, op=dist.ReduceOp.SUM, group=self._group)
         return h
+
+    def agree_max(self, values: list[int]) -> list[int]:
+        return group_max(self._group, values)
+
+
+def group_max(group: dist.ProcessGroup, values: list[int]) -> list[int]:
+    """Element-wise max of ``values`` over ``group``: on the CPU for a gloo group, else
+    on the current GPU (NCCL takes device tensors only; the .tolist() is a sync, which
+    the callers accept: they agree on rare events only)."""
+    device = "cpu" if "gloo" in str(dist.get_backend(group)).lower() else _current_device()
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in t.tolist()]
+
+
+def _current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 _registry: dict[str, Communicator] = {}

@@ -3,7 +3,8 @@
 ``fused_allreduce_rmsnorm_quant`` validates its arguments (clear errors, host
 side), then calls ``torch.ops.vllm_rocm_fused.fused_allreduce_rmsnorm_quant``:
 an opaque op with a fake impl, so torch.compile can trace callers, whose eager
-impl picks a backend (``backends.run``). Nothing here imports vLLM.
+impl picks a backend (``backends.run``; a model site's first call runs the startup
+self-check first, ``self_check.before_call``). Nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from ..platform_info import FP8_DTYPES, default_fp8_dtype
 from . import backends as _backends
+from . import self_check
 from .backend_api import CallSpec
 from .comm import communicator_for_group, get_communicator
 from .reference import FusedNormQuantOutput
@@ -88,6 +90,8 @@ def _fused_op(
         quant_dtype=quant_dtype,
         quantize=quantize,
     )
+    if tag:  # a model site: its first eager call checks it first (when configured)
+        self_check.before_call(tag, backend, weight, eps, comm, spec)
     q, scale, new_residual, normed = _backends.run(backend, x, residual, weight, eps, comm, spec, tag=tag)
     empty = x.new_empty(0)
     return (
