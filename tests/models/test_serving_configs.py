@@ -202,6 +202,11 @@ def test_expert_parallel_defers_and_fuses_the_moe_reduce(run, tiny_models):
     assert task_accuracy(ep, tiny_models(MOE)) >= 0.75
 
 
+# A traceback's last line ("NotImplementedError", "ValueError: ..."), after vLLM's
+# "(Process pid=N) " prefix; log messages that mention an error do not start so.
+EXCEPTION_LINE = r"^(?:\([^)]*\)\s+)?([A-Za-z_][\w.]*(?:Error|Exception)(?::\s.*)?)$"
+
+
 def _dp_ep_outcome(model, env, log_path):
     """Serve ``model`` at ``-dp 2 --enable-expert-parallel`` (tp=1 per rank) and send one
     request: ("ok", token ids) or ("error", the first exception line of its log)."""
@@ -222,7 +227,7 @@ def _dp_ep_outcome(model, env, log_path):
     except ServerError as e:
         # The first exception line of the log (the root cause; what follows reports the
         # dead engine), without the process prefix and time stamp.
-        found = re.findall(r"\b(\w+(?:Error|Exception)(?::[^\n]*)?)$", log_path.read_text(errors="replace"), re.M)
+        found = re.findall(EXCEPTION_LINE, log_path.read_text(errors="replace"), re.M)
         return "error", found[0].strip() if found else str(e).splitlines()[0]
 
 
