@@ -111,6 +111,7 @@ def rocm():
     saved_env = backend.env
     forget_once_keys()
     backends.reset_counters()
+    backends.reset_decisions()  # what the ranks agreed on and disabled is per test
     harness = RocmHarness(backend)
     yield harness
     violations = list(fake_aiter.STATE.violations)
@@ -119,6 +120,7 @@ def rocm():
     backend.set_environment(saved_env)
     forget_once_keys()
     backends.reset_counters()
+    backends.reset_decisions()
     assert not violations, f"the backend sent calls real aiter would not run: {violations}"
 
 

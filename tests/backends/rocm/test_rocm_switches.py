@@ -54,7 +54,7 @@ def test_custom_all_reduce_off_keeps_every_call_off_aiters_kernels(rocm, monkeyp
         "aiter's custom all-reduce is off, so every call takes the portable path"
     ) in text
     assert "attention input: tokens 1,1024 -> native (generic)" in text
-    assert rocm.backend.broken_steps() == {}
+    assert backends.disabled_paths() == []
 
 
 def test_size_window_decides_per_call(rocm, monkeypatch):

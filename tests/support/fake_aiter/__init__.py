@@ -52,11 +52,14 @@ GENERATIONS = (
 )
 # the generations the backend uses (a fused AR+RMSNorm API, 0.1.12 on), oldest first
 USABLE = ("v0_1_13", "v0_1_14", "v0_1_16", "v0_1_17", "v0_1_18", "v0_1_20")
+# the usable generations whose two-stage kernel races (the backend sends one-stage calls only)
+RACING_TWO_STAGE = ("v0_1_13",)
 # every generation with a fused AR+RMSNorm API, the refused one included
 WITH_FUSED_API = ("v0_1_11", *USABLE)
 
 __all__ = [
     "GENERATIONS",
+    "RACING_TWO_STAGE",
     "USABLE",
     "WITH_FUSED_API",
     "FakeAiter",

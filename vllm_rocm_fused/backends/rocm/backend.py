@@ -30,8 +30,11 @@ aiter limit known before a call is checked here (kernel_limits.py, with the
 source of each rule): the kernel variant (``use_1stage``) is chosen so that a
 predictable rejection, hang or corruption is never sent; a step that cannot
 take a call is skipped for that call only. A step that raises anyway (an error
-nobody predicted) is disabled for the process (logged once, with the
-exception) and the same call goes on to the next step. A graph-aware aiter
+nobody predicted, or an output the host-side checks refuse) is not followed by
+the next step on this rank alone, which would leave its peers in the step's
+handshake: the error goes to the registry, which takes every rank of the group
+off this backend for such calls alike and redoes the call on the portable path
+(at a token bucket's first call; later it fails loudly, see ops/backends.py). A graph-aware aiter
 method that declines an input (returns None) sends that call one step down
 without disabling anything; inside ``capture()`` but outside a capturing
 stream (vLLM's warm-up runs before each capture) those methods return zero
@@ -121,7 +124,6 @@ class RocmBackend(Backend):
         self.weights = KernelWeights()
         self._probe: AiterProbe | None = None
         self._unavailable: tuple[str | None] | None = None  # cached: the machine does not change
-        self._broken: dict[str, str] = {}
         self._window: tuple[aiter_api.SizeWindow | None] | None = None  # doctor's stand-in route (cached)
         self._lock = threading.Lock()
 
@@ -137,7 +139,6 @@ class RocmBackend(Backend):
             self._probe = None
             self._unavailable = None
             self._window = None
-            self._broken.clear()
         self.weights.clear()
 
     def probe(self) -> AiterProbe:
@@ -146,24 +147,6 @@ class RocmBackend(Backend):
                 if self._probe is None:
                     self._probe = aiter_api.probe_aiter(self.env)
         return self._probe
-
-    def broken_steps(self) -> dict[str, str]:
-        return dict(self._broken)
-
-    def _mark_broken(self, step: Step, error: BaseException, fallback: str) -> None:
-        with self._lock:
-            self._broken[step.key] = f"{type(error).__name__}: {error}"
-        log_once(
-            logger,
-            logging.WARNING,
-            f"rocm-broken:{step.key}",
-            "vllm-rocm-fused: rocm step %s (%s) raised %s: %s; it is disabled for this process, %s takes over",
-            step.path,
-            step.title,
-            type(error).__name__,
-            error,
-            fallback,
-        )
 
     def weight_updated(self, weight: torch.Tensor) -> None:
         self.weights.refresh(weight)
@@ -257,8 +240,6 @@ class RocmBackend(Backend):
         }
         if probe.notes:
             out["aiter imports that failed"] = "; ".join(probe.notes)
-        if self._broken:
-            out["disabled steps"] = "; ".join(f"{k}: {v}" for k, v in self._broken.items())
         return out
 
     @staticmethod
@@ -343,8 +324,6 @@ class RocmBackend(Backend):
                     why = chosen
                 else:
                     kernel = chosen
-            if why is None and step.key in self._broken:
-                why = f"disabled after an error: {self._broken[step.key]}"
             if why is None:
                 plan.steps.append(step)
                 plan.kernels[step.key] = kernel
@@ -505,11 +484,11 @@ class RocmBackend(Backend):
         for i, step in enumerate(plan.steps):
             assert route is not None  # a plan with steps has its route
             fallback = plan.steps[i + 1].path if i + 1 < len(plan.steps) else PATH_GENERIC
-            try:
-                out = self._run_step(step, route, plan.kernels.get(step.key), x, residual, weight, eps, spec)
-            except Exception as e:  # noqa: BLE001 - the next step takes the call
-                self._mark_broken(step, e, fallback)
-                continue
+            # A step that raises is not left for the next one here: this rank going one
+            # step down alone would leave its peers in the step's handshake. The error
+            # goes to the registry, which takes every rank of the group off this backend
+            # for such calls alike (ops/backends.py), or fails loudly.
+            out = self._run_step(step, route, plan.kernels.get(step.key), x, residual, weight, eps, spec)
             if out is None:
                 log_once(
                     logger,
