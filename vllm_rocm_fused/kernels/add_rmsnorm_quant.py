@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .launch import Outputs, local_launch, prepare_rows, tile_reason
-from .row_math import inv_rms, store_norm_quant, sum_sq
+from .row_math import finish_part, inv_rms, sum_sq
 
 
 @triton.jit
@@ -103,8 +103,7 @@ def _add_rmsnorm_quant_kernel(
     else:
         row_offs, row_mask, _, _ = _group_tile(0, ROW_G, GS, GROUP, N_GROUPS)
         ss = sum_sq(_load_sum(h_ptr, res_ptr, base, row_offs, row_mask, HAS_RES))
-    tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
-    store_norm_quant(
+    finish_part(
         s,
         w,
         inv_rms(ss, HIDDEN, eps),
@@ -114,12 +113,12 @@ def _add_rmsnorm_quant_kernel(
         g,
         gmask,
         weight_offset,
+        res_out_ptr,
         normed_ptr,
         q_ptr,
         scale_ptr,
         scale_st,
         scale_sg,
-        res_out_ptr.dtype.element_ty,
         HIDDEN,
         QUANT,
         EMIT,
