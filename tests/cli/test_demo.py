@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from support.processes import new_marker, processes_left, processes_with
+from support.processes import new_marker, processes_left, processes_with, sigint_as_in_a_terminal
 from vllm_rocm_fused.cli import demo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,6 +190,7 @@ def test_demo_ctrl_c_while_waiting(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     try:
         deadline = time.monotonic() + 600

@@ -19,6 +19,7 @@ import uuid
 import pytest
 
 from support.markers import requires_vllm
+from support.processes import sigint_as_in_a_terminal
 from vllm_rocm_fused.eval.gate import judge
 from vllm_rocm_fused.eval.harness import FilterScore
 from vllm_rocm_fused.tiny_models import tiny_gsm8k
@@ -46,7 +47,14 @@ def processes_with(marker: str) -> list[int]:
 def run_cli(args: list[str], marker: str, timeout_s: float) -> subprocess.CompletedProcess:
     env = dict(os.environ, **{MARKER_VAR: marker})
     cmd = [sys.executable, "-m", "vllm_rocm_fused.cli", "eval", "gsm8k", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_as_in_a_terminal,
+    )
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -231,6 +239,7 @@ def test_ctrl_c_while_the_server_starts(tiny_models, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     try:
         deadline = time.monotonic() + 300

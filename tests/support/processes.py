@@ -4,6 +4,7 @@ descendant inherits it, whatever its command line or process group)."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 
@@ -44,3 +45,11 @@ def processes_left(marker: dict[str, str], timeout_s: float = 10.0) -> list[int]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)
+
+
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT, as a Ctrl-C in a terminal
+    would: SIGINT at its default, so Python raises KeyboardInterrupt there. A shell that
+    starts pytest in the background without job control (``pytest ... &`` in a script)
+    hands its children SIGINT ignored, and an ignored SIGINT stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
