@@ -1,6 +1,6 @@
 """The vllm.general_plugins entry points: what they register, idempotence, and
-VLLM_ROCM_FUSED_DISABLE=1 (nothing registered, one log line). Each case runs in a
-fresh interpreter, since registration is per process."""
+VLLM_ROCM_FUSED_DISABLE=1 (nothing registered, one log line). Each environment runs in
+a fresh interpreter, since registration is per process; the four run side by side."""
 
 import json
 import os
@@ -41,16 +41,42 @@ print(json.dumps({
 """
 
 
-def _run(env):
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+ENVIRONMENTS = {
+    "on": {"VLLM_ROCM_FUSED_DISABLE": "0"},
+    "disabled=1": {"VLLM_ROCM_FUSED_DISABLE": "1"},
+    "disabled=true": {"VLLM_ROCM_FUSED_DISABLE": "true"},
+    "no portable fp8": {"VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8": "1"},
+}
 
 
-def test_registers_overrides_op_and_portable_fp8_once():
-    out = _run({"VLLM_ROCM_FUSED_DISABLE": "0"})
+@pytest.fixture(scope="module")
+def probe():
+    """The probe's report per environment; the interpreters run side by side."""
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", PROBE],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, env in ENVIRONMENTS.items()
+    }
+    outputs = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, (name, err[-3000:])
+            outputs[name] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return outputs
+
+
+def test_registers_overrides_op_and_portable_fp8_once(probe):
+    out = probe["on"]
     assert out["qwen"] == {
         "Qwen3_5ForCausalLM": "vllm_rocm_fused.models.qwen3_5",
         "Qwen3_5MoeMTP": "vllm_rocm_fused.models.qwen3_5",
@@ -62,8 +88,8 @@ def test_registers_overrides_op_and_portable_fp8_once():
 
 
 @pytest.mark.parametrize("value", ["1", "true"])
-def test_disabled_plugin_registers_nothing_but_one_log_line(value):
-    out = _run({"VLLM_ROCM_FUSED_DISABLE": value})
+def test_disabled_plugin_registers_nothing_but_one_log_line(value, probe):
+    out = probe[f"disabled={value}"]
     assert all(m.startswith("vllm.") for m in out["qwen"].values()), out["qwen"]
     assert out["custom_op"] is False
     assert out["log"] == ["vllm-rocm-fused: VLLM_ROCM_FUSED_DISABLE=1, the plugin registers nothing"]
@@ -71,7 +97,7 @@ def test_disabled_plugin_registers_nothing_but_one_log_line(value):
     assert out["portable_fp8"] == 1
 
 
-def test_portable_fp8_has_its_own_switch():
-    out = _run({"VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8": "1"})
+def test_portable_fp8_has_its_own_switch(probe):
+    out = probe["no portable fp8"]
     assert out["portable_fp8"] == 0
     assert out["custom_op"] is True
