@@ -62,9 +62,30 @@ ALL = [e for pair in [*EAGER.values(), *COMPILED.values()] for e in pair] + [NO_
 
 
 @pytest.fixture(scope="module")
-def run(engines):
+def llama(tmp_path_factory):
+    """A tiny random Llama checkpoint (a model the plugin must leave alone), as an engine."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llama") / "llama"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return Engine(str(folder), prompts=2)
+
+
+@pytest.fixture(scope="module")
+def run(engines, llama):
     """This module's engines, started together (one process per environment)."""
-    engines(*ALL)
+    engines(*ALL, llama)
     return lambda engine: engines(engine)[0]
 
 
@@ -188,25 +209,10 @@ def test_vl_fp8_architecture_served_text_only_is_fused(run):
     assert fused["one_forward"][0]["separate_all_reduces"] == 1
 
 
-def test_other_models_are_untouched(engines, tmp_path_factory):
+def test_other_models_are_untouched(run, llama):
     """A non-Qwen3.5 checkpoint (a tiny random Llama) loads with the plugin active and
     keeps vLLM's classes: no fused sites, no report, separate all-reduces as usual."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama") / "llama"
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    (result,) = engines(Engine(str(folder), prompts=2))
+    result = run(llama)
     worker = result["workers"][0]
     assert worker["model_class"] == "LlamaForCausalLM"
     assert worker["report"] is None
