@@ -1,8 +1,8 @@
 """The Triton kernels' logic on CPU: every case of interpret_cases.py is a test of its own.
 
-The selected cases run in one Triton-interpreter process per session (starting one per case
-would cost more than the cases); it reports each case as it finishes, and each test here
-checks its own case's report, so a failing case does not hide the others."""
+The selected cases run in two Triton-interpreter processes side by side, half the cases each
+(starting one per case would cost more than the cases); each reports a case as it finishes,
+and each test here checks its own case's report, so a failing case does not hide the others."""
 
 import json
 import os
@@ -34,15 +34,22 @@ def interpreted(request) -> dict:
         TRITON_INTERPRET="1",
         PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *ids], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        err += f"\n(the interpreter process was stopped after {TIMEOUT_S} s)"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), *half], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for half in (ids[0::2], ids[1::2])
+        if half
+    ]
+    out = err = ""
+    for proc in procs:
+        try:
+            o, e = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            o, e = proc.communicate()
+            e += f"\n(the interpreter process was stopped after {TIMEOUT_S} s)"
+        out, err = out + o, err + e
     reports = {}
     for line in out.splitlines():
         if line.startswith("{"):
