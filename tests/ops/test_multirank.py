@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from support.dist import run_ranks
-from support.op_workers import functional_op_rank, rank_inputs
+from support.op_workers import forget_group_rank, functional_op_rank, rank_inputs
 from vllm_rocm_fused.ops.reference import norm_quant_reference
 from vllm_rocm_fused.ops.tolerance import compare
 
@@ -65,3 +65,12 @@ def test_every_rank_gets_the_reference_of_the_summed_input(world_size):
             quantize=True,
         )
         assert errors.ok, errors.describe()
+
+
+def test_forget_group_drops_its_communicator():
+    """What a process does before destroy_process_group (the selftest's ranks): nothing
+    of ours may keep the destroyed group alive until the interpreter exits."""
+    for name, still_registered, fresh in run_ranks(forget_group_rank, 2):
+        assert name.startswith("pg:")
+        assert not still_registered
+        assert fresh

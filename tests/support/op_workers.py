@@ -72,3 +72,24 @@ def vllm_custom_op_rank(rank, world_size, port, cases):
         finally:
             parallel_state.destroy_model_parallel()
             parallel_state.destroy_distributed_environment()
+
+
+def forget_group_rank(rank, world_size, port):
+    """A group's communicator before and after ``comm.forget_group``: (registered name,
+    still registered after forgetting, a later lookup makes a new one)."""
+    from vllm_rocm_fused.ops import comm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        first = comm.communicator_for_group(dist.group.WORLD)
+        comm.forget_group(dist.group.WORLD)
+        try:
+            comm.get_communicator(first.name)
+            still_registered = True
+        except KeyError:
+            still_registered = False
+        again = comm.communicator_for_group(dist.group.WORLD)
+        comm.forget_group(dist.group.WORLD)
+        return first.name, still_registered, again is not first
+    finally:
+        dist.destroy_process_group()

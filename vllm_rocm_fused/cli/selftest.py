@@ -408,6 +408,7 @@ def rank_main(rank: int, world: int, port: int, cfg: Config, out_dir: str, setup
     if setup is not None:
         setup()
     from ..ops import self_check
+    from ..ops.comm import forget_group
 
     ctx = rank_context(rank, world, port, cfg)
     try:
@@ -421,7 +422,10 @@ def rank_main(rank: int, world: int, port: int, cfg: Config, out_dir: str, setup
         }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(info))
     finally:
-        if ctx["group"] is not None:
+        group = ctx.pop("group")
+        ctx.clear()  # its communicator holds the group too
+        if group is not None:
+            forget_group(group)
             dist.destroy_process_group()
 
 

@@ -108,6 +108,15 @@ def get_communicator(name: str) -> Communicator:
         raise KeyError(f"no communicator registered under {name!r}") from None
 
 
+def forget_group(group: dist.ProcessGroup) -> None:
+    """Drop the registered communicator of ``group``: call it before
+    ``destroy_process_group``, so that nothing here keeps the destroyed group (and its
+    gloo threads) alive until the interpreter exits, where tearing it down can abort."""
+    with _lock:
+        for name in [n for n, c in _registry.items() if getattr(c, "_group", None) is group]:
+            del _registry[name]
+
+
 def communicator_for_group(group: dist.ProcessGroup | None) -> Communicator | None:
     """The registered communicator of ``group`` (created on first use); None for
     no group or a group of one rank (nothing to reduce)."""
