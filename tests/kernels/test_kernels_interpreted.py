@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,10 @@ def interpreted(request) -> dict:
         if half
     ]
     out = err = ""
+    deadline = time.monotonic() + TIMEOUT_S  # one limit for both: they run at the same time
     for proc in procs:
         try:
-            o, e = proc.communicate(timeout=TIMEOUT_S)
+            o, e = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             o, e = proc.communicate()
