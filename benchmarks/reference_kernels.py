@@ -21,6 +21,12 @@ candidate kernel.
   +0), the likely cause of its failed q-bytes comparisons with the division twin (at the
   larger points; a normed -0 comes from h + residual = 0 with w + 1 < 0; not confirmed
   element by element). The timings are unaffected: the fix is one bitwise op.
+- ``split_sum``: the candidates of benchmarks/explore_split_sum.py: a split row whose
+  programs get the row's sum of squares in one of five ways (the whole row read again, as
+  the local kernel does; only the other slices read, slice by slice, as one masked row tile,
+  or accumulated slice-wise into one tile; or the slices' sums exchanged through a global
+  workspace with atomics), and the quant before (``_quant_sign_fix``) or after
+  (row_math.quant_tile) its lean form.
 
 torch + Triton only; no vLLM.
 """
@@ -31,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_rocm_fused.kernels.row_math import AMAX_FLOOR, inv_rms, nan_max, norm_part, quant_tile, sum_sq
+from vllm_rocm_fused.kernels.row_math import AMAX_FLOOR, F32_MAX, inv_rms, nan_max, norm_part, quant_tile, sum_sq
 
 PLAIN_WARPS = 16
 
@@ -260,3 +266,238 @@ def sliced(
             num_warps=num_warps,
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Split rows whose programs share the row's sum of squares (benchmarks/explore_split_sum.py)
+
+SS_REREAD, SS_OTHERS, SS_EXCHANGE, SS_OTHERS_TILE, SS_SLICEWISE = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _quant_sign_fix(normed, FP8_MAX: tl.constexpr):
+    """row_math.quant_tile as it was before explore_split_sum.py's second round (the "r"
+    kinds there): Triton's negation (0 - x), so a sign fix per element, and a clamp to
+    +-FP8_MAX. row_math.quant_tile now (the "l", lean, kinds) gives the same bytes in fewer
+    instructions."""
+    nf = normed.to(tl.float32)
+    amax = tl.reduce(tl.abs(nf), 1, nan_max)
+    scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL), FP8_MAX)
+    r = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
+    finite = tl.minimum(scale, F32_MAX, propagate_nan=tl.PropagateNan.ALL)[:, None]
+    q0 = nf * r
+    q = tl.fma(-tl.fma(q0, finite, -nf), r, q0)
+    sign = nf.to(tl.uint32, bitcast=True) & 0x80000000
+    q = (q.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    q = tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    q = tl.minimum(q, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return q, scale
+
+
+@triton.jit
+def _slice_sums(
+    h_ptr,
+    res_ptr,
+    base,
+    mine,
+    own,
+    SLICE_G: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+):
+    """The row's per-slice sums of squares as a [SPLIT_P2] vector (slot k: slice k, padding 0):
+    slot ``mine`` is ``own`` (this program's slice, in registers), the other slices are loaded
+    (this program's own slice masked off: no memory traffic). Every program of a row gets the
+    same bits in every slot: the same tile shape and the same reduction."""
+    idx = tl.arange(0, SPLIT_P2)
+    parts = tl.zeros([SPLIT_P2], tl.float32)
+    for k in tl.static_range(SPLIT):
+        offs, mask, _, _ = _group_tile(k * SLICE_G, SLICE_G, 128, 128, N_GROUPS)
+        mask = mask & (mine != k)
+        t = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        t += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        parts = tl.where(idx == k, tl.where(mine == k, own, sum_sq(t)), parts)
+    return parts
+
+
+@triton.jit(do_not_specialize=["scale_st", "spin"])
+def _split_sum_kernel(
+    h_ptr,
+    res_ptr,
+    w_ptr,
+    res_out_ptr,
+    q_ptr,
+    scale_ptr,
+    part_ptr,
+    cnt_ptr,
+    eps,
+    weight_offset,
+    scale_st,
+    spin,
+    HIDDEN: tl.constexpr,
+    ROW_G: tl.constexpr,
+    SLICE_G: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
+    MODE: tl.constexpr,
+    LEAN: tl.constexpr,
+    RE_CG: tl.constexpr,
+    ERR_SLOT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+):
+    N_GROUPS: tl.constexpr = HIDDEN // 128
+    pid = tl.program_id(0)
+    row = pid // SPLIT
+    mine = pid % SPLIT
+    base = tl.cast(row, tl.int64) * HIDDEN
+    offs, mask, g, gmask = _group_tile(mine * SLICE_G, SLICE_G, 128, 128, N_GROUPS)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    s = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if SPLIT == 1:  # the slice is the row
+        ss = sum_sq(s)
+    elif MODE == 0:  # today's kernel: the whole row again, as one masked tile
+        if RE_CG:
+            ro, rm, _, _ = _group_tile(0, ROW_G, 128, 128, N_GROUPS)
+            t = tl.load(h_ptr + base + ro, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
+            t += tl.load(res_ptr + base + ro, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
+            ss = sum_sq(t)
+        else:
+            ss = _row_sum_part(h_ptr, res_ptr, base, 0, ROW_G, N_GROUPS)
+    elif MODE == 4:  # slice by slice into one slice-shaped tile (own from registers), one reduction
+        acc = tl.zeros([SLICE_G, 128], tl.float32)
+        for k in tl.static_range(SPLIT):
+            if k == mine:
+                x = s
+            else:
+                ko, km, _, _ = _group_tile(k * SLICE_G, SLICE_G, 128, 128, N_GROUPS)
+                x = tl.load(h_ptr + base + ko, mask=km, other=0.0).to(tl.float32)
+                x += tl.load(res_ptr + base + ko, mask=km, other=0.0).to(tl.float32)
+            acc = tl.fma(x, x, acc)
+        ss = tl.sum(tl.sum(acc, axis=1), axis=0)
+    elif MODE == 3:  # the other slices as one masked row tile (own lanes masked off) + own
+        ro, rm, rg, _ = _group_tile(0, ROW_G, 128, 128, N_GROUPS)
+        rm = rm & ((rg // SLICE_G) != mine)[:, None]
+        t = tl.load(h_ptr + base + ro, mask=rm, other=0.0).to(tl.float32)
+        t += tl.load(res_ptr + base + ro, mask=rm, other=0.0).to(tl.float32)
+        ss = sum_sq(t) + sum_sq(s)
+    elif MODE == 1:  # the other slices only, summed slice by slice in slice order
+        ss = tl.sum(_slice_sums(h_ptr, res_ptr, base, mine, sum_sq(s), SLICE_G, SPLIT, SPLIT_P2, N_GROUPS))
+    else:  # exchange the slices' sums through global memory; bounded wait, else MODE 1
+        own = sum_sq(s)
+        slot = tl.cast(row, tl.int64) * SPLIT_P2
+        tl.store(part_ptr + slot + mine, own)
+        tl.debug_barrier()
+        n = tl.atomic_add(cnt_ptr + 2 * row, 1, sem="acq_rel", scope="gpu") + 1
+        tries = 0
+        while (n < SPLIT) & (tries < spin):
+            n = tl.atomic_add(cnt_ptr + 2 * row, 0, sem="acquire", scope="gpu")
+            tries += 1
+        if n >= SPLIT:
+            idx = tl.arange(0, SPLIT_P2)
+            parts = tl.load(part_ptr + slot + idx, mask=idx < SPLIT, other=0.0, cache_modifier=".cg")
+        else:
+            tl.atomic_add(cnt_ptr + ERR_SLOT, 1)
+            parts = _slice_sums(h_ptr, res_ptr, base, mine, own, SLICE_G, SPLIT, SPLIT_P2, N_GROUPS)
+        ss = tl.sum(parts)
+        left = tl.atomic_add(cnt_ptr + 2 * row + 1, 1, sem="acq_rel", scope="gpu")
+        if left == SPLIT - 1:  # the row's last program out: the counters back to 0 for the next call
+            tl.atomic_xchg(cnt_ptr + 2 * row, 0)
+            tl.atomic_xchg(cnt_ptr + 2 * row + 1, 0)
+    tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
+    inv = inv_rms(ss, HIDDEN, eps)
+    normed = norm_part(s, inv, w, weight_offset, res_out_ptr.dtype.element_ty)
+    if LEAN:
+        q, scale = quant_tile(normed, FP8_MAX)
+    else:
+        q, scale = _quant_sign_fix(normed, FP8_MAX)
+    tl.store(q_ptr + base + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g, scale, mask=gmask)
+
+
+SPLIT_SUM_MAX_ROWS = 4096
+_split_ws: dict = {}
+
+
+def split_sum_workspace(device, max_split: int = 128):
+    """(partials [rows x max_split] float32, counters [2 x rows + 1] int32, zeroed; the last
+    word counts waits that gave up), one per device."""
+    key = (str(device), max_split)
+    if key not in _split_ws:
+        _split_ws[key] = (
+            torch.zeros(SPLIT_SUM_MAX_ROWS * max_split, dtype=torch.float32, device=device),
+            torch.zeros(2 * SPLIT_SUM_MAX_ROWS + 1, dtype=torch.int32, device=device),
+        )
+    return _split_ws[key]
+
+
+def split_sum(
+    h,
+    residual,
+    weight,
+    eps,
+    *,
+    slice_groups: int,
+    num_warps: int,
+    mode: int,
+    lean: bool = False,
+    reread_cg: bool = False,
+    spin: int = 1 << 20,
+    weight_offset=1.0,
+    quant_dtype=torch.float8_e4m3fn,
+    outputs=None,
+):
+    """(q, scale, residual, None) of a split row (``slice_groups`` 128-groups per program;
+    the padded row = one program per row) whose sum of squares is, with two programs or more
+    per row: SS_REREAD, the whole row read again by every program (today's kernel; ``reread_cg``:
+    those loads bypass L1); SS_OTHERS, only the other slices read, summed slice by slice;
+    SS_EXCHANGE, the slices' sums exchanged through a workspace (each program waits for its
+    row's others at most ``spin`` polls, else computes them as SS_OTHERS; the same bits either
+    way); SS_OTHERS_TILE, the other slices as one masked row tile plus the own slice's sum
+    (two reductions; a row's programs may differ in the sum's last bits); SS_SLICEWISE, the
+    other slices read one slice-shaped tile at a time and their squares accumulated element by
+    element into one tile in slice order (the own slice from registers), then one reduction
+    (every program of a row: the same bits). ``lean``: the quant as
+    row_math.quant_tile (else as _quant_sign_fix, the same bytes)."""
+    tokens, hidden = h.shape
+    n_groups = hidden // 128
+    row_g = triton.next_power_of_2(n_groups)
+    split = triton.cdiv(n_groups, slice_groups)
+    if hidden % 128 or slice_groups & (slice_groups - 1) or slice_groups > row_g or tokens > SPLIT_SUM_MAX_ROWS:
+        raise ValueError(f"split_sum: hidden {hidden}, slice_groups {slice_groups}, tokens {tokens}")
+    split_p2 = triton.next_power_of_2(split)
+    parts, counters = split_sum_workspace(h.device, 128)
+    q, scale, res_out, _ = out = _outputs(h, quant_dtype, outputs)
+    if tokens:
+        _split_sum_kernel[(tokens * split,)](
+            h,
+            residual,
+            weight,
+            res_out,
+            q,
+            scale,
+            parts,
+            counters,
+            float(eps),
+            float(weight_offset),
+            scale.stride(0),
+            spin,
+            HIDDEN=hidden,
+            ROW_G=row_g,
+            SLICE_G=slice_groups,
+            SPLIT=split,
+            SPLIT_P2=split_p2,
+            MODE=mode,
+            LEAN=lean,
+            RE_CG=reread_cg,
+            ERR_SLOT=2 * SPLIT_SUM_MAX_ROWS,
+            FP8_MAX=float(torch.finfo(quant_dtype).max),
+            num_warps=num_warps,
+        )
+    return out
+
+
+def split_sum_gave_up(device) -> int:
+    """Waits of SS_EXCHANGE that gave up so far on ``device`` (each then read the row itself)."""
+    return int(split_sum_workspace(device, 128)[1][-1].item())

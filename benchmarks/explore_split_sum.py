@@ -1,0 +1,256 @@
+"""Exploration for issue 24, second part: the split row's sum of squares and the quant's
+instruction count (one GPU, 1-64 tokens).
+
+The local kernel, at 1-64 tokens, spreads a row over SPLIT programs and every program reads
+the whole row a second time for its sum of squares (kernels/add_rmsnorm_quant.py).
+Candidates (reference_kernels.split_sum; names ``{kind}{G}_w{W}``: G 128-groups per program,
+W warps; G = the padded row: one program per row, kinds r and rl only):
+  r    the whole row read again, as one masked tile; the quant as before this exploration
+       (reference_kernels._quant_sign_fix: a sign fix per element and a clamp)
+  rl   r with the lean quant (row_math.quant_tile now: negations as x * -1.0, no clamp);
+       its q and scale bytes must equal r's
+  rlc  rl with the re-read bypassing L1 (``.cg``); bytes must equal r's
+  tl   the other slices as one masked row tile (own lanes masked off) + the own slice's sum:
+       two reductions
+  el   slice-wise: the other slices read one slice-shaped tile at a time, squares
+       accumulated element by element in slice order (own from registers), one reduction
+  o    the other slices only, summed slice by slice (a reduction per slice)
+  x    the slices' sums exchanged through a global workspace (a counter per row, atomics;
+       bounded wait, then o's reads; the same bits either way: bytes must equal o's)
+plus the dispatched op, today's kernel at its table shape (kernel_today) and the empty
+kernel, graph-replayed as the benchmark times them (4 rotating input sets, 8 captures of them
+per graph, 100 replays). Every variant of every point is checked against ops/reference.py on
+fresh inputs (outputs poisoned first); x's waits that gave up are counted.
+
+    PYTHONPATH=. python benchmarks/explore_split_sum.py --out RESULTS.json [--kinds K ...] [--deadline-s S]
+
+Committed runs (2026-12-03, one H200; the kinds each ran):
+  benchmarks/results/h200_tp1_split_sum_explore.json   round 1: r o x (split rows only)
+  benchmarks/results/h200_tp1_split_sum_explore2.json  round 2: r rl rlc tl
+  benchmarks/results/h200_tp1_split_sum_explore3.json  round 3: rl el (the default); here the
+      dispatched op already had the lean quant, with the previous launch table
+
+torch + Triton only; no vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import reference_kernels as rk
+import torch
+import triton
+from measurement import (
+    EPS,
+    ROTATIONS,
+    check_outputs,
+    machine_info,
+    make_inputs,
+    poisoned_outputs,
+    time_graph,
+)
+from precompile import default_workers, warm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HIDDEN = (2560, 3072, 4096, 5120, 6144, 7168, 8192)
+TOKENS = (1, 16, 32, 64)
+# name prefix -> (sum-of-squares mode, lean quant, re-read bypassing L1)
+KINDS = {
+    "r": (rk.SS_REREAD, False, False),
+    "rl": (rk.SS_REREAD, True, False),
+    "rlc": (rk.SS_REREAD, True, True),
+    "tl": (rk.SS_OTHERS_TILE, True, False),
+    "o": (rk.SS_OTHERS, False, False),
+    "x": (rk.SS_EXCHANGE, False, False),
+    "el": (rk.SS_SLICEWISE, True, False),
+}
+ROUND3 = ("rl", "el")  # the default plan (o and x: the first round; rlc and tl: the second)
+SPIN = 4096
+
+
+def variants(hidden: int, kinds=ROUND3) -> list[str]:
+    """Split rows (two programs or more per row) of every kind in ``kinds``, and one program
+    per row (kinds r and rl only: the others equal them there)."""
+    groups, row_g = hidden // 128, triton.next_power_of_2(hidden // 128)
+    names = []
+    for g in (2, 4, 8, 16, 32, 64):
+        if g > row_g or (g < row_g and triton.cdiv(groups, g) < 2) or (g == 2 and hidden < 8192):
+            continue
+        for w in (4, 8) if g <= 8 else (8, 16):
+            names += [f"{k}{g}_w{w}" for k in kinds if g < row_g or k in ("r", "rl")]
+    return names
+
+
+def parse(name: str) -> dict:
+    """'rl8_w4' -> {"mode": SS_REREAD, "lean": True, "reread_cg": False, "slice_groups": 8, "num_warps": 4}."""
+    head, warps = name.split("_w")
+    kind = head.rstrip("0123456789")
+    mode, lean, cg = KINDS[kind]
+    return {
+        "mode": mode,
+        "lean": lean,
+        "reread_cg": cg,
+        "slice_groups": int(head[len(kind) :]),
+        "num_warps": int(warps),
+    }
+
+
+def runner(name: str):
+    from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
+    from vllm_rocm_fused.ops import fused_allreduce_rmsnorm_quant
+
+    if name == "dispatched":
+        return lambda h, res, w, outputs=None: tuple(fused_allreduce_rmsnorm_quant(h, res, w, EPS, weight_offset=1.0))
+    if name == "kernel_today":
+        return lambda h, res, w, outputs=None: add_rmsnorm_quant(h, res, w, EPS, weight_offset=1.0, outputs=outputs)
+    if name == "empty":
+        return lambda h, res, w, outputs=None: rk.empty(h)
+    return functools.partial(_split, **parse(name))
+
+
+def _split(h, res, w, outputs=None, **kw):
+    return rk.split_sum(h, res, w, EPS, outputs=outputs, spin=SPIN, **kw)
+
+
+def compile_variant(hidden: int, name: str) -> None:
+    """precompile.py's ("call", "explore_split_sum", "compile_variant", hidden, name) job."""
+    torch.cuda.set_device(0)
+    xs, res, w = make_inputs(1, 2, hidden, 1, "cuda")
+    runner(name)(xs[0], res, w)
+    torch.cuda.synchronize()
+
+
+def measure(name, sets, fresh, replays, warmup_s, t, hidden) -> dict:
+    rec: dict = {"hidden": hidden, "tokens": t, "variant": name}
+    fn = runner(name)
+    try:
+        gave_up = rk.split_sum_gave_up("cuda")
+        us = time_graph([functools.partial(fn, xs[0], res, w) for xs, res, w in sets], replays, warmup_s=warmup_s)
+        rec.update(
+            median_us=statistics.median(us),
+            min_us=min(us),
+            p10_us=statistics.quantiles(us, n=10)[0],
+            p90_us=statistics.quantiles(us, n=10)[-1],
+        )
+        if name == "empty":
+            rec["ok"] = True
+            return rec
+        fx, fres, fw = fresh
+        outs = None if name == "dispatched" else poisoned_outputs(t, hidden)
+        out = fn(fx[0], fres, fw, outs)
+        rec.update(check_outputs(out, fx, fres, fw, bf16_sum=False))
+        twin_kind = {"x": "o", "rl": "r", "rlc": "r"}.get(name.split("_w")[0].rstrip("0123456789"))
+        if twin_kind:  # same bytes as its twin of the same shape
+            twin_name = twin_kind + name.split("_w")[0].lstrip("rlcxo") + "_w" + name.split("_w")[1]
+            twin = runner(twin_name)(fx[0], fres, fw, poisoned_outputs(t, hidden))
+            rec["same_as"] = twin_name
+            rec["same_bytes"] = bool(
+                torch.equal(twin[0].view(torch.uint8), out[0].view(torch.uint8)) and torch.equal(twin[1], out[1])
+            )
+            rec["ok"] = rec["ok"] and rec["same_bytes"]
+        if name.startswith("x"):
+            rec["gave_up"] = rk.split_sum_gave_up("cuda") - gave_up
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        rec["ok"] = False
+    return rec
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
+    p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    p.add_argument("--kinds", nargs="+", default=list(ROUND3), choices=list(KINDS))
+    p.add_argument("--replays", type=int, default=100)
+    p.add_argument("--warmup-s", type=float, default=0.02)
+    p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("--precompile-timeout-s", type=float, default=150)
+    p.add_argument("--deadline-s", type=float, default=None, help="start no new point after this many seconds")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    torch.cuda.set_device(0)
+    from vllm_rocm_fused.kernels.launch import local_launch, row_tile
+
+    plan = {h: ("dispatched", "kernel_today", "empty", *variants(h, args.kinds)) for h in args.hidden}
+    report: dict = {
+        "command": "PYTHONPATH=. python benchmarks/explore_split_sum.py "
+        + " ".join(
+            f"benchmarks/results/{Path(a).name}" if a == args.out else a
+            for a in (sys.argv[1:] if argv is None else argv)
+        ),
+        "machine": machine_info(1),
+        "settings": {
+            "rotations": ROTATIONS,
+            "replays": args.replays,
+            "warmup_s": args.warmup_s,
+            "spin": SPIN,
+            "plan": {str(h): list(v) for h, v in plan.items()},
+        },
+        "results": [],
+    }
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        report["settings"]["wall_s"] = round(time.time() - t0, 1)
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out_path)
+
+    jobs = []
+    for h in args.hidden:
+        jobs += [("call", "explore_split_sum", "compile_variant", h, n) for n in plan[h][3:]]
+        shapes = {local_launch(h, t, row_tile(h, 128)) for t in args.tokens}
+        jobs += [("local", h, s.num_warps, s.slice_groups, True, False) for s in shapes]
+    jobs.append(("call", "reference_kernels", "warm", args.hidden[0]))
+    if args.workers > 0:
+        report["precompile"] = warm(jobs, workers=args.workers, timeout_s=args.precompile_timeout_s)
+    report["settings"]["precompile_s"] = round(time.time() - t0, 1)
+    save()
+
+    stopped = False
+    for h in args.hidden:
+        for t in args.tokens:
+            if args.deadline_s is not None and time.time() - t0 > args.deadline_s:
+                stopped = True
+                break
+            sets = [make_inputs(1, t, h, h * 1009 + t + 7 * k, "cuda") for k in range(ROTATIONS)]
+            fresh = make_inputs(1, t, h, h * 1009 + t + 999, "cuda")
+            recs = [measure(n, sets, fresh, args.replays, args.warmup_s, t, h) for n in plan[h]]
+            report["results"] += recs
+            got = {r["variant"]: r["median_us"] for r in recs if r.get("ok") and "median_us" in r}
+            kinds = sorted({n.split("_w")[0].rstrip("0123456789") for n in got if "_w" in n})
+            best = {
+                k: min(((us, n) for n, us in got.items() if n.split("_w")[0].rstrip("0123456789") == k)) for k in kinds
+            }
+            print(
+                f"H={h} T={t}: dispatched {got.get('dispatched', float('nan')):.2f} empty {got.get('empty', float('nan')):.2f} "
+                + " ".join(f"{m}: {us:.2f} {n}" for m, (us, n) in best.items())
+                + f" | {sum(1 for r in recs if not r.get('ok'))} not ok",
+                flush=True,
+            )
+            save()
+    report["stopped_early"] = stopped
+    save()
+    bad = [r for r in report["results"] if not r.get("ok")]
+    print(f"{len(report['results'])} records, {len(bad)} failed; {report['settings']['wall_s']} s")
+    for r in bad[:12]:
+        print(
+            "  FAILED",
+            {k: r.get(k) for k in ("hidden", "tokens", "variant", "error", "q_err_in_fp8_steps", "same_bytes")},
+        )
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
