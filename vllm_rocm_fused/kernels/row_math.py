@@ -26,8 +26,7 @@ element-wise ``div_rn`` cost a program holding a whole row 0.13-2.9 us per call 
 sizes on an H200, most on a padded tile's all-zero groups; a program with a 256-element
 slice, ~0: benchmarks/results/h200_tp1_decode_explore.json).
 
-NaN/Inf: the sums propagate them; amax, the amax floor and the clamp use NaN-propagating
-min/max (Triton's defaults drop NaN), so a NaN row gives NaN scales and NaN ``q`` as the
+NaN/Inf: the sums propagate them; amax and the amax floor use NaN-propagating min/max (Triton's defaults drop NaN), so a NaN row gives NaN scales and NaN ``q`` as the
 reference does.
 
 torch + Triton only; no vLLM.
@@ -89,29 +88,32 @@ def norm_part(s, inv, w, weight_offset, OUT_DTYPE: tl.constexpr):
 @triton.jit
 def quant_tile(normed, FP8_MAX: tl.constexpr):
     """Per-row-of-the-tile (= per group) dynamic symmetric quant of ``normed``.
-    Returns (q as float32 already clamped to +-FP8_MAX, scale [rows of the tile] float32).
+    Returns (q as float32, within +-FP8_MAX once rounded to the fp8 type, scale [rows of the
+    tile] float32).
 
     q = normed / scale, correctly rounded, as r = 1 / scale (rounded to nearest, once per
-    group), q0 = n * r, then Markstein's correction q = q0 - (q0 * scale - n) * r (two fused
-    multiply-adds): with r the rounded reciprocal and q0 within an ulp of n / scale, the
+    group), q0 = n * r, then Markstein's correction q = q0 + (q0 * scale - n) * (-r) (two
+    fused multiply-adds): with r the rounded reciprocal and q0 within an ulp of n / scale, the
     corrected q is n / scale rounded to nearest (Markstein 1990; the GPU tests check the
-    bytes against an IEEE division). An infinite scale (an fp16/bf16 overflow in normed)
-    gives r = 0; the residual then uses the largest finite float32 so that q = n * 0 stays
-    what n / inf is (NaN for an infinite n). A NaN scale gives NaN; a zero n gives a zero of
-    n's sign."""
+    bytes against an IEEE division). Negations are written x * -1.0, an exact sign flip that
+    the compiler folds into the multiply-adds (Triton's -x is 0 - x, which turns -0 into +0
+    and cost a sign fix per element), so a zero n gives a zero of n's sign. An infinite
+    scale (an fp16/bf16 overflow in normed) gives r = 0; the correction then uses the largest
+    finite float32 so that q = n * 0 stays what n / inf is (NaN for an infinite n). A NaN
+    scale gives NaN.
+
+    No clamp to +-FP8_MAX: scale = amax / FP8_MAX, so |q| exceeds FP8_MAX by at most the
+    scale's rounding (a few float32 ulps), which rounding to the fp8 type takes back to
+    FP8_MAX (the reference clamps; the bytes are the same: GPU tests and
+    benchmarks/results/h200_tp1_split_sum_explore.json). Per element: one multiply, two
+    multiply-adds."""
     nf = normed.to(tl.float32)
     amax = tl.reduce(tl.abs(nf), 1, nan_max)
     scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL), FP8_MAX)
-    r = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
+    r = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
     finite = tl.minimum(scale, F32_MAX, propagate_nan=tl.PropagateNan.ALL)[:, None]
-    q0 = nf * r
-    q = tl.fma(-tl.fma(q0, finite, -nf), r, q0)
-    # a zero quotient keeps n's sign (the correction turns -0 into +0): q / n > 0 always
-    # (scale > 0), so n's sign bit is q's; one bitwise op
-    sign = nf.to(tl.uint32, bitcast=True) & 0x80000000
-    q = (q.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    q = tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    q = tl.minimum(q, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    q0 = nf * r[:, None]
+    q = tl.fma(tl.fma(q0, finite, nf * -1.0), (r * -1.0)[:, None], q0)
     return q, scale
 
 
