@@ -105,7 +105,7 @@ def quant_tile(normed, FP8_MAX: tl.constexpr):
     No clamp to +-FP8_MAX: scale = amax / FP8_MAX, so |q| exceeds FP8_MAX by at most the
     scale's rounding (a few float32 ulps), which rounding to the fp8 type takes back to
     FP8_MAX (the reference clamps; the bytes are the same: GPU tests and
-    benchmarks/results/h200_tp1_split_sum_explore.json). Per element: one multiply, two
+    benchmarks/results/h200_tp1_split_sum_explore2.json). Per element: one multiply, two
     multiply-adds."""
     nf = normed.to(tl.float32)
     amax = tl.reduce(tl.abs(nf), 1, nan_max)
