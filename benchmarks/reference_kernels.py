@@ -64,6 +64,89 @@ def _group_tile(g0, NG: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr, N_G
     return offs, mask, g, gmask
 
 
+@triton.jit
+def _quant_ieee(normed, FP8_MAX: tl.constexpr):
+    """row_math.quant_tile as it was before issue 24: an IEEE division per element."""
+    nf = normed.to(tl.float32)
+    amax = tl.reduce(tl.abs(nf), 1, nan_max)
+    scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL), FP8_MAX)
+    q = tl.math.div_rn(nf, scale[:, None])
+    q = tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    q = tl.minimum(q, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return q, scale
+
+
+@triton.jit
+def _quant_sign_fix(normed, FP8_MAX: tl.constexpr):
+    """row_math.quant_tile as it was before explore_split_sum.py's second round (the "r"
+    kinds there): Triton's negation (0 - x), so a sign fix per element, and a clamp to
+    +-FP8_MAX. row_math.quant_tile now (the "l", lean, kinds) gives the same bytes in fewer
+    instructions."""
+    nf = normed.to(tl.float32)
+    amax = tl.reduce(tl.abs(nf), 1, nan_max)
+    scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL), FP8_MAX)
+    r = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
+    finite = tl.minimum(scale, F32_MAX, propagate_nan=tl.PropagateNan.ALL)[:, None]
+    q0 = nf * r
+    q = tl.fma(-tl.fma(q0, finite, -nf), r, q0)
+    sign = nf.to(tl.uint32, bitcast=True) & 0x80000000
+    q = (q.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    q = tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    q = tl.minimum(q, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return q, scale
+
+
+@triton.jit
+def _load_sum(h_ptr, res_ptr, base, offs, mask, CACHE: tl.constexpr):
+    """s = float32 h + residual over a tile (masked lanes 0); CACHE: the loads' cache
+    modifier ("" or ".cg")."""
+    s = tl.load(h_ptr + base + offs, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
+    s += tl.load(res_ptr + base + offs, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
+    return s
+
+
+# _finish_row's quant forms
+QUANT_LEAN: tl.constexpr = tl.constexpr(0)  # row_math.quant_tile
+QUANT_SIGN_FIX: tl.constexpr = tl.constexpr(1)  # _quant_sign_fix
+QUANT_IEEE: tl.constexpr = tl.constexpr(2)  # _quant_ieee
+
+
+@triton.jit
+def _finish_row(
+    s,
+    w,
+    ss,
+    row,
+    offs,
+    mask,
+    g,
+    gmask,
+    eps,
+    weight_offset,
+    res_out_ptr,
+    q_ptr,
+    scale_ptr,
+    scale_st,
+    HIDDEN: tl.constexpr,
+    QUANT_FORM: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+):
+    """A tile's tail, given its row's sum of squares ``ss``: the residual, normed, (q, scale)
+    stored (row-major scales). QUANT_FORM: QUANT_LEAN (row_math.quant_tile),
+    QUANT_SIGN_FIX (_quant_sign_fix) or QUANT_IEEE (_quant_ieee)."""
+    base = tl.cast(row, tl.int64) * HIDDEN
+    tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
+    normed = norm_part(s, inv_rms(ss, HIDDEN, eps), w, weight_offset, res_out_ptr.dtype.element_ty)
+    if QUANT_FORM == QUANT_LEAN:
+        q, scale = quant_tile(normed, FP8_MAX)
+    elif QUANT_FORM == QUANT_SIGN_FIX:
+        q, scale = _quant_sign_fix(normed, FP8_MAX)
+    else:
+        q, scale = _quant_ieee(normed, FP8_MAX)
+    tl.store(q_ptr + base + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g, scale, mask=gmask)
+
+
 @triton.jit(do_not_specialize=["scale_st"])
 def _plain_tile_kernel(
     h_ptr,
@@ -83,8 +166,9 @@ def _plain_tile_kernel(
     base = tl.cast(row, tl.int64) * HIDDEN
     offs, mask, g, gmask = _group_tile(0, ROW_G, 128, 128, HIDDEN // 128)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    s = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    s = _load_sum(h_ptr, res_ptr, base, offs, mask, "")
+    # the tail written out, not _finish_row: inv_rms before the residual's store, the order
+    # of the code the committed benchmark results were measured with
     inv = inv_rms(sum_sq(s), HIDDEN, eps)
     tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
     normed = norm_part(s, inv, w, weight_offset, res_out_ptr.dtype.element_ty)
@@ -140,23 +224,12 @@ def plain_tile(h, residual, weight, eps, *, weight_offset=1.0, quant_dtype=torch
 
 
 @triton.jit
-def _quant_ieee(normed, FP8_MAX: tl.constexpr):
-    """row_math.quant_tile as it was before issue 24: an IEEE division per element."""
-    nf = normed.to(tl.float32)
-    amax = tl.reduce(tl.abs(nf), 1, nan_max)
-    scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL), FP8_MAX)
-    q = tl.math.div_rn(nf, scale[:, None])
-    q = tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    q = tl.minimum(q, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    return q, scale
-
-
-@triton.jit
-def _row_sum_part(h_ptr, res_ptr, base, G_OFF: tl.constexpr, NGP: tl.constexpr, N_GROUPS: tl.constexpr):
+def _row_sum_part(
+    h_ptr, res_ptr, base, G_OFF: tl.constexpr, NGP: tl.constexpr, N_GROUPS: tl.constexpr, CACHE: tl.constexpr
+):
+    """Sum of squares of NGP groups of a row from group G_OFF, read with cache modifier CACHE."""
     offs, mask, _, _ = _group_tile(G_OFF, NGP, 128, 128, N_GROUPS)
-    s = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    return sum_sq(s)
+    return sum_sq(_load_sum(h_ptr, res_ptr, base, offs, mask, CACHE))
 
 
 @triton.jit(do_not_specialize=["scale_st"])
@@ -188,29 +261,38 @@ def _sliced_kernel(
     base = tl.cast(row, tl.int64) * HIDDEN
     offs, mask, g, gmask = _group_tile((pid % SPLIT) * SLICE_G, SLICE_G, 128, 128, N_GROUPS)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    s = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    s = _load_sum(h_ptr, res_ptr, base, offs, mask, "")
     if SPLIT == 1:  # the slice is the row
         ss = sum_sq(s)
     elif ROW_PARTS:
-        ss = _row_sum_part(h_ptr, res_ptr, base, 0, P0, N_GROUPS)
+        ss = _row_sum_part(h_ptr, res_ptr, base, 0, P0, N_GROUPS, "")
         if P1 > 0:
-            ss += _row_sum_part(h_ptr, res_ptr, base, P0, P1, N_GROUPS)
+            ss += _row_sum_part(h_ptr, res_ptr, base, P0, P1, N_GROUPS, "")
         if P2 > 0:
-            ss += _row_sum_part(h_ptr, res_ptr, base, P0 + P1, P2, N_GROUPS)
+            ss += _row_sum_part(h_ptr, res_ptr, base, P0 + P1, P2, N_GROUPS, "")
         if P3 > 0:
-            ss += _row_sum_part(h_ptr, res_ptr, base, P0 + P1 + P2, P3, N_GROUPS)
+            ss += _row_sum_part(h_ptr, res_ptr, base, P0 + P1 + P2, P3, N_GROUPS, "")
     else:
-        ss = _row_sum_part(h_ptr, res_ptr, base, 0, ROW_G, N_GROUPS)
-    tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
-    inv = inv_rms(ss, HIDDEN, eps)
-    normed = norm_part(s, inv, w, weight_offset, res_out_ptr.dtype.element_ty)
-    if FAST_DIV:
-        q, scale = quant_tile(normed, FP8_MAX)
-    else:
-        q, scale = _quant_ieee(normed, FP8_MAX)
-    tl.store(q_ptr + base + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g, scale, mask=gmask)
+        ss = _row_sum_part(h_ptr, res_ptr, base, 0, ROW_G, N_GROUPS, "")
+    _finish_row(
+        s,
+        w,
+        ss,
+        row,
+        offs,
+        mask,
+        g,
+        gmask,
+        eps,
+        weight_offset,
+        res_out_ptr,
+        q_ptr,
+        scale_ptr,
+        scale_st,
+        HIDDEN,
+        QUANT_LEAN if FAST_DIV else QUANT_IEEE,
+        FP8_MAX,
+    )
 
 
 def sliced(
@@ -275,26 +357,6 @@ SS_REREAD, SS_OTHERS, SS_EXCHANGE, SS_OTHERS_TILE, SS_SLICEWISE = 0, 1, 2, 3, 4
 
 
 @triton.jit
-def _quant_sign_fix(normed, FP8_MAX: tl.constexpr):
-    """row_math.quant_tile as it was before explore_split_sum.py's second round (the "r"
-    kinds there): Triton's negation (0 - x), so a sign fix per element, and a clamp to
-    +-FP8_MAX. row_math.quant_tile now (the "l", lean, kinds) gives the same bytes in fewer
-    instructions."""
-    nf = normed.to(tl.float32)
-    amax = tl.reduce(tl.abs(nf), 1, nan_max)
-    scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL), FP8_MAX)
-    r = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None]
-    finite = tl.minimum(scale, F32_MAX, propagate_nan=tl.PropagateNan.ALL)[:, None]
-    q0 = nf * r
-    q = tl.fma(-tl.fma(q0, finite, -nf), r, q0)
-    sign = nf.to(tl.uint32, bitcast=True) & 0x80000000
-    q = (q.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    q = tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    q = tl.minimum(q, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    return q, scale
-
-
-@triton.jit
 def _slice_sums(
     h_ptr,
     res_ptr,
@@ -314,9 +376,7 @@ def _slice_sums(
     parts = tl.zeros([SPLIT_P2], tl.float32)
     for k in tl.static_range(SPLIT):
         offs, mask, _, _ = _group_tile(k * SLICE_G, SLICE_G, 128, 128, N_GROUPS)
-        mask = mask & (mine != k)
-        t = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        t += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        t = _load_sum(h_ptr, res_ptr, base, offs, mask & (mine != k), "")
         parts = tl.where(idx == k, tl.where(mine == k, own, sum_sq(t)), parts)
     return parts
 
@@ -353,18 +413,11 @@ def _split_sum_kernel(
     base = tl.cast(row, tl.int64) * HIDDEN
     offs, mask, g, gmask = _group_tile(mine * SLICE_G, SLICE_G, 128, 128, N_GROUPS)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    s = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    s = _load_sum(h_ptr, res_ptr, base, offs, mask, "")
     if SPLIT == 1:  # the slice is the row
         ss = sum_sq(s)
     elif MODE == 0:  # today's kernel: the whole row again, as one masked tile
-        if RE_CG:
-            ro, rm, _, _ = _group_tile(0, ROW_G, 128, 128, N_GROUPS)
-            t = tl.load(h_ptr + base + ro, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
-            t += tl.load(res_ptr + base + ro, mask=rm, other=0.0, cache_modifier=".cg").to(tl.float32)
-            ss = sum_sq(t)
-        else:
-            ss = _row_sum_part(h_ptr, res_ptr, base, 0, ROW_G, N_GROUPS)
+        ss = _row_sum_part(h_ptr, res_ptr, base, 0, ROW_G, N_GROUPS, ".cg" if RE_CG else "")
     elif MODE == 4:  # slice by slice into one slice-shaped tile (own from registers), one reduction
         acc = tl.zeros([SLICE_G, 128], tl.float32)
         for k in tl.static_range(SPLIT):
@@ -372,15 +425,12 @@ def _split_sum_kernel(
                 x = s
             else:
                 ko, km, _, _ = _group_tile(k * SLICE_G, SLICE_G, 128, 128, N_GROUPS)
-                x = tl.load(h_ptr + base + ko, mask=km, other=0.0).to(tl.float32)
-                x += tl.load(res_ptr + base + ko, mask=km, other=0.0).to(tl.float32)
+                x = _load_sum(h_ptr, res_ptr, base, ko, km, "")
             acc = tl.fma(x, x, acc)
         ss = tl.sum(tl.sum(acc, axis=1), axis=0)
     elif MODE == 3:  # the other slices as one masked row tile (own lanes masked off) + own
         ro, rm, rg, _ = _group_tile(0, ROW_G, 128, 128, N_GROUPS)
-        rm = rm & ((rg // SLICE_G) != mine)[:, None]
-        t = tl.load(h_ptr + base + ro, mask=rm, other=0.0).to(tl.float32)
-        t += tl.load(res_ptr + base + ro, mask=rm, other=0.0).to(tl.float32)
+        t = _load_sum(h_ptr, res_ptr, base, ro, rm & ((rg // SLICE_G) != mine)[:, None], "")
         ss = sum_sq(t) + sum_sq(s)
     elif MODE == 1:  # the other slices only, summed slice by slice in slice order
         ss = tl.sum(_slice_sums(h_ptr, res_ptr, base, mine, sum_sq(s), SLICE_G, SPLIT, SPLIT_P2, N_GROUPS))
@@ -405,28 +455,39 @@ def _split_sum_kernel(
         if left == SPLIT - 1:  # the row's last program out: the counters back to 0 for the next call
             tl.atomic_xchg(cnt_ptr + 2 * row, 0)
             tl.atomic_xchg(cnt_ptr + 2 * row + 1, 0)
-    tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
-    inv = inv_rms(ss, HIDDEN, eps)
-    normed = norm_part(s, inv, w, weight_offset, res_out_ptr.dtype.element_ty)
-    if LEAN:
-        q, scale = quant_tile(normed, FP8_MAX)
-    else:
-        q, scale = _quant_sign_fix(normed, FP8_MAX)
-    tl.store(q_ptr + base + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + tl.cast(row, tl.int64) * scale_st + g, scale, mask=gmask)
+    _finish_row(
+        s,
+        w,
+        ss,
+        row,
+        offs,
+        mask,
+        g,
+        gmask,
+        eps,
+        weight_offset,
+        res_out_ptr,
+        q_ptr,
+        scale_ptr,
+        scale_st,
+        HIDDEN,
+        QUANT_LEAN if LEAN else QUANT_SIGN_FIX,
+        FP8_MAX,
+    )
 
 
 SPLIT_SUM_MAX_ROWS = 4096
+SPLIT_SUM_MAX_SPLIT = 128  # programs per row the workspace has slots for (1-group slices of a 16384 row)
 _split_ws: dict = {}
 
 
-def split_sum_workspace(device, max_split: int = 128):
-    """(partials [rows x max_split] float32, counters [2 x rows + 1] int32, zeroed; the last
-    word counts waits that gave up), one per device."""
-    key = (str(device), max_split)
+def split_sum_workspace(device):
+    """(partials [rows x SPLIT_SUM_MAX_SPLIT] float32, counters [2 x rows + 1] int32, zeroed;
+    the last word counts waits that gave up), one per device."""
+    key = str(device)
     if key not in _split_ws:
         _split_ws[key] = (
-            torch.zeros(SPLIT_SUM_MAX_ROWS * max_split, dtype=torch.float32, device=device),
+            torch.zeros(SPLIT_SUM_MAX_ROWS * SPLIT_SUM_MAX_SPLIT, dtype=torch.float32, device=device),
             torch.zeros(2 * SPLIT_SUM_MAX_ROWS + 1, dtype=torch.int32, device=device),
         )
     return _split_ws[key]
@@ -467,7 +528,7 @@ def split_sum(
     if hidden % 128 or slice_groups & (slice_groups - 1) or slice_groups > row_g or tokens > SPLIT_SUM_MAX_ROWS:
         raise ValueError(f"split_sum: hidden {hidden}, slice_groups {slice_groups}, tokens {tokens}")
     split_p2 = triton.next_power_of_2(split)
-    parts, counters = split_sum_workspace(h.device, 128)
+    parts, counters = split_sum_workspace(h.device)
     q, scale, res_out, _ = out = _outputs(h, quant_dtype, outputs)
     if tokens:
         _split_sum_kernel[(tokens * split,)](
@@ -500,4 +561,4 @@ def split_sum(
 
 def split_sum_gave_up(device) -> int:
     """Waits of SS_EXCHANGE that gave up so far on ``device`` (each then read the row itself)."""
-    return int(split_sum_workspace(device, 128)[1][-1].item())
+    return int(split_sum_workspace(device)[1][-1].item())
