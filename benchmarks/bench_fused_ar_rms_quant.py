@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -83,6 +82,7 @@ from measurement import (
     make_inputs,
     op_bytes,
     poisoned_outputs,
+    replay_stats,
     time_graph,
 )
 
@@ -345,14 +345,7 @@ def measure_shape(
             continue
         try:
             us = time_graph([functools.partial(fn, r) for r in rotations], args.replays)
-            rec.update(
-                median_us=statistics.median(us),
-                min_us=min(us),
-                max_us=max(us),
-                p10_us=statistics.quantiles(us, n=10)[0],
-                p90_us=statistics.quantiles(us, n=10)[-1],
-                replays=len(us),
-            )
+            rec.update(replay_stats(us), max_us=max(us), replays=len(us))
             # correctness on fresh inputs, in rotation 0's symmetric buffer (refilled after)
             fx, fres, fw = make_inputs(world, t, hidden, seed + 999, dev)
             out = fn(Rotation(fx[rank], fres, fw, setup.symm_in[0]))
@@ -695,14 +688,7 @@ def run_tp1(args, out_path: Path, report: dict) -> None:
                 rec = {"hidden": hidden, "tokens": t, "variant": name}
                 try:
                     us = time_graph([functools.partial(fn, x[0], res, w) for x, res, w in sets], args.replays)
-                    rec.update(
-                        median_us=statistics.median(us),
-                        min_us=min(us),
-                        max_us=max(us),
-                        p10_us=statistics.quantiles(us, n=10)[0],
-                        p90_us=statistics.quantiles(us, n=10)[-1],
-                        replays=len(us),
-                    )
+                    rec.update(replay_stats(us), max_us=max(us), replays=len(us))
                     fx, fres, fw = fresh
                     if name == "empty":  # nothing to check
                         rec["ok"] = True

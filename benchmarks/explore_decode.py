@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from measurement import (
     make_inputs,
     op_bytes,
     poisoned_outputs,
+    replay_stats,
     time_graph,
 )
 from precompile import default_workers, warm
@@ -134,12 +134,7 @@ def measure(name, sets, fresh, replays, warmup_s, t, hidden) -> dict:
     fn = runner(name)
     try:
         us = time_graph([functools.partial(fn, xs[0], res, w) for xs, res, w in sets], replays, warmup_s=warmup_s)
-        rec.update(
-            median_us=statistics.median(us),
-            min_us=min(us),
-            p10_us=statistics.quantiles(us, n=10)[0],
-            p90_us=statistics.quantiles(us, n=10)[-1],
-        )
+        rec.update(replay_stats(us))
         if name == "empty":
             rec["ok"] = True
             return rec

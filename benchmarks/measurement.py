@@ -116,6 +116,13 @@ def time_graph(fns, replays: int, repeat: int = REPEAT, warmup_s: float = WARMUP
     return us
 
 
+def replay_stats(us: list[float]) -> dict:
+    """The fields every timing record carries from time_graph's per-replay microseconds:
+    median, min, and the 10th and 90th percentiles."""
+    deciles = statistics.quantiles(us, n=10)
+    return {"median_us": statistics.median(us), "min_us": min(us), "p10_us": deciles[0], "p90_us": deciles[-1]}
+
+
 def make_inputs(world, t, h, seed, device):
     """Every rank's x (so each rank can form the exact sum), residual, weight."""
     g = torch.Generator(device=device)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from measurement import (
     machine_info,
     make_inputs,
     poisoned_outputs,
+    replay_stats,
     time_graph,
 )
 from precompile import default_workers, warm
@@ -150,12 +150,7 @@ def main(argv=None) -> int:
                     us = time_graph(
                         [lambda inputs=inputs: run(inputs) for inputs in sets], args.replays, warmup_s=args.warmup_s
                     )
-                    rec.update(
-                        median_us=statistics.median(us),
-                        min_us=min(us),
-                        p10_us=statistics.quantiles(us, n=10)[0],
-                        p90_us=statistics.quantiles(us, n=10)[-1],
-                    )
+                    rec.update(replay_stats(us))
                     fx, fres, fw = fresh
                     out = add_rmsnorm_quant(
                         fx[0],
