@@ -42,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+import explore_decode
 import reference_kernels as rk
 import torch
 import triton
@@ -72,8 +73,10 @@ KINDS = {
     "x": (rk.SS_EXCHANGE, False, False),
     "el": (rk.SS_SLICEWISE, True, False),
 }
+TWINS = {"x": "o", "rl": "r", "rlc": "r"}  # kind -> the kind whose q and scale bytes it must equal
 ROUND3 = ("rl", "el")  # the default plan (o and x: the first round; rlc and tl: the second)
 SPIN = 4096
+FIXED_NAMES = ("dispatched", "kernel_today", "empty")  # timed at every point besides the candidates
 
 
 def variants(hidden: int, kinds=ROUND3) -> list[str]:
@@ -89,30 +92,25 @@ def variants(hidden: int, kinds=ROUND3) -> list[str]:
     return names
 
 
-def parse(name: str) -> dict:
-    """'rl8_w4' -> {"mode": SS_REREAD, "lean": True, "reread_cg": False, "slice_groups": 8, "num_warps": 4}."""
+def split_name(name: str) -> tuple[str, int, int]:
+    """'rl8_w4' -> ("rl", 8, 4): kind, groups per program, warps."""
     head, warps = name.split("_w")
     kind = head.rstrip("0123456789")
+    return kind, int(head[len(kind) :]), int(warps)
+
+
+def parse(name: str) -> dict:
+    """'rl8_w4' -> {"mode": SS_REREAD, "lean": True, "reread_cg": False, "slice_groups": 8, "num_warps": 4}."""
+    kind, slice_groups, warps = split_name(name)
     mode, lean, cg = KINDS[kind]
-    return {
-        "mode": mode,
-        "lean": lean,
-        "reread_cg": cg,
-        "slice_groups": int(head[len(kind) :]),
-        "num_warps": int(warps),
-    }
+    return {"mode": mode, "lean": lean, "reread_cg": cg, "slice_groups": slice_groups, "num_warps": warps}
 
 
 def runner(name: str):
-    from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
-    from vllm_rocm_fused.ops import fused_allreduce_rmsnorm_quant
-
-    if name == "dispatched":
-        return lambda h, res, w, outputs=None: tuple(fused_allreduce_rmsnorm_quant(h, res, w, EPS, weight_offset=1.0))
-    if name == "kernel_today":
-        return lambda h, res, w, outputs=None: add_rmsnorm_quant(h, res, w, EPS, weight_offset=1.0, outputs=outputs)
-    if name == "empty":
-        return lambda h, res, w, outputs=None: rk.empty(h)
+    """(h, res, w, outputs) -> (q, scale, residual, normed) of variant ``name`` (the
+    dispatched op, today's kernel and the empty kernel: explore_decode.runner's)."""
+    if name in explore_decode.FIXED:
+        return explore_decode.runner(name)
     return functools.partial(_split, **parse(name))
 
 
@@ -142,16 +140,16 @@ def measure(name, sets, fresh, replays, warmup_s, t, hidden) -> dict:
         outs = None if name == "dispatched" else poisoned_outputs(t, hidden)
         out = fn(fx[0], fres, fw, outs)
         rec.update(check_outputs(out, fx, fres, fw, bf16_sum=False))
-        twin_kind = {"x": "o", "rl": "r", "rlc": "r"}.get(name.split("_w")[0].rstrip("0123456789"))
-        if twin_kind:  # same bytes as its twin of the same shape
-            twin_name = twin_kind + name.split("_w")[0].lstrip("rlcxo") + "_w" + name.split("_w")[1]
+        kind, slice_groups, warps = split_name(name) if name not in FIXED_NAMES else (name, 0, 0)
+        if kind in TWINS:  # same bytes as its twin of the same shape
+            twin_name = f"{TWINS[kind]}{slice_groups}_w{warps}"
             twin = runner(twin_name)(fx[0], fres, fw, poisoned_outputs(t, hidden))
             rec["same_as"] = twin_name
             rec["same_bytes"] = bool(
                 torch.equal(twin[0].view(torch.uint8), out[0].view(torch.uint8)) and torch.equal(twin[1], out[1])
             )
             rec["ok"] = rec["ok"] and rec["same_bytes"]
-        if name.startswith("x"):
+        if kind == "x":
             rec["gave_up"] = rk.split_sum_gave_up("cuda") - gave_up
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
@@ -176,7 +174,7 @@ def main(argv=None) -> int:
     torch.cuda.set_device(0)
     from vllm_rocm_fused.kernels.launch import local_launch, row_tile
 
-    plan = {h: ("dispatched", "kernel_today", "empty", *variants(h, args.kinds)) for h in args.hidden}
+    plan = {h: (*FIXED_NAMES, *variants(h, args.kinds)) for h in args.hidden}
     report: dict = {
         "command": "PYTHONPATH=. python benchmarks/explore_split_sum.py "
         + " ".join(
@@ -204,7 +202,7 @@ def main(argv=None) -> int:
 
     jobs = []
     for h in args.hidden:
-        jobs += [("call", "explore_split_sum", "compile_variant", h, n) for n in plan[h][3:]]
+        jobs += [("call", "explore_split_sum", "compile_variant", h, n) for n in plan[h][len(FIXED_NAMES) :]]
         shapes = {local_launch(h, t, row_tile(h, 128)) for t in args.tokens}
         jobs += [("local", h, s.num_warps, s.slice_groups, True, False) for s in shapes]
     jobs.append(("call", "reference_kernels", "warm", args.hidden[0]))
@@ -224,10 +222,8 @@ def main(argv=None) -> int:
             recs = [measure(n, sets, fresh, args.replays, args.warmup_s, t, h) for n in plan[h]]
             report["results"] += recs
             got = {r["variant"]: r["median_us"] for r in recs if r.get("ok") and "median_us" in r}
-            kinds = sorted({n.split("_w")[0].rstrip("0123456789") for n in got if "_w" in n})
-            best = {
-                k: min(((us, n) for n, us in got.items() if n.split("_w")[0].rstrip("0123456789") == k)) for k in kinds
-            }
+            kind = {n: split_name(n)[0] for n in got if n not in FIXED_NAMES}
+            best = {k: min((got[n], n) for n in kind if kind[n] == k) for k in sorted(set(kind.values()))}
             print(
                 f"H={h} T={t}: dispatched {got.get('dispatched', float('nan')):.2f} empty {got.get('empty', float('nan')):.2f} "
                 + " ".join(f"{m}: {us:.2f} {n}" for m, (us, n) in best.items())
