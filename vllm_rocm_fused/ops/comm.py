@@ -55,10 +55,15 @@ class Communicator:
         return f"{type(self).__name__}(name={self.name!r}, world_size={self.world_size}, rank={self.rank})"
 
 
+def _group_key(group: dist.ProcessGroup) -> str:
+    """The registry name of a process group's communicator."""
+    return f"pg:{group.group_name}"
+
+
 class ProcessGroupCommunicator(Communicator):
     def __init__(self, group: dist.ProcessGroup) -> None:
         super().__init__(
-            name=f"pg:{group.group_name}",
+            name=_group_key(group),
             world_size=dist.get_world_size(group),
             rank=dist.get_rank(group),
         )
@@ -112,9 +117,16 @@ def forget_group(group: dist.ProcessGroup) -> None:
     """Drop the registered communicator of ``group``: call it before
     ``destroy_process_group``, so that nothing here keeps the destroyed group (and its
     gloo threads) alive until the interpreter exits, where tearing it down can abort."""
+    name = _group_key(group)
     with _lock:
-        for name in [n for n, c in _registry.items() if getattr(c, "_group", None) is group]:
+        if _is_communicator_of(_registry.get(name), group):
             del _registry[name]
+
+
+def _is_communicator_of(comm: Communicator | None, group: dist.ProcessGroup) -> bool:
+    """Whether ``comm`` (a registry entry) is ``group``'s own communicator: a destroyed
+    group's name can be reused by a new group."""
+    return isinstance(comm, ProcessGroupCommunicator) and comm.process_group is group
 
 
 def communicator_for_group(group: dist.ProcessGroup | None) -> Communicator | None:
@@ -126,10 +138,10 @@ def communicator_for_group(group: dist.ProcessGroup | None) -> Communicator | No
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     if dist.get_world_size(group) == 1:
         return None
-    name = f"pg:{group.group_name}"
+    name = _group_key(group)
     with _lock:
         comm = _registry.get(name)
-        if comm is None or getattr(comm, "_group", None) is not group:
+        if not _is_communicator_of(comm, group):
             comm = ProcessGroupCommunicator(group)
             _registry[name] = comm
     return comm
