@@ -14,6 +14,9 @@ TP=1 mode (no all-reduce): per hidden size and token count, the medians of
                      dimension dynamic; "compiled" = the faster of the two at each size
   plain              reference_kernels.plain_tile: one masked tile per row, 16 warps, untuned
   empty              reference_kernels.empty: a kernel that does nothing (the node floor)
+  groupwise          reference_kernels.groupwise: the op without its row reduction (not
+                     checked: not the op's outputs); dispatched minus it = the row-wide
+                     dependency's cost
 and the byte floor: the op's bytes (read x, residual, weight; write residual, q, scales) over
 the device copy bandwidth measured in the same run (a graph-replayed 1 GiB copy, read + write).
 Results: <gpu>_tp1.json and .png.
@@ -129,7 +132,7 @@ COMPOSITES = {
         "chain_compiled_torch_symm_dynamic",
     ),
 }
-TP1_VARIANTS = ("dispatched", "compiled_static", "compiled_dynamic", "plain", "empty")
+TP1_VARIANTS = ("dispatched", "compiled_static", "compiled_dynamic", "plain", "empty", "groupwise")
 
 
 class Rotation:
@@ -622,7 +625,7 @@ def run_tp1(args, out_path: Path, report: dict) -> None:
             if "dispatched" in args.tp1_variants:
                 shapes = {local_launch(hidden, t, row_tile(hidden, 128)) for t in args.tokens}
                 jobs += [("local", hidden, s.num_warps, s.slice_groups, True, False) for s in shapes]
-            if "plain" in args.tp1_variants or "empty" in args.tp1_variants:
+            if {"plain", "empty", "groupwise"} & set(args.tp1_variants):
                 jobs.append(("call", "reference_kernels", "warm", hidden))
         report["precompile"] = warm(jobs, workers=args.precompile_workers, timeout_s=args.precompile_timeout_s)
     report["settings"]["precompile_s"] = round(time.time() - t0, 1)
@@ -676,12 +679,16 @@ def run_tp1(args, out_path: Path, report: dict) -> None:
             def empty(x, res, w):
                 reference_kernels.empty(x)
 
+            def groupwise(x, res, w):
+                return reference_kernels.groupwise(x, res, w, weight_offset=1.0)
+
             fns = {
                 "dispatched": dispatched,
                 "compiled_static": static,
                 "compiled_dynamic": dynamic,
                 "plain": plain,
                 "empty": empty,
+                "groupwise": groupwise,
             }
             for name in args.tp1_variants:
                 fn = fns[name]
@@ -690,7 +697,7 @@ def run_tp1(args, out_path: Path, report: dict) -> None:
                     us = time_graph([functools.partial(fn, x[0], res, w) for x, res, w in sets], args.replays)
                     rec.update(replay_stats(us), max_us=max(us), replays=len(us))
                     fx, fres, fw = fresh
-                    if name == "empty":  # nothing to check
+                    if name in ("empty", "groupwise"):  # nothing to check: not the op's outputs
                         rec["ok"] = True
                         records.append(rec)
                         continue
@@ -770,6 +777,8 @@ def summarize_tp1(results: list[dict], hidden: int, bw: float) -> dict:
                 row["dispatched_over_plain"] = v["dispatched"] / v["plain"]
             if "empty" in v:
                 row["dispatched_over_empty"] = v["dispatched"] / v["empty"]
+            if "groupwise" in v:
+                row["row_sum_us"] = v["dispatched"] - v["groupwise"]
         rows[t] = row
     return rows
 
@@ -875,12 +884,14 @@ def table_tp1(summary_h: dict) -> str:
         ("dispatched", "dispatched"),
         ("plain", "plain"),
         ("empty", "empty"),
+        ("groupwise", "groupwise"),
         ("compiled", "compiled"),
         ("compiled_static", "static"),
         ("compiled_dynamic", "dynamic"),
         ("floor", "floor"),
         ("dispatched_over_plain", "disp/plain"),
         ("dispatched_over_empty", "disp/empty"),
+        ("row_sum_us", "disp-groupwise"),
         ("dispatched_over_compiled", "disp/compiled"),
         ("dispatched_over_floor", "disp/floor"),
         ("saved_us", "saved us"),
@@ -909,6 +920,7 @@ def plot_tp1(summary: dict, path: Path, title: str) -> None:
         "dispatched": "g-D",
         "plain": "m--",
         "empty": "c:",
+        "groupwise": "y--",
         "compiled": "k-o",
         "compiled_static": "k:",
         "compiled_dynamic": "k--",

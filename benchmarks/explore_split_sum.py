@@ -17,6 +17,9 @@ W warps; G = the padded row: one program per row, kinds r and rl only):
   o    the other slices only, summed slice by slice (a reduction per slice)
   x    the slices' sums exchanged through a global workspace (a counter per row, atomics;
        bounded wait, then o's reads; the same bits either way: bytes must equal o's)
+  bt   the other slices loaded with no branch, every slice's squares summed element-wise
+       as a butterfly, one reduction (add_rmsnorm_quant.row_squares, the local kernel's
+       form since round 4)
 plus the dispatched op, today's kernel at its table shape (kernel_today) and the empty
 kernel, graph-replayed as the benchmark times them (4 rotating input sets, 8 captures of them
 per graph, 100 replays). Every variant of every point is checked against ops/reference.py on
@@ -27,8 +30,10 @@ fresh inputs (outputs poisoned first); x's waits that gave up are counted.
 Committed runs (2026-12-03, one H200; the kinds each ran):
   benchmarks/results/h200_tp1_split_sum_explore.json   round 1: r o x (split rows only)
   benchmarks/results/h200_tp1_split_sum_explore2.json  round 2: r rl rlc tl
-  benchmarks/results/h200_tp1_split_sum_explore3.json  round 3: rl el (the default); here the
-      dispatched op already had the lean quant, with the previous launch table
+  benchmarks/results/h200_tp1_split_sum_explore3.json  round 3: rl el; here the dispatched op
+      already had the lean quant, with the previous launch table
+  benchmarks/results/h200_tp1_split_sum_explore4.json  round 4: rl bt (the default); here the
+      dispatched op and kernel_today already had bt, with the previous launch table
 
 torch + Triton only; no vLLM.
 """
@@ -72,14 +77,15 @@ KINDS = {
     "o": (rk.SS_OTHERS, False, False),
     "x": (rk.SS_EXCHANGE, False, False),
     "el": (rk.SS_SLICEWISE, True, False),
+    "bt": (rk.SS_BUTTERFLY, True, False),
 }
 TWINS = {"x": "o", "rl": "r", "rlc": "r"}  # kind -> the kind whose q and scale bytes it must equal
-ROUND3 = ("rl", "el")  # the default plan (o and x: the first round; rlc and tl: the second)
+ROUND4 = ("rl", "bt")  # the default plan (o and x: the first round; rlc and tl: the second; el: the third)
 SPIN = 4096
 FIXED_NAMES = ("dispatched", "kernel_today", "empty")  # timed at every point besides the candidates
 
 
-def variants(hidden: int, kinds=ROUND3) -> list[str]:
+def variants(hidden: int, kinds=ROUND4) -> list[str]:
     """Split rows (two programs or more per row) of every kind in ``kinds``, and one program
     per row (kinds r and rl only: the others equal them there)."""
     groups, row_g = hidden // 128, triton.next_power_of_2(hidden // 128)
@@ -163,7 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
-    p.add_argument("--kinds", nargs="+", default=list(ROUND3), choices=list(KINDS))
+    p.add_argument("--kinds", nargs="+", default=list(ROUND4), choices=list(KINDS))
     p.add_argument("--replays", type=int, default=100)
     p.add_argument("--warmup-s", type=float, default=0.02)
     p.add_argument("--workers", type=int, default=default_workers())

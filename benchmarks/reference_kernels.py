@@ -3,6 +3,12 @@ candidate kernel.
 
 - ``empty``: a kernel that does nothing (one program): in a graph of back-to-back nodes, the
   least one kernel node costs. No kernel of the op can run faster than this floor.
+- ``groupwise``: the op without its row reduction: normed = s * (w + offset) (no rsqrt of
+  the row's mean square), everything else as the op (reads h, residual, weight; writes the
+  residual, q and the scales; the per-group amax and quant), in programs of GROUPWISE_G
+  groups of the flattened [tokens x groups] grid. Its outputs are not the op's (not
+  checked). The dispatched op minus this is what the row-wide dependency (each row's sum of
+  squares before its first normed value) costs at that point.
 - ``plain_tile``: a deliberately plain add + RMSNorm + 1x128 quant, the yardstick of
   issue 24: one program per token row, the row as ONE masked [next_pow2(groups), 128] tile,
   16 warps, no tuning; the production kernels' arithmetic (row_math's norm and quant
@@ -22,9 +28,9 @@ candidate kernel.
   larger points; a normed -0 comes from h + residual = 0 with w + 1 < 0; not confirmed
   element by element). The timings are unaffected: the fix is one bitwise op.
 - ``split_sum``: the candidates of benchmarks/explore_split_sum.py: a split row whose
-  programs get the row's sum of squares in one of five ways (the whole row read again, as
+  programs get the row's sum of squares in one of six ways (the whole row read again, as
   the local kernel does; only the other slices read, slice by slice, as one masked row tile,
-  or accumulated slice-wise into one tile; or the slices' sums exchanged through a global
+  accumulated slice-wise into one tile, or summed as a butterfly; or the slices' sums exchanged through a global
   workspace with atomics), and the quant before (``_quant_sign_fix``) or after
   (row_math.quant_tile) its lean form.
 
@@ -37,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_rocm_fused.kernels.add_rmsnorm_quant import row_squares
 from vllm_rocm_fused.kernels.row_math import AMAX_FLOOR, F32_MAX, inv_rms, nan_max, norm_part, quant_tile, sum_sq
 
 PLAIN_WARPS = 16
@@ -50,6 +57,66 @@ def _empty_kernel(x_ptr):
 def empty(x: torch.Tensor) -> None:
     """Launch the empty kernel (one program, one warp)."""
     _empty_kernel[(1,)](x, num_warps=1)
+
+
+GROUPWISE_G = 8  # groups per program of the groupwise kernel
+GROUPWISE_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["n_groups"])
+def _groupwise_kernel(
+    h_ptr,
+    res_ptr,
+    w_ptr,
+    res_out_ptr,
+    q_ptr,
+    scale_ptr,
+    weight_offset,
+    n_groups,
+    GROUPS: tl.constexpr,
+    NG: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+):
+    """NG groups of the flattened [tokens x GROUPS] group grid from group program_id * NG (scales
+    row-major, so a group's flat index is its scale's)."""
+    g = tl.program_id(0) * NG + tl.arange(0, NG)
+    j = tl.arange(0, 128)[None, :]
+    offs = tl.cast(g, tl.int64)[:, None] * 128 + j
+    gmask = g < n_groups
+    mask = gmask[:, None] & (j < 128)
+    w = tl.load(w_ptr + (g % GROUPS)[:, None] * 128 + j, mask=mask, other=0.0)
+    s = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(res_out_ptr + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
+    normed = (s * (w.to(tl.float32) + weight_offset)).to(res_out_ptr.dtype.element_ty)
+    q, scale = quant_tile(normed, FP8_MAX)
+    tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + g, scale, mask=gmask)
+
+
+def groupwise(h, residual, weight, *, weight_offset=1.0, quant_dtype=torch.float8_e4m3fn, outputs=None):
+    """(q, scale, residual, None) of the groupwise kernel (not the op: no RMS factor)."""
+    tokens, hidden = h.shape
+    if hidden % 128:
+        raise ValueError(f"hidden {hidden} is not a multiple of 128")
+    q, scale, res_out, _ = out = _outputs(h, quant_dtype, outputs)
+    n_groups = tokens * (hidden // 128)
+    if n_groups:
+        _groupwise_kernel[(triton.cdiv(n_groups, GROUPWISE_G),)](
+            h,
+            residual,
+            weight,
+            res_out,
+            q,
+            scale,
+            float(weight_offset),
+            n_groups,
+            GROUPS=hidden // 128,
+            NG=GROUPWISE_G,
+            FP8_MAX=float(torch.finfo(quant_dtype).max),
+            num_warps=GROUPWISE_WARPS,
+        )
+    return out
 
 
 @triton.jit
@@ -187,12 +254,13 @@ def _outputs(h: torch.Tensor, quant_dtype: torch.dtype, outputs):
 
 
 def warm(hidden: int) -> None:
-    """Compile (or load) the empty and plain masked-tile kernels at ``hidden``
+    """Compile (or load) the empty, groupwise and plain masked-tile kernels at ``hidden``
     (precompile.py's ("call", "reference_kernels", "warm", hidden) job)."""
     g = torch.Generator(device="cuda")
     g.manual_seed(hidden)
     x = torch.randn(2, hidden, device="cuda", generator=g).to(torch.bfloat16)
     plain_tile(x, x, x[0], 1e-6)
+    groupwise(x, x, x[0])
     empty(x)
     torch.cuda.synchronize()
 
@@ -353,7 +421,7 @@ def sliced(
 # ---------------------------------------------------------------------------------------------
 # Split rows whose programs share the row's sum of squares (benchmarks/explore_split_sum.py)
 
-SS_REREAD, SS_OTHERS, SS_EXCHANGE, SS_OTHERS_TILE, SS_SLICEWISE = 0, 1, 2, 3, 4
+SS_REREAD, SS_OTHERS, SS_EXCHANGE, SS_OTHERS_TILE, SS_SLICEWISE, SS_BUTTERFLY = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
@@ -418,6 +486,9 @@ def _split_sum_kernel(
         ss = sum_sq(s)
     elif MODE == 0:  # today's kernel: the whole row again, as one masked tile
         ss = _row_sum_part(h_ptr, res_ptr, base, 0, ROW_G, N_GROUPS, ".cg" if RE_CG else "")
+    elif MODE == 5:  # the other slices loaded without a branch, squares summed as a butterfly
+        acc = row_squares(s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SPLIT, 128, 128, N_GROUPS, True)
+        ss = tl.sum(tl.sum(acc, axis=1), axis=0)
     elif MODE == 4:  # slice by slice into one slice-shaped tile (own from registers), one reduction
         acc = tl.zeros([SLICE_G, 128], tl.float32)
         for k in tl.static_range(SPLIT):
@@ -519,7 +590,9 @@ def split_sum(
     (two reductions; a row's programs may differ in the sum's last bits); SS_SLICEWISE, the
     other slices read one slice-shaped tile at a time and their squares accumulated element by
     element into one tile in slice order (the own slice from registers), then one reduction
-    (every program of a row: the same bits). ``lean``: the quant as
+    (every program of a row: the same bits); SS_BUTTERFLY, the other slices loaded without a
+    branch and the slices' squares summed element-wise as a butterfly (the local kernel's
+    add_rmsnorm_quant.row_squares; the own slice from registers), then one reduction (every program of a row: the same bits). ``lean``: the quant as
     row_math.quant_tile (else as _quant_sign_fix, the same bytes)."""
     tokens, hidden = h.shape
     n_groups = hidden // 128

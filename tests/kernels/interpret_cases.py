@@ -217,7 +217,8 @@ def _single_hidden_size_cases():
     row tile: 20 groups in 32, 5 in 8, 15 in 16, 31 in 32 ...), both scale layouts, normed
     emitted or not, quantize off; one program per row (slice None: the default) and a row
     split over programs of 4 or 2 groups (the last slice partly masked where the groups do
-    not divide: 5, 7, 15, 31 groups)."""
+    not divide: 5, 7, 15, 31 groups; 2-4 programs per row sum the row's squares as a
+    butterfly, 5 or more read the row again: both forms of add_rmsnorm_quant)."""
     n = 0
     combos = [("row", False, True, None), ("col", True, True, 4), ("row", True, False, 2)]
     sizes = [(1, 2048), (3, 2560), (2, 3072), (3, 5120), (1, 6144), (2, 7168), (3, 640), (2, 896), (3, 1920), (2, 3968)]

@@ -8,20 +8,30 @@ group scale = max(amax, 1e-10) / fp8_max, q = clamp(normed / scale) (row_math.py
 
 A row may be split over SPLIT programs (the launch table's slice size: SPLIT > 1 at decode
 sizes). Program p takes row p // SPLIT and its SLICE_G groups from (p % SPLIT) * SLICE_G:
-it loads its slice (h, residual, weight), stores the slice's residual, computes the whole
-row's sum of squares from the row's h and residual (read again, as the one masked tile, from
-L2; every program of a row computes the same bits), then the slice's norm and quant. With
-SPLIT = 1 the slice is the row and nothing is read twice. Why: at 1-64 tokens one program
-per row leaves most SMs idle and each row's tail (norm, quant, stores) runs on one SM;
-spread over SPLIT programs it runs SPLIT times shorter, at the price of each program's
-sum-of-squares pass over the row (benchmarks/results/h200_tp1_decode_explore.json: at hidden
-5120 and 1 token, 2.14 us in 20 programs against 2.68 us in one; plain row parts, padded
-tile and slices compared there).
+it loads its slice (h, residual, weight), gets the whole row's sum of squares, then stores
+the slice's residual, norm and quant. The sum of squares, every program of a row the same
+bits:
+  - SPLIT = 1: the slice is the row; nothing is read twice.
+  - SPLIT 2-4 (BUTTERFLY_MAX_SPLIT): ``row_squares``: the row's other slices loaded from L2
+    as slice-shaped tiles, every load issued before the first square, their squares and the
+    own slice's summed element by element as a butterfly over the slices, then one
+    reduction of that slice-shaped tile.
+  - SPLIT > 4: the whole row read again from L2 as one masked [ROW_G, GS] tile and reduced.
+Why split: at 1-64 tokens one program per row leaves most SMs idle and each row's tail
+(norm, quant, stores) runs on one SM; spread over SPLIT programs it runs SPLIT times
+shorter, at the price of each program reading the rest of the row once more
+(benchmarks/results/h200_tp1_decode_explore.json: at hidden 5120 and 1 token, 2.14 us in 20
+programs against 2.68 us in one). Why two forms: on an H200, at the same launch shapes, the
+butterfly was 0.03-0.10 us faster on average than the re-read at 2-4 slices and 0.1-1.8 us
+slower at 5 or more (its slices' separate loads and the masked slots of a row that is not a
+power of two of slices: benchmarks/results/h200_tp1_split_sum_explore4.json; NOTES.md,
+issue 24, for the other ways of sharing the sum that were measured).
 
-Memory traffic per row: reads h, residual (H elements each; SPLIT > 1: SPLIT times, the
-repeats from L2) and the weight (cache resident); writes residual (H), q (H bytes), scale
-(H / group_size floats), normed (H, only when asked). One pass: the unfused chain (add+norm
-kernel, then quant kernel) re-reads normed and writes it once more.
+Memory traffic per row: reads h, residual (H elements each; SPLIT > 1: SPLIT times with the
+butterfly, SPLIT + 1 with the re-read; the repeats from L2) and the weight (cache resident);
+writes residual (H), q (H bytes), scale (H / group_size floats), normed (H, only when asked).
+One pass: the unfused chain (add+norm kernel, then quant kernel) re-reads normed and writes
+it once more.
 
 Launch shape (warps, slice groups): measured per hidden size and token count
 (launch.local_launch, local_launch_table.py).
@@ -66,6 +76,56 @@ def _load_sum(h_ptr, res_ptr, base, offs, mask, HAS_RES: tl.constexpr):
     return s
 
 
+# Largest SPLIT whose programs sum the row's squares with row_squares (above: the row read
+# again as one tile; module docstring).
+BUTTERFLY_MAX_SPLIT: tl.constexpr = tl.constexpr(4)
+
+
+@triton.jit
+def row_squares(
+    s,
+    h_ptr,
+    res_ptr,
+    base,
+    mine,
+    D: tl.constexpr,
+    N: tl.constexpr,
+    SLICE_G: tl.constexpr,
+    SPLIT: tl.constexpr,
+    GS: tl.constexpr,
+    GROUP: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+):
+    """Element-wise sum of the squares of the N slices ``mine ^ D`` .. ``mine ^ (D + N - 1)``
+    of a row (N a power of two, D a multiple of N: the aligned block of N slices holding
+    slice ``mine ^ D``) as one slice-shaped tile; call with D = 0 and N = SPLIT rounded up to
+    a power of two for the whole row. Slice ``mine`` (this program's, D = 0) is ``s`` from
+    registers; the others are loaded (slices past SPLIT: masked, no traffic), with no branch,
+    so every load is issued before the first square.
+
+    A block's value is (its half holding ``mine ^ D``) + (the other half): for every program
+    of the row the same two halves, in an order that depends on the program, and an addition
+    of two rounded float32 values commutes, so every program of the row gets the same bits
+    (by induction from the squares, which are the same values in every program). A square
+    is an explicit fma(x, x, +0), x * x rounded once, so that the compiler cannot contract it
+    with the addition above it into a multiply-add, whose operand order would differ between
+    the programs."""
+    if N == 1:
+        if D == 0:
+            x = s
+        else:
+            k = mine ^ D
+            offs, mask, _, _ = _group_tile(k * SLICE_G, SLICE_G, GS, GROUP, N_GROUPS)
+            x = _load_sum(h_ptr, res_ptr, base, offs, mask & (k < SPLIT), HAS_RES)
+        return tl.fma(x, x, 0.0)
+    else:
+        half: tl.constexpr = N // 2
+        a = row_squares(s, h_ptr, res_ptr, base, mine, D, half, SLICE_G, SPLIT, GS, GROUP, N_GROUPS, HAS_RES)
+        b = row_squares(s, h_ptr, res_ptr, base, mine, D + half, half, SLICE_G, SPLIT, GS, GROUP, N_GROUPS, HAS_RES)
+        return a + b
+
+
 @triton.jit(do_not_specialize=["scale_st", "scale_sg"])
 def _add_rmsnorm_quant_kernel(
     h_ptr,
@@ -85,6 +145,7 @@ def _add_rmsnorm_quant_kernel(
     ROW_G: tl.constexpr,
     SLICE_G: tl.constexpr,
     SPLIT: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
     HAS_RES: tl.constexpr,
     QUANT: tl.constexpr,
     EMIT: tl.constexpr,
@@ -93,14 +154,18 @@ def _add_rmsnorm_quant_kernel(
     N_GROUPS: tl.constexpr = HIDDEN // GROUP
     pid = tl.program_id(0)
     row = pid // SPLIT
+    mine = pid % SPLIT
     base = tl.cast(row, tl.int64) * HIDDEN
     # this program's slice first: its loads are in flight before the row's reduction
-    offs, mask, g, gmask = _group_tile((pid % SPLIT) * SLICE_G, SLICE_G, GS, GROUP, N_GROUPS)
+    offs, mask, g, gmask = _group_tile(mine * SLICE_G, SLICE_G, GS, GROUP, N_GROUPS)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     s = _load_sum(h_ptr, res_ptr, base, offs, mask, HAS_RES)
     if SPLIT == 1:  # the slice is the row
         ss = sum_sq(s)
-    else:
+    elif SPLIT <= BUTTERFLY_MAX_SPLIT:
+        squares = row_squares(s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SPLIT, GS, GROUP, N_GROUPS, HAS_RES)
+        ss = tl.sum(tl.sum(squares, axis=1), axis=0)
+    else:  # the whole row again, as one masked tile
         row_offs, row_mask, _, _ = _group_tile(0, ROW_G, GS, GROUP, N_GROUPS)
         ss = sum_sq(_load_sum(h_ptr, res_ptr, base, row_offs, row_mask, HAS_RES))
     finish_part(
@@ -204,6 +269,7 @@ def add_rmsnorm_quant(
         ROW_G=row_g,
         SLICE_G=slice_g,
         SPLIT=split,
+        SPLIT_P2=triton.next_power_of_2(split),
         HAS_RES=residual is not None,
         QUANT=quantize,
         EMIT=normed is not None,
