@@ -23,7 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_MODULE = ROOT / "vllm_rocm_fused" / "kernels" / "local_launch_table.py"
-TOLERANCE = 0.03
+# 2%: at decode sizes a point is ~2 us, so 3% (the rule before 2026-12-03's third sweep) let a
+# shape 0.06 us slower than the fastest stand, more than the sweep's noise between repeated
+# runs (~0.02-0.04 us) and enough to put 2560 and 3072 x 64 tokens above the plain kernel.
+TOLERANCE = 0.02
 
 
 def derive(results: list[dict], tolerance: float = TOLERANCE) -> dict[int, tuple[tuple[int | None, int, int], ...]]:

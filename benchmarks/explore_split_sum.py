@@ -32,8 +32,9 @@ Committed runs (2026-12-03, one H200; the kinds each ran):
   benchmarks/results/h200_tp1_split_sum_explore2.json  round 2: r rl rlc tl
   benchmarks/results/h200_tp1_split_sum_explore3.json  round 3: rl el; here the dispatched op
       already had the lean quant, with the previous launch table
-  benchmarks/results/h200_tp1_split_sum_explore4.json  round 4: rl bt (the default); here the
-      dispatched op and kernel_today already had bt, with the previous launch table
+  benchmarks/results/h200_tp1_split_sum_explore4.json  round 4: rl bt (the default), tokens 1,
+      32, 64; here the dispatched op and kernel_today already used bt at every split (before
+      the local kernel kept it to 2-4 programs per row), with the previous launch table
 
 torch + Triton only; no vLLM.
 """
