@@ -9,8 +9,8 @@ group scale = max(amax, 1e-10) / fp8_max, q = clamp(normed / scale) (row_math.py
 A row may be split over SPLIT programs (the launch table's slice size: SPLIT > 1 at decode
 sizes). Program p takes row p // SPLIT and its SLICE_G groups from (p % SPLIT) * SLICE_G:
 it loads its slice (h, residual, weight), gets the whole row's sum of squares, then stores
-the slice's residual, norm and quant. The sum of squares, every program of a row the same
-bits:
+the slice's residual, norm and quant. The sum of squares (every program of a row gets the
+same bits):
   - SPLIT = 1: the slice is the row; nothing is read twice.
   - SPLIT 2-4 (BUTTERFLY_MAX_SPLIT): ``row_squares``: the row's other slices loaded from L2
     as slice-shaped tiles, every load issued before the first square, their squares and the
@@ -22,10 +22,10 @@ Why split: at 1-64 tokens one program per row leaves most SMs idle and each row'
 shorter, at the price of each program reading the rest of the row once more
 (benchmarks/results/h200_tp1_decode_explore.json: at hidden 5120 and 1 token, 2.14 us in 20
 programs against 2.68 us in one). Why two forms: on an H200, at the same launch shapes, the
-butterfly was 0.03-0.10 us faster on average than the re-read at 2-4 slices and 0.1-1.8 us
-slower at 5 or more (its slices' separate loads and the masked slots of a row that is not a
-power of two of slices: benchmarks/results/h200_tp1_split_sum_explore4.json; NOTES.md,
-issue 24, for the other ways of sharing the sum that were measured).
+butterfly was 0.03-0.10 us faster on average than the re-read at 2-4 slices, mixed at 8,
+and 0.14-1.8 us slower on average at 5-7 and 10 or more (its slices' separate loads, and the
+masked slots up to the next power of two: benchmarks/results/h200_tp1_split_sum_explore4.json;
+benchmarks/NOTES.md, issue 24, for the other ways of sharing the sum that were measured).
 
 Memory traffic per row: reads h, residual (H elements each; SPLIT > 1: SPLIT times with the
 butterfly, SPLIT + 1 with the re-read; the repeats from L2) and the weight (cache resident);
