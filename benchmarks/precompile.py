@@ -152,7 +152,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Warm the compile caches for the launch sweep and the TP=1 benchmark")
     p.add_argument("--sweep", action="store_true", help="the local kernel at every sweep candidate")
     p.add_argument("--inductor", action="store_true", help="the benchmark's Inductor graphs (static and dynamic)")
-    p.add_argument("--references", action="store_true", help="the benchmark's plain masked-tile and empty kernels")
+    p.add_argument(
+        "--references", action="store_true", help="the benchmark's plain masked-tile, groupwise and empty kernels"
+    )
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--timeout-s", type=float, default=120)
     p.add_argument("--out", default=None, help="write every job's outcome here (JSON)")

@@ -12,13 +12,17 @@
 #             against Inductor, the plain masked-tile kernel, the empty kernel and the byte
 #             floor (h200_tp1.json, .png); then scripts/run_gpu_tests.sh in the time left
 #             (its logs: gpu-tests-single.log and the others, concatenated into tests.log)
+#   bench     the TP=1 benchmark alone with the launch table in this tree (after re-deriving
+#             it from a committed sweep): the compile caches warmed in parallel first, so the
+#             benchmark's deadline is spent measuring (h200_tp1.json, .png), then the selftest
+#             (selftest/selftest_cuda_tp1.md, .json)
 # Needs torch + Triton (no vLLM). Each step has a time limit and its scripts stop starting
 # new points at their deadlines, keeping what they measured. Everything goes to OUT_DIR
 # (default: $OUT if set, else ./gpu-issue24-out): run.log, clocks.csv and the step's files.
 # Exit status: non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEP=${1:?usage: gpu_issue24.sh explore|final [OUT_DIR]}
+STEP=${1:?usage: gpu_issue24.sh explore|final|bench [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-./gpu-issue24-out}}
 mkdir -p "$OUT_DIR"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -74,6 +78,15 @@ final)
     else
         echo "=== gpu-tests: skipped, ${LEFT}s left"; status=1
     fi
+    ;;
+bench)
+    T_PRE=${T_PRE:-110} T_BENCH=${T_BENCH:-200}
+    step precompile "$T_PRE" $PY benchmarks/precompile.py --sweep --inductor --references \
+        --timeout-s $((T_PRE - 10)) --out "$OUT_DIR/precompile.json"
+    step bench-tp1 "$T_BENCH" $PY benchmarks/bench_fused_ar_rms_quant.py --world-size 1 --replays 100 \
+        --out-dir "$OUT_DIR" --name h200_tp1 --deadline-s $((T_BENCH - 30))
+    step selftest 90 $PY -m vllm_rocm_fused.cli selftest --hidden 2048 4096 5120 --check-up-to 8192 \
+        --out "$OUT_DIR/selftest"
     ;;
 *)
     echo "unknown step $STEP"; status=1
