@@ -30,8 +30,8 @@ candidate kernel.
 - ``split_sum``: the candidates of benchmarks/explore_split_sum.py: a split row whose
   programs get the row's sum of squares in one of six ways (the whole row read again, as
   the local kernel does; only the other slices read, slice by slice, as one masked row tile,
-  accumulated slice-wise into one tile, or summed as a butterfly; or the slices' sums exchanged through a global
-  workspace with atomics), and the quant before (``_quant_sign_fix``) or after
+  accumulated slice-wise into one tile, or summed as a butterfly; or the slices' sums
+  exchanged through a global workspace with atomics), and the quant before (``_quant_sign_fix``) or after
   (row_math.quant_tile) its lean form.
 
 torch + Triton only; no vLLM.
@@ -97,8 +97,6 @@ def _groupwise_kernel(
 def groupwise(h, residual, weight, *, weight_offset=1.0, quant_dtype=torch.float8_e4m3fn, outputs=None):
     """(q, scale, residual, None) of the groupwise kernel (not the op: no RMS factor)."""
     tokens, hidden = h.shape
-    if hidden % 128:
-        raise ValueError(f"hidden {hidden} is not a multiple of 128")
     q, scale, res_out, _ = out = _outputs(h, quant_dtype, outputs)
     n_groups = tokens * (hidden // 128)
     if n_groups:
@@ -245,7 +243,11 @@ def _plain_tile_kernel(
 
 
 def _outputs(h: torch.Tensor, quant_dtype: torch.dtype, outputs):
+    """``outputs``, or new (q, scale, residual, None) for ``h`` (row-major scales, one per
+    128-group); checks that the row is whole 128-groups either way."""
     tokens, hidden = h.shape
+    if hidden % 128:
+        raise ValueError(f"hidden {hidden} is not a multiple of 128")
     if outputs is not None:
         return outputs
     q = torch.empty((tokens, hidden), dtype=quant_dtype, device=h.device)
@@ -269,8 +271,6 @@ def plain_tile(h, residual, weight, eps, *, weight_offset=1.0, quant_dtype=torch
     """(q, scale, residual, None) of the plain masked-tile kernel; ``outputs`` as
     kernels.launch.empty_outputs makes them (row-major scales, no normed), or None."""
     tokens, hidden = h.shape
-    if hidden % 128:
-        raise ValueError(f"hidden {hidden} is not a multiple of 128")
     q, scale, res_out, _ = out = _outputs(h, quant_dtype, outputs)
     if tokens:
         _plain_tile_kernel[(tokens,)](
@@ -592,8 +592,9 @@ def split_sum(
     element into one tile in slice order (the own slice from registers), then one reduction
     (every program of a row: the same bits); SS_BUTTERFLY, the other slices loaded without a
     branch and the slices' squares summed element-wise as a butterfly (the local kernel's
-    add_rmsnorm_quant.row_squares; the own slice from registers), then one reduction (every program of a row: the same bits). ``lean``: the quant as
-    row_math.quant_tile (else as _quant_sign_fix, the same bytes)."""
+    add_rmsnorm_quant.row_squares; the own slice from registers), then one reduction (every
+    program of a row: the same bits). ``lean``: the quant as row_math.quant_tile (else as
+    _quant_sign_fix, the same bytes)."""
     tokens, hidden = h.shape
     n_groups = hidden // 128
     row_g = triton.next_power_of_2(n_groups)
