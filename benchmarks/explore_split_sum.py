@@ -20,6 +20,15 @@ W warps; G = the padded row: one program per row, kinds r and rl only):
   bt   the other slices loaded with no branch, every slice's squares summed element-wise
        as a butterfly, one reduction (add_rmsnorm_quant.row_squares, the local kernel's
        form since round 4)
+  btr  bt with the residual stored right after the slice's loads (before the sum); bytes
+       must equal bt's
+  btb  bt with the row's groups spread evenly over its programs (20 groups on 2 programs:
+       10 + 10 in 16-group tiles, not 16 + 4; only where that differs from bt); the local
+       kernel's slices since round 6
+  btbr btb with btr's early residual; bytes must equal btb's
+  bp   btb with the programs per row given (the name's number: 2, 3 or 4), each in the
+       smallest power-of-two tile that holds its slice (3 programs at hidden 4096: 11, 11
+       and 10 groups in 16-group tiles)
 plus the dispatched op, today's kernel at its table shape (kernel_today) and the empty
 kernel, graph-replayed as the benchmark times them (4 rotating input sets, 8 captures of them
 per graph, 100 replays). Every variant of every point is checked against ops/reference.py on
@@ -35,6 +44,10 @@ Committed runs (2026-12-03, one H200; the kinds each ran):
   benchmarks/results/h200_tp1_split_sum_explore4.json  round 4: rl bt (the default), tokens 1,
       32, 64; here the dispatched op and kernel_today already used bt at every split (before
       the local kernel kept it to 2-4 programs per row), with the previous launch table
+  benchmarks/results/h200_tp1_split_sum_explore5.json  round 5: bt btr btb btbr, hidden
+      2560-8192 but 5120
+  benchmarks/results/h200_tp1_split_sum_explore6.json  round 6: bt btb bp, tokens 16, 32, 64
+      (rounds 5 and 6: the dispatched op and kernel_today as of round 4, slices not yet even)
 
 torch + Triton only; no vLLM.
 """
@@ -69,18 +82,26 @@ sys.path.insert(0, str(ROOT))
 
 HIDDEN = (2560, 3072, 4096, 5120, 6144, 7168, 8192)
 TOKENS = (1, 16, 32, 64)
-# name prefix -> (sum-of-squares mode, lean quant, re-read bypassing L1)
+# name prefix -> (sum-of-squares mode, lean quant, re-read bypassing L1, balanced slices,
+# residual stored before the row's sum)
 KINDS = {
-    "r": (rk.SS_REREAD, False, False),
-    "rl": (rk.SS_REREAD, True, False),
-    "rlc": (rk.SS_REREAD, True, True),
-    "tl": (rk.SS_OTHERS_TILE, True, False),
-    "o": (rk.SS_OTHERS, False, False),
-    "x": (rk.SS_EXCHANGE, False, False),
-    "el": (rk.SS_SLICEWISE, True, False),
-    "bt": (rk.SS_BUTTERFLY, True, False),
+    "r": (rk.SS_REREAD, False, False, False, False),
+    "rl": (rk.SS_REREAD, True, False, False, False),
+    "rlc": (rk.SS_REREAD, True, True, False, False),
+    "tl": (rk.SS_OTHERS_TILE, True, False, False, False),
+    "o": (rk.SS_OTHERS, False, False, False, False),
+    "x": (rk.SS_EXCHANGE, False, False, False, False),
+    "el": (rk.SS_SLICEWISE, True, False, False, False),
+    "bt": (rk.SS_BUTTERFLY, True, False, False, False),
+    "btr": (rk.SS_BUTTERFLY, True, False, False, True),
+    "btb": (rk.SS_BUTTERFLY, True, False, True, False),
+    "btbr": (rk.SS_BUTTERFLY, True, False, True, True),
+    "bp": (rk.SS_BUTTERFLY, True, False, True, False),  # the name's number: programs per row
 }
-TWINS = {"x": "o", "rl": "r", "rlc": "r"}  # kind -> the kind whose q and scale bytes it must equal
+BP_PROGRAMS = (2, 3, 4)  # programs per row of the bp kind
+# kind -> the kind whose q and scale bytes it must equal (btb and btbr: the butterfly sums the
+# slices in another grouping, so their sums of squares may differ from bt's in the last bits)
+TWINS = {"x": "o", "rl": "r", "rlc": "r", "btr": "bt", "btbr": "btb"}
 ROUND4 = ("rl", "bt")  # the default plan (o and x: the first round; rlc and tl: the second; el: the third)
 SPIN = 4096
 FIXED_NAMES = ("dispatched", "kernel_today", "empty")  # timed at every point besides the candidates
@@ -88,19 +109,25 @@ FIXED_NAMES = ("dispatched", "kernel_today", "empty")  # timed at every point be
 
 def variants(hidden: int, kinds=ROUND4) -> list[str]:
     """Split rows (two programs or more per row) of every kind in ``kinds``, and one program
-    per row (kinds r and rl only: the others equal them there)."""
+    per row (kinds r and rl only: the others equal them there); balanced kinds only where
+    their slices differ from the unbalanced ones."""
     groups, row_g = hidden // 128, triton.next_power_of_2(hidden // 128)
-    names = []
+    names = [f"bp{p}_w{w}" for p in BP_PROGRAMS for w in (4, 8, 16)] if "bp" in kinds else []
     for g in (2, 4, 8, 16, 32, 64):
         if g > row_g or (g < row_g and triton.cdiv(groups, g) < 2) or (g == 2 and hidden < 8192):
             continue
+        even = groups % triton.cdiv(groups, g) == 0 and groups // triton.cdiv(groups, g) == g
         for w in (4, 8) if g <= 8 else (8, 16):
-            names += [f"{k}{g}_w{w}" for k in kinds if g < row_g or k in ("r", "rl")]
+            names += [
+                f"{k}{g}_w{w}"
+                for k in kinds
+                if k != "bp" and (g < row_g or k in ("r", "rl")) and not (KINDS[k][3] and even)  # balanced = unbalanced
+            ]
     return names
 
 
 def split_name(name: str) -> tuple[str, int, int]:
-    """'rl8_w4' -> ("rl", 8, 4): kind, groups per program, warps."""
+    """'rl8_w4' -> ("rl", 8, 4): kind, groups per program (kind bp: programs per row), warps."""
     head, warps = name.split("_w")
     kind = head.rstrip("0123456789")
     return kind, int(head[len(kind) :]), int(warps)
@@ -109,8 +136,18 @@ def split_name(name: str) -> tuple[str, int, int]:
 def parse(name: str) -> dict:
     """'rl8_w4' -> {"mode": SS_REREAD, "lean": True, "reread_cg": False, "slice_groups": 8, "num_warps": 4}."""
     kind, slice_groups, warps = split_name(name)
-    mode, lean, cg = KINDS[kind]
-    return {"mode": mode, "lean": lean, "reread_cg": cg, "slice_groups": slice_groups, "num_warps": warps}
+    mode, lean, cg, balanced, early = KINDS[kind]
+    if kind == "bp":
+        return {"mode": mode, "lean": lean, "programs": slice_groups, "slice_groups": 0, "num_warps": warps}
+    return {
+        "mode": mode,
+        "lean": lean,
+        "reread_cg": cg,
+        "balanced": balanced,
+        "early_res": early,
+        "slice_groups": slice_groups,
+        "num_warps": warps,
+    }
 
 
 def runner(name: str):

@@ -194,13 +194,16 @@ def _finish_row(
     scale_st,
     HIDDEN: tl.constexpr,
     QUANT_FORM: tl.constexpr,
+    STORE_RES: tl.constexpr,
     FP8_MAX: tl.constexpr,
 ):
-    """A tile's tail, given its row's sum of squares ``ss``: the residual, normed, (q, scale)
-    stored (row-major scales). QUANT_FORM: QUANT_LEAN (row_math.quant_tile),
-    QUANT_SIGN_FIX (_quant_sign_fix) or QUANT_IEEE (_quant_ieee)."""
+    """A tile's tail, given its row's sum of squares ``ss``: the residual (if STORE_RES; else
+    the caller stored it), normed, (q, scale) stored (row-major scales). QUANT_FORM:
+    QUANT_LEAN (row_math.quant_tile), QUANT_SIGN_FIX (_quant_sign_fix) or QUANT_IEEE
+    (_quant_ieee)."""
     base = tl.cast(row, tl.int64) * HIDDEN
-    tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
+    if STORE_RES:
+        tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
     normed = norm_part(s, inv_rms(ss, HIDDEN, eps), w, weight_offset, res_out_ptr.dtype.element_ty)
     if QUANT_FORM == QUANT_LEAN:
         q, scale = quant_tile(normed, FP8_MAX)
@@ -359,6 +362,7 @@ def _sliced_kernel(
         scale_st,
         HIDDEN,
         QUANT_LEAN if FAST_DIV else QUANT_IEEE,
+        True,
         FP8_MAX,
     )
 
@@ -466,11 +470,13 @@ def _split_sum_kernel(
     HIDDEN: tl.constexpr,
     ROW_G: tl.constexpr,
     SLICE_G: tl.constexpr,
+    SLICE_N: tl.constexpr,
     SPLIT: tl.constexpr,
     SPLIT_P2: tl.constexpr,
     MODE: tl.constexpr,
     LEAN: tl.constexpr,
     RE_CG: tl.constexpr,
+    EARLY_RES: tl.constexpr,
     ERR_SLOT: tl.constexpr,
     FP8_MAX: tl.constexpr,
 ):
@@ -479,15 +485,20 @@ def _split_sum_kernel(
     row = pid // SPLIT
     mine = pid % SPLIT
     base = tl.cast(row, tl.int64) * HIDDEN
-    offs, mask, g, gmask = _group_tile(mine * SLICE_G, SLICE_G, 128, 128, N_GROUPS)
+    offs, mask, g, gmask = _group_tile(mine * SLICE_N, SLICE_G, 128, 128, N_GROUPS)
+    if SLICE_N < SLICE_G:  # balanced slices: the tile's rows from SLICE_N are the next slice's
+        gmask = gmask & (tl.arange(0, SLICE_G) < SLICE_N)
+        mask = mask & gmask[:, None]
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     s = _load_sum(h_ptr, res_ptr, base, offs, mask, "")
+    if EARLY_RES:  # the residual stored before the row's sum of squares
+        tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)
     if SPLIT == 1:  # the slice is the row
         ss = sum_sq(s)
     elif MODE == 0:  # today's kernel: the whole row again, as one masked tile
         ss = _row_sum_part(h_ptr, res_ptr, base, 0, ROW_G, N_GROUPS, ".cg" if RE_CG else "")
     elif MODE == 5:  # the other slices loaded without a branch, squares summed as a butterfly
-        acc = row_squares(s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SPLIT, 128, 128, N_GROUPS, True)
+        acc = row_squares(s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SLICE_N, SPLIT, 128, 128, N_GROUPS, True)
         ss = tl.sum(tl.sum(acc, axis=1), axis=0)
     elif MODE == 4:  # slice by slice into one slice-shaped tile (own from registers), one reduction
         acc = tl.zeros([SLICE_G, 128], tl.float32)
@@ -543,6 +554,7 @@ def _split_sum_kernel(
         scale_st,
         HIDDEN,
         QUANT_LEAN if LEAN else QUANT_SIGN_FIX,
+        not EARLY_RES,
         FP8_MAX,
     )
 
@@ -575,6 +587,9 @@ def split_sum(
     mode: int,
     lean: bool = False,
     reread_cg: bool = False,
+    balanced: bool = False,
+    early_res: bool = False,
+    programs: int = 0,
     spin: int = 1 << 20,
     weight_offset=1.0,
     quant_dtype=torch.float8_e4m3fn,
@@ -594,14 +609,25 @@ def split_sum(
     branch and the slices' squares summed element-wise as a butterfly (the local kernel's
     add_rmsnorm_quant.row_squares; the own slice from registers), then one reduction (every
     program of a row: the same bits). ``lean``: the quant as row_math.quant_tile (else as
-    _quant_sign_fix, the same bytes)."""
+    _quant_sign_fix, the same bytes). ``balanced``: the row's groups spread evenly over its
+    programs (cdiv(groups, programs) each, in a tile of ``slice_groups`` rows; SS_REREAD and
+    SS_BUTTERFLY only), instead of ``slice_groups`` each and the rest in the last.
+    ``early_res``: the residual stored right after the slice's loads, before the row's sum
+    of squares (else with the other outputs after it). ``programs`` > 0: that many programs
+    per row, balanced, each in a tile of the smallest power of two of groups that holds its
+    slice (``slice_groups`` is then ignored)."""
     tokens, hidden = h.shape
     n_groups = hidden // 128
     row_g = triton.next_power_of_2(n_groups)
-    split = triton.cdiv(n_groups, slice_groups)
+    if programs:
+        slice_groups, balanced = triton.next_power_of_2(triton.cdiv(n_groups, programs)), True
+    split = programs or triton.cdiv(n_groups, slice_groups)
     if hidden % 128 or slice_groups & (slice_groups - 1) or slice_groups > row_g or tokens > SPLIT_SUM_MAX_ROWS:
         raise ValueError(f"split_sum: hidden {hidden}, slice_groups {slice_groups}, tokens {tokens}")
     split_p2 = triton.next_power_of_2(split)
+    if balanced and mode not in (SS_REREAD, SS_BUTTERFLY):
+        raise ValueError(f"split_sum: balanced slices are for SS_REREAD and SS_BUTTERFLY, got mode {mode}")
+    slice_n = triton.cdiv(n_groups, split) if balanced else slice_groups
     parts, counters = split_sum_workspace(h.device)
     q, scale, res_out, _ = out = _outputs(h, quant_dtype, outputs)
     if tokens:
@@ -621,11 +647,13 @@ def split_sum(
             HIDDEN=hidden,
             ROW_G=row_g,
             SLICE_G=slice_groups,
+            SLICE_N=slice_n,
             SPLIT=split,
             SPLIT_P2=split_p2,
             MODE=mode,
             LEAN=lean,
             RE_CG=reread_cg,
+            EARLY_RES=early_res,
             ERR_SLOT=2 * SPLIT_SUM_MAX_ROWS,
             FP8_MAX=float(torch.finfo(quant_dtype).max),
             num_warps=num_warps,
