@@ -18,17 +18,19 @@ W warps; G = the padded row: one program per row, kinds r and rl only):
   x    the slices' sums exchanged through a global workspace (a counter per row, atomics;
        bounded wait, then o's reads; the same bits either way: bytes must equal o's)
   bt   the other slices loaded with no branch, every slice's squares summed element-wise
-       as a butterfly, one reduction (add_rmsnorm_quant.row_squares, the local kernel's
-       form since round 4)
+       as a butterfly, one reduction (reference_kernels._butterfly_squares: the local
+       kernel's row_squares, the local kernel's form since round 4)
   btr  bt with the residual stored right after the slice's loads (before the sum); bytes
        must equal bt's
   btb  bt with the row's groups spread evenly over its programs (20 groups on 2 programs:
-       10 + 10 in 16-group tiles, not 16 + 4; only where that differs from bt); the local
-       kernel's slices since round 6
+       10 + 10 in 16-group tiles, not 16 + 4; only where that differs from bt)
   btbr btb with btr's early residual; bytes must equal btb's
   bp   btb with the programs per row given (the name's number: 2, 3 or 4), each in the
        smallest power-of-two tile that holds its slice (3 programs at hidden 4096: 11, 11
        and 10 groups in 16-group tiles)
+  k    the local kernel of the round's tree at that launch shape (add_rmsnorm_quant; in
+       rounds 7 and 8 trial kernels not kept: round 7 with even slices, round 8 with even
+       slices and its loads without ``other``; benchmarks/NOTES.md, issue 24, fifth pass)
 plus the dispatched op, today's kernel at its table shape (kernel_today) and the empty
 kernel, graph-replayed as the benchmark times them (4 rotating input sets, 8 captures of them
 per graph, 100 replays). Every variant of every point is checked against ops/reference.py on
@@ -47,7 +49,11 @@ Committed runs (2026-12-03, one H200; the kinds each ran):
   benchmarks/results/h200_tp1_split_sum_explore5.json  round 5: bt btr btb btbr, hidden
       2560-8192 but 5120
   benchmarks/results/h200_tp1_split_sum_explore6.json  round 6: bt btb bp, tokens 16, 32, 64
-      (rounds 5 and 6: the dispatched op and kernel_today as of round 4, slices not yet even)
+      (rounds 5 and 6: the dispatched op and kernel_today as of round 4)
+  benchmarks/results/h200_tp1_split_sum_explore7.json  round 7: bt btb k, tokens 32, 64,
+      200 replays (k, the dispatched op and kernel_today: the even-slice trial kernel)
+  benchmarks/results/h200_tp1_split_sum_explore8.json  round 8: as round 7 without hidden
+      8192, with the trial kernel's loads also without ``other``
 
 torch + Triton only; no vLLM.
 """
@@ -97,6 +103,7 @@ KINDS = {
     "btb": (rk.SS_BUTTERFLY, True, False, True, False),
     "btbr": (rk.SS_BUTTERFLY, True, False, True, True),
     "bp": (rk.SS_BUTTERFLY, True, False, True, False),  # the name's number: programs per row
+    "k": None,  # the local kernel itself (add_rmsnorm_quant) at this launch shape
 }
 BP_PROGRAMS = (2, 3, 4)  # programs per row of the bp kind
 # kind -> the kind whose q and scale bytes it must equal (btb and btbr: the butterfly sums the
@@ -121,7 +128,9 @@ def variants(hidden: int, kinds=ROUND4) -> list[str]:
             names += [
                 f"{k}{g}_w{w}"
                 for k in kinds
-                if k != "bp" and (g < row_g or k in ("r", "rl")) and not (KINDS[k][3] and even)  # balanced = unbalanced
+                if k != "bp"
+                and (g < row_g or k in ("r", "rl", "k"))
+                and not (k.startswith("btb") and even)  # balanced = unbalanced
             ]
     return names
 
@@ -155,7 +164,16 @@ def runner(name: str):
     dispatched op, today's kernel and the empty kernel: explore_decode.runner's)."""
     if name in explore_decode.FIXED:
         return explore_decode.runner(name)
+    kind, slice_groups, warps = split_name(name)
+    if kind == "k":
+        return functools.partial(_local, num_warps=warps, slice_groups=slice_groups)
     return functools.partial(_split, **parse(name))
+
+
+def _local(h, res, w, outputs=None, **kw):
+    from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
+
+    return add_rmsnorm_quant(h, res, w, EPS, weight_offset=1.0, outputs=outputs, **kw)
 
 
 def _split(h, res, w, outputs=None, **kw):

@@ -43,7 +43,6 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_rocm_fused.kernels.add_rmsnorm_quant import row_squares
 from vllm_rocm_fused.kernels.row_math import AMAX_FLOOR, F32_MAX, inv_rms, nan_max, norm_part, quant_tile, sum_sq
 
 PLAIN_WARPS = 16
@@ -453,6 +452,43 @@ def _slice_sums(
     return parts
 
 
+@triton.jit
+def _butterfly_squares(
+    s,
+    h_ptr,
+    res_ptr,
+    base,
+    mine,
+    D: tl.constexpr,
+    N: tl.constexpr,
+    SLICE_G: tl.constexpr,
+    SLICE_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+):
+    """SS_BUTTERFLY: the element-wise sum of the squares of the N slices ``mine ^ D`` ..
+    ``mine ^ (D + N - 1)`` of a row, as a butterfly (each block: the half holding
+    ``mine ^ D`` + the other half; the same bits in every program of the row), the own
+    slice ``s`` from registers, the others loaded and converted leaf by leaf: the local
+    kernel's add_rmsnorm_quant.row_squares with slice k starting at group k * SLICE_N
+    instead of k * SLICE_G, so that the even-slice kinds can use it (SLICE_N = SLICE_G:
+    the local kernel's code)."""
+    if N == 1:
+        if D == 0:
+            x = s
+        else:
+            k = mine ^ D
+            offs, mask, g, _ = _group_tile(k * SLICE_N, SLICE_G, 128, 128, N_GROUPS)
+            mask = mask & ((tl.arange(0, SLICE_G) < SLICE_N) & (k < SPLIT))[:, None]
+            x = _load_sum(h_ptr, res_ptr, base, offs, mask, "")
+        return tl.fma(x, x, 0.0)
+    else:
+        half: tl.constexpr = N // 2
+        a = _butterfly_squares(s, h_ptr, res_ptr, base, mine, D, half, SLICE_G, SLICE_N, SPLIT, N_GROUPS)
+        b = _butterfly_squares(s, h_ptr, res_ptr, base, mine, D + half, half, SLICE_G, SLICE_N, SPLIT, N_GROUPS)
+        return a + b
+
+
 @triton.jit(do_not_specialize=["scale_st", "spin"])
 def _split_sum_kernel(
     h_ptr,
@@ -498,7 +534,7 @@ def _split_sum_kernel(
     elif MODE == 0:  # today's kernel: the whole row again, as one masked tile
         ss = _row_sum_part(h_ptr, res_ptr, base, 0, ROW_G, N_GROUPS, ".cg" if RE_CG else "")
     elif MODE == 5:  # the other slices loaded without a branch, squares summed as a butterfly
-        acc = row_squares(s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SLICE_N, SPLIT, 128, 128, N_GROUPS, True)
+        acc = _butterfly_squares(s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SLICE_N, SPLIT, N_GROUPS)
         ss = tl.sum(tl.sum(acc, axis=1), axis=0)
     elif MODE == 4:  # slice by slice into one slice-shaped tile (own from registers), one reduction
         acc = tl.zeros([SLICE_G, 128], tl.float32)
@@ -606,9 +642,9 @@ def split_sum(
     other slices read one slice-shaped tile at a time and their squares accumulated element by
     element into one tile in slice order (the own slice from registers), then one reduction
     (every program of a row: the same bits); SS_BUTTERFLY, the other slices loaded without a
-    branch and the slices' squares summed element-wise as a butterfly (the local kernel's
-    add_rmsnorm_quant.row_squares; the own slice from registers), then one reduction (every
-    program of a row: the same bits). ``lean``: the quant as row_math.quant_tile (else as
+    branch and the slices' squares summed element-wise as a butterfly (``_butterfly_squares``,
+    the local kernel's form in explore rounds 4-6; the own slice from registers), then one
+    reduction (every program of a row: the same bits). ``lean``: the quant as row_math.quant_tile (else as
     _quant_sign_fix, the same bytes). ``balanced``: the row's groups spread evenly over its
     programs (cdiv(groups, programs) each, in a tile of ``slice_groups`` rows; SS_REREAD and
     SS_BUTTERFLY only), instead of ``slice_groups`` each and the rest in the last.

@@ -6,13 +6,11 @@ rounded up to a power of two, GS = the group rounded up to a power of two); s = 
 (float32), r = round(s), normed = round(s * rsqrt(mean(s^2) + eps) * (w + offset)), and per
 group scale = max(amax, 1e-10) / fp8_max, q = clamp(normed / scale) (row_math.py).
 
-A row may be split over SPLIT programs (from the launch table's slice size SLICE_G, a power
-of two: SPLIT = cdiv(groups, SLICE_G), > 1 at decode sizes), its groups spread evenly: each
-program's slice is SLICE_N = cdiv(groups, SPLIT) groups (the last slice holds the rest), in a
-[SLICE_G, GS] tile whose rows from SLICE_N are masked. Program p takes row p // SPLIT and the
-slice from group (p % SPLIT) * SLICE_N: it loads its slice (h, residual, weight), gets the
-whole row's sum of squares, then stores the slice's residual, norm and quant. The sum of
-squares (every program of a row gets the same bits):
+A row may be split over SPLIT programs (the launch table's slice size: SPLIT > 1 at decode
+sizes). Program p takes row p // SPLIT and its SLICE_G groups from (p % SPLIT) * SLICE_G:
+it loads its slice (h, residual, weight), gets the whole row's sum of squares, then stores
+the slice's residual, norm and quant. The sum of squares (every program of a row gets the
+same bits):
   - SPLIT = 1: the slice is the row; nothing is read twice.
   - SPLIT 2-4 (BUTTERFLY_MAX_SPLIT): ``row_squares``: the row's other slices loaded from L2
     as slice-shaped tiles, every load issued before the first square, their squares and the
@@ -23,18 +21,11 @@ Why split: at 1-64 tokens one program per row leaves most SMs idle and each row'
 (norm, quant, stores) runs on one SM; spread over SPLIT programs it runs SPLIT times
 shorter, at the price of each program reading the rest of the row once more
 (benchmarks/results/h200_tp1_decode_explore.json: at hidden 5120 and 1 token, 2.14 us in 20
-programs against 2.68 us in one). Why even slices: the row takes as long as its longest
-program, so hidden 2560 (20 groups) on two programs is 10 + 10 groups, not 16 + 4 (on an
-H200 at 64 tokens, 0.03-0.10 us faster at hidden 2560, 3072, 6144 and 7168:
-benchmarks/results/h200_tp1_split_sum_explore6.json, kind btb against bt). Why two forms of
-the sum: on an H200, at the same launch shapes, the butterfly was 0.03-0.10 us faster on
-average than the re-read at 2-4 slices, mixed at 8, and 0.14-1.8 us slower on average at
-5-7 and 10 or more (its slices' separate loads, and the masked slots up to the next power
-of two: benchmarks/results/h200_tp1_split_sum_explore4.json). The residual is stored after
-the sum, with the other outputs: stored before it, the kernel ran about 0.2 us slower
-(h200_tp1_split_sum_explore5.json, kind btr; likely the other slices' loads then wait for
-the store, which may alias them as far as the compiler knows). benchmarks/NOTES.md, issue 24, has the other ways
-of sharing the sum that were measured.
+programs against 2.68 us in one). Why two forms: on an H200, at the same launch shapes, the
+butterfly was 0.03-0.10 us faster on average than the re-read at 2-4 slices, mixed at 8,
+and 0.14-1.8 us slower on average at 5-7 and 10 or more (its slices' separate loads, and the
+masked slots up to the next power of two: benchmarks/results/h200_tp1_split_sum_explore4.json;
+benchmarks/NOTES.md, issue 24, for the other ways of sharing the sum that were measured).
 
 Memory traffic per row: reads h, residual (H elements each; SPLIT > 1: SPLIT times with the
 butterfly, SPLIT + 1 with the re-read; the repeats from L2) and the weight (cache resident);
@@ -65,18 +56,13 @@ from .row_math import finish_part, inv_rms, sum_sq
 
 
 @triton.jit
-def _group_tile(
-    g0, NG: tl.constexpr, N_VALID: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr
-):
-    """A tile of NG groups of a row from group g0, the first N_VALID of them used: (offsets in
-    the row [NG, GS], their mask, the groups' indices [NG], their mask). Lanes past GROUP,
-    tile rows from N_VALID and groups from N_GROUPS are masked."""
+def _group_tile(g0, NG: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr):
+    """NG groups of a row from group g0: (offsets in the row [NG, GS], their mask, the groups'
+    indices [NG], their mask). Lanes past GROUP or N_GROUPS are masked."""
     g = g0 + tl.arange(0, NG)
     j = tl.arange(0, GS)[None, :]
     offs = g[:, None] * GROUP + j
     gmask = g < N_GROUPS
-    if N_VALID < NG:
-        gmask = gmask & (tl.arange(0, NG) < N_VALID)
     mask = gmask[:, None] & (j < GROUP)
     return offs, mask, g, gmask
 
@@ -105,7 +91,6 @@ def row_squares(
     D: tl.constexpr,
     N: tl.constexpr,
     SLICE_G: tl.constexpr,
-    SLICE_N: tl.constexpr,
     SPLIT: tl.constexpr,
     GS: tl.constexpr,
     GROUP: tl.constexpr,
@@ -131,15 +116,13 @@ def row_squares(
             x = s
         else:
             k = mine ^ D
-            offs, mask, _, _ = _group_tile(k * SLICE_N, SLICE_G, SLICE_N, GS, GROUP, N_GROUPS)
+            offs, mask, _, _ = _group_tile(k * SLICE_G, SLICE_G, GS, GROUP, N_GROUPS)
             x = _load_sum(h_ptr, res_ptr, base, offs, mask & (k < SPLIT), HAS_RES)
         return tl.fma(x, x, 0.0)
     else:
         half: tl.constexpr = N // 2
-        a = row_squares(s, h_ptr, res_ptr, base, mine, D, half, SLICE_G, SLICE_N, SPLIT, GS, GROUP, N_GROUPS, HAS_RES)
-        b = row_squares(
-            s, h_ptr, res_ptr, base, mine, D + half, half, SLICE_G, SLICE_N, SPLIT, GS, GROUP, N_GROUPS, HAS_RES
-        )
+        a = row_squares(s, h_ptr, res_ptr, base, mine, D, half, SLICE_G, SPLIT, GS, GROUP, N_GROUPS, HAS_RES)
+        b = row_squares(s, h_ptr, res_ptr, base, mine, D + half, half, SLICE_G, SPLIT, GS, GROUP, N_GROUPS, HAS_RES)
         return a + b
 
 
@@ -161,7 +144,6 @@ def _add_rmsnorm_quant_kernel(
     GROUP: tl.constexpr,
     ROW_G: tl.constexpr,
     SLICE_G: tl.constexpr,
-    SLICE_N: tl.constexpr,
     SPLIT: tl.constexpr,
     SPLIT_P2: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -175,18 +157,16 @@ def _add_rmsnorm_quant_kernel(
     mine = pid % SPLIT
     base = tl.cast(row, tl.int64) * HIDDEN
     # this program's slice first: its loads are in flight before the row's reduction
-    offs, mask, g, gmask = _group_tile(mine * SLICE_N, SLICE_G, SLICE_N, GS, GROUP, N_GROUPS)
+    offs, mask, g, gmask = _group_tile(mine * SLICE_G, SLICE_G, GS, GROUP, N_GROUPS)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     s = _load_sum(h_ptr, res_ptr, base, offs, mask, HAS_RES)
     if SPLIT == 1:  # the slice is the row
         ss = sum_sq(s)
     elif SPLIT <= BUTTERFLY_MAX_SPLIT:
-        squares = row_squares(
-            s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SLICE_N, SPLIT, GS, GROUP, N_GROUPS, HAS_RES
-        )
+        squares = row_squares(s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SPLIT, GS, GROUP, N_GROUPS, HAS_RES)
         ss = tl.sum(tl.sum(squares, axis=1), axis=0)
     else:  # the whole row again, as one masked tile
-        row_offs, row_mask, _, _ = _group_tile(0, ROW_G, ROW_G, GS, GROUP, N_GROUPS)
+        row_offs, row_mask, _, _ = _group_tile(0, ROW_G, GS, GROUP, N_GROUPS)
         ss = sum_sq(_load_sum(h_ptr, res_ptr, base, row_offs, row_mask, HAS_RES))
     finish_part(
         s,
@@ -239,9 +219,8 @@ def add_rmsnorm_quant(
         outputs: preallocated (q, scale, residual, normed) as launch.empty_outputs makes them
             (tests poison them first); None = allocate.
         num_warps, slice_groups: override the measured launch shape (the sweep): warps per
-            program, and the groups a program's tile holds (a power of two; the row's group
-            count rounded up to one = one program per row): the row then runs on
-            cdiv(groups, slice_groups) programs of cdiv(groups, programs) groups each.
+            program, and groups per program (a power of two; the row's group count rounded up
+            to one = one program per row).
     Returns:
         (q [T, H] quant_dtype, scale [T, G] float32, residual [T, H], normed [T, H] or None);
         with quantize=False: (None, None, residual, normed).
@@ -272,7 +251,6 @@ def add_rmsnorm_quant(
     if slice_g & (slice_g - 1) or not 1 <= slice_g <= row_g:
         raise ValueError(f"slice_groups must be a power of two from 1 to {row_g}, got {slice_g}")
     split = triton.cdiv(tile.n_groups, slice_g)
-    slice_n = triton.cdiv(tile.n_groups, split)  # even slices: <= slice_g groups each
     _add_rmsnorm_quant_kernel[(tokens * split,)](
         h,
         residual,
@@ -290,7 +268,6 @@ def add_rmsnorm_quant(
         GROUP=tile.group,
         ROW_G=row_g,
         SLICE_G=slice_g,
-        SLICE_N=slice_n,
         SPLIT=split,
         SPLIT_P2=triton.next_power_of_2(split),
         HAS_RES=residual is not None,
