@@ -233,6 +233,30 @@ def test_committed_sweep_and_tp1_results_match_the_table_the_dispatch_uses():
     assert all(r.get("ok") for r in run["results"]), "a TP=1 point failed its reference check"
 
 
+def test_sass_schedule_finds_the_loads_and_the_residual_store(tmp_path):
+    """benchmarks/sass_schedule.py on the CPU: the tree's kernel and a trial copy of it whose
+    residual is stored before the rsqrt (in program order, ahead of inv_rms's division) get
+    their loads and stores located, and the copy's store is reported before the rsqrt."""
+    sass_schedule = pytest.importorskip("sass_schedule")
+    tools = Path(sass_schedule.triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
+        pytest.skip("this Triton has no bundled ptxas/cuobjdump")
+    from vllm_rocm_fused.kernels.add_rmsnorm_quant import _add_rmsnorm_quant_kernel
+
+    tree = sass_schedule.schedule(sass_schedule.sass(_add_rmsnorm_quant_kernel, 4096, 16, 8), 2)
+    assert len(tree["loads"]) == 4 and tree["spread"] >= 3
+    assert tree["residual_store"] is not None and tree["rsqrt"] is not None
+    source = (ROOT / "vllm_rocm_fused" / "kernels" / "add_rmsnorm_quant.py").read_text()
+    store = "    tl.store(res_out_ptr + base + offs, s.to(res_out_ptr.dtype.element_ty), mask=mask)\n"
+    early = source.replace("    finish_part(\n", store + "    finish_part(\n", 1)
+    assert early != source
+    trial = tmp_path / "add_rmsnorm_quant.py"
+    trial.write_text(early)
+    kernel = sass_schedule.kernel_from(trial)
+    moved = sass_schedule.schedule(sass_schedule.sass(kernel, 4096, 16, 8), 2)
+    assert moved["residual_store"] < moved["rsqrt"], moved
+
+
 def test_benchmark_scripts_do_not_import_each_other_in_a_circle():
     """Issue 21: the scripts under benchmarks/ share their helpers through one module
     (measurement.py); the imports among them, at module level or inside functions, form no cycle."""
