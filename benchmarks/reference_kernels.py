@@ -642,9 +642,9 @@ def split_sum(
     other slices read one slice-shaped tile at a time and their squares accumulated element by
     element into one tile in slice order (the own slice from registers), then one reduction
     (every program of a row: the same bits); SS_BUTTERFLY, the other slices loaded without a
-    branch and the slices' squares summed element-wise as a butterfly (``_butterfly_squares``,
-    the local kernel's form in explore rounds 4-6; the own slice from registers), then one
-    reduction (every program of a row: the same bits). ``lean``: the quant as row_math.quant_tile (else as
+    branch and the slices' squares summed element-wise as a butterfly (``_butterfly_squares``:
+    the local kernel's row_squares; the own slice from registers), then one reduction (every
+    program of a row: the same bits). ``lean``: the quant as row_math.quant_tile (else as
     _quant_sign_fix, the same bytes). ``balanced``: the row's groups spread evenly over its
     programs (cdiv(groups, programs) each, in a tile of ``slice_groups`` rows; SS_REREAD and
     SS_BUTTERFLY only), instead of ``slice_groups`` each and the rest in the last.
@@ -655,6 +655,8 @@ def split_sum(
     tokens, hidden = h.shape
     n_groups = hidden // 128
     row_g = triton.next_power_of_2(n_groups)
+    if not 0 <= programs <= n_groups:
+        raise ValueError(f"split_sum: programs must be 0 (from slice_groups) to {n_groups}, got {programs}")
     if programs:
         slice_groups, balanced = triton.next_power_of_2(triton.cdiv(n_groups, programs)), True
     split = programs or triton.cdiv(n_groups, slice_groups)
