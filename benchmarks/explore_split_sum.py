@@ -18,8 +18,8 @@ W warps; G = the padded row: one program per row, kinds r and rl only):
   x    the slices' sums exchanged through a global workspace (a counter per row, atomics;
        bounded wait, then o's reads; the same bits either way: bytes must equal o's)
   bt   the other slices loaded with no branch, every slice's squares summed element-wise
-       as a butterfly, one reduction (reference_kernels._butterfly_squares: the local
-       kernel's row_squares, the local kernel's form since round 4)
+       as a butterfly, one reduction (the local kernel's add_rmsnorm_quant.row_squares,
+       called by reference_kernels.split_sum; the local kernel's form since round 4)
   btr  bt with the residual stored right after the slice's loads (before the sum); bytes
        must equal bt's
   btb  bt with the row's groups spread evenly over its programs (20 groups on 2 programs:

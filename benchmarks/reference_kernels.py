@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_rocm_fused.kernels.add_rmsnorm_quant import _group_tile, row_squares
 from vllm_rocm_fused.kernels.row_math import AMAX_FLOOR, F32_MAX, inv_rms, nan_max, norm_part, quant_tile, sum_sq
 
 PLAIN_WARPS = 16
@@ -114,18 +115,6 @@ def groupwise(h, residual, weight, *, weight_offset=1.0, quant_dtype=torch.float
             num_warps=GROUPWISE_WARPS,
         )
     return out
-
-
-@triton.jit
-def _group_tile(g0, NG: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr):
-    """NG groups from group g0 (a run-time value): offsets in the row [NG, GS], their mask,
-    the groups' indices [NG] and their mask."""
-    g = g0 + tl.arange(0, NG)
-    j = tl.arange(0, GS)[None, :]
-    offs = g[:, None] * GROUP + j
-    gmask = g < N_GROUPS
-    mask = gmask[:, None] & (j < GROUP)
-    return offs, mask, g, gmask
 
 
 @triton.jit
@@ -231,7 +220,7 @@ def _plain_tile_kernel(
 ):
     row = tl.program_id(0)
     base = tl.cast(row, tl.int64) * HIDDEN
-    offs, mask, g, gmask = _group_tile(0, ROW_G, 128, 128, HIDDEN // 128)
+    offs, mask, g, gmask = _group_tile(0, ROW_G, 128, 128, HIDDEN // 128, ROW_G)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     s = _load_sum(h_ptr, res_ptr, base, offs, mask, "")
     # the tail written out, not _finish_row: inv_rms before the residual's store, the order
@@ -298,7 +287,7 @@ def _row_sum_part(
     h_ptr, res_ptr, base, G_OFF: tl.constexpr, NGP: tl.constexpr, N_GROUPS: tl.constexpr, CACHE: tl.constexpr
 ):
     """Sum of squares of NGP groups of a row from group G_OFF, read with cache modifier CACHE."""
-    offs, mask, _, _ = _group_tile(G_OFF, NGP, 128, 128, N_GROUPS)
+    offs, mask, _, _ = _group_tile(G_OFF, NGP, 128, 128, N_GROUPS, NGP)
     return sum_sq(_load_sum(h_ptr, res_ptr, base, offs, mask, CACHE))
 
 
@@ -329,7 +318,7 @@ def _sliced_kernel(
     pid = tl.program_id(0)
     row = pid // SPLIT
     base = tl.cast(row, tl.int64) * HIDDEN
-    offs, mask, g, gmask = _group_tile((pid % SPLIT) * SLICE_G, SLICE_G, 128, 128, N_GROUPS)
+    offs, mask, g, gmask = _group_tile((pid % SPLIT) * SLICE_G, SLICE_G, 128, 128, N_GROUPS, SLICE_G)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     s = _load_sum(h_ptr, res_ptr, base, offs, mask, "")
     if SPLIT == 1:  # the slice is the row
@@ -446,47 +435,10 @@ def _slice_sums(
     idx = tl.arange(0, SPLIT_P2)
     parts = tl.zeros([SPLIT_P2], tl.float32)
     for k in tl.static_range(SPLIT):
-        offs, mask, _, _ = _group_tile(k * SLICE_G, SLICE_G, 128, 128, N_GROUPS)
+        offs, mask, _, _ = _group_tile(k * SLICE_G, SLICE_G, 128, 128, N_GROUPS, SLICE_G)
         t = _load_sum(h_ptr, res_ptr, base, offs, mask & (mine != k), "")
         parts = tl.where(idx == k, tl.where(mine == k, own, sum_sq(t)), parts)
     return parts
-
-
-@triton.jit
-def _butterfly_squares(
-    s,
-    h_ptr,
-    res_ptr,
-    base,
-    mine,
-    D: tl.constexpr,
-    N: tl.constexpr,
-    SLICE_G: tl.constexpr,
-    SLICE_N: tl.constexpr,
-    SPLIT: tl.constexpr,
-    N_GROUPS: tl.constexpr,
-):
-    """SS_BUTTERFLY: the element-wise sum of the squares of the N slices ``mine ^ D`` ..
-    ``mine ^ (D + N - 1)`` of a row, as a butterfly (each block: the half holding
-    ``mine ^ D`` + the other half; the same bits in every program of the row), the own
-    slice ``s`` from registers, the others loaded and converted leaf by leaf: the local
-    kernel's add_rmsnorm_quant.row_squares with slice k starting at group k * SLICE_N
-    instead of k * SLICE_G, so that the even-slice kinds can use it (SLICE_N = SLICE_G:
-    the local kernel's code)."""
-    if N == 1:
-        if D == 0:
-            x = s
-        else:
-            k = mine ^ D
-            offs, mask, g, _ = _group_tile(k * SLICE_N, SLICE_G, 128, 128, N_GROUPS)
-            mask = mask & ((tl.arange(0, SLICE_G) < SLICE_N) & (k < SPLIT))[:, None]
-            x = _load_sum(h_ptr, res_ptr, base, offs, mask, "")
-        return tl.fma(x, x, 0.0)
-    else:
-        half: tl.constexpr = N // 2
-        a = _butterfly_squares(s, h_ptr, res_ptr, base, mine, D, half, SLICE_G, SLICE_N, SPLIT, N_GROUPS)
-        b = _butterfly_squares(s, h_ptr, res_ptr, base, mine, D + half, half, SLICE_G, SLICE_N, SPLIT, N_GROUPS)
-        return a + b
 
 
 @triton.jit(do_not_specialize=["scale_st", "spin"])
@@ -521,10 +473,8 @@ def _split_sum_kernel(
     row = pid // SPLIT
     mine = pid % SPLIT
     base = tl.cast(row, tl.int64) * HIDDEN
-    offs, mask, g, gmask = _group_tile(mine * SLICE_N, SLICE_G, 128, 128, N_GROUPS)
-    if SLICE_N < SLICE_G:  # balanced slices: the tile's rows from SLICE_N are the next slice's
-        gmask = gmask & (tl.arange(0, SLICE_G) < SLICE_N)
-        mask = mask & gmask[:, None]
+    # balanced slices (SLICE_N < SLICE_G): the tile's rows from SLICE_N are the next slice's
+    offs, mask, g, gmask = _group_tile(mine * SLICE_N, SLICE_G, 128, 128, N_GROUPS, SLICE_N)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     s = _load_sum(h_ptr, res_ptr, base, offs, mask, "")
     if EARLY_RES:  # the residual stored before the row's sum of squares
@@ -534,7 +484,7 @@ def _split_sum_kernel(
     elif MODE == 0:  # today's kernel: the whole row again, as one masked tile
         ss = _row_sum_part(h_ptr, res_ptr, base, 0, ROW_G, N_GROUPS, ".cg" if RE_CG else "")
     elif MODE == 5:  # the other slices loaded without a branch, squares summed as a butterfly
-        acc = _butterfly_squares(s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SLICE_N, SPLIT, N_GROUPS)
+        acc = row_squares(s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SLICE_N, SPLIT, 128, 128, N_GROUPS, True)
         ss = tl.sum(tl.sum(acc, axis=1), axis=0)
     elif MODE == 4:  # slice by slice into one slice-shaped tile (own from registers), one reduction
         acc = tl.zeros([SLICE_G, 128], tl.float32)
@@ -542,12 +492,12 @@ def _split_sum_kernel(
             if k == mine:
                 x = s
             else:
-                ko, km, _, _ = _group_tile(k * SLICE_G, SLICE_G, 128, 128, N_GROUPS)
+                ko, km, _, _ = _group_tile(k * SLICE_G, SLICE_G, 128, 128, N_GROUPS, SLICE_G)
                 x = _load_sum(h_ptr, res_ptr, base, ko, km, "")
             acc = tl.fma(x, x, acc)
         ss = tl.sum(tl.sum(acc, axis=1), axis=0)
     elif MODE == 3:  # the other slices as one masked row tile (own lanes masked off) + own
-        ro, rm, rg, _ = _group_tile(0, ROW_G, 128, 128, N_GROUPS)
+        ro, rm, rg, _ = _group_tile(0, ROW_G, 128, 128, N_GROUPS, ROW_G)
         t = _load_sum(h_ptr, res_ptr, base, ro, rm & ((rg // SLICE_G) != mine)[:, None], "")
         ss = sum_sq(t) + sum_sq(s)
     elif MODE == 1:  # the other slices only, summed slice by slice in slice order
@@ -642,8 +592,8 @@ def split_sum(
     other slices read one slice-shaped tile at a time and their squares accumulated element by
     element into one tile in slice order (the own slice from registers), then one reduction
     (every program of a row: the same bits); SS_BUTTERFLY, the other slices loaded without a
-    branch and the slices' squares summed element-wise as a butterfly (``_butterfly_squares``:
-    the local kernel's row_squares; the own slice from registers), then one reduction (every
+    branch and the slices' squares summed element-wise as a butterfly (the local kernel's
+    add_rmsnorm_quant.row_squares; the own slice from registers), then one reduction (every
     program of a row: the same bits). ``lean``: the quant as row_math.quant_tile (else as
     _quant_sign_fix, the same bytes). ``balanced``: the row's groups spread evenly over its
     programs (cdiv(groups, programs) each, in a tile of ``slice_groups`` rows; SS_REREAD and

@@ -56,13 +56,18 @@ from .row_math import finish_part, inv_rms, sum_sq
 
 
 @triton.jit
-def _group_tile(g0, NG: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr):
-    """NG groups of a row from group g0: (offsets in the row [NG, GS], their mask, the groups'
-    indices [NG], their mask). Lanes past GROUP or N_GROUPS are masked."""
+def _group_tile(
+    g0, NG: tl.constexpr, GS: tl.constexpr, GROUP: tl.constexpr, N_GROUPS: tl.constexpr, N_VALID: tl.constexpr
+):
+    """The first N_VALID of NG groups of a row from group g0: (offsets in the row [NG, GS],
+    their mask, the groups' indices [NG], their mask). Lanes past GROUP, N_VALID or N_GROUPS
+    are masked (N_VALID = NG: no lane is masked for it, the test compiled out)."""
     g = g0 + tl.arange(0, NG)
     j = tl.arange(0, GS)[None, :]
     offs = g[:, None] * GROUP + j
     gmask = g < N_GROUPS
+    if N_VALID < NG:
+        gmask &= tl.arange(0, NG) < N_VALID
     mask = gmask[:, None] & (j < GROUP)
     return offs, mask, g, gmask
 
@@ -91,6 +96,7 @@ def row_squares(
     D: tl.constexpr,
     N: tl.constexpr,
     SLICE_G: tl.constexpr,
+    SLICE_N: tl.constexpr,
     SPLIT: tl.constexpr,
     GS: tl.constexpr,
     GROUP: tl.constexpr,
@@ -100,9 +106,11 @@ def row_squares(
     """Element-wise sum of the squares of the N slices ``mine ^ D`` .. ``mine ^ (D + N - 1)``
     of a row (N a power of two, D a multiple of N: the aligned block of N slices holding
     slice ``mine ^ D``) as one slice-shaped tile; call with D = 0 and N = SPLIT rounded up to
-    a power of two for the whole row. Slice ``mine`` (this program's, D = 0) is ``s`` from
-    registers; the others are loaded (slices past SPLIT: masked, no traffic), with no branch,
-    so every load is issued before the first square.
+    a power of two for the whole row. Slice k is the SLICE_N groups from group k * SLICE_N,
+    held as a [SLICE_G, GS] tile (SLICE_N <= SLICE_G; the local kernel's slices: SLICE_N =
+    SLICE_G). Slice ``mine`` (this program's, D = 0) is ``s`` from registers; the others are
+    loaded (slices past SPLIT: masked, no traffic), with no branch, so every load is issued
+    before the first square.
 
     A block's value is (its half holding ``mine ^ D``) + (the other half): for every program
     of the row the same two halves, in an order that depends on the program, and an addition
@@ -116,13 +124,15 @@ def row_squares(
             x = s
         else:
             k = mine ^ D
-            offs, mask, _, _ = _group_tile(k * SLICE_G, SLICE_G, GS, GROUP, N_GROUPS)
+            offs, mask, _, _ = _group_tile(k * SLICE_N, SLICE_G, GS, GROUP, N_GROUPS, SLICE_N)
             x = _load_sum(h_ptr, res_ptr, base, offs, mask & (k < SPLIT), HAS_RES)
         return tl.fma(x, x, 0.0)
     else:
         half: tl.constexpr = N // 2
-        a = row_squares(s, h_ptr, res_ptr, base, mine, D, half, SLICE_G, SPLIT, GS, GROUP, N_GROUPS, HAS_RES)
-        b = row_squares(s, h_ptr, res_ptr, base, mine, D + half, half, SLICE_G, SPLIT, GS, GROUP, N_GROUPS, HAS_RES)
+        a = row_squares(s, h_ptr, res_ptr, base, mine, D, half, SLICE_G, SLICE_N, SPLIT, GS, GROUP, N_GROUPS, HAS_RES)
+        b = row_squares(
+            s, h_ptr, res_ptr, base, mine, D + half, half, SLICE_G, SLICE_N, SPLIT, GS, GROUP, N_GROUPS, HAS_RES
+        )
         return a + b
 
 
@@ -157,16 +167,18 @@ def _add_rmsnorm_quant_kernel(
     mine = pid % SPLIT
     base = tl.cast(row, tl.int64) * HIDDEN
     # this program's slice first: its loads are in flight before the row's reduction
-    offs, mask, g, gmask = _group_tile(mine * SLICE_G, SLICE_G, GS, GROUP, N_GROUPS)
+    offs, mask, g, gmask = _group_tile(mine * SLICE_G, SLICE_G, GS, GROUP, N_GROUPS, SLICE_G)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     s = _load_sum(h_ptr, res_ptr, base, offs, mask, HAS_RES)
     if SPLIT == 1:  # the slice is the row
         ss = sum_sq(s)
     elif SPLIT <= BUTTERFLY_MAX_SPLIT:
-        squares = row_squares(s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SPLIT, GS, GROUP, N_GROUPS, HAS_RES)
+        squares = row_squares(
+            s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SLICE_G, SPLIT, GS, GROUP, N_GROUPS, HAS_RES
+        )
         ss = tl.sum(tl.sum(squares, axis=1), axis=0)
     else:  # the whole row again, as one masked tile
-        row_offs, row_mask, _, _ = _group_tile(0, ROW_G, GS, GROUP, N_GROUPS)
+        row_offs, row_mask, _, _ = _group_tile(0, ROW_G, GS, GROUP, N_GROUPS, ROW_G)
         ss = sum_sq(_load_sum(h_ptr, res_ptr, base, row_offs, row_mask, HAS_RES))
     finish_part(
         s,
