@@ -28,9 +28,19 @@ W warps; G = the padded row: one program per row, kinds r and rl only):
   bp   btb with the programs per row given (the name's number: 2, 3 or 4), each in the
        smallest power-of-two tile that holds its slice (3 programs at hidden 4096: 11, 11
        and 10 groups in 16-group tiles)
+  nx   not a candidate but a bound: bt's kernel with each program's own slice's sum of
+       squares times SPLIT taken for the row's (no other slice read, no exchange): the time
+       that sharing the slices' sums could at best reach; its outputs are wrong, so they are
+       not checked (its records: "bound": true)
   k    the local kernel of the round's tree at that launch shape (add_rmsnorm_quant; in
-       rounds 7 and 8 trial kernels not kept: round 7 with even slices, round 8 with even
-       slices and its loads without ``other``; benchmarks/NOTES.md, issue 24, fifth pass)
+       rounds 7-11 trial kernels not kept: round 7 with even slices, round 8 with even
+       slices and its loads without ``other``, rounds 9-11 loads without ``other`` and the
+       residual stored first; benchmarks/NOTES.md, issue 24, fourth and fifth passes)
+  NAME (``--trial NAME=FILE``, lower-case letters) k with a trial copy of
+       kernels/add_rmsnorm_quant.py (FILE, imported as its own module: its add_rmsnorm_quant
+       launches its own kernel), at k's launch shapes; its q, scale and residual bytes must
+       equal k's (a trial reorders the kernel's work, not its arithmetic); the report keeps
+       each trial's diff against the tree's kernel file
 plus the dispatched op, today's kernel at its table shape (kernel_today) and the empty
 kernel, graph-replayed as the benchmark times them (4 rotating input sets, 8 captures of them
 per graph, 100 replays). Every variant of every point is checked against ops/reference.py on
@@ -54,6 +64,14 @@ Committed runs (2026-12-03, one H200; the kinds each ran):
       200 replays (k, the dispatched op and kernel_today: the even-slice trial kernel)
   benchmarks/results/h200_tp1_split_sum_explore8.json  round 8: as round 7 without hidden
       8192, with the trial kernel's loads also without ``other``
+  benchmarks/results/h200_tp1_split_sum_explore9.json  round 9: bt btb k, tokens 32, 64,
+      200 replays (k, the dispatched op and kernel_today: the trial kernel of rounds 9-11,
+      its loads without ``other`` and its residual stored before the rsqrt; not kept)
+  benchmarks/results/h200_tp1_split_sum_explore10.json  round 10: k and the trials old (the
+      kernel kept) and wb (a barrier after the own slice's loads), hidden 2048-8192, tokens
+      1, 8, 32, 64
+  benchmarks/results/h200_tp1_split_sum_explore11.json  round 11: bt nx k, hidden
+      2048-8192, tokens 8, 32, 64 (rounds 9-11: each report's "note" and "candidate_diff")
 
 torch + Triton only; no vLLM.
 """
@@ -61,8 +79,10 @@ torch + Triton only; no vLLM.
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,6 +102,7 @@ from measurement import (
     time_graph,
 )
 from precompile import default_workers, warm
+from sass_schedule import module_from
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -103,6 +124,7 @@ KINDS = {
     "btb": (rk.SS_BUTTERFLY, True, False, True, False),
     "btbr": (rk.SS_BUTTERFLY, True, False, True, True),
     "bp": (rk.SS_BUTTERFLY, True, False, True, False),  # the name's number: programs per row
+    "nx": (rk.SS_OWN_ONLY_BOUND, True, False, False, False),  # a bound, outputs not checked
     "k": None,  # the local kernel itself (add_rmsnorm_quant) at this launch shape
 }
 BP_PROGRAMS = (2, 3, 4)  # programs per row of the bp kind
@@ -111,6 +133,7 @@ BP_PROGRAMS = (2, 3, 4)  # programs per row of the bp kind
 TWINS = {"x": "o", "rl": "r", "rlc": "r", "btr": "bt", "btbr": "btb"}
 ROUND4 = ("rl", "bt")  # the default plan (o and x: the first round; rlc and tl: the second; el: the third)
 SPIN = 4096
+TRIALS: dict = {}  # trial kind -> its copy of kernels/add_rmsnorm_quant.py, imported (--trial)
 FIXED_NAMES = ("dispatched", "kernel_today", "empty")  # timed at every point besides the candidates
 
 
@@ -129,7 +152,7 @@ def variants(hidden: int, kinds=ROUND4) -> list[str]:
                 f"{k}{g}_w{w}"
                 for k in kinds
                 if k != "bp"
-                and (g < row_g or k in ("r", "rl", "k"))
+                and (g < row_g or k in ("r", "rl", "k") or k in TRIALS)
                 and not (k.startswith("btb") and even)  # balanced = unbalanced
             ]
     return names
@@ -165,23 +188,42 @@ def runner(name: str):
     if name in explore_decode.FIXED:
         return explore_decode.runner(name)
     kind, slice_groups, warps = split_name(name)
-    if kind == "k":
-        return functools.partial(_local, num_warps=warps, slice_groups=slice_groups)
+    if kind == "k" or kind in TRIALS:
+        return functools.partial(_local, num_warps=warps, slice_groups=slice_groups, module=TRIALS.get(kind))
     return functools.partial(_split, **parse(name))
 
 
-def _local(h, res, w, outputs=None, **kw):
-    from vllm_rocm_fused.kernels.add_rmsnorm_quant import add_rmsnorm_quant
+def _local(h, res, w, outputs=None, module=None, **kw):
+    """The local kernel's op (``module``: a trial copy's) at the launch shape in ``kw``."""
+    if module is None:
+        from vllm_rocm_fused.kernels import add_rmsnorm_quant as module
 
-    return add_rmsnorm_quant(h, res, w, EPS, weight_offset=1.0, outputs=outputs, **kw)
+    return module.add_rmsnorm_quant(h, res, w, EPS, weight_offset=1.0, outputs=outputs, **kw)
+
+
+def add_trial(spec: str) -> tuple[str, str]:
+    """``NAME=FILE`` -> the trial kind NAME registered (its kernel file imported); returns
+    (NAME, the file's diff against kernels/add_rmsnorm_quant.py)."""
+    name, _, file = spec.partition("=")
+    if not re.fullmatch(r"[a-z]+", name) or name in KINDS or not file:
+        raise ValueError(f"--trial {spec!r}: want NAME=FILE, NAME lower-case letters and not one of {sorted(KINDS)}")
+    TRIALS[name] = module_from(Path(file), name)
+    tree = ROOT / "vllm_rocm_fused" / "kernels" / "add_rmsnorm_quant.py"
+    diff = difflib.unified_diff(
+        tree.read_text().splitlines(True), Path(file).read_text().splitlines(True), str(tree.relative_to(ROOT)), file
+    )
+    return name, "".join(diff)
 
 
 def _split(h, res, w, outputs=None, **kw):
     return rk.split_sum(h, res, w, EPS, outputs=outputs, spin=SPIN, **kw)
 
 
-def compile_variant(hidden: int, name: str) -> None:
-    """precompile.py's ("call", "explore_split_sum", "compile_variant", hidden, name) job."""
+def compile_variant(hidden: int, name: str, trial: str = "") -> None:
+    """precompile.py's ("call", "explore_split_sum", "compile_variant", hidden, name[, trial])
+    job (``trial``: the --trial NAME=FILE that defines the variant's kind)."""
+    if trial and trial.partition("=")[0] not in TRIALS:
+        add_trial(trial)
     torch.cuda.set_device(0)
     xs, res, w = make_inputs(1, 2, hidden, 1, "cuda")
     runner(name)(xs[0], res, w)
@@ -198,17 +240,22 @@ def measure(name, sets, fresh, replays, warmup_s, t, hidden) -> dict:
         if name == "empty":
             rec["ok"] = True
             return rec
+        kind, slice_groups, warps = split_name(name) if name not in FIXED_NAMES else (name, 0, 0)
+        if kind == "nx":
+            rec.update(ok=True, bound=True)
+            return rec
         fx, fres, fw = fresh
         outs = None if name == "dispatched" else poisoned_outputs(t, hidden)
         out = fn(fx[0], fres, fw, outs)
         rec.update(check_outputs(out, fx, fres, fw, bf16_sum=False))
-        kind, slice_groups, warps = split_name(name) if name not in FIXED_NAMES else (name, 0, 0)
-        if kind in TWINS:  # same bytes as its twin of the same shape
-            twin_name = f"{TWINS[kind]}{slice_groups}_w{warps}"
+        if kind in TWINS or kind in TRIALS:  # same bytes as its twin of the same shape
+            twin_name = f"{TWINS.get(kind, 'k')}{slice_groups}_w{warps}"
             twin = runner(twin_name)(fx[0], fres, fw, poisoned_outputs(t, hidden))
             rec["same_as"] = twin_name
             rec["same_bytes"] = bool(
-                torch.equal(twin[0].view(torch.uint8), out[0].view(torch.uint8)) and torch.equal(twin[1], out[1])
+                torch.equal(twin[0].view(torch.uint8), out[0].view(torch.uint8))
+                and torch.equal(twin[1], out[1])
+                and (kind not in TRIALS or torch.equal(twin[2], out[2]))
             )
             rec["ok"] = rec["ok"] and rec["same_bytes"]
         if kind == "x":
@@ -226,6 +273,13 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     p.add_argument("--kinds", nargs="+", default=list(ROUND4), choices=list(KINDS))
+    p.add_argument(
+        "--trial",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="also time kind NAME: k with FILE, a trial copy of kernels/add_rmsnorm_quant.py",
+    )
     p.add_argument("--replays", type=int, default=100)
     p.add_argument("--warmup-s", type=float, default=0.02)
     p.add_argument("--workers", type=int, default=default_workers())
@@ -236,7 +290,9 @@ def main(argv=None) -> int:
     torch.cuda.set_device(0)
     from vllm_rocm_fused.kernels.launch import local_launch, row_tile
 
-    plan = {h: (*FIXED_NAMES, *variants(h, args.kinds)) for h in args.hidden}
+    diffs = dict(add_trial(spec) for spec in args.trial)
+    trial_of = {spec.partition("=")[0]: spec for spec in args.trial}
+    plan = {h: (*FIXED_NAMES, *variants(h, [*args.kinds, *TRIALS])) for h in args.hidden}
     report: dict = {
         "command": "PYTHONPATH=. python benchmarks/explore_split_sum.py "
         + " ".join(
@@ -250,6 +306,7 @@ def main(argv=None) -> int:
             "warmup_s": args.warmup_s,
             "spin": SPIN,
             "plan": {str(h): list(v) for h, v in plan.items()},
+            "trials": diffs,
         },
         "results": [],
     }
@@ -264,7 +321,10 @@ def main(argv=None) -> int:
 
     jobs = []
     for h in args.hidden:
-        jobs += [("call", "explore_split_sum", "compile_variant", h, n) for n in plan[h][len(FIXED_NAMES) :]]
+        jobs += [
+            ("call", "explore_split_sum", "compile_variant", h, n, trial_of.get(split_name(n)[0], ""))
+            for n in plan[h][len(FIXED_NAMES) :]
+        ]
         shapes = {local_launch(h, t, row_tile(h, 128)) for t in args.tokens}
         jobs += [("local", h, s.num_warps, s.slice_groups, True, False) for s in shapes]
     jobs.append(("call", "reference_kernels", "warm", args.hidden[0]))

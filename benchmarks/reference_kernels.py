@@ -414,6 +414,10 @@ def sliced(
 # Split rows whose programs share the row's sum of squares (benchmarks/explore_split_sum.py)
 
 SS_REREAD, SS_OTHERS, SS_EXCHANGE, SS_OTHERS_TILE, SS_SLICEWISE, SS_BUTTERFLY = 0, 1, 2, 3, 4, 5
+# Not a candidate: a bound. Each program takes SPLIT x its own slice's sum of squares for the
+# row's (no other slice read, no exchange): the time any exchange of the slices' sums could at
+# best reach. Its outputs are wrong wherever the slices' sums differ.
+SS_OWN_ONLY_BOUND = 6
 
 
 @triton.jit
@@ -483,6 +487,8 @@ def _split_sum_kernel(
         ss = sum_sq(s)
     elif MODE == 0:  # today's kernel: the whole row again, as one masked tile
         ss = _row_sum_part(h_ptr, res_ptr, base, 0, ROW_G, N_GROUPS, ".cg" if RE_CG else "")
+    elif MODE == 6:  # SS_OWN_ONLY_BOUND: no other slice, no exchange (wrong outputs; a bound)
+        ss = sum_sq(s) * SPLIT
     elif MODE == 5:  # the other slices loaded without a branch, squares summed as a butterfly
         acc = row_squares(s, h_ptr, res_ptr, base, mine, 0, SPLIT_P2, SLICE_G, SLICE_N, SPLIT, 128, 128, N_GROUPS, True)
         ss = tl.sum(tl.sum(acc, axis=1), axis=0)
@@ -598,6 +604,7 @@ def split_sum(
     _quant_sign_fix, the same bytes). ``balanced``: the row's groups spread evenly over its
     programs (cdiv(groups, programs) each, in a tile of ``slice_groups`` rows; SS_REREAD and
     SS_BUTTERFLY only), instead of ``slice_groups`` each and the rest in the last.
+    SS_OWN_ONLY_BOUND: a bound, not a candidate (outputs wrong: own slice's sum x SPLIT).
     ``early_res``: the residual stored right after the slice's loads, before the row's sum
     of squares (else with the other outputs after it). ``programs`` > 0: that many programs
     per row, balanced, each in a tile of the smallest power of two of groups that holds its

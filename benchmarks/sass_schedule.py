@@ -8,13 +8,14 @@ given, and prints per shape the SASS positions (instruction indices) of:
             first): a spread of a few instructions means every load is in flight before the
             first conversion; ~30 or more, that ptxas put the own slice's conversion between
             them, so the later loads wait for the own slice to arrive (benchmarks/NOTES.md,
-            issue 24, fifth pass)
+            issue 24, fourth pass)
   store     the first 128-bit store (the residual) and the first reciprocal square root (the
             row's inv_rms): a store after it waited for the row's normalisation to start
 Measured on an H200, the reference kernel whose loads were tight and whose residual store
 came before the rsqrt ran 0.04-0.10 us faster at 64 tokens than the local kernel at the same
-launch shape (hidden 2560, 3072, 6144, 7168; h200_tp1_split_sum_explore7/8.json); use this to
-check a kernel change's schedule before spending GPU time on it.
+launch shape (hidden 2560, 3072, 6144, 7168; h200_tp1_split_sum_explore7/8.json), but a local
+kernel given that schedule was no faster where the dispatch runs (rounds 9-10, NOTES.md fifth
+pass): a schedule seen here is a reason to measure, not a prediction.
 
     PYTHONPATH=. python benchmarks/sass_schedule.py [--kernel-file FILE] [--shapes H:G:W ...]
 
@@ -54,18 +55,24 @@ SIGNATURE = {
 }
 
 
-def kernel_from(path: Path):
-    """``_add_rmsnorm_quant_kernel`` of a copy of kernels/add_rmsnorm_quant.py (its relative
-    imports resolve against the package)."""
-    name = "vllm_rocm_fused.kernels._sass_schedule_trial"
+def module_from(path: Path, tag: str = "sass_schedule"):
+    """A copy of kernels/add_rmsnorm_quant.py imported as its own module
+    ``vllm_rocm_fused.kernels._trial_{tag}`` (its relative imports resolve against the
+    package; its ``add_rmsnorm_quant`` launches its own kernel)."""
+    name = f"vllm_rocm_fused.kernels._trial_{tag}"
     spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=None)
     if spec is None or spec.loader is None:
-        raise ValueError(f"--kernel-file {path}: not a Python file")
+        raise ValueError(f"{path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "vllm_rocm_fused.kernels"
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    return module._add_rmsnorm_quant_kernel
+    return module
+
+
+def kernel_from(path: Path):
+    """``_add_rmsnorm_quant_kernel`` of a copy of kernels/add_rmsnorm_quant.py."""
+    return module_from(path)._add_rmsnorm_quant_kernel
 
 
 def sass(kernel, hidden: int, slice_groups: int, warps: int) -> list[str]:

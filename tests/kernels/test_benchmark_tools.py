@@ -257,6 +257,52 @@ def test_sass_schedule_finds_the_loads_and_the_residual_store(tmp_path):
     assert moved["residual_store"] < moved["rsqrt"], moved
 
 
+def test_explore_trial_kind_runs_its_own_copy_of_the_kernel(tmp_path):
+    """explore_split_sum.py --trial NAME=FILE: the kind NAME runs FILE's kernel (here a copy
+    whose row is doubled after its sum of squares: residual and scale exactly 2 x k's, the
+    same q bytes),
+    variants() gives it k's launch shapes, the report's diff shows the change, and names
+    that would shadow a kind are refused. Interpreted, in a subprocess (TRITON_INTERPRET=1)."""
+    source = (ROOT / "vllm_rocm_fused" / "kernels" / "add_rmsnorm_quant.py").read_text()
+    trial = tmp_path / "doubled.py"
+    changed = source.replace("    finish_part(\n        s,\n", "    finish_part(\n        s * 2.0,\n", 1)
+    assert changed != source
+    trial.write_text(changed)
+    code = (
+        "import sys, torch\n"
+        "sys.path[:0] = ['.', 'benchmarks']\n"
+        "import explore_split_sum as e\n"
+        f"name, diff = e.add_trial('dbl={trial}')\n"
+        "assert name == 'dbl' and '+        s * 2.0,' in diff, diff\n"
+        "names = e.variants(2560, ['k', 'dbl'])\n"
+        "assert [n for n in names if n.startswith('dbl')] == ['dbl' + n[1:] for n in names if n.startswith('k')]\n"
+        "for bad in ('k=x.py', 'bt=x.py', 'Dbl=x.py', 'dbl'):\n"
+        "    try:\n"
+        "        e.add_trial(bad)\n"
+        "    except ValueError as err:\n"
+        "        assert '--trial' in str(err)\n"
+        "    else:\n"
+        "        raise AssertionError(bad)\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "h, r = (torch.randn(3, 2560, generator=g).to(torch.bfloat16) for _ in range(2))\n"
+        "w = (torch.randn(2560, generator=g) * 0.3).to(torch.bfloat16)\n"
+        "k = e.runner('k16_w8')(h, r, w)\n"
+        "d = e.runner('dbl16_w8')(h, r, w)\n"
+        "assert torch.equal(d[2].float(), 2 * k[2].float()), 'the trial did not run its own kernel'\n"
+        "assert torch.equal(d[0].view(torch.uint8), k[0].view(torch.uint8)) and torch.equal(d[1], 2 * k[1])\n"
+        "print('trial ok')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert proc.returncode == 0 and "trial ok" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_benchmark_scripts_do_not_import_each_other_in_a_circle():
     """Issue 21: the scripts under benchmarks/ share their helpers through one module
     (measurement.py); the imports among them, at module level or inside functions, form no cycle."""
