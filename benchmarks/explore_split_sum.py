@@ -41,6 +41,11 @@ W warps; G = the padded row: one program per row, kinds r and rl only):
        launches its own kernel), at k's launch shapes; its q, scale and residual bytes must
        equal k's (a trial reorders the kernel's work, not its arithmetic); the report keeps
        each trial's diff against the tree's kernel file
+``--before empty|mm`` launches a kernel ahead of every timed call (the empty kernel, or
+``h @ W``, a [T, H] x [H, 512] bf16 GEMM through torch): every record then times both, and
+"before" times it alone; a kernel launched with programmatic dependent launch (PDL) can
+overlap its start with such a predecessor, which back-to-back calls of itself would
+overstate.
 plus the dispatched op, today's kernel at its table shape (kernel_today) and the empty
 kernel, graph-replayed as the benchmark times them (4 rotating input sets, 8 captures of them
 per graph, 100 replays). Every variant of every point is checked against ops/reference.py on
@@ -134,7 +139,14 @@ TWINS = {"x": "o", "rl": "r", "rlc": "r", "btr": "bt", "btbr": "btb"}
 ROUND4 = ("rl", "bt")  # the default plan (o and x: the first round; rlc and tl: the second; el: the third)
 SPIN = 4096
 TRIALS: dict = {}  # trial kind -> its copy of kernels/add_rmsnorm_quant.py, imported (--trial)
-FIXED_NAMES = ("dispatched", "kernel_today", "empty")  # timed at every point besides the candidates
+FIXED_NAMES = (
+    "dispatched",
+    "kernel_today",
+    "empty",
+    "before",
+)  # timed besides the candidates ("before": with --before)
+MM_N = 512  # --before mm: output columns of the GEMM (a few microseconds at hidden 8192)
+BEFORE: dict = {}  # --before: {"kind": "empty" | "mm", "weights": {hidden: the mm's [H, MM_N] bf16 matrix}}
 
 
 def variants(hidden: int, kinds=ROUND4) -> list[str]:
@@ -182,9 +194,29 @@ def parse(name: str) -> dict:
     }
 
 
-def runner(name: str):
+def predecessor(h: torch.Tensor) -> None:
+    """--before's kernel, launched ahead of each timed call: the empty kernel (one program),
+    or ``h @ W`` (a [T, H] x [H, MM_N] bf16 GEMM through torch: a kernel that reads the op's
+    input, as the projection before a norm site does in a model)."""
+    if BEFORE["kind"] == "empty":
+        rk.empty(h)
+        return
+    torch.mm(h, BEFORE["weights"][h.shape[1]])
+
+
+def _after_predecessor(fn, h, res, w, outputs=None):
+    predecessor(h)
+    return fn(h, res, w, outputs)
+
+
+def runner(name: str, timed: bool = False):
     """(h, res, w, outputs) -> (q, scale, residual, normed) of variant ``name`` (the
-    dispatched op, today's kernel and the empty kernel: explore_decode.runner's)."""
+    dispatched op, today's kernel and the empty kernel: explore_decode.runner's). ``timed``
+    with --before: the callable launches the predecessor first ("before": it alone)."""
+    if name == "before":
+        return lambda h, res, w, outputs=None: predecessor(h)
+    if timed and BEFORE:
+        return functools.partial(_after_predecessor, runner(name))
     if name in explore_decode.FIXED:
         return explore_decode.runner(name)
     kind, slice_groups, warps = split_name(name)
@@ -235,9 +267,10 @@ def measure(name, sets, fresh, replays, warmup_s, t, hidden) -> dict:
     fn = runner(name)
     try:
         gave_up = rk.split_sum_gave_up("cuda")
-        us = time_graph([functools.partial(fn, xs[0], res, w) for xs, res, w in sets], replays, warmup_s=warmup_s)
+        timed = runner(name, timed=True)
+        us = time_graph([functools.partial(timed, xs[0], res, w) for xs, res, w in sets], replays, warmup_s=warmup_s)
         rec.update(replay_stats(us))
-        if name == "empty":
+        if name in ("empty", "before"):
             rec["ok"] = True
             return rec
         kind, slice_groups, warps = split_name(name) if name not in FIXED_NAMES else (name, 0, 0)
@@ -280,6 +313,12 @@ def main(argv=None) -> int:
         metavar="NAME=FILE",
         help="also time kind NAME: k with FILE, a trial copy of kernels/add_rmsnorm_quant.py",
     )
+    p.add_argument(
+        "--before",
+        choices=("empty", "mm"),
+        default=None,
+        help="launch this kernel ahead of every timed call (each record: both; 'before': it alone)",
+    )
     p.add_argument("--replays", type=int, default=100)
     p.add_argument("--warmup-s", type=float, default=0.02)
     p.add_argument("--workers", type=int, default=default_workers())
@@ -292,7 +331,12 @@ def main(argv=None) -> int:
 
     diffs = dict(add_trial(spec) for spec in args.trial)
     trial_of = {spec.partition("=")[0]: spec for spec in args.trial}
-    plan = {h: (*FIXED_NAMES, *variants(h, [*args.kinds, *TRIALS])) for h in args.hidden}
+    if args.before:  # the mm's matrices made before any graph capture
+        BEFORE.update(kind=args.before, weights={})
+        for h in args.hidden:
+            BEFORE["weights"][h] = (torch.randn(h, MM_N, device="cuda") * 0.02).to(torch.bfloat16)
+    fixed = FIXED_NAMES if args.before else FIXED_NAMES[:-1]
+    plan = {h: (*fixed, *variants(h, [*args.kinds, *TRIALS])) for h in args.hidden}
     report: dict = {
         "command": "PYTHONPATH=. python benchmarks/explore_split_sum.py "
         + " ".join(
@@ -307,6 +351,7 @@ def main(argv=None) -> int:
             "spin": SPIN,
             "plan": {str(h): list(v) for h, v in plan.items()},
             "trials": diffs,
+            "before": args.before,
         },
         "results": [],
     }
@@ -323,7 +368,7 @@ def main(argv=None) -> int:
     for h in args.hidden:
         jobs += [
             ("call", "explore_split_sum", "compile_variant", h, n, trial_of.get(split_name(n)[0], ""))
-            for n in plan[h][len(FIXED_NAMES) :]
+            for n in plan[h][len(fixed) :]
         ]
         shapes = {local_launch(h, t, row_tile(h, 128)) for t in args.tokens}
         jobs += [("local", h, s.num_warps, s.slice_groups, True, False) for s in shapes]
@@ -348,6 +393,7 @@ def main(argv=None) -> int:
             best = {k: min((got[n], n) for n in kind if kind[n] == k) for k in sorted(set(kind.values()))}
             print(
                 f"H={h} T={t}: dispatched {got.get('dispatched', float('nan')):.2f} empty {got.get('empty', float('nan')):.2f} "
+                + (f"before {got.get('before', float('nan')):.2f} " if args.before else "")
                 + " ".join(f"{m}: {us:.2f} {n}" for m, (us, n) in best.items())
                 + f" | {sum(1 for r in recs if not r.get('ok'))} not ok",
                 flush=True,

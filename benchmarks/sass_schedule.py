@@ -75,8 +75,9 @@ def kernel_from(path: Path):
     return module_from(path)._add_rmsnorm_quant_kernel
 
 
-def sass(kernel, hidden: int, slice_groups: int, warps: int) -> list[str]:
-    """The kernel's SASS instructions (bf16 in and out, residual, e4m3 quant, row-major scales)."""
+def sass(kernel, hidden: int, slice_groups: int, warps: int, pdl: bool = False) -> list[str]:
+    """The kernel's SASS instructions (bf16 in and out, residual, e4m3 quant, row-major
+    scales; ``pdl``: compiled for programmatic dependent launch, as launch.pdl_launch picks)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -95,6 +96,7 @@ def sass(kernel, hidden: int, slice_groups: int, warps: int) -> list[str]:
         QUANT=True,
         EMIT=False,
         FP8_MAX=448.0,
+        PDL=pdl,
     )
     aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(SIGNATURE.values()) if t.startswith("*")}
     source = ASTSource(kernel, SIGNATURE, constants, aligned)

@@ -61,6 +61,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "switch",
     ),
     EnvVar(
+        "VLLM_ROCM_FUSED_DISABLE_PDL",
+        "0",
+        "1: launch the one-GPU kernel without programmatic dependent launch (NVIDIA Hopper on; "
+        "with it the kernel's start overlaps the end of the kernel before it).",
+        "switch",
+    ),
+    EnvVar(
         "VLLM_ROCM_FUSED_BACKEND",
         "auto",
         "Force a backend for the fused op: auto, native, or a registered fast backend "
@@ -129,6 +136,10 @@ def ar_quant_disabled() -> bool:
 
 def portable_fp8_disabled() -> bool:
     return _flag("VLLM_ROCM_FUSED_DISABLE_PORTABLE_FP8")
+
+
+def pdl_disabled() -> bool:
+    return _flag("VLLM_ROCM_FUSED_DISABLE_PDL")
 
 
 def forced_backend() -> str:

@@ -334,3 +334,57 @@ def test_graph_capture_and_replay_with_changing_inputs(cuda_only):
             emit_bf16=False,
             scale_layout="col",
         )
+
+
+def test_pdl_launch_waits_for_the_kernel_before_it(monkeypatch):
+    """With programmatic dependent launch (launch.pdl_launch, Hopper on) the local kernel may
+    start while the kernel before it runs: here that kernel lets dependents start at once
+    (griddepcontrol.launch_dependents), spins ~1 ms, then writes the op's input. A control
+    kernel launched the same way without waiting reads the input before it is written (so
+    the overlap is real); the op reads it after (its griddepcontrol.wait), and its bytes
+    equal the op launched without PDL on the finished input."""
+    import triton
+    import triton.language as tl
+
+    from vllm_rocm_fused.kernels.launch import pdl_launch
+
+    if not pdl_launch(torch.device(DEV)):
+        pytest.skip("programmatic dependent launch is not used on this GPU / Triton")
+    from triton.language.extra.cuda import gdc_launch_dependents
+
+    @triton.jit
+    def late_writer(src_ptr, dst_ptr, sink_ptr, n, spins, BLOCK: tl.constexpr):
+        gdc_launch_dependents()
+        acc = tl.load(sink_ptr)
+        for _ in range(spins):
+            acc = acc * 0.5 + 1.0
+        tl.store(sink_ptr + 1 + tl.program_id(0), acc)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
+
+    @triton.jit
+    def peek(src_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
+
+    t, h, block = 64, 4096, 1024
+    x, res, w = inputs(t, h)
+    n = x.numel()
+    grid = (triton.cdiv(n, block),)
+    sink = torch.zeros(1 + grid[0], device=DEV)
+    dst, seen = torch.full_like(x, float("nan")), torch.zeros_like(x)
+    late_writer[grid](x, dst, sink, n, 1 << 18, BLOCK=block)
+    peek[grid](dst, seen, n, BLOCK=block, launch_pdl=True)
+    torch.cuda.synchronize()
+    assert torch.equal(dst, x) and seen.isnan().any(), "the control did not start before the writer finished"
+
+    dst.fill_(float("nan"))
+    late_writer[grid](x, dst, sink, n, 1 << 18, BLOCK=block)
+    with_pdl = add_rmsnorm_quant(dst, res, w, EPS, weight_offset=1.0)
+    torch.cuda.synchronize()
+    monkeypatch.setenv("VLLM_ROCM_FUSED_DISABLE_PDL", "1")
+    assert not pdl_launch(torch.device(DEV))
+    without = add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0)
+    torch.cuda.synchronize()
+    assert torch.equal(with_pdl[0].view(torch.uint8), without[0].view(torch.uint8))
+    assert torch.equal(with_pdl[1], without[1]) and torch.equal(with_pdl[2], without[2])

@@ -257,6 +257,28 @@ def test_sass_schedule_finds_the_loads_and_the_residual_store(tmp_path):
     assert moved["residual_store"] < moved["rsqrt"], moved
 
 
+def test_pdl_kernel_waits_for_the_previous_kernel_before_its_first_load():
+    """The local kernel compiled for programmatic dependent launch (PDL = True, what
+    launch.pdl_launch picks on Hopper): its SASS waits for the previous grid
+    (griddepcontrol.wait: ACQBULK) before any global load or store, then lets the next grid
+    start (PREEXIT); compiled without, neither instruction is there."""
+    sass_schedule = pytest.importorskip("sass_schedule")
+    tools = Path(sass_schedule.triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
+        pytest.skip("this Triton has no bundled ptxas/cuobjdump")
+    from vllm_rocm_fused.kernels.add_rmsnorm_quant import _add_rmsnorm_quant_kernel
+
+    for hidden, groups, warps in ((2560, 16, 8), (8192, 64, 16)):
+        ops = sass_schedule.sass(_add_rmsnorm_quant_kernel, hidden, groups, warps, pdl=True)
+        memory = [i for i, op in enumerate(ops) if "LDG" in op or "STG" in op]
+        wait = [i for i, op in enumerate(ops) if op.split()[0] == "ACQBULK"]
+        trigger = [i for i, op in enumerate(ops) if op.split()[0] == "PREEXIT"]
+        assert len(wait) == 1 and len(trigger) == 1 and memory, ops[:40]
+        assert wait[0] < trigger[0] < memory[0], (wait, trigger, memory[:4])
+        plain = sass_schedule.sass(_add_rmsnorm_quant_kernel, hidden, groups, warps)
+        assert not any(op.split()[0] in ("ACQBULK", "PREEXIT") for op in plain)
+
+
 def test_explore_trial_kind_runs_its_own_copy_of_the_kernel(tmp_path):
     """explore_split_sum.py --trial NAME=FILE: the kind NAME runs FILE's kernel (here a copy
     whose row is doubled after its sum of squares: residual and scale exactly 2 x k's, the

@@ -110,5 +110,36 @@ def test_doctor_states_the_tp1_rule_from_the_table(monkeypatch):
     line = dispatch_summary()["dispatch TP=1"]
     assert "split at hidden 5120 up to 32 tokens" in line and "8192" not in line
     assert "measured on NVIDIA H200" in line and "other hidden sizes: one program per row" in line
+    assert "launched with programmatic dependent launch on NVIDIA Hopper" in line
     monkeypatch.setattr(local_launch_table, "TABLE", {})
     assert "no measured launch table" in dispatch_summary()["dispatch TP=1"]
+    monkeypatch.setenv("VLLM_ROCM_FUSED_DISABLE_PDL", "1")
+    assert "without programmatic dependent launch" in dispatch_summary()["dispatch TP=1"]
+
+
+def test_pdl_launch_only_on_hopper_and_newer_nvidia_and_never_interpreted(monkeypatch):
+    """launch.pdl_launch: the local kernel is launched with programmatic dependent launch on
+    an NVIDIA GPU of compute capability 9.0 or more, with a Triton that has griddepcontrol;
+    never on the CPU, a ROCm build, an older GPU, in the interpreter, or with the switch set."""
+    import torch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("VLLM_ROCM_FUSED_DISABLE_PDL", raising=False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(launch, "_gdc_available", lambda: True)
+    capability = {0: (9, 0), 1: (8, 0), 2: (10, 0)}
+    monkeypatch.setattr(launch, "_capability", lambda index: capability[index])
+    assert launch.pdl_launch(torch.device("cuda", 0)) and launch.pdl_launch(torch.device("cuda", 2))
+    assert not launch.pdl_launch(torch.device("cuda", 1))
+    assert not launch.pdl_launch(torch.device("cpu"))
+    monkeypatch.setenv("VLLM_ROCM_FUSED_DISABLE_PDL", "1")
+    assert not launch.pdl_launch(torch.device("cuda", 0))
+    monkeypatch.delenv("VLLM_ROCM_FUSED_DISABLE_PDL")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not launch.pdl_launch(torch.device("cuda", 0))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(launch, "_gdc_available", lambda: False)
+    assert not launch.pdl_launch(torch.device("cuda", 0))
+    monkeypatch.setattr(launch, "_gdc_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert not launch.pdl_launch(torch.device("cuda", 0))

@@ -43,6 +43,11 @@ x/residual contiguous [T, H]; scale in either layout (strides passed). With
 
 Graph safety: plain loads/stores, no host sync; outputs come from the caller or the
 caching allocator. Used at TP=1 and after an NCCL all-reduce (the large-token path).
+
+Launch: with programmatic dependent launch where launch.pdl_launch allows it (NVIDIA Hopper
+on): the kernel may start while the previous kernel in the stream finishes, waits for that
+kernel's writes before its first load (``gdc_wait``), and lets the next kernel start early
+(``gdc_launch_dependents``; a kernel so started waits for this one's writes itself).
 """
 
 from __future__ import annotations
@@ -51,8 +56,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Outputs, local_launch, prepare_rows, tile_reason
+from .launch import Outputs, local_launch, pdl_launch, prepare_rows, tile_reason
 from .row_math import finish_part, inv_rms, sum_sq
+
+try:  # Triton 3.4 on, NVIDIA: programmatic dependent launch (launch.pdl_launch)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # the kernel is then compiled with PDL = False only
+    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -160,8 +170,12 @@ def _add_rmsnorm_quant_kernel(
     QUANT: tl.constexpr,
     EMIT: tl.constexpr,
     FP8_MAX: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = HIDDEN // GROUP
+    if PDL:  # launched with PDL: nothing is read or written before the previous kernel's writes are visible
+        gdc_wait()
+        gdc_launch_dependents()  # the next kernel may start; it waits for this one's writes itself
     pid = tl.program_id(0)
     row = pid // SPLIT
     mine = pid % SPLIT
@@ -263,6 +277,7 @@ def add_rmsnorm_quant(
     if slice_g & (slice_g - 1) or not 1 <= slice_g <= row_g:
         raise ValueError(f"slice_groups must be a power of two from 1 to {row_g}, got {slice_g}")
     split = triton.cdiv(tile.n_groups, slice_g)
+    pdl = pdl_launch(h.device)
     _add_rmsnorm_quant_kernel[(tokens * split,)](
         h,
         residual,
@@ -286,6 +301,8 @@ def add_rmsnorm_quant(
         QUANT=quantize,
         EMIT=normed is not None,
         FP8_MAX=run.fp8_max,
+        PDL=pdl,
         num_warps=num_warps or shape.num_warps,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return run.outputs

@@ -6,11 +6,14 @@ torch + Triton only; no vLLM.
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
+from .. import envs
 from ..ops.backend_api import Outputs
 from ..platform_info import fp8_max
 from . import local_launch_table
@@ -137,12 +140,48 @@ def local_launch(hidden: int, tokens: int, tile: RowTile) -> LocalLaunch:
     return LocalLaunch(4 if lanes <= 1024 else 8 if lanes <= 8192 else 16, row_g, False)
 
 
+def pdl_launch(device: torch.device) -> bool:
+    """Whether the local kernel is launched on ``device`` with programmatic dependent launch
+    (PDL): an NVIDIA GPU of compute capability 9.0 or more (Hopper on), a Triton with
+    ``griddepcontrol`` (3.4 on), not the Triton interpreter, and VLLM_ROCM_FUSED_DISABLE_PDL
+    not set. With PDL the GPU may start the kernel's programs while the kernel before it in
+    the stream is still finishing; the kernel's first instruction waits until that kernel's
+    writes are visible (``griddepcontrol.wait``), so its loads and stores are ordered as
+    without PDL, and what is saved is the launch gap: 0.3-0.6 us a call at 1-64 tokens on
+    an H200, after a GEMM as after itself (benchmarks/results/h200_tp1_split_sum_explore12.json,
+    13.json)."""
+    if device.type != "cuda" or torch.version.hip is not None or envs.pdl_disabled():
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1" or not _gdc_available():
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _gdc_available() -> bool:
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def local_rule() -> str:
     """The local kernel's launch rule in words (doctor's TP=1 line), from the measured table."""
     head = "one fused add + RMSNorm + quant kernel"
+    pdl = (
+        "; launched without programmatic dependent launch (VLLM_ROCM_FUSED_DISABLE_PDL)"
+        if envs.pdl_disabled()
+        else "; launched with programmatic dependent launch on NVIDIA Hopper and newer"
+    )
     table = local_launch_table.TABLE
     if not table:
-        return head + ", one program per token row (no measured launch table)"
+        return head + ", one program per token row (no measured launch table)" + pdl
     split = []
     for hidden, entries in sorted(table.items()):
         row_g = triton.next_power_of_2(hidden // 128)
@@ -152,7 +191,7 @@ def local_rule() -> str:
     text = head + "; at small batches a token row is split over several programs (each computes the row's"
     text += " sum of squares, then its slice's norm and quant), above one program per row; measured on "
     text += f"{local_launch_table.GPU}: split at hidden " + (", ".join(split) if split else "none") + " tokens"
-    return text + "; other hidden sizes: one program per row"
+    return text + "; other hidden sizes: one program per row" + pdl
 
 
 def empty_outputs(
