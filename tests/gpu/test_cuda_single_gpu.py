@@ -373,6 +373,11 @@ def test_pdl_launch_waits_for_the_kernel_before_it(monkeypatch):
     grid = (triton.cdiv(n, block),)
     sink = torch.zeros(1 + grid[0], device=DEV)
     dst, seen = torch.full_like(x, float("nan")), torch.zeros_like(x)
+    # compiled first: a kernel compiled at its first launch starts long after the writer ends
+    late_writer[grid](x, seen, sink, n, 0, BLOCK=block)
+    peek[grid](x, seen, n, BLOCK=block, launch_pdl=True)
+    add_rmsnorm_quant(x, res, w, EPS, weight_offset=1.0)
+    torch.cuda.synchronize()
     late_writer[grid](x, dst, sink, n, 1 << 18, BLOCK=block)
     peek[grid](dst, seen, n, BLOCK=block, launch_pdl=True)
     torch.cuda.synchronize()
