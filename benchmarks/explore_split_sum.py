@@ -77,6 +77,9 @@ Committed runs (2026-12-03, one H200; the kinds each ran):
       1, 8, 32, 64
   benchmarks/results/h200_tp1_split_sum_explore11.json  round 11: bt nx k, hidden
       2048-8192, tokens 8, 32, 64 (rounds 9-11: each report's "note" and "candidate_diff")
+  benchmarks/results/h200_tp1_split_sum_explore12.json  round 12: k and the trial pdl (the
+      kernel launched with programmatic dependent launch), --before mm, tokens 1-64
+  benchmarks/results/h200_tp1_split_sum_explore13.json  round 13: as round 12, back to back
 
 torch + Triton only; no vLLM.
 """

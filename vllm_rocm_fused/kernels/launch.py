@@ -147,9 +147,9 @@ def pdl_launch(device: torch.device) -> bool:
     not set. With PDL the GPU may start the kernel's programs while the kernel before it in
     the stream is still finishing; the kernel's first instruction waits until that kernel's
     writes are visible (``griddepcontrol.wait``), so its loads and stores are ordered as
-    without PDL, and what is saved is the launch gap: 0.3-0.6 us a call at 1-64 tokens on
-    an H200, after a GEMM as after itself (benchmarks/results/h200_tp1_split_sum_explore12.json,
-    13.json)."""
+    without PDL, and what is saved is part of the launch gap: on an H200 at 1-64 tokens,
+    0.2-0.66 us a call after a GEMM (23 of 24 points) and 0.3-0.6 back to back
+    (benchmarks/results/h200_tp1_split_sum_explore12.json, 13.json)."""
     if device.type != "cuda" or torch.version.hip is not None or envs.pdl_disabled():
         return False
     if os.environ.get("TRITON_INTERPRET") == "1" or not _gdc_available():
