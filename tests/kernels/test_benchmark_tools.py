@@ -28,6 +28,25 @@ from vllm_rocm_fused.ops.reference import norm_quant_reference  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def run_python(code: str, *, interpret: bool, timeout: float) -> subprocess.CompletedProcess:
+    """``code`` in a fresh Python from the repository root, with TRITON_INTERPRET=1 or without it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def sass_schedule_or_skip():
+    """benchmarks/sass_schedule.py, or a skip where this Triton lacks its bundled ptxas/cuobjdump."""
+    sass_schedule = pytest.importorskip("sass_schedule")
+    tools = Path(sass_schedule.triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
+        pytest.skip("this Triton has no bundled ptxas/cuobjdump")
+    return sass_schedule
+
+
 @pytest.mark.parametrize("t, h", [(3, 640), (1, 5120), (5, 2560)])
 def test_compiled_baseline_computes_the_spec(t, h):
     """Eagerly, the plain-torch baseline is ops/reference.py bit for bit (the benchmark checks
@@ -207,14 +226,7 @@ def test_kernels_and_benchmarks_import_without_vllm():
         "assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules)\n"
         "print('imports ok')\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-    )
+    proc = run_python(code, interpret=False, timeout=300)
     assert proc.returncode == 0 and "imports ok" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -237,10 +249,7 @@ def test_sass_schedule_finds_the_loads_and_the_residual_store(tmp_path):
     """benchmarks/sass_schedule.py on the CPU: the tree's kernel and a trial copy of it whose
     residual is stored before the rsqrt (in program order, ahead of inv_rms's division) get
     their loads and stores located, and the copy's store is reported before the rsqrt."""
-    sass_schedule = pytest.importorskip("sass_schedule")
-    tools = Path(sass_schedule.triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
-        pytest.skip("this Triton has no bundled ptxas/cuobjdump")
+    sass_schedule = sass_schedule_or_skip()
     from vllm_rocm_fused.kernels.add_rmsnorm_quant import _add_rmsnorm_quant_kernel
 
     tree = sass_schedule.schedule(sass_schedule.sass(_add_rmsnorm_quant_kernel, 4096, 16, 8), 2)
@@ -262,10 +271,7 @@ def test_pdl_kernel_waits_for_the_previous_kernel_before_its_first_load():
     launch.pdl_launch picks on Hopper): its SASS waits for the previous grid
     (griddepcontrol.wait: ACQBULK) before any global load or store, then lets the next grid
     start (PREEXIT); compiled without, neither instruction is there."""
-    sass_schedule = pytest.importorskip("sass_schedule")
-    tools = Path(sass_schedule.triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
-        pytest.skip("this Triton has no bundled ptxas/cuobjdump")
+    sass_schedule = sass_schedule_or_skip()
     from vllm_rocm_fused.kernels.add_rmsnorm_quant import _add_rmsnorm_quant_kernel
 
     for hidden, groups, warps in ((2560, 16, 8), (8192, 64, 16)):
@@ -282,9 +288,9 @@ def test_pdl_kernel_waits_for_the_previous_kernel_before_its_first_load():
 def test_explore_trial_kind_runs_its_own_copy_of_the_kernel(tmp_path):
     """explore_split_sum.py --trial NAME=FILE: the kind NAME runs FILE's kernel (here a copy
     whose row is doubled after its sum of squares: residual and scale exactly 2 x k's, the
-    same q bytes),
-    variants() gives it k's launch shapes, the report's diff shows the change, and names
-    that would shadow a kind are refused. Interpreted, in a subprocess (TRITON_INTERPRET=1)."""
+    same q bytes), variants() gives it k's launch shapes, the report's diff shows the change,
+    and names that would shadow a kind are refused. Interpreted, in a subprocess
+    (TRITON_INTERPRET=1)."""
     source = (ROOT / "vllm_rocm_fused" / "kernels" / "add_rmsnorm_quant.py").read_text()
     trial = tmp_path / "doubled.py"
     changed = source.replace("    finish_part(\n        s,\n", "    finish_part(\n        s * 2.0,\n", 1)
@@ -314,14 +320,7 @@ def test_explore_trial_kind_runs_its_own_copy_of_the_kernel(tmp_path):
         "assert torch.equal(d[0].view(torch.uint8), k[0].view(torch.uint8)) and torch.equal(d[1], 2 * k[1])\n"
         "print('trial ok')\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
+    proc = run_python(code, interpret=True, timeout=600)
     assert proc.returncode == 0 and "trial ok" in proc.stdout, proc.stderr[-3000:]
 
 
