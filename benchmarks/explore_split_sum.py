@@ -142,12 +142,8 @@ TWINS = {"x": "o", "rl": "r", "rlc": "r", "btr": "bt", "btbr": "btb"}
 ROUND4 = ("rl", "bt")  # the default plan (o and x: the first round; rlc and tl: the second; el: the third)
 SPIN = 4096
 TRIALS: dict = {}  # trial kind -> its copy of kernels/add_rmsnorm_quant.py, imported (--trial)
-FIXED_NAMES = (
-    "dispatched",
-    "kernel_today",
-    "empty",
-    "before",
-)  # timed besides the candidates ("before": with --before)
+# timed at every point besides the candidates ("before": only with --before)
+FIXED_NAMES = ("dispatched", "kernel_today", "empty", "before")
 MM_N = 512  # --before mm: output columns of the GEMM (a few microseconds at hidden 8192)
 BEFORE: dict = {}  # --before: {"kind": "empty" | "mm", "weights": {hidden: the mm's [H, MM_N] bf16 matrix}}
 

@@ -56,13 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Outputs, local_launch, pdl_launch, prepare_rows, tile_reason
+from .launch import Outputs, gdc_launch_dependents, gdc_wait, local_launch, pdl_launch, prepare_rows, tile_reason
 from .row_math import finish_part, inv_rms, sum_sq
-
-try:  # Triton 3.4 on, NVIDIA: programmatic dependent launch (launch.pdl_launch)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # the kernel is then compiled with PDL = False only
-    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit

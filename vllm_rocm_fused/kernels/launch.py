@@ -18,6 +18,11 @@ from ..ops.backend_api import Outputs
 from ..platform_info import fp8_max
 from . import local_launch_table
 
+try:  # Triton 3.4 on, NVIDIA: programmatic dependent launch (pdl_launch; the local kernel calls them)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # the local kernel is then compiled with PDL = False only
+    gdc_launch_dependents = gdc_wait = None
+
 # Largest row (groups rounded up to whole parts, x the group rounded up to a power of two)
 # a program holds in registers: any multiple of 128 up to 16384 in 128-groups. (The local
 # kernel's tile, the group count rounded up to a power of two, fits exactly when the parts
@@ -162,13 +167,8 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-@functools.cache
 def _gdc_available() -> bool:
-    try:
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return gdc_wait is not None and gdc_launch_dependents is not None
 
 
 def local_rule() -> str:
